@@ -1,0 +1,61 @@
+"""The attention-backend interface and the per-step metadata every backend starts from.
+
+`build_metadata(...)` runs once per step (on the host, from the plan); `forward(...)` runs per
+layer: it writes the step's new K/V into the paged cache by slot and attends over each request's
+whole context. The KV cache of one layer is a tensor [2, num_blocks, block_size, kv_heads, head_dim].
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from pagoda.layers.attention import Attention
+
+
+@dataclass(slots=True)
+class StepLayout:
+    """Host-side description of one step's flattened tokens, shared by all backends.
+
+    Request i owns tokens `query_start[i]:query_start[i+1]` of the step; they sit at positions
+    `context_len[i] - query_len[i] ... context_len[i] - 1` of its sequence.
+    """
+
+    query_start: np.ndarray  # [R + 1] int64
+    query_len: np.ndarray  # [R]
+    context_len: np.ndarray  # [R] tokens in the cache after this step (prefix + new)
+    block_tables: list[np.ndarray]  # R arrays of block ids
+    slot_mapping: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    block_size: int
+
+
+class AttentionBackend(ABC):
+    """One implementation of paged attention (PyTorch reference, Triton, ...)."""
+
+    name: str = "abstract"
+
+    @staticmethod
+    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple:
+        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+    @abstractmethod
+    def build_metadata(self, layout: StepLayout, device: torch.device) -> Any:
+        """Turn the step layout into whatever `forward` needs, once per step."""
+
+    @abstractmethod
+    def forward(
+        self,
+        layer: Attention,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: Any,
+    ) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D] -> attention output [T, H, D]."""

@@ -1,0 +1,322 @@
+"""Engine configuration: `EngineArgs` (vLLM's names and meanings) and the frozen configs it builds.
+
+Every user-facing engine option is declared and validated here, once; the rest of the engine reads
+the frozen `EngineConfig`. Errors name the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+_BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
+_HASH_ALGOS = ("sha256",)
+_DEVICES = ("auto", "cpu", "cuda")
+# Keys that hold a model's context length, in the order transformers' families use them.
+_MAX_LEN_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "max_sequence_length",
+    "n_ctx",
+)
+DEFAULT_CPU_KV_CACHE_SPACE_GIB = 4.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the model is: its files, architecture, dtype and context length."""
+
+    model: str
+    model_path: Path
+    tokenizer_path: Path
+    revision: str | None
+    hf_config: Any
+    dtype: torch.dtype
+    max_model_len: int
+    seed: int
+    generation_config: dict[str, Any]
+    max_logprobs: int
+    trust_remote_code: bool
+    weights_file: Path | None = None
+
+    @property
+    def architecture(self) -> str:
+        architectures = getattr(self.hf_config, "architectures", None) or ["?"]
+        return str(architectures[0])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config.vocab_size)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache: block size, memory budget, prefix caching."""
+
+    block_size: int
+    enable_prefix_caching: bool
+    prefix_caching_hash_algo: str
+    gpu_memory_utilization: float
+    kv_cache_space: float | None
+    num_gpu_blocks_override: int | None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The per-step token budget and sequence limit."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    enable_chunked_prefill: bool
+    max_model_len: int
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: torch.device
+    enforce_eager: bool
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine core needs, frozen after validation."""
+
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    device_config: DeviceConfig
+    tensor_parallel_size: int = 1
+
+
+@dataclass
+class EngineArgs:
+    """Engine options with vLLM's names, defaults and meanings.
+
+    `kv_cache_space` is the CPU KV-cache budget in GiB (vLLM-CPU's `VLLM_CPU_KVCACHE_SPACE`);
+    `gpu_memory_utilization` is the fraction of GPU memory the engine may use on CUDA.
+    `create_engine_config()` validates everything and raises ValueError naming the field.
+    """
+
+    model: str | None = None
+    tokenizer: str | None = None
+    revision: str | None = None
+    tokenizer_revision: str | None = None
+    download_dir: str | None = None
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    seed: int | None = 0
+    max_model_len: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    enable_prefix_caching: bool = True
+    prefix_caching_hash_algo: str = "sha256"
+    enable_chunked_prefill: bool = True
+    gpu_memory_utilization: float = 0.9
+    kv_cache_space: float | None = None
+    swap_space: float = 4.0
+    num_gpu_blocks_override: int | None = None
+    enforce_eager: bool = False
+    max_logprobs: int = 20
+    generation_config: str = "auto"
+    tensor_parallel_size: int = 1
+    device: str = "auto"
+    disable_log_stats: bool = False
+    usage_context: Literal["llm", "server"] = "llm"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)} - {"extra"}
+
+    def create_engine_config(self) -> EngineConfig:
+        """Validate every field, resolve the model and build the frozen configs."""
+        self._validate_scalars()
+        device = _resolve_device(self.device)
+        model_config = self._create_model_config(device)
+        max_model_len = model_config.max_model_len
+        max_num_batched_tokens = self.max_num_batched_tokens
+        if max_num_batched_tokens is None:
+            # vLLM's usage-context defaults: bigger steps offline, lower latency when serving.
+            max_num_batched_tokens = 8192 if self.usage_context == "llm" else 2048
+            max_num_batched_tokens = min(max_num_batched_tokens, self.max_num_seqs * max_model_len)
+            if not self.enable_chunked_prefill:
+                max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
+        elif not self.enable_chunked_prefill and max_num_batched_tokens < max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_num_batched_tokens}) is smaller than "
+                f"max_model_len ({max_model_len}): without chunked prefill a whole prompt must "
+                "fit in one step. Raise max_num_batched_tokens or enable chunked prefill."
+            )
+        cache_config = CacheConfig(
+            block_size=self.block_size,
+            enable_prefix_caching=self.enable_prefix_caching,
+            prefix_caching_hash_algo=self.prefix_caching_hash_algo,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            kv_cache_space=self.kv_cache_space,
+            num_gpu_blocks_override=self.num_gpu_blocks_override,
+        )
+        scheduler_config = SchedulerConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_chunked_prefill=self.enable_chunked_prefill,
+            max_model_len=max_model_len,
+        )
+        return EngineConfig(
+            model_config=model_config,
+            cache_config=cache_config,
+            scheduler_config=scheduler_config,
+            device_config=DeviceConfig(device=device, enforce_eager=self.enforce_eager),
+            tensor_parallel_size=self.tensor_parallel_size,
+        )
+
+    def _validate_scalars(self) -> None:
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(
+                f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}"
+            )
+        if self.block_size not in _BLOCK_SIZES:
+            raise ValueError(
+                f"block_size must be one of {', '.join(map(str, _BLOCK_SIZES))}; "
+                f"got {self.block_size}"
+            )
+        _require_positive("max_num_seqs", self.max_num_seqs)
+        if self.max_num_batched_tokens is not None:
+            _require_positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        if self.max_model_len is not None:
+            _require_positive("max_model_len", self.max_model_len)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.kv_cache_space is not None and self.kv_cache_space <= 0:
+            raise ValueError(f"kv_cache_space must be > 0 GiB, got {self.kv_cache_space}")
+        if self.swap_space < 0:
+            raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
+        if self.num_gpu_blocks_override is not None:
+            _require_positive("num_gpu_blocks_override", self.num_gpu_blocks_override)
+        if self.prefix_caching_hash_algo not in _HASH_ALGOS:
+            raise ValueError(
+                f"prefix_caching_hash_algo must be one of {', '.join(_HASH_ALGOS)}; "
+                f"got {self.prefix_caching_hash_algo!r}"
+            )
+        if self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be >= -1, got {self.max_logprobs}")
+        if self.device not in _DEVICES:
+            raise ValueError(f"device must be one of {', '.join(_DEVICES)}; got {self.device!r}")
+        if self.tensor_parallel_size != 1:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet; "
+                "only 1 is supported."
+            )
+        if self.usage_context not in ("llm", "server"):
+            raise ValueError(f"usage_context must be 'llm' or 'server', got {self.usage_context!r}")
+
+    def _create_model_config(self, device: torch.device) -> ModelConfig:
+        from transformers import AutoConfig
+
+        from pagoda.loader.resolve import resolve_model
+
+        resolved = resolve_model(self.model, revision=self.revision, download_dir=self.download_dir)
+        if resolved.hf_config is not None:
+            hf_config = resolved.hf_config
+        else:
+            hf_config = AutoConfig.from_pretrained(resolved.path, trust_remote_code=False)
+        if getattr(hf_config, "auto_map", None) and self.trust_remote_code:
+            logger.warning("trust_remote_code is accepted but Pagoda never runs model code.")
+        tokenizer_path = Path(self.tokenizer) if self.tokenizer else resolved.tokenizer_path
+        derived_max_len = _derive_max_model_len(hf_config)
+        max_model_len = self.max_model_len or derived_max_len
+        allow_long = os.environ.get("PAGODA_ALLOW_LONG_MAX_MODEL_LEN", "0") == "1"
+        if max_model_len > derived_max_len and not allow_long:
+            raise ValueError(
+                f"User-specified max_model_len ({max_model_len}) is greater than the derived "
+                f"max_model_len ({derived_max_len} from the model config). Set "
+                "PAGODA_ALLOW_LONG_MAX_MODEL_LEN=1 to allow it anyway."
+            )
+        generation_config: dict[str, Any] = {}
+        if self.generation_config == "auto":
+            generation_config = resolved.generation_config or _read_json(
+                resolved.path / "generation_config.json"
+            )
+        elif self.generation_config != "vllm":
+            generation_config = _read_json(Path(self.generation_config) / "generation_config.json")
+        return ModelConfig(
+            model=resolved.name,
+            model_path=resolved.path,
+            tokenizer_path=tokenizer_path,
+            revision=self.revision,
+            hf_config=hf_config,
+            dtype=_resolve_dtype(self.dtype, hf_config, device),
+            max_model_len=max_model_len,
+            seed=0 if self.seed is None else self.seed,
+            generation_config=generation_config,
+            max_logprobs=self.max_logprobs,
+            trust_remote_code=self.trust_remote_code,
+            weights_file=resolved.weights_file,
+        )
+
+
+def _require_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str, hf_config: Any, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(config_dtype, str):
+        config_dtype = _DTYPES.get(config_dtype, torch.float32)
+    if device.type == "cpu":
+        # NOTE: half-precision matmuls are slow on CPUs without AMX; float32 is both the fastest
+        # and the most accurate choice there, whatever the checkpoint stores.
+        return torch.float32
+    # vLLM's rule on GPU: float32 checkpoints run in float16, others in their own dtype.
+    if config_dtype in (None, torch.float32):
+        return torch.float16
+    return config_dtype
+
+
+def _derive_max_model_len(hf_config: Any) -> int:
+    text_config = getattr(hf_config, "text_config", None) or hf_config
+    for key in _MAX_LEN_KEYS:
+        value = getattr(text_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    logger.warning("The model config has no context length; assuming 2048 tokens.")
+    return 2048
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return data if isinstance(data, dict) else {}

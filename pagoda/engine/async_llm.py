@@ -1,0 +1,172 @@
+"""AsyncLLM: the asyncio engine the server builds on.
+
+The engine core runs its busy loop on a dedicated thread (PyTorch releases the GIL in its kernels,
+so the event loop stays responsive); requests and aborts reach it through a thread-safe queue, and
+each step's outputs come back to the event loop, where the output processor detokenizes them and
+routes `RequestOutput`s to the per-request queue that `generate()` is iterating. Cancelling the
+consumer (a client disconnect) aborts the request and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pagoda.config import EngineArgs, EngineConfig
+from pagoda.engine.core import EngineCore
+from pagoda.engine.input_processor import InputProcessor, PromptType
+from pagoda.engine.llm_engine import load_tokenizer
+from pagoda.engine.messages import EngineCoreOutputs
+from pagoda.engine.output_processor import OutputProcessor
+from pagoda.metrics.stats import StatLogger
+from pagoda.outputs import RequestOutput
+from pagoda.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine core failed; no request can make progress."""
+
+
+class AsyncLLM:
+    """Asyncio front of the engine: `generate()` yields partial outputs as tokens arrive."""
+
+    def __init__(self, config: EngineConfig, log_stats: bool = True) -> None:
+        self.config = config
+        self.model_config = config.model_config
+        self.tokenizer = load_tokenizer(config)
+        self.input_processor = InputProcessor(self.model_config, self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.engine_core = EngineCore(config)
+        self.stat_logger = StatLogger() if log_stats else None
+        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._dead: BaseException | None = None
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> AsyncLLM:
+        return cls(engine_args.create_engine_config(), log_stats=not engine_args.disable_log_stats)
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    @property
+    def errored(self) -> bool:
+        return self._dead is not None
+
+    async def check_health(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError("engine core is dead") from self._dead
+
+    async def generate(
+        self,
+        prompt: PromptType,
+        sampling_params: SamplingParams,
+        request_id: str,
+        *,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield `RequestOutput`s for one request until it finishes.
+
+        Raises ValueError for invalid input (before anything is queued) and EngineDeadError if the
+        engine core has failed.
+        """
+        await self.check_health()
+        self._ensure_started()
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        processed = self.input_processor.process(request_id, prompt, sampling_params, None, priority)
+        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._queues[request_id] = outputs
+        self.output_processor.add_request(
+            request_id, processed.prompt, processed.prompt_token_ids, processed.params
+        )
+        self._commands.put(("add", processed.core_requests))
+        finished = False
+        try:
+            while not finished:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise EngineDeadError("engine core is dead") from item
+                finished = item.finished
+                yield item
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self._abort([request_id])
+
+    async def abort(self, request_id: str | list[str]) -> None:
+        """Abort requests by their ids; their KV blocks are freed."""
+        self._abort([request_id] if isinstance(request_id, str) else list(request_id))
+
+    def _abort(self, request_ids: list[str]) -> None:
+        core_ids = self.output_processor.abort_requests(request_ids)
+        if core_ids:
+            self._commands.put(("abort", core_ids))
+
+    def _ensure_started(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._core_loop, name="pagoda-engine-core", daemon=True)
+        self._thread.start()
+
+    def _core_loop(self) -> None:
+        core = self.engine_core
+        try:
+            while True:
+                # Block only when there is nothing to run.
+                block = not core.has_unfinished_requests()
+                while True:
+                    try:
+                        command, payload = self._commands.get(block=block)
+                    except queue.Empty:
+                        break
+                    block = False
+                    if command == "stop":
+                        return
+                    if command == "add":
+                        for request in payload:
+                            core.add_request(request)
+                    elif command == "abort":
+                        core.abort_requests(payload)
+                if not core.has_unfinished_requests():
+                    continue
+                outputs = core.step()
+                stats = core.last_stats
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._on_outputs, outputs, stats)
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiters
+            logger.exception("Engine core failed")
+            self._dead = exc
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._fail_all, exc)
+
+    def _on_outputs(self, outputs: EngineCoreOutputs, stats: Any) -> None:
+        processed = self.output_processor.process_outputs(outputs.outputs)
+        for output in processed.request_outputs:
+            waiter = self._queues.get(output.request_id)
+            if waiter is not None:
+                waiter.put_nowait(output)
+        if processed.reqs_to_abort:
+            self._commands.put(("abort", processed.reqs_to_abort))
+        if self.stat_logger is not None:
+            self.stat_logger.record(stats)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for waiter in self._queues.values():
+            waiter.put_nowait(exc)
+
+    def shutdown(self) -> None:
+        """Stop the engine-core thread."""
+        if self._thread is not None and self._thread.is_alive():
+            self._commands.put(("stop", None))
+            self._thread.join(timeout=30)
+        self.engine_core.shutdown()

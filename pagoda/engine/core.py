@@ -1,0 +1,67 @@
+"""EngineCore: the loop at the heart of the engine: schedule, execute, update.
+
+It owns the scheduler (request state, KV cache manager) and the executor (tensors). One `step()`
+asks the scheduler for a plan, runs it on the executor, and turns the sampled tokens into
+`EngineCoreOutputs` for the API side. It knows token ids only, never text.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pagoda.config import EngineConfig
+from pagoda.engine.messages import EngineCoreOutputs
+from pagoda.engine.request import Request, RequestStatus
+from pagoda.engine.scheduler import Scheduler
+from pagoda.executor.uniproc import UniProcExecutor
+from pagoda.metrics.stats import SchedulerStats
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    """Schedules and runs requests given as token ids."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        start = time.perf_counter()
+        self.config = config
+        self.executor = UniProcExecutor(config)
+        self.num_blocks = self.executor.determine_num_blocks()
+        self.executor.initialize_kv_cache(self.num_blocks)
+        self.scheduler = Scheduler(config.scheduler_config, config.cache_config, self.num_blocks)
+        self.last_stats = SchedulerStats()
+        logger.info("Engine core ready in %.2f s", time.perf_counter() - start)
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> EngineCoreOutputs:
+        """Run one scheduling step; returns the outputs of requests that advanced."""
+        plan = self.scheduler.schedule()
+        result = self.executor.execute_model(plan)
+        outputs = self.scheduler.update_from_output(plan, result.sampled_token_ids, result.logprobs)
+        kv = self.scheduler.kv_cache_manager
+        stats = kv.make_prefix_cache_stats()
+        num_sampled = len(result.sampled_token_ids)
+        self.last_stats = SchedulerStats(
+            num_running_reqs=len(self.scheduler.running),
+            num_waiting_reqs=len(self.scheduler.waiting),
+            kv_cache_usage=kv.usage,
+            prefix_cache_queries=stats.queries,
+            prefix_cache_hits=stats.hits,
+            num_preemptions=len(plan.preempted_request_ids),
+            # Tokens that computed prompt (or recomputed) positions vs freshly generated ones.
+            num_prompt_tokens=plan.num_scheduled_tokens - num_sampled,
+            num_generation_tokens=num_sampled,
+        )
+        return EngineCoreOutputs(outputs=outputs, timestamp=time.monotonic())
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,134 @@
+"""Input processing (API side): prompts to token ids, validated, fanned out into core requests.
+
+Accepts a string, `{"prompt": str}`, `{"prompt_token_ids": [...]}` or a list of ids; checks them
+against the model (context length, vocabulary, logprob limits) and turns one user request with
+`n` samples into `n` engine-core requests (`"{i}_{request_id}"`, seeds `seed + i`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pagoda.config import ModelConfig
+from pagoda.engine.messages import child_request_ids
+from pagoda.engine.request import Request
+from pagoda.sampling_params import SamplingParams
+
+PromptType = str | Mapping[str, Any] | Sequence[int]
+
+
+@dataclass(slots=True)
+class ProcessedInput:
+    """A validated request: its text (if any), token ids, params and the core requests."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    core_requests: list[Request]
+
+
+class InputProcessor:
+    """Tokenizes and validates requests before they reach the engine core."""
+
+    def __init__(self, model_config: ModelConfig, tokenizer: Any) -> None:
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.max_model_len = model_config.max_model_len
+        self.vocab_size = model_config.vocab_size
+        self.eos_token_id = _eos_token_id(tokenizer, model_config)
+
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, Mapping):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            if "prompt" in prompt:
+                return self.tokenize(str(prompt["prompt"]))
+            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, Sequence) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            return None, list(prompt)
+        raise ValueError(f"unsupported prompt type {type(prompt).__name__}")
+
+    def process(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        priority: int = 0,
+    ) -> ProcessedInput:
+        """Tokenize and validate; raises ValueError naming the offending field."""
+        text, token_ids = self.tokenize(prompt)
+        params = params.clone()
+        if params.truncate_prompt_tokens is not None and params.truncate_prompt_tokens != -1:
+            token_ids = token_ids[-params.truncate_prompt_tokens :]
+        self._validate(token_ids, params)
+        params.update_from_generation_config(
+            self.model_config.generation_config, self.eos_token_id
+        )
+        arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        core_requests = []
+        for index, child_id in enumerate(child_request_ids(request_id, params.n)):
+            child_params = params
+            if params.n > 1:
+                child_params = params.clone()
+                child_params.n = 1
+                if params.seed is not None:
+                    child_params.seed = params.seed + index
+            core_requests.append(
+                Request(child_id, token_ids, child_params, self.eos_token_id, arrival_time, priority)
+            )
+        return ProcessedInput(text, token_ids, params, core_requests)
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("The decoder prompt cannot be empty")
+        if len(token_ids) > self.max_model_len:
+            raise ValueError(
+                f"The decoder prompt (length {len(token_ids)}) is longer than the maximum model "
+                f"length of {self.max_model_len}. Make sure that `max_model_len` is no smaller "
+                "than the number of text tokens."
+            )
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"Token id {bad[0]} is out of vocabulary (size {self.vocab_size})")
+        max_logprobs = self.model_config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is None or max_logprobs == -1:
+                continue
+            requested = self.vocab_size if value == -1 else value
+            if requested > max_logprobs:
+                kind = "sample" if name == "logprobs" else "prompt"
+                raise ValueError(
+                    f"Requested {kind} logprobs of {requested}, which is greater than max "
+                    f"allowed: {max_logprobs}"
+                )
+        if params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs is not supported yet")
+        if params.logit_bias:
+            bad = [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"logit_bias contains out-of-vocab token id {bad[0]}")
+        if params.allowed_token_ids is not None:
+            if not params.allowed_token_ids:
+                raise ValueError("allowed_token_ids is not None and empty!")
+            if any(not 0 <= t < self.vocab_size for t in params.allowed_token_ids):
+                raise ValueError("allowed_token_ids contains out-of-vocab token id!")
+        if params.bad_words:
+            raise ValueError("bad_words is not supported yet")
+
+
+def _eos_token_id(tokenizer: Any, model_config: ModelConfig) -> int | None:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model_config.hf_config, "eos_token_id", None)
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+    return eos

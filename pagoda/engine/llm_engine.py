@@ -1,0 +1,84 @@
+"""LLMEngine: the synchronous engine (`add_request`, `step`, `abort_request`).
+
+It joins the API side (input processing, detokenization, stop strings) to an in-process engine
+core. `LLM` drives it for offline batches; tests drive it step by step.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pagoda.config import EngineArgs, EngineConfig
+from pagoda.engine.core import EngineCore
+from pagoda.engine.input_processor import InputProcessor, PromptType
+from pagoda.engine.output_processor import OutputProcessor
+from pagoda.metrics.stats import StatLogger
+from pagoda.outputs import RequestOutput
+from pagoda.sampling_params import SamplingParams
+from pagoda.tokenizer import get_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    """Synchronous engine: add requests, call `step()` until they finish."""
+
+    def __init__(self, config: EngineConfig, log_stats: bool = True) -> None:
+        self.config = config
+        self.model_config = config.model_config
+        self.tokenizer = load_tokenizer(config)
+        self.input_processor = InputProcessor(self.model_config, self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.engine_core = EngineCore(config)
+        self.stat_logger = StatLogger() if log_stats else None
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> LLMEngine:
+        return cls(engine_args.create_engine_config(), log_stats=not engine_args.disable_log_stats)
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        priority: int = 0,
+    ) -> None:
+        """Validate and queue a request; raises ValueError for bad input (nothing is queued)."""
+        processed = self.input_processor.process(request_id, prompt, params, arrival_time, priority)
+        self.output_processor.add_request(
+            request_id, processed.prompt, processed.prompt_token_ids, processed.params, arrival_time
+        )
+        for request in processed.core_requests:
+            self.engine_core.add_request(request)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step and return the outputs it produced."""
+        core_outputs = self.engine_core.step()
+        processed = self.output_processor.process_outputs(core_outputs.outputs)
+        if processed.reqs_to_abort:
+            self.engine_core.abort_requests(processed.reqs_to_abort)
+        if self.stat_logger is not None:
+            self.stat_logger.record(self.engine_core.last_stats)
+        return processed.request_outputs
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        core_ids = self.output_processor.abort_requests(list(request_ids))
+        self.engine_core.abort_requests(core_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.output_processor.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.output_processor.get_num_unfinished_requests()
+
+
+def load_tokenizer(config: EngineConfig) -> Any:
+    """The tokenizer for the configured model."""
+    return get_tokenizer(config.model_config.tokenizer_path, config.model_config.revision)

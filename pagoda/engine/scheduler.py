@@ -1,0 +1,252 @@
+"""Scheduler: decides, each step, which requests run and how many tokens each computes.
+
+There is no prefill phase and no decode phase: every request has `num_computed_tokens` chasing
+`num_tokens`, and one token budget (`max_num_batched_tokens`) is shared per step. Running requests
+are served first, then waiting ones in arrival order with their prefix-cache hits; long prompts are
+chunked to fit the budget. When the KV cache cannot grow a running request, the newest running
+request is preempted (its blocks freed, to be recomputed later). The scheduler owns request state
+and the KV cache manager and returns a plan (`SchedulerOutput`); it never touches tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pagoda.config import CacheConfig, SchedulerConfig
+from pagoda.engine.kv_cache_manager import KVCacheManager
+from pagoda.engine.messages import EngineCoreOutput
+from pagoda.engine.request import Request, RequestStatus
+from pagoda.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class NewRequestData:
+    """Sent to the model runner once, when a request is first admitted."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_id: int | None
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    """One request's share of a step.
+
+    `token_ids` are computed at positions `num_computed_tokens ...`; `sample` is True when this
+    chunk reaches the request's last known token, so the step samples its next token.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    num_computed_tokens: int
+    block_ids: list[int]
+    sample: bool
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """The plan of one step. The model runner reads it and never writes scheduler state."""
+
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    # Requests that ended since the previous plan: the runner drops their sampling state.
+    finished_request_ids: list[str] = field(default_factory=list)
+    preempted_request_ids: list[str] = field(default_factory=list)
+    num_scheduled_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Token-budget scheduler with prefix caching, chunked prefill and recompute preemption."""
+
+    def __init__(
+        self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int
+    ) -> None:
+        self.config = scheduler_config
+        self.max_model_len = scheduler_config.max_model_len
+        self.kv_cache_manager = KVCacheManager(
+            num_blocks=num_blocks,
+            block_size=cache_config.block_size,
+            enable_caching=cache_config.enable_prefix_caching,
+            hash_algo=cache_config.prefix_caching_hash_algo,
+        )
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._finished_since_last_plan: list[str] = []
+        self.num_preemptions_total = 0
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def schedule(self) -> SchedulerOutput:
+        """Build the plan of the next step and reserve KV blocks for it."""
+        plan = SchedulerOutput(finished_request_ids=self._finished_since_last_plan)
+        self._finished_since_last_plan = []
+        budget = self.config.max_num_batched_tokens
+        kv = self.kv_cache_manager
+
+        # Running requests first, in admission order; the newest is the first to be preempted.
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            scheduled = True
+            while kv.allocate_slots(request, num_new) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                plan.preempted_request_ids.append(victim.request_id)
+                if victim is request:
+                    scheduled = False
+                    break
+            if not scheduled:
+                break
+            self._add_to_plan(plan, request, num_new)
+            budget -= num_new
+            index += 1
+
+        # Then waiting requests, FCFS, unless this step already had to preempt.
+        while (
+            self.waiting
+            and budget > 0
+            and not plan.preempted_request_ids
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            request = self.waiting[0]
+            computed_blocks, num_computed = kv.get_computed_blocks(request)
+            num_new = request.num_tokens - num_computed
+            if num_new > budget:
+                if not self.config.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if kv.allocate_slots(request, num_new, computed_blocks, num_computed) is None:
+                break
+            self.waiting.popleft()
+            self.running.append(request)
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_computed
+                plan.new_requests.append(
+                    NewRequestData(
+                        request.request_id,
+                        request.prompt_token_ids,
+                        request.sampling_params,
+                        request.eos_token_id,
+                    )
+                )
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_computed
+            self._add_to_plan(plan, request, num_new)
+            budget -= num_new
+        return plan
+
+    def _add_to_plan(self, plan: SchedulerOutput, request: Request, num_new: int) -> None:
+        start = request.num_computed_tokens
+        end = start + num_new
+        plan.scheduled.append(
+            ScheduledRequest(
+                request_id=request.request_id,
+                token_ids=request.all_token_ids[start:end],
+                num_computed_tokens=start,
+                block_ids=self.kv_cache_manager.get_block_ids(request.request_id),
+                sample=end == request.num_tokens,
+            )
+        )
+        plan.num_scheduled_tokens += num_new
+
+    def _preempt(self, request: Request) -> None:
+        # Recompute preemption: drop the KV blocks and start over later; prefix caching makes the
+        # recomputation cheap when the freed blocks have not been reused yet.
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(request)
+        logger.debug("Preempted %s", request.request_id)
+
+    def update_from_output(
+        self, plan: SchedulerOutput, sampled_token_ids: dict[str, int],
+        logprobs: dict[str, tuple[list[int], list[float], int]] | None = None,
+    ) -> list[EngineCoreOutput]:
+        """Advance the scheduled requests by what the step computed and check stop conditions."""
+        outputs: list[EngineCoreOutput] = []
+        stopped: list[Request] = []
+        for scheduled in plan.scheduled:
+            request = self.requests.get(scheduled.request_id)
+            if request is None or request.is_finished:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += len(scheduled.token_ids)
+            if not scheduled.sample:
+                continue  # a prefill chunk that did not reach the end yet
+            token_id = sampled_token_ids[request.request_id]
+            request.append_output_token_ids([token_id])
+            if self._check_stop(request):
+                stopped.append(request)
+            output = EngineCoreOutput(
+                request_id=request.request_id,
+                new_token_ids=[token_id],
+                finish_reason=request.status.finish_reason,
+                stop_reason=request.stop_reason,
+                num_cached_tokens=request.num_cached_tokens,
+            )
+            if logprobs is not None and request.request_id in logprobs:
+                output.new_logprobs = [logprobs[request.request_id]]
+            outputs.append(output)
+        if stopped:
+            stopped_set = set(map(id, stopped))
+            self.running = [r for r in self.running if id(r) not in stopped_set]
+            for request in stopped:
+                self._release(request)
+        return outputs
+
+    def _check_stop(self, request: Request) -> bool:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            last = request.output_token_ids[-1]
+            if not params.ignore_eos and last == request.eos_token_id:
+                request.status = RequestStatus.FINISHED_STOPPED
+                return True
+            if last in params.all_stop_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = last
+                return True
+        if request.num_tokens >= self.max_model_len or request.num_output_tokens >= request.max_tokens:
+            request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+            return True
+        return False
+
+    def finish_requests(
+        self, request_ids: Iterable[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED
+    ) -> None:
+        """End requests from outside (abort, stop string found on the API side)."""
+        to_finish = [self.requests[r] for r in request_ids if r in self.requests]
+        if not to_finish:
+            return
+        ids = {id(r) for r in to_finish}
+        self.running = [r for r in self.running if id(r) not in ids]
+        self.waiting = deque(r for r in self.waiting if id(r) not in ids)
+        for request in to_finish:
+            request.status = status
+            self._release(request)
+
+    def _release(self, request: Request) -> None:
+        # Blocks go back in the same step, so a waiting request can use them in the next one.
+        self.kv_cache_manager.free(request)
+        del self.requests[request.request_id]
+        self._finished_since_last_plan.append(request.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)

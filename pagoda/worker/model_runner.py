@@ -1,0 +1,217 @@
+"""Model runner: turns a scheduler plan into one forward pass and sampled tokens.
+
+It owns the tensors: the model, the paged KV cache and per-request sampling state. Each step it
+flattens the scheduled tokens of every request (prefill chunks and decodes alike) into one batch,
+computes slot mappings from the block tables, runs the model inside a forward context, takes the
+logits of the last token of every request that samples this step, and samples. It reads the plan
+and never writes scheduler state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pagoda.attention.backend import AttentionBackend, StepLayout
+from pagoda.attention.torch_backend import TorchAttentionBackend
+from pagoda.config import DEFAULT_CPU_KV_CACHE_SPACE_GIB, EngineConfig
+from pagoda.engine.scheduler import SchedulerOutput
+from pagoda.forward_context import ForwardContext, set_forward_context
+from pagoda.layers.attention import Attention
+from pagoda.layers.sampler import Sampler, SamplingMetadata
+from pagoda.worker.sampling_state import RequestSamplingState
+
+logger = logging.getLogger(__name__)
+
+_GIB = 1 << 30
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    """Sampled tokens of one step, by request id, and their logprobs when requested."""
+
+    sampled_token_ids: dict[str, int]
+    logprobs: dict[str, tuple[list[int], list[float], int]] | None = None
+
+
+class ModelRunner:
+    """Runs the model over the paged KV cache for the plans the scheduler makes."""
+
+    def __init__(self, config: EngineConfig, backend: AttentionBackend | None = None) -> None:
+        self.config = config
+        self.model_config = config.model_config
+        self.cache_config = config.cache_config
+        self.device = config.device_config.device
+        self.dtype = self.model_config.dtype
+        self.block_size = self.cache_config.block_size
+        self.backend = backend or TorchAttentionBackend()
+        self.sampler = Sampler()
+        self.states: dict[str, RequestSamplingState] = {}
+        self.kv_caches: list[torch.Tensor] = []
+        self.model: torch.nn.Module | None = None
+
+    def load_model(self, weights=None) -> None:  # noqa: ANN001 - an iterable of (name, tensor)
+        from pagoda.loader.model_loader import load_model
+
+        start = time.perf_counter()
+        self.model = load_model(
+            self.model_config.hf_config,
+            self.model_config.model_path,
+            dtype=self.dtype,
+            device=self.device,
+            weights=weights,
+        )
+        self.attention_layers = sorted(
+            (m for m in self.model.modules() if isinstance(m, Attention)),
+            key=lambda m: m.layer_idx,
+        )
+        num_params = sum(p.numel() for p in self.model.parameters())
+        self.load_seconds = time.perf_counter() - start
+        logger.info(
+            "Loaded %s (%s) in %.2f s: %.1fM parameters, dtype %s, device %s",
+            self.model_config.model,
+            self.model_config.architecture,
+            self.load_seconds,
+            num_params / 1e6,
+            str(self.dtype).removeprefix("torch."),
+            self.device,
+        )
+
+    def kv_bytes_per_block(self) -> int:
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        per_token = sum(2 * layer.num_kv_heads * layer.head_dim for layer in self.attention_layers)
+        return per_token * element_size * self.block_size
+
+    def determine_num_blocks(self) -> int:
+        """KV cache blocks that fit the memory budget, measured after the model is loaded."""
+        override = self.cache_config.num_gpu_blocks_override
+        if override is not None:
+            return override
+        bytes_per_block = self.kv_bytes_per_block()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            budget = total * self.cache_config.gpu_memory_utilization - used
+        else:
+            space = self.cache_config.kv_cache_space or DEFAULT_CPU_KV_CACHE_SPACE_GIB
+            budget = space * _GIB
+        num_blocks = int(budget // bytes_per_block)
+        # Never hold more than every sequence at full length could use: on a small model the
+        # budget would otherwise buy gigabytes of blocks that no schedule can fill.
+        sched = self.config.scheduler_config
+        blocks_per_seq = -(-sched.max_model_len // self.block_size)
+        num_blocks = min(num_blocks, sched.max_num_seqs * blocks_per_seq + blocks_per_seq)
+        if num_blocks < blocks_per_seq:
+            needed = blocks_per_seq * bytes_per_block / _GIB
+            raise ValueError(
+                f"To serve at least one request with the model's max seq len "
+                f"({sched.max_model_len}), {needed:.2f} GiB KV cache is needed, which is larger "
+                f"than the available KV cache memory ({max(budget, 0) / _GIB:.2f} GiB). Increase "
+                "kv_cache_space / gpu_memory_utilization or decrease max_model_len; the estimated "
+                f"maximum model length is {max(num_blocks, 0) * self.block_size}."
+            )
+        return num_blocks
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.kv_caches = [
+            torch.zeros(
+                self.backend.kv_cache_shape(
+                    num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim
+                ),
+                dtype=self.dtype,
+                device=self.device,
+            )
+            for layer in self.attention_layers
+        ]
+        tokens = num_blocks * self.block_size
+        gib = num_blocks * self.kv_bytes_per_block() / _GIB
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)",
+            num_blocks, self.block_size, tokens, gib,
+        )
+
+    def _update_states(self, plan: SchedulerOutput) -> None:
+        for request_id in plan.finished_request_ids:
+            self.states.pop(request_id, None)
+        for new in plan.new_requests:
+            self.states[new.request_id] = RequestSamplingState(
+                new.sampling_params, new.prompt_token_ids, new.eos_token_id, self.device
+            )
+
+    def _build_layout(self, plan: SchedulerOutput) -> StepLayout:
+        query_len = np.fromiter((len(s.token_ids) for s in plan.scheduled), dtype=np.int64)
+        query_start = np.zeros(len(query_len) + 1, dtype=np.int64)
+        np.cumsum(query_len, out=query_start[1:])
+        context_len = np.fromiter(
+            (s.num_computed_tokens + len(s.token_ids) for s in plan.scheduled), dtype=np.int64
+        )
+        block_tables = [np.asarray(s.block_ids, dtype=np.int64) for s in plan.scheduled]
+        positions = np.concatenate(
+            [np.arange(c - q, c, dtype=np.int64) for c, q in zip(context_len, query_len)]
+        )
+        slot_mapping = np.concatenate(
+            [
+                table[pos // self.block_size] * self.block_size + pos % self.block_size
+                for table, pos in zip(block_tables, np.split(positions, query_start[1:-1]))
+            ]
+        )
+        return StepLayout(
+            query_start=query_start,
+            query_len=query_len,
+            context_len=context_len,
+            block_tables=block_tables,
+            slot_mapping=slot_mapping,
+            positions=positions,
+            block_size=self.block_size,
+        )
+
+    @torch.inference_mode()
+    def execute_model(self, plan: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step of the plan and return the tokens sampled for requests that sample."""
+        assert self.model is not None, "load_model() first"
+        self._update_states(plan)
+        if plan.is_empty:
+            return ModelRunnerOutput(sampled_token_ids={})
+        layout = self._build_layout(plan)
+        input_ids = torch.tensor(
+            list(itertools.chain.from_iterable(s.token_ids for s in plan.scheduled)),
+            dtype=torch.long,
+            device=self.device,
+        )
+        positions = torch.from_numpy(layout.positions).to(self.device)
+        metadata = self.backend.build_metadata(layout, self.device)
+        context = ForwardContext(self.backend, metadata, self.kv_caches)
+        with set_forward_context(context):
+            hidden_states = self.model(input_ids, positions)  # [T, hidden]
+
+        sampling = [i for i, s in enumerate(plan.scheduled) if s.sample]
+        if not sampling:
+            return ModelRunnerOutput(sampled_token_ids={})
+        last_rows = torch.from_numpy(layout.query_start[1:][sampling] - 1).to(self.device)
+        logits = self.model.compute_logits(hidden_states[last_rows]).float()  # [S, V]
+        request_ids = [plan.scheduled[i].request_id for i in sampling]
+        states = [self.states[r] for r in request_ids]
+        sampling_metadata = SamplingMetadata.build(states, logits.shape[-1], self.device)
+        output = self.sampler(logits, sampling_metadata)
+        token_ids = output.sampled_token_ids.tolist()
+        for state, token_id in zip(states, token_ids):
+            state.append_output(token_id)
+        logprobs = None
+        if output.logprobs is not None:
+            logprobs = {}
+            lp_ids = output.logprobs.token_ids.tolist()
+            lp_values = output.logprobs.logprobs.tolist()
+            ranks = output.logprobs.ranks.tolist()
+            for row, (request_id, state) in enumerate(zip(request_ids, states)):
+                k = state.params.logprobs
+                if k is None:
+                    continue
+                width = len(lp_ids[row]) if k == -1 else k + 1
+                logprobs[request_id] = (lp_ids[row][:width], lp_values[row][:width], ranks[row])
+        return ModelRunnerOutput(dict(zip(request_ids, token_ids)), logprobs)
