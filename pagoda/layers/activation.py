@@ -1,0 +1,55 @@
+"""Gated activations over a fused gate/up projection.
+
+A gated MLP computes `act(gate(x)) * up(x)`; Pagoda fuses gate and up into one matmul
+(`MergedColumnParallelLinear`), whose output is `[gate | up]` along the last dim. These modules
+split it and apply the gate.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class SiluAndMul(nn.Module):
+    """`silu(gate) * up` for `x = [gate | up]` of shape [T, 2I]; returns [T, I] (Llama, Qwen, Mistral)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return F.silu(x[..., :half]) * x[..., half:]  # [T, I]
+
+
+class GeluAndMul(nn.Module):
+    """`gelu(gate) * up` for `x = [gate | up]` of shape [T, 2I]; returns [T, I] (Gemma).
+
+    Args:
+        approximate: "none" for the exact erf GELU, "tanh" for the tanh approximation
+            (`gelu_pytorch_tanh` in Hugging Face configs).
+    """
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return F.gelu(x[..., :half], approximate=self.approximate) * x[..., half:]  # [T, I]
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"
+
+
+def get_gated_activation(hidden_act: str) -> nn.Module:
+    """The gated activation for a Hugging Face `hidden_act` name; ValueError for unknown names."""
+    if hidden_act in ("silu", "swish"):
+        return SiluAndMul()
+    if hidden_act in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+        # NOTE: HF's "gelu_new" is the tanh approximation too, despite its name.
+        return GeluAndMul("none" if hidden_act == "gelu" else "tanh")
+    raise ValueError(
+        f"unsupported hidden_act {hidden_act!r}; supported: silu, swish, gelu, gelu_new, "
+        "gelu_pytorch_tanh"
+    )

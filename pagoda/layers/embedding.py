@@ -1,0 +1,127 @@
+"""Token embedding and LM head, sharded over the vocabulary.
+
+The first and last layers of every model: `VocabParallelEmbedding` turns token ids into hidden
+states, `ParallelLMHead` turns the sampled rows of the final hidden states into logits. With tensor
+parallelism each rank holds a contiguous block of `ceil(vocab / tp)` rows; the vocabulary is padded
+up to a multiple of tp_size, and the padding rows are zero and cut off the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pagoda.layers.linear import copy_checked
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table whose rows are split over tensor-parallel ranks.
+
+    Args:
+        num_embeddings: vocabulary size of the checkpoint (before padding).
+        embedding_dim: hidden size.
+    """
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, tp_rank: int = 0, tp_size: int = 1
+    ) -> None:
+        super().__init__()
+        if tp_size < 1 or not 0 <= tp_rank < tp_size:
+            raise ValueError(
+                f"tp_rank must be in [0, tp_size), got tp_rank={tp_rank}, tp_size={tp_size}"
+            )
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.tp_rank = tp_rank
+        self.tp_size = tp_size
+        self.num_embeddings_per_partition = -(-num_embeddings // tp_size)  # ceil division
+        self.vocab_start = tp_rank * self.num_embeddings_per_partition
+        self.vocab_end = min(self.vocab_start + self.num_embeddings_per_partition, num_embeddings)
+        self.weight = nn.Parameter(
+            torch.empty(self.num_embeddings_per_partition, embedding_dim), requires_grad=False
+        )
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None = None
+    ) -> None:
+        """Copy this rank's rows of the `[vocab, hidden]` checkpoint tensor; zero the padding rows."""
+        if shard_id is not None:
+            raise ValueError(f"{type(self).__name__} is not fused, got shard_id={shard_id!r}")
+        if loaded_weight.shape[0] != self.num_embeddings:
+            raise ValueError(
+                f"checkpoint has {loaded_weight.shape[0]} vocabulary rows, the model "
+                f"expects {self.num_embeddings} (config vocab_size)"
+            )
+        num_rows = self.vocab_end - self.vocab_start
+        copy_checked(param.data[:num_rows], loaded_weight.narrow(0, self.vocab_start, num_rows))
+        param.data[num_rows:].zero_()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size > 1:
+            # NOTE: ids outside this rank's block would be masked to zero vectors and the ranks'
+            # results summed; that all-reduce lives in pagoda.distributed, which is not built yet.
+            raise NotImplementedError("VocabParallelEmbedding with tp_size > 1 needs an all-reduce")
+        return F.embedding(input_ids, self.weight)  # [T, hidden]
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
+            f"tp_rank={self.tp_rank}, tp_size={self.tp_size}"
+        )
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The output projection hidden -> vocabulary logits, sharded like the embedding.
+
+    It is not called like a layer: the model runner asks the model for logits of only the rows it
+    samples, through `compute_logits`.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        bias: bool = False,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ) -> None:
+        super().__init__(num_embeddings, embedding_dim, tp_rank, tp_size)
+        self.bias: nn.Parameter | None
+        if bias:
+            self.bias = nn.Parameter(
+                torch.empty(self.num_embeddings_per_partition), requires_grad=False
+            )
+            self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None = None
+    ) -> None:
+        super().weight_loader(param, loaded_weight, shard_id)
+
+    def tie_weights(self, embedding: VocabParallelEmbedding) -> None:
+        """Share the embedding table as the LM head weight (`tie_word_embeddings`).
+
+        Both then hold one Parameter object, so `named_parameters()` lists it once, under the
+        embedding's name, and loading the embedding loads the head.
+        """
+        if embedding.weight.shape != self.weight.shape:
+            raise ValueError(
+                f"cannot tie LM head of shape {tuple(self.weight.shape)} to embedding of shape "
+                f"{tuple(embedding.weight.shape)}"
+            )
+        self.weight = embedding.weight
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits `[N, vocab]` for hidden states `[N, hidden]`, padding rows removed."""
+        if self.tp_size > 1:
+            # NOTE: each rank holds a vocabulary block; gathering them needs pagoda.distributed.
+            raise NotImplementedError("ParallelLMHead with tp_size > 1 needs an all-gather")
+        logits = F.linear(hidden_states, self.weight, self.bias)  # [N, padded vocab]
+        return logits[:, : self.num_embeddings]  # [N, vocab]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("ParallelLMHead is not called directly; use compute_logits")

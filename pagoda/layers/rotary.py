@@ -1,0 +1,180 @@
+"""Rotary position embeddings (RoPE) with the Hugging Face scaling variants.
+
+Attention blocks rotate q and k by angles `position * inv_freq` right after the qkv projection, so
+the keys written to the paged KV cache are already rotated. Since a request's tokens arrive at any
+position (chunked prefill, decode), cos/sin are precomputed for every position up to the model's
+maximum and gathered by the `positions` tensor of the step.
+
+`inv_freq` and the cos/sin tables are computed in float32 with the same operations, in the same
+order, as `transformers.modeling_rope_utils`, so float32 results match it bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+def _base_inv_freq(base: float, rotary_dim: int) -> torch.Tensor:
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(torch.float32) / rotary_dim
+    return 1.0 / (base**exponents)  # [R/2]
+
+
+def _llama3_inv_freq(base: float, rotary_dim: int, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1: keep high frequencies, divide low ones by `factor`, blend the band between."""
+    inv_freq = _base_inv_freq(base, rotary_dim)
+    factor = scaling["factor"]
+    low_freq_factor = scaling["low_freq_factor"]
+    high_freq_factor = scaling["high_freq_factor"]
+    old_context_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def _dynamic_ntk_base(
+    base: float, rotary_dim: int, factor: float, seq_len: int, original: int
+) -> float:
+    # NTK-aware scaling: stretch the base so the lowest frequency covers `seq_len` positions.
+    return base * ((factor * seq_len / original) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
+
+
+def _cos_sin(inv_freq: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    positions = torch.arange(start, end, dtype=torch.float32)
+    freqs = positions[:, None] * inv_freq[None, :]  # [P, R/2]
+    return freqs.cos(), freqs.sin()
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies RoPE to flattened q `[T, H*D]` and k `[T, Hkv*D]` by position.
+
+    Only the first `rotary_dim` dims of each head rotate (partial rotary); the rest pass through.
+    Neox style rotates the two halves of those dims against each other (Llama, Qwen, Mistral);
+    GPT-J style rotates interleaved pairs.
+
+    Build it with `get_rope`; one instance is shared by all layers of a model.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        rotary_dim: int,
+        is_neox_style: bool,
+        cos_cache: torch.Tensor,
+        sin_cache: torch.Tensor,
+    ) -> None:
+        super().__init__()
+        if rotary_dim > head_dim or rotary_dim % 2 != 0:
+            raise ValueError(
+                f"rotary_dim must be even and <= head_dim ({head_dim}), got {rotary_dim}"
+            )
+        self.head_dim = head_dim
+        self.rotary_dim = rotary_dim
+        self.is_neox_style = is_neox_style
+        # float32 tables [max_position, R/2]; cast to the activation dtype per step, as HF does.
+        self.cos_cache: torch.Tensor
+        self.sin_cache: torch.Tensor
+        self.register_buffer("cos_cache", cos_cache, persistent=False)
+        self.register_buffer("sin_cache", sin_cache, persistent=False)
+
+    @property
+    def max_position(self) -> int:
+        return self.cos_cache.shape[0]
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.cos_cache[positions].to(q.dtype)[:, None, :]  # [T, 1, R/2]
+        sin = self.sin_cache[positions].to(q.dtype)[:, None, :]  # [T, 1, R/2]
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        x = x.view(num_tokens, -1, self.head_dim)  # [T, H, D]
+        rot, passthrough = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        if self.is_neox_style:
+            x1, x2 = rot.chunk(2, dim=-1)  # [T, H, R/2] each
+            rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # [T, H, R]
+        else:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]  # [T, H, R/2] each
+            rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+            rotated = rotated.flatten(-2)  # [T, H, R]
+        if passthrough.shape[-1]:
+            rotated = torch.cat((rotated, passthrough), dim=-1)  # [T, H, D]
+        return rotated.reshape(num_tokens, -1)  # [T, H*D]
+
+    def extra_repr(self) -> str:
+        return (
+            f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, "
+            f"max_position={self.max_position}, is_neox_style={self.is_neox_style}"
+        )
+
+
+def get_rope(
+    head_dim: int,
+    rotary_dim: int,
+    max_position: int,
+    base: float,
+    rope_scaling: dict[str, Any] | None = None,
+    is_neox_style: bool = True,
+) -> RotaryEmbedding:
+    """Build the rotary embedding for a model.
+
+    Args:
+        max_position: the config's `max_position_embeddings`. For `linear` and `dynamic` scaling
+            the tables extend to `max_position * factor`, the context those variants stretch to.
+        base: `rope_theta`.
+        rope_scaling: None (or `rope_type` "default") for plain RoPE, else a dict with `rope_type`
+            (or the older `type`) and that type's keys, as `pagoda.models.utils.rope_settings`
+            returns it.
+
+    Raises:
+        ValueError: for a rope type other than default, linear, dynamic and llama3.
+    """
+    scaling = dict(rope_scaling or {})
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        inv_freq = _base_inv_freq(base, rotary_dim)
+        cos, sin = _cos_sin(inv_freq, 0, max_position)
+    elif rope_type == "linear":
+        # Position interpolation: position p is treated as p / factor.
+        factor = scaling["factor"]
+        inv_freq = _base_inv_freq(base, rotary_dim)
+        inv_freq /= factor
+        cos, sin = _cos_sin(inv_freq, 0, int(max_position * factor))
+    elif rope_type == "dynamic":
+        # NOTE: HF recomputes the base for every forward from that sequence's length (plain RoPE up
+        # to max_position_embeddings, a base stretched for seq_len beyond). A paged KV cache holds
+        # keys rotated when they were written and serves many sequences at once, so we cannot
+        # re-rotate per sequence. We keep plain RoPE for positions within the original context
+        # (identical to HF there) and, beyond it, one fixed base stretched for the longest
+        # supported context, `max_position * factor`. Past the original context the result is
+        # close to, not equal to, HF's.
+        factor = scaling["factor"]
+        original = max_position
+        extended = int(max_position * factor)
+        cos, sin = _cos_sin(_base_inv_freq(base, rotary_dim), 0, original)
+        long_base = _dynamic_ntk_base(base, rotary_dim, factor, extended, original)
+        long_cos, long_sin = _cos_sin(_base_inv_freq(long_base, rotary_dim), original, extended)
+        cos = torch.cat((cos, long_cos))  # [max_position * factor, R/2]
+        sin = torch.cat((sin, long_sin))  # [max_position * factor, R/2]
+    elif rope_type == "llama3":
+        scaling.setdefault("original_max_position_embeddings", max_position)
+        inv_freq = _llama3_inv_freq(base, rotary_dim, scaling)
+        cos, sin = _cos_sin(inv_freq, 0, max_position)
+    else:
+        raise ValueError(
+            f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    return RotaryEmbedding(head_dim, rotary_dim, is_neox_style, cos, sin)

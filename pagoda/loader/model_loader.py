@@ -1,0 +1,54 @@
+"""Build a model and fill it with checkpoint weights: the one path every weight format goes through.
+
+The worker calls `load_model` once at start-up. It picks the class from the config's
+`architectures`, constructs it directly in the target dtype and device, streams `(hf_name, tensor)`
+pairs into `model.load_weights` (from safetensors by default; a GGUF reader passes its own), and
+refuses to return a model with any parameter left unloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from pagoda.loader.safetensors import iterate_safetensors
+from pagoda.models.registry import resolve_model_class
+from pagoda.models.utils import CausalLM, set_default_torch_dtype
+
+
+def load_model(
+    hf_config: Any,
+    model_dir: str | Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    weights: Iterable[tuple[str, torch.Tensor]] | None = None,
+) -> nn.Module:
+    """Construct the model for `hf_config` on `device` in `dtype`, load its weights, return it in eval mode.
+
+    Args:
+        model_dir: directory holding the safetensors checkpoint (read only when `weights` is None).
+        weights: `(hf_name, tensor)` pairs to load instead of the directory's safetensors. Tensors
+            may be in any dtype and on any device; each is cast on copy into its parameter.
+
+    Raises:
+        ValueError: unsupported architecture, or a checkpoint tensor with no matching parameter.
+        FileNotFoundError: no weights in `model_dir`.
+        RuntimeError: parameters the checkpoint did not provide (all of them named).
+    """
+    model_class = resolve_model_class(hf_config)
+    with set_default_torch_dtype(dtype), torch.device(device):
+        model = model_class(hf_config)
+    if weights is None:
+        weights = iterate_safetensors(model_dir)
+    loaded = cast(CausalLM, model).load_weights(weights)
+    missing = sorted(name for name, _ in model.named_parameters() if name not in loaded)
+    if missing:
+        raise RuntimeError(
+            f"checkpoint in {model_dir} did not provide {len(missing)} parameter(s) of "
+            f"{model_class.__name__}: {', '.join(missing)}"
+        )
+    return model.eval()
