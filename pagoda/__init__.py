@@ -23,7 +23,18 @@ _EXPORTS = {
     "Logprob": "pagoda.outputs",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [
+    "LLM",
+    "AsyncLLM",
+    "CompletionOutput",
+    "EngineArgs",
+    "LLMEngine",
+    "Logprob",
+    "RequestOutput",
+    "RequestOutputKind",
+    "SamplingParams",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from pagoda.config import EngineArgs

@@ -190,9 +190,7 @@ class EngineArgs:
 
     def _validate_scalars(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
-            raise ValueError(
-                f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}"
-            )
+            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
         if self.block_size not in _BLOCK_SIZES:
             raise ValueError(
                 f"block_size must be one of {', '.join(map(str, _BLOCK_SIZES))}; "

@@ -50,10 +50,17 @@ def test_non_integer_top_k_is_a_type_error() -> None:
 def test_defaults_match_vllm() -> None:
     params = SamplingParams()
     assert (params.n, params.temperature, params.top_p, params.top_k, params.min_p) == (
-        1, 1.0, 1.0, 0, 0.0,
+        1,
+        1.0,
+        1.0,
+        0,
+        0.0,
     )
     assert (params.max_tokens, params.min_tokens, params.seed, params.logprobs) == (
-        16, 0, None, None,
+        16,
+        0,
+        None,
+        None,
     )
     assert params.stop == [] and params.stop_token_ids == []
     assert params.skip_special_tokens and not params.include_stop_str_in_output

@@ -91,9 +91,9 @@ class TorchAttentionBackend(AttentionBackend):
                     token_start=start,
                     token_end=start + query_len,
                     context_slots=torch.from_numpy(slots).to(device),
-                    query_positions=torch.from_numpy(
-                        key_positions[context_len - query_len :]
-                    ).to(device),
+                    query_positions=torch.from_numpy(key_positions[context_len - query_len :]).to(
+                        device
+                    ),
                     key_positions=torch.from_numpy(key_positions).to(device),
                 )
             )
@@ -141,7 +141,11 @@ class TorchAttentionBackend(AttentionBackend):
             values = value_cache[metadata.decode_slots]  # [B, Lmax, Hkv, D]
             queries = q[metadata.decode_token_index].unsqueeze(1)  # [B, 1, H, D]
             decoded = attend(
-                queries, keys, values, metadata.decode_mask(window), layer.scale,
+                queries,
+                keys,
+                values,
+                metadata.decode_mask(window),
+                layer.scale,
                 layer.logit_softcap,
             )
             out[metadata.decode_token_index] = decoded.squeeze(1)  # [B, H, D]
@@ -150,7 +154,11 @@ class TorchAttentionBackend(AttentionBackend):
             values = value_cache[prefill.context_slots]  # [L, Hkv, D]
             rows = slice(prefill.token_start, prefill.token_end)
             out[rows] = attend(
-                q[rows], keys, values, metadata.prefill_mask(i, window), layer.scale,
+                q[rows],
+                keys,
+                values,
+                metadata.prefill_mask(i, window),
+                layer.scale,
                 layer.logit_softcap,
             )
         return out

@@ -82,7 +82,9 @@ class AsyncLLM:
         self._ensure_started()
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        processed = self.input_processor.process(request_id, prompt, sampling_params, None, priority)
+        processed = self.input_processor.process(
+            request_id, prompt, sampling_params, None, priority
+        )
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = outputs
         self.output_processor.add_request(
@@ -115,7 +117,9 @@ class AsyncLLM:
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._core_loop, name="pagoda-engine-core", daemon=True)
+        self._thread = threading.Thread(
+            target=self._core_loop, name="pagoda-engine-core", daemon=True
+        )
         self._thread.start()
 
     def _core_loop(self) -> None:

@@ -52,7 +52,7 @@ class InputProcessor:
         if isinstance(prompt, Sequence) and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
         ):
-            return None, list(prompt)
+            return None, [int(t) for t in prompt]
         raise ValueError(f"unsupported prompt type {type(prompt).__name__}")
 
     def process(
@@ -69,9 +69,7 @@ class InputProcessor:
         if params.truncate_prompt_tokens is not None and params.truncate_prompt_tokens != -1:
             token_ids = token_ids[-params.truncate_prompt_tokens :]
         self._validate(token_ids, params)
-        params.update_from_generation_config(
-            self.model_config.generation_config, self.eos_token_id
-        )
+        params.update_from_generation_config(self.model_config.generation_config, self.eos_token_id)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         core_requests = []
         for index, child_id in enumerate(child_request_ids(request_id, params.n)):
@@ -82,7 +80,9 @@ class InputProcessor:
                 if params.seed is not None:
                     child_params.seed = params.seed + index
             core_requests.append(
-                Request(child_id, token_ids, child_params, self.eos_token_id, arrival_time, priority)
+                Request(
+                    child_id, token_ids, child_params, self.eos_token_id, arrival_time, priority
+                )
             )
         return ProcessedInput(text, token_ids, params, core_requests)
 

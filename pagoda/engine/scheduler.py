@@ -175,7 +175,9 @@ class Scheduler:
         logger.debug("Preempted %s", request.request_id)
 
     def update_from_output(
-        self, plan: SchedulerOutput, sampled_token_ids: dict[str, int],
+        self,
+        plan: SchedulerOutput,
+        sampled_token_ids: dict[str, int],
         logprobs: dict[str, tuple[list[int], list[float], int]] | None = None,
     ) -> list[EngineCoreOutput]:
         """Advance the scheduled requests by what the step computed and check stop conditions."""
@@ -220,7 +222,10 @@ class Scheduler:
                 request.status = RequestStatus.FINISHED_STOPPED
                 request.stop_reason = last
                 return True
-        if request.num_tokens >= self.max_model_len or request.num_output_tokens >= request.max_tokens:
+        if (
+            request.num_tokens >= self.max_model_len
+            or request.num_output_tokens >= request.max_tokens
+        ):
             request.status = RequestStatus.FINISHED_LENGTH_CAPPED
             return True
         return False

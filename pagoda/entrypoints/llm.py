@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -49,7 +49,9 @@ class LLM:
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation_config.json defaults applied."""
         generation_config = self.llm_engine.model_config.generation_config
-        defaults = {k: generation_config[k] for k in _GENERATION_CONFIG_FIELDS if k in generation_config}
+        defaults = {
+            k: generation_config[k] for k in _GENERATION_CONFIG_FIELDS if k in generation_config
+        }
         if "max_new_tokens" in generation_config:
             defaults["max_tokens"] = generation_config["max_new_tokens"]
         if not generation_config.get("do_sample", True):
@@ -106,8 +108,8 @@ class LLM:
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them via the chat template."""
-        conversations = (
-            [messages] if messages and isinstance(messages[0], dict) else list(messages)  # type: ignore[list-item]
+        conversations: list[Any] = (
+            [messages] if messages and isinstance(messages[0], dict) else list(messages)
         )
         template = load_chat_template(chat_template)
         tokenizer = self.get_tokenizer()
@@ -115,7 +117,7 @@ class LLM:
         for conversation in conversations:
             text = apply_chat_template(
                 tokenizer,
-                conversation,  # type: ignore[arg-type]
+                conversation,
                 chat_template=template,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
@@ -159,9 +161,9 @@ class LLM:
 
 
 def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
-    if isinstance(prompts, str | dict):
+    if isinstance(prompts, str | Mapping):
         return [prompts]
-    prompts = list(prompts)  # type: ignore[arg-type]
-    if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
-        return [prompts]  # one prompt given as token ids
-    return prompts
+    items: list[Any] = list(prompts)
+    if items and all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+        return [items]  # one prompt given as token ids
+    return items

@@ -12,7 +12,9 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -24,6 +26,7 @@ from pagoda.engine.scheduler import SchedulerOutput
 from pagoda.forward_context import ForwardContext, set_forward_context
 from pagoda.layers.attention import Attention
 from pagoda.layers.sampler import Sampler, SamplingMetadata
+from pagoda.models.utils import CausalLM
 from pagoda.worker.sampling_state import RequestSamplingState
 
 logger = logging.getLogger(__name__)
@@ -53,24 +56,25 @@ class ModelRunner:
         self.sampler = Sampler()
         self.states: dict[str, RequestSamplingState] = {}
         self.kv_caches: list[torch.Tensor] = []
-        self.model: torch.nn.Module | None = None
+        self.model: CausalLM | None = None
 
-    def load_model(self, weights=None) -> None:  # noqa: ANN001 - an iterable of (name, tensor)
+    def load_model(self, weights: Iterable[tuple[str, torch.Tensor]] | None = None) -> None:
         from pagoda.loader.model_loader import load_model
 
         start = time.perf_counter()
-        self.model = load_model(
+        module = load_model(
             self.model_config.hf_config,
             self.model_config.model_path,
             dtype=self.dtype,
             device=self.device,
             weights=weights,
         )
+        self.model = cast(CausalLM, module)
         self.attention_layers = sorted(
-            (m for m in self.model.modules() if isinstance(m, Attention)),
+            (m for m in module.modules() if isinstance(m, Attention)),
             key=lambda m: m.layer_idx,
         )
-        num_params = sum(p.numel() for p in self.model.parameters())
+        num_params = sum(p.numel() for p in module.parameters())
         self.load_seconds = time.perf_counter() - start
         logger.info(
             "Loaded %s (%s) in %.2f s: %.1fM parameters, dtype %s, device %s",
@@ -133,7 +137,10 @@ class ModelRunner:
         gib = num_blocks * self.kv_bytes_per_block() / _GIB
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)",
-            num_blocks, self.block_size, tokens, gib,
+            num_blocks,
+            self.block_size,
+            tokens,
+            gib,
         )
 
     def _update_states(self, plan: SchedulerOutput) -> None:
