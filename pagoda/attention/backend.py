@@ -2,7 +2,8 @@
 
 `build_metadata(...)` runs once per step (on the host, from the plan); `forward(...)` runs per
 layer: it writes the step's new K/V into the paged cache by slot and attends over each request's
-whole context. The KV cache of one layer is a tensor [2, num_blocks, block_size, kv_heads, head_dim].
+whole context. The KV cache of one layer is a tensor [2, num_blocks + 1, block_size, kv_heads, head_dim]: the
+extra block, never handed out by the block pool, is the zeroed padding block.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class StepLayout:
     slot_mapping: np.ndarray  # [T] int64
     positions: np.ndarray  # [T] int64
     block_size: int
+    # A slot that is never allocated and always holds zeros: padded gathers read it, so the rest
+    # of the cache can stay uninitialised memory (allocating it costs nothing at start-up).
+    padding_slot: int = 0
 
 
 class AttentionBackend(ABC):
@@ -42,7 +46,7 @@ class AttentionBackend(ABC):
 
     @staticmethod
     def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple:
-        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+        return (2, num_blocks + 1, block_size, num_kv_heads, head_dim)
 
     @abstractmethod
     def build_metadata(self, layout: StepLayout, device: torch.device) -> Any:

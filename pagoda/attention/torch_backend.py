@@ -34,7 +34,7 @@ class _Prefill:
 class TorchAttentionMetadata:
     slot_mapping: torch.Tensor  # [T]
     decode_token_index: torch.Tensor | None  # [B] rows of q that are decodes
-    decode_slots: torch.Tensor | None  # [B, Lmax] context slots, padded with slot 0
+    decode_slots: torch.Tensor | None  # [B, Lmax] context slots, padded with the zero slot
     decode_context_len: torch.Tensor | None  # [B]
     prefills: list[_Prefill]
     # Masks depend on the layer's sliding window; built on first use and shared by layers.
@@ -101,7 +101,7 @@ class TorchAttentionBackend(AttentionBackend):
         if decode_rows:
             context_lens = layout.context_len[decode_requests]
             max_len = int(context_lens.max())
-            slot_table = np.zeros((len(decode_rows), max_len), dtype=np.int64)
+            slot_table = np.full((len(decode_rows), max_len), layout.padding_slot, dtype=np.int64)
             for row, (request, length) in enumerate(zip(decode_requests, context_lens.tolist())):
                 slot_table[row, :length] = _slots(
                     layout.block_tables[request], np.arange(length), block_size

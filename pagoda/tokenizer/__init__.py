@@ -1,4 +1,4 @@
-"""Tokenizer loading (Hugging Face directories; GGUF vocabularies plug in here) and chat templates."""
+"""Tokenizer loading (Hugging Face directories and GGUF vocabularies) and chat templates."""
 
 from __future__ import annotations
 
@@ -11,11 +11,16 @@ __all__ = ["apply_chat_template", "get_tokenizer", "load_chat_template"]
 
 
 def get_tokenizer(path: str | Path, revision: str | None = None) -> Any:
-    """A fast Hugging Face tokenizer for a local model directory.
+    """A fast Hugging Face tokenizer for a local model directory or a `.gguf` file.
 
-    Raises ValueError when the directory holds no tokenizer Pagoda can use.
+    Raises ValueError when the path holds no tokenizer Pagoda can use.
     """
     from transformers import AutoTokenizer
+
+    if Path(path).suffix == ".gguf":
+        from pagoda.tokenizer.gguf_tokenizer import gguf_tokenizer
+
+        return gguf_tokenizer(Path(path))
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), revision=revision, use_fast=True)

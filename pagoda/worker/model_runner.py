@@ -56,12 +56,18 @@ class ModelRunner:
         self.sampler = Sampler()
         self.states: dict[str, RequestSamplingState] = {}
         self.kv_caches: list[torch.Tensor] = []
+        self.num_blocks = 0
         self.model: CausalLM | None = None
 
     def load_model(self, weights: Iterable[tuple[str, torch.Tensor]] | None = None) -> None:
         from pagoda.loader.model_loader import load_model
 
         start = time.perf_counter()
+        weights_file = self.model_config.weights_file
+        if weights is None and weights_file is not None and weights_file.suffix == ".gguf":
+            from pagoda.loader.gguf import iterate_gguf_weights
+
+            weights = iterate_gguf_weights(weights_file)
         module = load_model(
             self.model_config.hf_config,
             self.model_config.model_path,
@@ -123,16 +129,18 @@ class ModelRunner:
         return num_blocks
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        self.kv_caches = [
-            torch.zeros(
-                self.backend.kv_cache_shape(
-                    num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim
-                ),
-                dtype=self.dtype,
-                device=self.device,
+        # Uninitialised memory: only written slots are ever read, except the padding block (the
+        # last one), which is zeroed. On CPU this also keeps start-up fast: pages are touched
+        # as blocks are first used, not all at once.
+        self.num_blocks = num_blocks
+        self.kv_caches = []
+        for layer in self.attention_layers:
+            shape = self.backend.kv_cache_shape(
+                num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim
             )
-            for layer in self.attention_layers
-        ]
+            cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            cache[:, num_blocks].zero_()
+            self.kv_caches.append(cache)
         tokens = num_blocks * self.block_size
         gib = num_blocks * self.kv_bytes_per_block() / _GIB
         logger.info(
@@ -176,6 +184,7 @@ class ModelRunner:
             slot_mapping=slot_mapping,
             positions=positions,
             block_size=self.block_size,
+            padding_slot=self.num_blocks * self.block_size,
         )
 
     @torch.inference_mode()
