@@ -1,0 +1,465 @@
+"""Load a GGUF file (llama.cpp's single-file format): its config, its generation defaults, its weights.
+
+A GGUF holds everything a model directory would: hyperparameters and the tokenizer as metadata
+key-value pairs, and the weights, usually quantized. Model resolution calls `gguf_hf_config` and
+`gguf_generation_config`; the tokenizer comes from `pagoda.tokenizer.gguf_tokenizer`; the worker
+passes `iterate_gguf_weights(path)` to `load_model`, which loads the `(hf_name, tensor)` pairs
+through the same path as safetensors. Nothing here is quantized at run time: every tensor is
+dequantized to float32 on the way in and cast to the model's dtype on copy.
+
+The header is parsed here rather than with `gguf.GGUFReader`, which builds a numpy view per
+metadata field and takes ~4 s on SmolLM2's 49k-token vocabulary (~0.25 s here). Tensor data
+is read through a memory map and dequantized with `gguf.quants.dequantize`, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import mmap
+import re
+import struct
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf.quants import dequantize
+from tqdm.auto import tqdm
+
+GGUF_MAGIC = b"GGUF"
+# v1 counted with 32-bit integers and has not been written since 2023.
+SUPPORTED_GGUF_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+
+# struct formats of the fixed-size metadata value types.
+_SCALAR_FORMATS: dict[GGUFValueType, str] = {
+    GGUFValueType.UINT8: "<B",
+    GGUFValueType.INT8: "<b",
+    GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I",
+    GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f",
+    GGUFValueType.BOOL: "<?",
+    GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q",
+    GGUFValueType.FLOAT64: "<d",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class GGUFTensorInfo:
+    """Where one tensor's bytes are, and what they hold."""
+
+    name: str
+    shape: tuple[int, ...]  # torch order: GGUF lists dimensions fastest-varying first
+    qtype: GGMLQuantizationType
+    offset: int  # absolute position in the file
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class GGUFFile:
+    """A parsed GGUF header: all metadata (arrays as lists) and the tensor directory."""
+
+    path: Path
+    metadata: dict[str, Any]
+    tensors: dict[str, GGUFTensorInfo] = field(repr=False)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata["general.architecture"])
+
+    def arch_value(self, key: str, default: Any = None) -> Any:
+        """`{architecture}.{key}`, e.g. `arch_value("block_count")`."""
+        return self.metadata.get(f"{self.architecture}.{key}", default)
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Parse the header of the GGUF file at `path` (metadata and tensor directory, no tensor data).
+
+    Raises:
+        ValueError: not a GGUF file, an unsupported version, or a malformed or truncated header.
+    """
+    path = Path(path)
+    if path.stat().st_size < 24:
+        raise ValueError(f"{path} is not a GGUF file (too short for a GGUF header)")
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if data[:4] != GGUF_MAGIC:
+            raise ValueError(f"{path} is not a GGUF file (it does not start with b'GGUF')")
+        version, tensor_count, kv_count = struct.unpack_from("<IQQ", data, 4)
+        if version not in SUPPORTED_GGUF_VERSIONS:
+            # A big-endian file reads its version byte-swapped (v3 as 0x03000000).
+            raise ValueError(
+                f"{path} is GGUF version {version}; supported: "
+                f"{', '.join(map(str, SUPPORTED_GGUF_VERSIONS))} (little-endian)"
+            )
+        try:
+            position = 24
+            metadata: dict[str, Any] = {}
+            for _ in range(kv_count):
+                key, position = _read_string(data, position)
+                (value_type,) = struct.unpack_from("<I", data, position)
+                metadata[key], position = _read_value(data, position + 4, value_type)
+            raw_tensors = []
+            for _ in range(tensor_count):
+                name, position = _read_string(data, position)
+                (n_dims,) = struct.unpack_from("<I", data, position)
+                dims = struct.unpack_from(f"<{n_dims}Q", data, position + 4)
+                position += 4 + 8 * n_dims
+                type_id, offset = struct.unpack_from("<IQ", data, position)
+                position += 12
+                raw_tensors.append((name, dims, type_id, offset))
+        except (struct.error, UnicodeDecodeError, ValueError) as error:
+            # ValueError: an unknown value type, or an array longer than the file.
+            raise ValueError(f"{path}: malformed GGUF header ({error})") from error
+        file_size = len(data)
+    if "general.architecture" not in metadata:
+        raise ValueError(f"{path} has no general.architecture in its metadata")
+    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+    data_start = -(-position // alignment) * alignment  # the tensor data begins aligned
+    tensors: dict[str, GGUFTensorInfo] = {}
+    for name, dims, type_id, offset in raw_tensors:
+        try:
+            qtype = GGMLQuantizationType(type_id)
+        except ValueError:
+            raise ValueError(f"{path}: tensor {name!r} has unknown ggml type {type_id}") from None
+        block_size, type_size = GGML_QUANT_SIZES[qtype]
+        info = GGUFTensorInfo(
+            name=name,
+            shape=tuple(reversed(dims)),
+            qtype=qtype,
+            offset=data_start + offset,
+            nbytes=prod(dims) // block_size * type_size,
+        )
+        if info.offset + info.nbytes > file_size:
+            raise ValueError(f"{path} is truncated: tensor {name!r} runs past the end of the file")
+        tensors[name] = info
+    return GGUFFile(path=path, metadata=metadata, tensors=tensors)
+
+
+def _read_string(data: mmap.mmap, position: int) -> tuple[str, int]:
+    (length,) = struct.unpack_from("<Q", data, position)
+    start = position + 8
+    return data[start : start + length].decode("utf-8"), start + length
+
+
+def _read_value(data: mmap.mmap, position: int, value_type: int) -> tuple[Any, int]:
+    kind = GGUFValueType(value_type)
+    if kind in _SCALAR_FORMATS:
+        fmt = _SCALAR_FORMATS[kind]
+        (value,) = struct.unpack_from(fmt, data, position)
+        return value, position + struct.calcsize(fmt)
+    if kind == GGUFValueType.STRING:
+        return _read_string(data, position)
+    element_type, count = struct.unpack_from("<IQ", data, position)
+    position += 12
+    element_kind = GGUFValueType(element_type)
+    if element_kind in _SCALAR_FORMATS:
+        # Token types and scores run to 100k+ entries: one frombuffer, not a loop.
+        dtype = np.dtype(_SCALAR_FORMATS[element_kind])
+        values = np.frombuffer(data, dtype=dtype, count=count, offset=position)
+        return values.tolist(), position + count * dtype.itemsize
+    items = []
+    for _ in range(count):  # strings (a vocabulary, merges) or nested arrays
+        item, position = _read_value(data, position, element_type)
+        items.append(item)
+    return items, position
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-architecture tables: how a GGUF architecture maps onto a transformers config and HF names.
+
+# Per-block GGUF tensor names -> HF module paths, shared by the Llama-like decoders.
+_LLAMA_BLOCK_NAMES: dict[str, str] = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LLAMA_GLOBAL_NAMES: dict[str, str] = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _GGUFArchitecture:
+    """How to read one GGUF `general.architecture`.
+
+    Adding a Llama-like family is one entry: Qwen2 is `("Qwen2Config", "Qwen2ForCausalLM")` (no
+    q/k permutation: llama.cpp runs it with NeoX rotary). Gemma 2/3 add their extra norms to
+    `block_names` (`post_attention_norm`, `post_ffw_norm`, `attn_q_norm`, ...), set
+    `norm_offset=1.0` and pass `hidden_act` etc. through `extra_config`.
+    """
+
+    config_class: str  # a transformers config class
+    hf_architecture: str  # the `architectures` entry our model registry resolves
+    # llama.cpp's converter interleaves the rotary halves of q/k rows for its GPT-J-style RoPE.
+    permute_qk: bool = False
+    # NOTE: Gemma's HF RMSNorm scales by (1 + weight); llama.cpp's converter writes weight + 1 so
+    # its plain RMSNorm matches. GGUF = HF + 1, so a Gemma entry sets 1.0 and loading subtracts it
+    # from every `*norm.weight`.
+    norm_offset: float = 0.0
+    block_names: Mapping[str, str] = field(default_factory=lambda: _LLAMA_BLOCK_NAMES)
+    global_names: Mapping[str, str] = field(default_factory=lambda: _LLAMA_GLOBAL_NAMES)
+    extra_config: Callable[[GGUFFile], dict[str, Any]] | None = None
+
+
+_ARCHITECTURES: dict[str, _GGUFArchitecture] = {
+    "llama": _GGUFArchitecture("LlamaConfig", "LlamaForCausalLM", permute_qk=True),
+}
+
+# GGUF's rope scaling names -> transformers' rope_type.
+_ROPE_TYPES = {"linear": "linear", "yarn": "yarn"}
+
+
+def _architecture(gguf_file: GGUFFile) -> _GGUFArchitecture:
+    spec = _ARCHITECTURES.get(gguf_file.architecture)
+    if spec is None:
+        raise ValueError(
+            f"{gguf_file.path}: GGUF architecture {gguf_file.architecture!r} is not supported; "
+            f"supported: {', '.join(sorted(_ARCHITECTURES))}"
+        )
+    return spec
+
+
+def _required(gguf_file: GGUFFile, key: str) -> Any:
+    value = gguf_file.arch_value(key)
+    if value is None:
+        raise ValueError(
+            f"{gguf_file.path}: metadata key {gguf_file.architecture}.{key} is missing"
+        )
+    if isinstance(value, list):
+        # Some architectures (OpenELM, LFM2) vary heads per layer; none we load does.
+        raise ValueError(
+            f"{gguf_file.path}: {gguf_file.architecture}.{key} varies per layer, which is not supported"
+        )
+    return value
+
+
+def _rope_parameters(gguf_file: GGUFFile) -> dict[str, Any]:
+    parameters: dict[str, Any] = {
+        "rope_type": "default",
+        "rope_theta": float(gguf_file.arch_value("rope.freq_base", 10000.0)),
+    }
+    scaling_type = gguf_file.arch_value("rope.scaling.type", "none")
+    if scaling_type == "none":
+        return parameters
+    if scaling_type not in _ROPE_TYPES:
+        raise ValueError(
+            f"{gguf_file.path}: rope scaling {scaling_type!r} is not supported; "
+            f"supported: none, {', '.join(_ROPE_TYPES)}"
+        )
+    parameters["rope_type"] = _ROPE_TYPES[scaling_type]
+    parameters["factor"] = float(gguf_file.arch_value("rope.scaling.factor", 1.0))
+    optional = {
+        "rope.scaling.original_context_length": "original_max_position_embeddings",
+        "rope.scaling.attn_factor": "attention_factor",
+        "rope.scaling.yarn_beta_fast": "beta_fast",
+        "rope.scaling.yarn_beta_slow": "beta_slow",
+    }
+    for gguf_key, hf_key in optional.items():
+        value = gguf_file.arch_value(gguf_key)
+        if value is not None:
+            parameters[hf_key] = value
+    return parameters
+
+
+def gguf_hf_config(path: str | Path) -> Any:
+    """A transformers `PretrainedConfig` built from the GGUF file's metadata (dtype float32).
+
+    Embeddings count as tied when the file has no `output.weight` tensor.
+
+    Raises:
+        ValueError: an architecture not in the table (the error lists the supported ones), a
+            missing hyperparameter, or an unsupported rope scaling type.
+        NotImplementedError: a `rope_freqs.weight` tensor (Llama 3.1-style rope frequency factors,
+            which would need the llama3 rope parameters the file does not record).
+    """
+    import transformers
+
+    gguf_file = read_gguf(path)
+    spec = _architecture(gguf_file)
+    if "rope_freqs.weight" in gguf_file.tensors:
+        raise NotImplementedError(
+            f"{gguf_file.path}: rope_freqs.weight (Llama 3.1-style rope frequency factors) is not "
+            "supported yet; load the model from its Hugging Face checkpoint instead"
+        )
+    metadata = gguf_file.metadata
+    hidden_size = int(_required(gguf_file, "embedding_length"))
+    num_heads = int(_required(gguf_file, "attention.head_count"))
+    num_kv_heads = int(gguf_file.arch_value("attention.head_count_kv") or num_heads)
+    head_dim = int(gguf_file.arch_value("attention.key_length") or hidden_size // num_heads)
+    vocab_size = len(metadata.get("tokenizer.ggml.tokens", ())) or gguf_file.arch_value(
+        "vocab_size"
+    )
+    embedding = gguf_file.tensors.get("token_embd.weight")
+    if embedding is not None:
+        # The weights decide: a vocabulary padded past the token list is still [rows, hidden].
+        vocab_size = embedding.shape[0]
+    if not vocab_size:
+        raise ValueError(
+            f"{gguf_file.path}: cannot tell the vocabulary size (no tokens, no embedding)"
+        )
+    kwargs: dict[str, Any] = {
+        "architectures": [spec.hf_architecture],
+        "vocab_size": int(vocab_size),
+        "hidden_size": hidden_size,
+        "intermediate_size": int(_required(gguf_file, "feed_forward_length")),
+        "num_hidden_layers": int(_required(gguf_file, "block_count")),
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": int(_required(gguf_file, "context_length")),
+        "rms_norm_eps": float(_required(gguf_file, "attention.layer_norm_rms_epsilon")),
+        "rope_parameters": _rope_parameters(gguf_file),
+        "tie_word_embeddings": "output.weight" not in gguf_file.tensors,
+        "attention_bias": "blk.0.attn_q.bias" in gguf_file.tensors,
+        "dtype": "float32",
+    }
+    rotary_dim = gguf_file.arch_value("rope.dimension_count")
+    if rotary_dim is not None and int(rotary_dim) != head_dim:
+        kwargs["partial_rotary_factor"] = int(rotary_dim) / head_dim
+    for name in ("bos", "eos", "pad"):
+        token_id = metadata.get(f"tokenizer.ggml.{'padding' if name == 'pad' else name}_token_id")
+        if token_id is not None:
+            kwargs[f"{name}_token_id"] = int(token_id)
+    if spec.extra_config is not None:
+        kwargs.update(spec.extra_config(gguf_file))
+    return getattr(transformers, spec.config_class)(**kwargs)
+
+
+def gguf_generation_config(path: str | Path) -> dict[str, Any]:
+    """Generation defaults from the GGUF tokenizer metadata: `bos_token_id` / `eos_token_id` (and
+    `pad_token_id`) where the file sets them; empty when it sets none."""
+    metadata = read_gguf(path).metadata
+    keys = {
+        "bos_token_id": "tokenizer.ggml.bos_token_id",
+        "eos_token_id": "tokenizer.ggml.eos_token_id",
+        "pad_token_id": "tokenizer.ggml.padding_token_id",
+    }
+    return {name: int(metadata[key]) for name, key in keys.items() if key in metadata}
+
+
+_BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_GLOBAL_TENSOR = re.compile(r"(\w+)\.(weight|bias)")
+
+
+def _hf_name(gguf_name: str, spec: _GGUFArchitecture) -> str | None:
+    if match := _BLOCK_TENSOR.fullmatch(gguf_name):
+        layer, part, kind = match.groups()
+        module = spec.block_names.get(part)
+        return None if module is None else f"model.layers.{layer}.{module}.{kind}"
+    if match := _GLOBAL_TENSOR.fullmatch(gguf_name):
+        part, kind = match.groups()
+        module = spec.global_names.get(part)
+        return None if module is None else f"{module}.{kind}"
+    return None
+
+
+def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation, back to Hugging Face's half-split rotary layout.
+
+    HF keeps each head's rows as [first halves of the rotary pairs; second halves]; the converter
+    reorders them to interleaved pairs (row 2i = HF row i, row 2i+1 = HF row i + D/2) for llama.cpp's
+    adjacent-pair RoPE. Works for weights [H*D, in] and biases [H*D].
+    """
+    head_dim = weight.shape[0] // num_heads
+    pairs = weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:])  # [H, D/2, 2, ...]
+    return pairs.transpose(1, 2).reshape(weight.shape)  # [H, 2, D/2, ...] -> [H*D, ...]
+
+
+def dequantize_tensor(data: np.ndarray, info: GGUFTensorInfo) -> torch.Tensor:
+    """The float32 tensor [torch shape] stored in `data` (the tensor's raw bytes as uint8).
+
+    Raises:
+        ValueError: `gguf.quants.dequantize` has no implementation for the tensor's type.
+    """
+    rows = prod(info.shape[:-1])
+    try:
+        values = dequantize(data.reshape(rows, -1), info.qtype)  # [rows, bytes] -> [rows, row]
+    except NotImplementedError as error:
+        raise ValueError(
+            f"tensor {info.name!r} is stored as {info.qtype.name}, which gguf cannot dequantize"
+        ) from error
+    values = values.reshape(info.shape)
+    if values.dtype != np.float32 or not values.flags.writeable:
+        # F32 comes back as a read-only view of the memory map; torch wants memory it may own.
+        values = values.astype(np.float32, copy=True)
+    return torch.from_numpy(values)
+
+
+def iterate_gguf_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(hf_name, float32 tensor)` for every weight of the GGUF file, in file order, with a
+    "Dequantizing GGUF" progress bar. One tensor is dequantized at a time; the file is memory-mapped.
+
+    Llama q/k weights are un-permuted back to the HF layout (`unpermute_rotary_rows`).
+
+    Raises:
+        ValueError: as `gguf_hf_config`, a tensor with no HF name, or a type gguf cannot dequantize.
+    """
+    gguf_file = read_gguf(path)
+    spec = _architecture(gguf_file)
+    num_heads = int(_required(gguf_file, "attention.head_count"))
+    num_kv_heads = int(gguf_file.arch_value("attention.head_count_kv") or num_heads)
+    # Map every name first, so a file we cannot load fails before minutes of dequantizing.
+    hf_names: dict[str, str] = {}
+    for name in gguf_file.tensors:
+        hf_name = _hf_name(name, spec)
+        if hf_name is None:
+            raise ValueError(
+                f"{gguf_file.path}: GGUF tensor {name!r} has no Hugging Face name for "
+                f"architecture {gguf_file.architecture!r}"
+            )
+        hf_names[name] = hf_name
+    # The map stays open until the generator is finished or collected; closing it by hand could
+    # fail while a caller still holds a tensor view (F32 data is copied, so none should remain).
+    with gguf_file.path.open("rb") as handle:
+        data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    for name, info in tqdm(gguf_file.tensors.items(), desc="Dequantizing GGUF", unit="tensor"):
+        raw = np.frombuffer(data, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        tensor = dequantize_tensor(raw, info)
+        hf_name = hf_names[name]
+        if spec.permute_qk and ".self_attn.q_proj." in hf_name:
+            tensor = unpermute_rotary_rows(tensor, num_heads)
+        elif spec.permute_qk and ".self_attn.k_proj." in hf_name:
+            tensor = unpermute_rotary_rows(tensor, num_kv_heads)
+        if spec.norm_offset and hf_name.endswith("norm.weight"):
+            tensor -= spec.norm_offset
+        yield hf_name, tensor
+
+
+def find_gguf_file(path: str | Path) -> Path:
+    """`path` itself if it is a `.gguf` file, else the single `.gguf` file in directory `path`.
+
+    Raises:
+        FileNotFoundError: `path` does not exist, or the directory has no `.gguf` file.
+        ValueError: `path` is a file without the `.gguf` suffix, or the directory has several
+            (all listed; split `-00001-of-0000N.gguf` checkpoints are not supported).
+    """
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path} is not a .gguf file")
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such GGUF file or directory: {path}")
+    candidates = sorted(path.glob("*.gguf"))
+    if not candidates:
+        raise FileNotFoundError(f"no .gguf file in {path}")
+    if len(candidates) > 1:
+        raise ValueError(
+            f"{path} holds {len(candidates)} .gguf files; pass one of them: "
+            + ", ".join(candidate.name for candidate in candidates)
+        )
+    return candidates[0]
