@@ -13,6 +13,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,7 +23,9 @@ from pagoda.engine.input_processor import InputProcessor, PromptType
 from pagoda.engine.llm_engine import load_tokenizer
 from pagoda.engine.messages import EngineCoreOutputs
 from pagoda.engine.output_processor import OutputProcessor
-from pagoda.metrics.stats import StatLogger
+from pagoda.metrics.prometheus import PrometheusMetrics
+from pagoda.metrics.request_tracker import RequestTracker
+from pagoda.metrics.stats import SchedulerStats, StatLogger
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 
@@ -49,6 +52,11 @@ class AsyncLLM:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._dead: BaseException | None = None
+        self._shut_down = False
+        self.metrics: PrometheusMetrics | None = None
+        self._tracker: RequestTracker | None = None
+        # core request id -> [prompt tokens, generated tokens], for per-request metrics.
+        self._token_counts: dict[str, list[int]] = {}
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> AsyncLLM:
@@ -57,9 +65,26 @@ class AsyncLLM:
     def get_tokenizer(self) -> Any:
         return self.tokenizer
 
+    def enable_metrics(self, model_name: str) -> PrometheusMetrics:
+        """Record Prometheus metrics (labelled with `model_name`) from now on."""
+        self.metrics = PrometheusMetrics(model_name, max_model_len=self.model_config.max_model_len)
+        self._tracker = RequestTracker(self.metrics)
+        return self.metrics
+
     @property
     def errored(self) -> bool:
         return self._dead is not None
+
+    def is_alive(self) -> bool:
+        """True while the engine can serve: not failed, and its loop thread (once started) runs."""
+        if self._dead is not None:
+            return False
+        return self._thread is None or self._thread.is_alive()
+
+    async def start(self) -> None:
+        """Start the engine-core thread on the running event loop (otherwise the first request
+        does it)."""
+        self._ensure_started()
 
     async def check_health(self) -> None:
         if self._dead is not None:
@@ -90,6 +115,11 @@ class AsyncLLM:
         self.output_processor.add_request(
             request_id, processed.prompt, processed.prompt_token_ids, processed.params
         )
+        if self._tracker is not None:
+            now = time.monotonic()
+            for request in processed.core_requests:
+                self._tracker.on_arrival(request.request_id, now)
+                self._token_counts[request.request_id] = [len(processed.prompt_token_ids), 0]
         self._commands.put(("add", processed.core_requests))
         finished = False
         try:
@@ -112,6 +142,15 @@ class AsyncLLM:
         core_ids = self.output_processor.abort_requests(request_ids)
         if core_ids:
             self._commands.put(("abort", core_ids))
+            self._track_finished(core_ids, "abort")
+
+    def _track_finished(self, core_ids: list[str], finish_reason: str) -> None:
+        if self._tracker is None:
+            return
+        now = time.monotonic()
+        for core_id in core_ids:
+            prompt_tokens, generated = self._token_counts.pop(core_id, (0, 0))
+            self._tracker.on_finished(core_id, finish_reason, prompt_tokens, generated, now)
 
     def _ensure_started(self) -> None:
         if self._thread is not None:
@@ -153,24 +192,42 @@ class AsyncLLM:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(self._fail_all, exc)
 
-    def _on_outputs(self, outputs: EngineCoreOutputs, stats: Any) -> None:
+    def _on_outputs(self, outputs: EngineCoreOutputs, stats: SchedulerStats) -> None:
+        if self._tracker is not None:
+            self._record_metrics(outputs, stats)
         processed = self.output_processor.process_outputs(outputs.outputs)
         for output in processed.request_outputs:
             waiter = self._queues.get(output.request_id)
             if waiter is not None:
                 waiter.put_nowait(output)
         if processed.reqs_to_abort:
+            # A stop string ended these on the API side: a normal "stop" finish.
             self._commands.put(("abort", processed.reqs_to_abort))
+            self._track_finished(processed.reqs_to_abort, "stop")
         if self.stat_logger is not None:
             self.stat_logger.record(stats)
+
+    def _record_metrics(self, outputs: EngineCoreOutputs, stats: SchedulerStats) -> None:
+        assert self.metrics is not None and self._tracker is not None
+        self.metrics.record_step(stats)
+        for output in outputs.outputs:
+            counts = self._token_counts.get(output.request_id)
+            if counts is None:
+                continue
+            counts[1] += len(output.new_token_ids)
+            self._tracker.on_tokens(output.request_id, len(output.new_token_ids), outputs.timestamp)
+            if output.finish_reason is not None:
+                self._track_finished([output.request_id], output.finish_reason)
 
     def _fail_all(self, exc: BaseException) -> None:
         for waiter in self._queues.values():
             waiter.put_nowait(exc)
 
     def shutdown(self) -> None:
-        """Stop the engine-core thread."""
+        """Stop the engine-core thread (idempotent)."""
         if self._thread is not None and self._thread.is_alive():
             self._commands.put(("stop", None))
             self._thread.join(timeout=30)
-        self.engine_core.shutdown()
+        if not self._shut_down:
+            self._shut_down = True
+            self.engine_core.shutdown()

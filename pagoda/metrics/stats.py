@@ -1,7 +1,9 @@
 """Engine statistics: a per-step snapshot from the scheduler and the periodic log line.
 
-The log line mirrors vLLM's so operators read it the same way: prompt and generation throughput,
-running and waiting requests, KV cache usage and the prefix-cache hit rate.
+The log line mirrors vLLM's so operators read it the same way: every 10 seconds while the engine
+is busy, prompt and generation throughput, running and waiting requests, KV cache usage and the
+prefix-cache hit rate. An idle engine logs nothing. The same snapshots feed the Prometheus metrics
+(`pagoda.metrics.prometheus`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ import time
 from dataclasses import dataclass
 
 logger = logging.getLogger("pagoda.stats")
+
+# vLLM's default VLLM_LOG_STATS_INTERVAL.
+DEFAULT_LOG_INTERVAL_S = 10.0
 
 
 @dataclass(slots=True)
@@ -28,12 +33,20 @@ class SchedulerStats:
 
 
 class StatLogger:
-    """Accumulates step stats and logs one line every `interval` seconds."""
+    """Accumulates step stats and logs one line every `interval` seconds while the engine is busy.
 
-    def __init__(self, interval: float = 5.0) -> None:
+    The line is vLLM's: `Engine 000: Avg prompt throughput: ..., Running: N reqs, Waiting: M reqs,
+    KV cache usage: ..., Prefix cache hit rate: ...` (with `Preemptions: P, ` before the KV cache
+    usage when any happened in the window). "GPU" is left out of "KV cache usage" because Pagoda
+    also runs on CPU. A window in which no token was computed and nothing is running or waiting is
+    idle: it is not logged.
+    """
+
+    def __init__(self, interval: float = DEFAULT_LOG_INTERVAL_S) -> None:
         self.interval = interval
         self._reset(time.monotonic())
         self.last: SchedulerStats | None = None
+        self._last_record_time = float("-inf")
 
     def _reset(self, now: float) -> None:
         self.window_start = now
@@ -41,30 +54,55 @@ class StatLogger:
         self.generation_tokens = 0
         self.queries = 0
         self.hits = 0
+        self.preemptions = 0
+
+    def _drained(self) -> bool:
+        last = self.last
+        return last is None or (last.num_running_reqs == 0 and last.num_waiting_reqs == 0)
+
+    def _idle(self) -> bool:
+        return self._drained() and self.prompt_tokens == 0 and self.generation_tokens == 0
 
     def record(self, stats: SchedulerStats) -> None:
+        """Add one step's stats; logs when the current window is `interval` seconds old."""
+        now = time.monotonic()
+        if self._drained() and now - self._last_record_time >= self.interval:
+            # NOTE: the engine steps only while it has work, so a step that comes an interval or
+            # more after the engine drained ends a quiet spell: open a fresh window, or the quiet
+            # time would dilute the next line's throughput. (The unlogged tail of the previous busy
+            # spell is dropped; a line about it now would be stale.) Shorter gaps stay in the
+            # window, so back-to-back requests that each drain the engine still get their lines.
+            self._reset(now)
+        self._last_record_time = now
         self.last = stats
         self.prompt_tokens += stats.num_prompt_tokens
         self.generation_tokens += stats.num_generation_tokens
         self.queries += stats.prefix_cache_queries
         self.hits += stats.prefix_cache_hits
-        now = time.monotonic()
+        self.preemptions += stats.num_preemptions
         if now - self.window_start >= self.interval:
             self.log(now)
 
     def log(self, now: float | None = None) -> None:
+        """Log the current window (unless it was idle) and start a new one."""
         now = time.monotonic() if now is None else now
+        if self._idle():
+            self._reset(now)
+            return
         elapsed = max(now - self.window_start, 1e-9)
         last = self.last or SchedulerStats()
         hit_rate = 100.0 * self.hits / self.queries if self.queries else 0.0
+        preemptions = f"Preemptions: {self.preemptions}, " if self.preemptions else ""
         logger.info(
-            "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
-            "Running: %d reqs, Waiting: %d reqs, KV cache usage: %.1f%%, "
+            "Engine 000: Avg prompt throughput: %.1f tokens/s, "
+            "Avg generation throughput: %.1f tokens/s, "
+            "Running: %d reqs, Waiting: %d reqs, %sKV cache usage: %.1f%%, "
             "Prefix cache hit rate: %.1f%%",
             self.prompt_tokens / elapsed,
             self.generation_tokens / elapsed,
             last.num_running_reqs,
             last.num_waiting_reqs,
+            preemptions,
             100.0 * last.kv_cache_usage,
             hit_rate,
         )

@@ -1,0 +1,212 @@
+"""The OpenAI-compatible HTTP server: app factory, auth, health, metrics, and the uvicorn loop.
+
+`run_server(args)` builds the `AsyncLLM` (one continuous batch for every request), the FastAPI app
+with the OpenAI routes (`router.py`) and the operational ones (`/health`, `/ping`, `/version`,
+`/metrics`), then serves until SIGINT/SIGTERM, when uvicorn stops accepting connections, lets
+in-flight responses end, and the engine thread is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+
+import pagoda
+from pagoda.engine.async_llm import AsyncLLM
+from pagoda.tokenizer import load_chat_template
+
+logger = logging.getLogger(__name__)
+
+# Routes that touch the model need the key; operational probes stay open.
+_PROTECTED_PREFIXES = ("/v1", "/tokenize", "/detokenize")
+
+
+def _unauthorized() -> JSONResponse:
+    body = {
+        "error": {
+            "message": "Unauthorized",
+            "type": "AuthenticationError",
+            "param": None,
+            "code": 401,
+        }
+    }
+    return JSONResponse(body, status_code=401)
+
+
+def _key_digests(api_keys: list[str]) -> list[bytes]:
+    return [hashlib.sha256(key.encode()).digest() for key in api_keys]
+
+
+def build_app(args: argparse.Namespace) -> FastAPI:
+    """The FastAPI app, without an engine: `init_app_state` attaches one."""
+    app = FastAPI(root_path=getattr(args, "root_path", None) or "", lifespan=_lifespan)
+    from pagoda.entrypoints.openai.router import build_router, install_error_handlers
+
+    app.include_router(build_router())
+    install_error_handlers(app)
+    _add_operational_routes(app)
+
+    api_key = getattr(args, "api_key", None)
+    api_keys = api_key if isinstance(api_key, list) else ([api_key] if api_key else [])
+    if api_keys:
+        digests = _key_digests(api_keys)
+
+        @app.middleware("http")
+        async def authenticate(
+            request: Request, call_next: Callable[[Request], Awaitable[Response]]
+        ) -> Response:
+            path = request.url.path
+            root_path = request.scope.get("root_path") or ""
+            if root_path and path.startswith(root_path):
+                path = path[len(root_path) :]
+            if request.method == "OPTIONS" or not path.startswith(_PROTECTED_PREFIXES):
+                return await call_next(request)
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            given = hashlib.sha256(token.strip().encode()).digest()
+            # Compare every digest in constant time so timing reveals nothing about the keys.
+            valid = scheme.lower() == "bearer" and any(
+                [hmac.compare_digest(given, digest) for digest in digests]
+            )
+            if not valid:
+                return _unauthorized()
+            return await call_next(request)
+
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=_json_list(getattr(args, "allowed_origins", None)),
+        allow_credentials=bool(getattr(args, "allow_credentials", False)),
+        allow_methods=_json_list(getattr(args, "allowed_methods", None)),
+        allow_headers=_json_list(getattr(args, "allowed_headers", None)),
+    )
+    return app
+
+
+def _json_list(value: Any) -> list[str]:
+    if value is None:
+        return ["*"]
+    if isinstance(value, str):
+        parsed = json.loads(value)
+        return parsed if isinstance(parsed, list) else [str(parsed)]
+    return list(value)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    engine: AsyncLLM | None = getattr(app.state, "engine", None)
+    if engine is not None:
+        await engine.start()
+    yield
+    if engine is not None:
+        logger.info("Shutting down the engine")
+        engine.shutdown()
+
+
+def _add_operational_routes(app: FastAPI) -> None:
+    @app.get("/health")
+    async def health(raw_request: Request) -> Response:
+        engine: AsyncLLM | None = getattr(raw_request.app.state, "engine", None)
+        if engine is None or not engine.is_alive():
+            return Response(status_code=503)
+        return Response(status_code=200)
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping(raw_request: Request) -> Response:
+        return await health(raw_request)
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": pagoda.__version__})
+
+    @app.get("/metrics")
+    async def metrics(raw_request: Request) -> Response:
+        prometheus = getattr(raw_request.app.state, "metrics", None)
+        if prometheus is None:
+            return Response(status_code=404)
+        body, content_type = prometheus.render(raw_request.headers.get("accept"))
+        return Response(content=body, media_type=content_type)
+
+
+def init_app_state(app: FastAPI, engine: AsyncLLM, args: argparse.Namespace) -> None:
+    """Attach the engine and the serving objects the routes use."""
+    from pagoda.entrypoints.openai.request_logger import RequestLogger
+    from pagoda.entrypoints.openai.serving_chat import OpenAIServingChat
+    from pagoda.entrypoints.openai.serving_completion import OpenAIServingCompletion
+    from pagoda.entrypoints.openai.serving_models import OpenAIServingModels
+    from pagoda.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+
+    served = served_model_names(args, engine)
+    chat_template = load_chat_template(getattr(args, "chat_template", None))
+    log_requests = bool(getattr(args, "enable_log_requests", False)) and not bool(
+        getattr(args, "disable_log_requests", False)
+    )
+    request_logger = RequestLogger(getattr(args, "max_log_len", None)) if log_requests else None
+    app.state.engine = engine
+    app.state.served_model_names = served
+    app.state.metrics = engine.enable_metrics(served[0])
+    app.state.openai_serving_models = OpenAIServingModels(engine, served)
+    app.state.openai_serving_completion = OpenAIServingCompletion(
+        engine, served, request_logger=request_logger
+    )
+    app.state.openai_serving_chat = OpenAIServingChat(
+        engine,
+        served,
+        chat_template,
+        bool(getattr(args, "trust_request_chat_template", False)),
+        request_logger=request_logger,
+    )
+    app.state.openai_serving_tokenization = OpenAIServingTokenization(engine, served, chat_template)
+
+
+def served_model_names(args: argparse.Namespace, engine: AsyncLLM) -> list[str]:
+    names = getattr(args, "served_model_name", None)
+    if names:
+        return list(names)
+    return [engine.model_config.model]
+
+
+def run_server(args: argparse.Namespace) -> None:
+    """Load the model, then serve HTTP until SIGINT/SIGTERM."""
+    import uvicorn
+
+    from pagoda.entrypoints.cli.serve import engine_args_from_namespace
+
+    start = time.perf_counter()
+    engine_args = engine_args_from_namespace(args)
+    engine = AsyncLLM.from_engine_args(engine_args)
+    app = build_app(args)
+    init_app_state(app, engine, args)
+    host = args.host
+    scheme = "https" if getattr(args, "ssl_certfile", None) else "http"
+    logger.info(
+        "Starting Pagoda API server on %s://%s:%d (model %s, ready in %.2f s)",
+        scheme,
+        host or "0.0.0.0",
+        args.port,
+        app.state.served_model_names[0],
+        time.perf_counter() - start,
+    )
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=args.port,
+        log_level=getattr(args, "uvicorn_log_level", None) or "info",
+        ssl_keyfile=getattr(args, "ssl_keyfile", None),
+        ssl_certfile=getattr(args, "ssl_certfile", None),
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=10,
+    )
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        engine.shutdown()
