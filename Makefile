@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo lint typecheck clean
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install test serve chat lint typecheck clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +25,13 @@ install: $(STAMP)
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-demo: install
-	$(BIN)/pagoda chat "What is the capital of France?"
+# The default model (SmolLM2-135M-Instruct) behind the OpenAI-compatible API.
+serve: install
+	$(BIN)/pagoda serve --host $(HOST) --port $(PORT)
+
+# A one-shot chat against a server started with `make serve`.
+chat: install
+	$(BIN)/pagoda chat --url http://$(HOST):$(PORT)/v1 -q "What is the capital of France?"
 
 lint: install
 	$(BIN)/ruff check pagoda tests
