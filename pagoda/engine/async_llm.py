@@ -167,6 +167,7 @@ class AsyncLLM:
             while True:
                 # Block only when there is nothing to run.
                 block = not core.has_unfinished_requests()
+                aborted = False
                 while True:
                     try:
                         command, payload = self._commands.get(block=block)
@@ -180,7 +181,15 @@ class AsyncLLM:
                             core.add_request(request)
                     elif command == "abort":
                         core.abort_requests(payload)
+                        aborted = True
                 if not core.has_unfinished_requests():
+                    if aborted:
+                        # No step will follow to refresh the gauges: publish the idle state now.
+                        assert self._loop is not None
+                        idle = EngineCoreOutputs(outputs=[], timestamp=time.monotonic())
+                        self._loop.call_soon_threadsafe(
+                            self._on_outputs, idle, core.current_stats()
+                        )
                     continue
                 outputs = core.step()
                 stats = core.last_stats

@@ -42,6 +42,14 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def current_stats(self) -> SchedulerStats:
+        """A snapshot of the scheduler between steps (after aborts, say), with no token counts."""
+        return SchedulerStats(
+            num_running_reqs=len(self.scheduler.running),
+            num_waiting_reqs=len(self.scheduler.waiting),
+            kv_cache_usage=self.scheduler.kv_cache_manager.usage,
+        )
+
     def step(self) -> EngineCoreOutputs:
         """Run one scheduling step; returns the outputs of requests that advanced."""
         plan = self.scheduler.schedule()

@@ -9,15 +9,19 @@ in-flight responses end, and the engine thread is stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
+import signal
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
@@ -28,6 +32,7 @@ from pagoda.tokenizer import load_chat_template
 
 logger = logging.getLogger(__name__)
 
+_EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Routes that touch the model need the key; operational probes stay open.
 _PROTECTED_PREFIXES = ("/v1", "/tokenize", "/detokenize")
 
@@ -165,7 +170,12 @@ def init_app_state(app: FastAPI, engine: AsyncLLM, args: argparse.Namespace) -> 
         bool(getattr(args, "trust_request_chat_template", False)),
         request_logger=request_logger,
     )
-    app.state.openai_serving_tokenization = OpenAIServingTokenization(engine, served, chat_template)
+    app.state.openai_serving_tokenization = OpenAIServingTokenization(
+        engine,
+        served,
+        chat_template,
+        trust_request_chat_template=bool(getattr(args, "trust_request_chat_template", False)),
+    )
 
 
 def served_model_names(args: argparse.Namespace, engine: AsyncLLM) -> list[str]:
@@ -177,8 +187,6 @@ def served_model_names(args: argparse.Namespace, engine: AsyncLLM) -> list[str]:
 
 def run_server(args: argparse.Namespace) -> None:
     """Load the model, then serve HTTP until SIGINT/SIGTERM."""
-    import uvicorn
-
     from pagoda.entrypoints.cli.serve import engine_args_from_namespace
 
     start = time.perf_counter()
@@ -207,6 +215,27 @@ def run_server(args: argparse.Namespace) -> None:
         timeout_graceful_shutdown=10,
     )
     try:
-        uvicorn.Server(config).run()
+        _GracefulServer(config).run()
     finally:
         engine.shutdown()
+
+
+class _GracefulServer(uvicorn.Server):
+    """uvicorn's server, but SIGINT/SIGTERM end with exit code 0 after the graceful shutdown.
+
+    NOTE: uvicorn re-raises the captured signal once it has shut down, so the process would die
+    of SIGTERM (exit -15) even though everything was closed properly; orchestrators and tests
+    read that as a crash.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in _EXIT_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

@@ -1,0 +1,469 @@
+"""Pydantic models of the OpenAI-compatible API: requests, responses, stream chunks and errors.
+
+Field names, defaults and shapes follow OpenAI's API plus vLLM's extras (`top_k`, `min_p`,
+`ignore_eos`, ...), so clients written for either work unchanged. Requests are validated here for
+shape and size (every client-controlled size has a bound); sampling values are validated once more
+by `SamplingParams`, whose messages the serving layer returns as 400s. Unknown request fields are
+accepted and ignored, as OpenAI clients send fields a server may not know.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+# Bounds on client-controlled sizes: each keeps one request from claiming unbounded work.
+MAX_N = 128
+MAX_PROMPTS = 4096
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+MAX_TOP_LOGPROBS = 20
+MAX_DETOKENIZE_TOKENS = 1 << 20
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class RequestModel(BaseModel):
+    """Base of request bodies: extra fields are kept in `model_extra` (logged, then ignored).
+
+    NaN and infinities are refused: Python's JSON parser accepts them, and a NaN temperature would
+    poison the sampler for the whole batch.
+    """
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`."""
+
+    error: ErrorInfo
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "pagoda"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = Field(default_factory=list)
+
+
+# --- shared request parts -------------------------------------------------------------------
+
+
+class StreamOptions(RequestModel):
+    # NOTE: include_usage defaults to True once the object is present, as in vLLM.
+    include_usage: bool | None = True
+    continuous_usage_stats: bool | None = False
+
+
+class ResponseFormat(RequestModel):
+    type: str
+    json_schema: dict[str, Any] | None = None
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class SamplingRequest(RequestModel):
+    """Fields shared by completions and chat completions (OpenAI's and vLLM's extras)."""
+
+    model: str | None = None
+    n: int | None = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=_INT64_MIN, le=_INT64_MAX)
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    response_format: ResponseFormat | None = None
+    request_id: str | None = None
+    # vLLM extras.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _bound_n(cls, n: int | None) -> int | None:
+        if n is not None and n > MAX_N:
+            raise ValueError(f"n must be at most {MAX_N}, got {n}.")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _bound_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        strings = [stop] if isinstance(stop, str) else (stop or [])
+        if len(strings) > MAX_STOP_STRINGS:
+            raise ValueError(
+                f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(strings)}."
+            )
+        for string in strings:
+            if len(string) > MAX_STOP_STRING_CHARS:
+                raise ValueError(
+                    f"each stop string must be at most {MAX_STOP_STRING_CHARS} characters, "
+                    f"got one of {len(string)}."
+                )
+        return stop
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _bound_stop_token_ids(cls, ids: list[int] | None) -> list[int] | None:
+        if ids is not None and len(ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(
+                f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}."
+            )
+        return ids
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> SamplingRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("Stream options can only be defined when `stream=True`.")
+        return self
+
+
+# --- completions ----------------------------------------------------------------------------
+
+
+def _is_token_id(value: Any) -> bool:
+    # bool is an int subclass; `true` is not a token id.
+    return type(value) is int
+
+
+class CompletionRequest(SamplingRequest):
+    """`POST /v1/completions`: one choice per prompt and sample."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    echo: bool | None = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+    add_special_tokens: bool = True
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _check_prompt(cls, prompt: Any) -> Any:
+        shape_error = ValueError(
+            "prompt must be a string, a list of strings, a list of token ids or a list of "
+            "token-id lists."
+        )
+        if isinstance(prompt, str):
+            return prompt
+        if not isinstance(prompt, list):
+            raise shape_error
+        if not prompt:
+            raise ValueError("prompt must not be empty.")
+        if all(_is_token_id(t) for t in prompt):
+            return prompt
+        if not (
+            all(isinstance(p, str) for p in prompt)
+            or all(isinstance(p, list) and all(_is_token_id(t) for t in p) for p in prompt)
+        ):
+            raise shape_error
+        if len(prompt) > MAX_PROMPTS:
+            raise ValueError(f"prompt may hold at most {MAX_PROMPTS} prompts, got {len(prompt)}.")
+        return prompt
+
+    @field_validator("logprobs")
+    @classmethod
+    def _check_logprobs(cls, logprobs: int | None) -> int | None:
+        if logprobs is not None and logprobs < 0:
+            raise ValueError("`logprobs` must be a positive value.")
+        return logprobs
+
+
+class CompletionLogProbs(BaseModel):
+    """Completions-format logprobs: parallel lists, one entry per generated token."""
+
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionResponseChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionResponseChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+
+
+class CompletionStreamResponse(BaseModel):
+    """One SSE chunk of a completion; every key is always present (`usage` null but the last)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionResponseChoice]
+    usage: UsageInfo | None = None
+
+
+# --- chat completions -----------------------------------------------------------------------
+
+
+class ChatMessageParam(RequestModel):
+    """One input message. Content is a string or a list of text parts."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(
+        cls, content: str | list[dict[str, Any]] | None
+    ) -> str | list[dict[str, Any]] | None:
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type")
+                if kind != "text":
+                    raise ValueError(f"only text content parts are supported, got type {kind!r}.")
+                if not isinstance(part.get("text"), str):
+                    raise ValueError("a text content part needs a string `text`.")
+        return content
+
+    def text(self) -> str:
+        """The content as one string (text parts joined by newlines, as vLLM does)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part["text"] for part in self.content)
+
+    def to_template_dict(self) -> dict[str, Any]:
+        """The message as a chat template sees it: string content, optional keys only when set."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        for key in ("name", "tool_call_id", "tool_calls"):
+            value = getattr(self, key)
+            if value is not None:
+                message[key] = value
+        return message
+
+
+class ChatTemplateOptions(RequestModel):
+    """How messages become a prompt; shared by chat completions and chat-form /tokenize."""
+
+    messages: list[ChatMessageParam] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _generation_prompt_or_continue(self) -> ChatTemplateOptions:
+        if self.continue_final_message:
+            if self.add_generation_prompt and "add_generation_prompt" in self.model_fields_set:
+                raise ValueError(
+                    "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+                )
+            # Continuing the last message implies not opening a new one; asking for one alone
+            # should not need the second flag spelled out.
+            self.add_generation_prompt = False
+        return self
+
+
+class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
+    """`POST /v1/chat/completions`."""
+
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    echo: bool = False
+    add_special_tokens: bool = False
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _check_top_logprobs(cls, top_logprobs: int | None) -> int | None:
+        if top_logprobs is None:
+            return None
+        if top_logprobs < 0 and top_logprobs != -1:
+            raise ValueError("`top_logprobs` must be a positive value or -1.")
+        if top_logprobs > MAX_TOP_LOGPROBS:
+            raise ValueError(
+                f"`top_logprobs` must be at most {MAX_TOP_LOGPROBS}, got {top_logprobs}."
+            )
+        return top_logprobs
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("when using `top_logprobs`, `logprobs` must be set to true.")
+        return self
+
+
+class ChatCompletionLogProb(BaseModel):
+    token: str
+    logprob: float = -9999.0
+    bytes: list[int] | None = None
+
+
+class ChatCompletionLogProbsContent(ChatCompletionLogProb):
+    top_logprobs: list[ChatCompletionLogProb] = Field(default_factory=list)
+
+
+class ChatCompletionLogProbs(BaseModel):
+    content: list[ChatCompletionLogProbsContent] | None = None
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str | None = None
+    refusal: str | None = None
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ChatCompletionResponseChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    logprobs: ChatCompletionLogProbs | None = None
+    finish_reason: str | None = "stop"
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatCompletionResponseChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(BaseModel):
+    """A stream delta; only the keys that carry something are serialized (`{}` when empty)."""
+
+    role: str | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ChatCompletionStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatCompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionStreamResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: UsageInfo | None = None
+
+
+# --- tokenization ---------------------------------------------------------------------------
+
+
+class TokenizeRequest(RequestModel):
+    """`POST /tokenize`: either `prompt` (completion form) or `messages` (chat form)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessageParam] | None = None
+    # None: True for a prompt, False for messages (the template already adds special tokens).
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _prompt_xor_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("Either `prompt` or `messages` must be provided, but not both.")
+        if self.continue_final_message and "add_generation_prompt" not in self.model_fields_set:
+            self.add_generation_prompt = False
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(RequestModel):
+    model: str | None = None
+    tokens: list[int] = Field(max_length=MAX_DETOKENIZE_TOKENS)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

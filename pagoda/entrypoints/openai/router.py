@@ -1,0 +1,194 @@
+"""FastAPI routes of the OpenAI-compatible API, and the handlers that keep errors OpenAI-shaped.
+
+Handlers take only the raw `Request`: they parse the JSON body themselves, so a malformed body or
+a field of the wrong type gets OpenAI's error shape with a 400 (never FastAPI's default 422), and
+find their serving objects on `app.state` (set by the app factory).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pagoda.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from pagoda.entrypoints.openai.serving_engine import error_body
+
+logger = logging.getLogger(__name__)
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+# Names pydantic puts in an error's location for union members and wrapped validators; they say
+# which alternative failed, not where in the body the problem is.
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none", "json-or-python"})
+
+
+# The error types the serving classes use; other statuses get their HTTP phrase.
+_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError"}
+
+
+def _error(message: str, status_code: int = 400, param: str | None = None) -> JSONResponse:
+    err_type = _ERROR_TYPES.get(status_code) or _status_phrase(status_code)
+    body = error_body(message, err_type, status_code, param)
+    return JSONResponse(body.model_dump(), status_code=status_code)
+
+
+def _status_phrase(status_code: int) -> str:
+    try:
+        return HTTPStatus(status_code).phrase
+    except ValueError:
+        return "Error"
+
+
+def _location(loc: tuple[int | str, ...]) -> str | None:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in _UNION_TAGS or "[" in item or item.startswith("function-"):
+            continue
+        else:
+            parts.append(f".{item}" if parts else item)
+    return "".join(parts) or None
+
+
+def validation_error_response(errors: list[Any]) -> JSONResponse:
+    """A 400 naming the first validation error and its field (`param`)."""
+    if not errors:
+        return _error("Invalid request")
+    first = errors[0]
+    loc = tuple(first.get("loc", ()))
+    # FastAPI's own errors start with where the value came from ("body", "query").
+    if loc and loc[0] in ("body", "query", "path", "header"):
+        loc = loc[1:]
+    param = _location(loc)
+    message = str(first.get("msg", "Invalid request"))
+    if first.get("type") == "value_error":
+        # Our validators' messages already name the field.
+        message = message.removeprefix("Value error, ")
+    elif param is not None:
+        message = f"{param}: {message}"
+    return _error(message, 400, param)
+
+
+async def _parse(raw_request: Request, model: type[RequestT]) -> RequestT | JSONResponse:
+    try:
+        body = await raw_request.json()
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        return _error(f"Invalid JSON body: {exc}")
+    try:
+        request = model.model_validate(body)
+    except ValidationError as exc:
+        return validation_error_response(exc.errors(include_url=False))
+    if request.model_extra:
+        logger.warning(
+            "The following fields were present in the request but ignored: %s",
+            sorted(request.model_extra),
+        )
+    return request
+
+
+async def _serve(
+    raw_request: Request,
+    model: type[RequestT],
+    state_attr: str,
+    call: Callable[[Any, RequestT, Request], Awaitable[Response]],
+) -> Response:
+    parsed = await _parse(raw_request, model)
+    if isinstance(parsed, JSONResponse):
+        return parsed
+    serving = getattr(raw_request.app.state, state_attr, None)
+    if serving is None:
+        return _error(f"this server does not serve {raw_request.url.path}", 404)
+    try:
+        return await call(serving, parsed, raw_request)
+    except Exception as exc:
+        logger.exception("Unhandled error in %s", raw_request.url.path)
+        return _error(str(exc) or type(exc).__name__, 500)
+
+
+def build_router() -> APIRouter:
+    """The OpenAI-compatible routes; serving objects come from `app.state`."""
+    router = APIRouter()
+
+    @router.get("/v1/models", response_model=None)
+    async def show_available_models(raw_request: Request) -> Response:
+        serving = getattr(raw_request.app.state, "openai_serving_models", None)
+        if serving is None:
+            return _error("this server does not list models", 404)
+        models = await serving.show_available_models()
+        return JSONResponse(models.model_dump())
+
+    @router.post("/v1/completions", response_model=None)
+    async def create_completion(raw_request: Request) -> Response:
+        return await _serve(
+            raw_request,
+            CompletionRequest,
+            "openai_serving_completion",
+            lambda serving, request, raw: serving.create_completion(request, raw),
+        )
+
+    @router.post("/v1/chat/completions", response_model=None)
+    async def create_chat_completion(raw_request: Request) -> Response:
+        return await _serve(
+            raw_request,
+            ChatCompletionRequest,
+            "openai_serving_chat",
+            lambda serving, request, raw: serving.create_chat_completion(request, raw),
+        )
+
+    @router.post("/tokenize", response_model=None)
+    async def tokenize(raw_request: Request) -> Response:
+        return await _serve(
+            raw_request,
+            TokenizeRequest,
+            "openai_serving_tokenization",
+            lambda serving, request, raw: serving.create_tokenize(request, raw),
+        )
+
+    @router.post("/detokenize", response_model=None)
+    async def detokenize(raw_request: Request) -> Response:
+        return await _serve(
+            raw_request,
+            DetokenizeRequest,
+            "openai_serving_tokenization",
+            lambda serving, request, raw: serving.create_detokenize(request, raw),
+        )
+
+    return router
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Make every error the app returns OpenAI-shaped: HTTPExceptions keep their status,
+    request validation errors become 400s, and anything uncaught becomes a 500."""
+
+    async def http_exception(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        response = _error(str(exc.detail), exc.status_code)
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    async def request_validation(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return validation_error_response(list(exc.errors()))
+
+    async def unhandled(request: Request, exc: Exception) -> Response:
+        logger.exception("Unhandled error in %s", request.url.path, exc_info=exc)
+        return _error(str(exc) or type(exc).__name__, 500)
+
+    app.add_exception_handler(StarletteHTTPException, http_exception)
+    app.add_exception_handler(RequestValidationError, request_validation)
+    app.add_exception_handler(Exception, unhandled)

@@ -1,0 +1,313 @@
+"""`POST /v1/completions`: prompts in, OpenAI `text_completion` objects (or SSE chunks) out.
+
+Every prompt of a request (a string or token ids) becomes one engine request, `f"{id}-{i}"`, and
+all of them run concurrently in the engine's continuous batch. Choice `i * n + j` is sample `j` of
+prompt `i`. Everything that can be refused is checked before the first prompt is queued.
+`merge_async_iterators` interleaves the prompts' outputs and aborts them all if one fails or the
+client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from pagoda.entrypoints.openai.protocol import (
+    CompletionLogProbs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionResponseChoice,
+    CompletionStreamResponse,
+)
+from pagoda.entrypoints.openai.serving_engine import (
+    SSE_DONE,
+    OpenAIServing,
+    ServingError,
+    clamp_logprob,
+    sse_error,
+    sse_event,
+    usage_info,
+)
+from pagoda.outputs import RequestOutput, SampleLogprobs
+from pagoda.sampling_params import RequestOutputKind, SamplingParams
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _Prompt:
+    text: str
+    token_ids: list[int]
+    params: SamplingParams
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    """Serves `/v1/completions` on an `AsyncLLM`."""
+
+    async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
+        """Run the request; a JSON completion, an SSE stream, or an OpenAI-style error."""
+        try:
+            self.check_model(request.model)
+            self._check_supported(request)
+            kind = RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY
+            prompts = self._prepare_prompts(request, kind)
+        except ServingError as exc:
+            return self.error_response_for(exc)
+        request_id = f"cmpl-{self.base_request_id(raw_request, request.request_id)}"
+        generators = []
+        for index, prompt in enumerate(prompts):
+            engine_id = f"{request_id}-{index}"
+            self.log_request(engine_id, prompt.text, prompt.token_ids, prompt.params)
+            engine_prompt = {"prompt_token_ids": prompt.token_ids, "prompt": prompt.text}
+            generators.append(self.engine.generate(engine_prompt, prompt.params, engine_id))
+        created = int(time.time())
+        if request.stream:
+            return StreamingResponse(
+                self._stream(request, request_id, created, prompts, generators),
+                media_type="text/event-stream",
+            )
+        try:
+            finals = await self.run_until_disconnected(raw_request, _collect(generators))
+        except Exception as exc:
+            return self.error_response_for(exc)
+        if finals is None:
+            return self.create_error_response("Client disconnected", status_code=499)
+        response = self._build_response(request, request_id, created, prompts, finals)
+        return JSONResponse(response.model_dump())
+
+    def _check_supported(self, request: CompletionRequest) -> None:
+        if request.best_of is not None and request.best_of > 1:
+            raise ServingError("best_of is not supported", param="best_of")
+        if request.suffix is not None:
+            raise ServingError("suffix is not currently supported", param="suffix")
+        self.check_response_format(request)
+
+    def _prepare_prompts(
+        self, request: CompletionRequest, kind: RequestOutputKind
+    ) -> list[_Prompt]:
+        raw = request.prompt
+        # One prompt (a string or a token-id list) or a batch (strings or token-id lists).
+        batch: list[Any]
+        if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
+            batch = [raw]
+        else:
+            batch = list(raw)
+        prompts = []
+        for item in batch:
+            if isinstance(item, str):
+                text = item
+                token_ids = self.tokenizer.encode(
+                    item, add_special_tokens=request.add_special_tokens
+                )
+            else:
+                token_ids = list(item)
+                self.check_prompt_tokens(token_ids)
+                text = str(self.tokenizer.decode(token_ids))
+            truncated = self.truncate_prompt(token_ids, request.truncate_prompt_tokens)
+            if len(truncated) < len(token_ids):
+                # The text (echoed, logged) must be what the model actually sees.
+                token_ids, text = truncated, str(self.tokenizer.decode(truncated))
+            self.check_prompt_tokens(token_ids)
+            params = self.to_sampling_params(
+                request,
+                prompt_len=len(token_ids),
+                max_tokens=request.max_tokens,
+                logprobs=request.logprobs,
+                output_kind=kind,
+            )
+            prompts.append(_Prompt(text, token_ids, params))
+        return prompts
+
+    def _logprobs(
+        self,
+        token_ids: list[int],
+        logprobs: SampleLogprobs | None,
+        num_top: int,
+        offset: int,
+    ) -> tuple[CompletionLogProbs, int]:
+        """Completions-format logprobs for `token_ids`; returns them and the next text offset.
+
+        `top_logprobs[i]` holds the sampled token and the top `num_top` (at most num_top + 1
+        entries, fewer when the sampled token is among the top), keyed by token text.
+        """
+        result = CompletionLogProbs()
+        for token_id, step in zip(token_ids, logprobs or []):
+            sampled = step.get(token_id)
+            token = self.token_text(token_id, sampled)
+            result.tokens.append(token)
+            result.token_logprobs.append(
+                None if sampled is None else clamp_logprob(sampled.logprob)
+            )
+            result.text_offset.append(offset)
+            offset += len(token)
+            top: dict[str, float] = {}
+            for position, (top_id, top_logprob) in enumerate(step.items()):
+                if position > num_top:
+                    break
+                # Two ids can decode to the same text (partial UTF-8); the first, higher one wins.
+                top.setdefault(
+                    self.token_text(top_id, top_logprob), clamp_logprob(top_logprob.logprob)
+                )
+            result.top_logprobs.append(top)
+        return result, offset
+
+    def _build_response(
+        self,
+        request: CompletionRequest,
+        request_id: str,
+        created: int,
+        prompts: list[_Prompt],
+        finals: list[RequestOutput],
+    ) -> CompletionResponse:
+        n = request.n or 1
+        choices = []
+        num_prompt_tokens = num_generated_tokens = 0
+        for prompt_index, (prompt, final) in enumerate(zip(prompts, finals)):
+            num_prompt_tokens += len(prompt.token_ids)
+            prefix = prompt.text if request.echo else ""
+            for output in final.outputs:
+                num_generated_tokens += len(output.token_ids)
+                logprobs = None
+                if request.logprobs is not None:
+                    logprobs, _ = self._logprobs(
+                        output.token_ids, output.logprobs, request.logprobs, len(prefix)
+                    )
+                choices.append(
+                    CompletionResponseChoice(
+                        index=prompt_index * n + output.index,
+                        text=prefix + output.text,
+                        logprobs=logprobs,
+                        finish_reason=output.finish_reason,
+                        stop_reason=output.stop_reason,
+                    )
+                )
+        choices.sort(key=lambda choice: choice.index)
+        return CompletionResponse(
+            id=request_id,
+            created=created,
+            model=self.model_name,
+            choices=choices,
+            usage=usage_info(num_prompt_tokens, num_generated_tokens),
+        )
+
+    async def _stream(
+        self,
+        request: CompletionRequest,
+        request_id: str,
+        created: int,
+        prompts: list[_Prompt],
+        generators: list[AsyncIterator[RequestOutput]],
+    ) -> AsyncIterator[str]:
+        n = request.n or 1
+        num_choices = len(prompts) * n
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        continuous_usage = include_usage and bool(
+            request.stream_options and request.stream_options.continuous_usage_stats
+        )
+        # Per choice: whether its prompt was echoed yet, its next text offset, its token count.
+        echoed = [False] * num_choices
+        offsets = [0] * num_choices
+        num_tokens = [0] * num_choices
+        merged = merge_async_iterators(*generators)
+        try:
+            async for prompt_index, output in merged:
+                prompt = prompts[prompt_index]
+                for sample in output.outputs:
+                    choice_index = prompt_index * n + sample.index
+                    text = sample.text
+                    if request.echo and not echoed[choice_index]:
+                        echoed[choice_index] = True
+                        text = prompt.text + text
+                        offsets[choice_index] = len(prompt.text)
+                    num_tokens[choice_index] += len(sample.token_ids)
+                    logprobs = None
+                    if request.logprobs is not None:
+                        logprobs, offsets[choice_index] = self._logprobs(
+                            sample.token_ids,
+                            sample.logprobs,
+                            request.logprobs,
+                            offsets[choice_index],
+                        )
+                    chunk = CompletionStreamResponse(
+                        id=request_id,
+                        created=created,
+                        model=self.model_name,
+                        choices=[
+                            CompletionResponseChoice(
+                                index=choice_index,
+                                text=text,
+                                logprobs=logprobs,
+                                finish_reason=sample.finish_reason,
+                                stop_reason=sample.stop_reason,
+                            )
+                        ],
+                    )
+                    if continuous_usage:
+                        chunk.usage = usage_info(len(prompt.token_ids), num_tokens[choice_index])
+                    yield sse_event(chunk.model_dump_json())
+            if include_usage:
+                num_prompt_tokens = sum(len(prompt.token_ids) for prompt in prompts)
+                final_usage = CompletionStreamResponse(
+                    id=request_id,
+                    created=created,
+                    model=self.model_name,
+                    choices=[],
+                    usage=usage_info(num_prompt_tokens, sum(num_tokens)),
+                )
+                yield sse_event(final_usage.model_dump_json())
+        except Exception as exc:
+            yield sse_error(exc)
+        finally:
+            await merged.aclose()
+        yield SSE_DONE
+
+
+async def _collect(generators: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    finals: list[RequestOutput | None] = [None] * len(generators)
+    async for index, output in merge_async_iterators(*generators):
+        finals[index] = output
+    assert all(final is not None for final in finals)
+    return finals  # type: ignore[return-value]
+
+
+async def _next(iterator: AsyncIterator[T]) -> T:
+    return await iterator.__anext__()
+
+
+async def merge_async_iterators(
+    *iterators: AsyncIterator[T],
+) -> AsyncGenerator[tuple[int, T], None]:
+    """Iterate several async iterators concurrently, yielding `(iterator_index, item)`.
+
+    Closing the merged iterator (or an error in one of them) cancels and closes all of them, which
+    for engine generators aborts their requests.
+    """
+    pending: dict[asyncio.Task[T], int] = {
+        asyncio.ensure_future(_next(it)): index for index, it in enumerate(iterators)
+    }
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            # Index order keeps the output deterministic when several are ready at once.
+            for task in sorted(done, key=pending.__getitem__):
+                index = pending.pop(task)
+                try:
+                    item = task.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(_next(iterators[index]))] = index
+                yield index, item
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for iterator in iterators:
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()

@@ -1,0 +1,375 @@
+"""The shared base of the OpenAI serving classes: errors, model check, request ids, sampling.
+
+Every endpoint that reaches the engine goes through `OpenAIServing`: it refuses unknown models,
+picks the request id, validates prompt token ids and turns a request into `SamplingParams` (with
+the model's generation_config defaults and the context-length check). All of this happens before
+anything is queued, so a bad request fails atomically with a 400 and a request with several
+prompts never starts half of them. `run_until_disconnected` aborts a non-streaming request whose
+client went away; a stream is aborted when its response generator is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from pagoda.engine.async_llm import EngineDeadError
+from pagoda.entrypoints.openai.protocol import (
+    ErrorInfo,
+    ErrorResponse,
+    SamplingRequest,
+    UsageInfo,
+)
+from pagoda.outputs import Logprob
+from pagoda.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Request fields that fall back to the model's generation_config.json when unset, as in vLLM.
+_GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+_FALLBACKS: dict[str, float | int] = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+}
+# OpenAI clients cannot parse -inf; OpenAI itself floors logprobs at this value.
+LOGPROB_FLOOR = -9999.0
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class RequestLogger(Protocol):
+    def log_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int] | None,
+        params: Any,
+    ) -> None: ...
+
+
+class ServingError(Exception):
+    """A request the server refuses, with the HTTP status and OpenAI error fields to send."""
+
+    def __init__(
+        self,
+        message: str,
+        status_code: int = 400,
+        err_type: str = "BadRequestError",
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.err_type = err_type
+        self.param = param
+
+
+def error_body(
+    message: str,
+    err_type: str = "BadRequestError",
+    status_code: int = 400,
+    param: str | None = None,
+) -> ErrorResponse:
+    return ErrorResponse(
+        error=ErrorInfo(message=message, type=err_type, param=param, code=status_code)
+    )
+
+
+def error_for_exception(exc: BaseException) -> ServingError:
+    """Classify an exception raised while serving: ours, invalid input (400) or a failure (500)."""
+    if isinstance(exc, ServingError):
+        return exc
+    if isinstance(exc, EngineDeadError):
+        return ServingError(str(exc), 500, "InternalServerError")
+    # The engine and SamplingParams raise ValueError (TypeError for a few type checks) for input
+    # they refuse; the message is written for the user.
+    if isinstance(exc, ValueError | TypeError):
+        return ServingError(str(exc))
+    logger.exception("Error while serving a request", exc_info=exc)
+    return ServingError(str(exc) or type(exc).__name__, 500, "InternalServerError")
+
+
+def sse_event(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+def sse_error(exc: BaseException) -> str:
+    """The SSE event for an error after the stream started (its 200 status is already sent)."""
+    error = error_for_exception(exc)
+    body = error_body(error.message, error.err_type, error.status_code, error.param)
+    return sse_event(body.model_dump_json())
+
+
+def clamp_logprob(value: float) -> float:
+    return max(value, LOGPROB_FLOOR)
+
+
+def usage_info(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+class OpenAIServing:
+    """Base of the serving classes: owns the engine handle and the served model names.
+
+    `served_model_names[0]` is the name responses carry; any of them is accepted in `model`.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        served_model_names: Sequence[str],
+        request_logger: RequestLogger | None = None,
+    ) -> None:
+        if not served_model_names:
+            raise ValueError("served_model_names must name at least one model")
+        self.engine = engine
+        self.served_model_names = list(served_model_names)
+        self.request_logger = request_logger
+        self.model_config = engine.model_config
+        self.max_model_len: int = engine.model_config.max_model_len
+        self.vocab_size: int = engine.model_config.vocab_size
+        self.max_logprobs: int = engine.model_config.max_logprobs
+        self.tokenizer = engine.get_tokenizer()
+        self.default_sampling, self.max_new_tokens = _generation_defaults(
+            engine.model_config.generation_config or {}
+        )
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]
+
+    def create_error_response(
+        self,
+        message: str,
+        err_type: str = "BadRequestError",
+        status_code: int = 400,
+        param: str | None = None,
+    ) -> JSONResponse:
+        """An OpenAI-style error body (`{"error": {...}}`) with the given status."""
+        body = error_body(message, err_type, status_code, param)
+        return JSONResponse(body.model_dump(), status_code=status_code)
+
+    def error_response_for(self, exc: BaseException) -> JSONResponse:
+        error = error_for_exception(exc)
+        return self.create_error_response(
+            error.message, error.err_type, error.status_code, error.param
+        )
+
+    def check_model(self, model: str | None) -> None:
+        """Raise a 404 ServingError unless `model` is a served name (None or "" = the default)."""
+        if model and model not in self.served_model_names:
+            raise ServingError(
+                f"The model `{model}` does not exist.", 404, "NotFoundError", param="model"
+            )
+
+    def check_response_format(self, request: SamplingRequest) -> None:
+        """Only plain text until structured output exists; refusing beats ignoring a schema."""
+        response_format = request.response_format
+        if response_format is not None and response_format.type != "text":
+            raise ServingError(
+                f"response_format type {response_format.type!r} is not supported yet "
+                '(structured output is not implemented); only {"type": "text"} is.',
+                param="response_format",
+            )
+
+    def base_request_id(self, raw_request: Request, body_request_id: str | None = None) -> str:
+        """The client's `X-Request-Id` header, else the body's `request_id`, else a random id."""
+        header = raw_request.headers.get("x-request-id", "").strip()
+        return header or body_request_id or uuid.uuid4().hex
+
+    def log_request(
+        self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams
+    ) -> None:
+        if self.request_logger is not None:
+            self.request_logger.log_request(request_id, prompt, token_ids, params)
+
+    def truncate_prompt(
+        self, token_ids: list[int], truncate_prompt_tokens: int | None
+    ) -> list[int]:
+        """Keep the last k prompt tokens (k = -1: the model's context length).
+
+        An invalid k (0 or below -1) is left alone here for SamplingParams to report.
+        """
+        k = truncate_prompt_tokens
+        if k is None or k == 0 or k < -1:
+            return token_ids
+        return token_ids[-(self.max_model_len if k == -1 else k) :]
+
+    def check_prompt_tokens(self, token_ids: list[int], param: str = "prompt") -> None:
+        """The engine's own prompt checks, run up front (same messages)."""
+        if not token_ids:
+            raise ServingError("The decoder prompt cannot be empty", param=param)
+        for token_id in token_ids:
+            if not 0 <= token_id < self.vocab_size:
+                raise ServingError(
+                    f"Token id {token_id} is out of vocabulary (size {self.vocab_size})",
+                    param=param,
+                )
+
+    def to_sampling_params(
+        self,
+        request: SamplingRequest,
+        *,
+        prompt_len: int,
+        max_tokens: int | None,
+        logprobs: int | None,
+        output_kind: RequestOutputKind,
+        logprobs_param: str = "logprobs",
+    ) -> SamplingParams:
+        """Build and validate the request's SamplingParams for a prompt of `prompt_len` tokens.
+
+        `max_tokens` None means "what fits in the context" (capped by generation_config's
+        `max_new_tokens`). Raises ServingError (400) with SamplingParams' message, or the
+        context-length message when the prompt plus `max_tokens` exceed `max_model_len`.
+        """
+        if max_tokens is None:
+            max_tokens = self.max_model_len - prompt_len
+            if self.max_new_tokens is not None:
+                max_tokens = min(max_tokens, self.max_new_tokens)
+            if max_tokens < 1:
+                # The prompt fills the context: not even one token can be generated.
+                raise ServingError(self._context_length_message(prompt_len, 1))
+
+        def value(name: str) -> Any:
+            # Unset in the request: the model's generation_config, else the OpenAI default.
+            given = getattr(request, name)
+            return given if given is not None else self.default_sampling.get(name, _FALLBACKS[name])
+
+        self._check_logprobs(logprobs, logprobs_param)
+        try:
+            params = SamplingParams(
+                n=1 if request.n is None else request.n,
+                presence_penalty=request.presence_penalty or 0.0,
+                frequency_penalty=request.frequency_penalty or 0.0,
+                seed=request.seed,
+                stop=request.stop,
+                stop_token_ids=request.stop_token_ids,
+                ignore_eos=request.ignore_eos,
+                max_tokens=max_tokens,
+                min_tokens=request.min_tokens,
+                logprobs=logprobs,
+                skip_special_tokens=request.skip_special_tokens,
+                spaces_between_special_tokens=request.spaces_between_special_tokens,
+                include_stop_str_in_output=request.include_stop_str_in_output,
+                truncate_prompt_tokens=request.truncate_prompt_tokens,
+                output_kind=output_kind,
+                logit_bias=self._logit_bias(request.logit_bias),
+                temperature=value("temperature"),
+                top_p=value("top_p"),
+                top_k=value("top_k"),
+                min_p=value("min_p"),
+                repetition_penalty=value("repetition_penalty"),
+            )
+        except (ValueError, TypeError) as exc:
+            # SamplingParams' messages start with the field they are about ("top_p must be...").
+            field = str(exc).split(" ", 1)[0]
+            param = field if field in type(request).model_fields else None
+            raise ServingError(str(exc), param=param) from exc
+        if prompt_len + max_tokens > self.max_model_len:
+            raise ServingError(self._context_length_message(prompt_len, max_tokens))
+        return params
+
+    def _context_length_message(self, prompt_len: int, max_tokens: int) -> str:
+        return (
+            f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+            f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the messages, "
+            f"{max_tokens} in the completion). Please reduce the length of the messages or "
+            "completion."
+        )
+
+    def _check_logprobs(self, logprobs: int | None, param: str) -> None:
+        if logprobs is None or self.max_logprobs == -1:
+            return
+        requested = self.vocab_size if logprobs == -1 else logprobs
+        if requested > self.max_logprobs:
+            raise ServingError(
+                f"Requested sample logprobs of {requested}, which is greater than max allowed: "
+                f"{self.max_logprobs}",
+                param=param,
+            )
+
+    def _logit_bias(self, logit_bias: dict[str, float] | None) -> dict[int, float] | None:
+        if not logit_bias:
+            return None
+        bias: dict[int, float] = {}
+        for key, value in logit_bias.items():
+            try:
+                token_id = int(key)
+            except ValueError:
+                raise ServingError(
+                    f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
+                ) from None
+            # OpenAI documents the range [-100, 100]; clamp as vLLM does instead of refusing.
+            bias[token_id] = min(100.0, max(-100.0, value))
+        out_of_vocab = [t for t in bias if not 0 <= t < self.vocab_size]
+        if out_of_vocab:
+            raise ServingError(
+                f"token_id(s) {out_of_vocab} in logit_bias contain out-of-vocab token ids. "
+                f"Vocabulary size: {self.vocab_size}",
+                param="logit_bias",
+            )
+        return bias
+
+    def token_text(self, token_id: int, logprob: Logprob | None) -> str:
+        if logprob is not None and logprob.decoded_token is not None:
+            return logprob.decoded_token
+        return str(self.tokenizer.decode([token_id]))
+
+    async def run_until_disconnected(self, raw_request: Request, work: Awaitable[T]) -> T | None:
+        """Await `work`; if the client disconnects first, cancel it and return None.
+
+        Cancelling the work closes the engine generators it iterates, which aborts their requests
+        and frees their KV blocks at once instead of finishing work nobody will read.
+        """
+        work_task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(_wait_for_disconnect(raw_request))
+        try:
+            await asyncio.wait({work_task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not work_task.done():
+                work_task.cancel()
+            await asyncio.gather(work_task, watcher, return_exceptions=True)
+        if work_task.cancelled():
+            logger.info("Client disconnected; request aborted")
+            return None
+        return work_task.result()
+
+
+def _generation_defaults(
+    generation_config: dict[str, Any],
+) -> tuple[dict[str, float | int], int | None]:
+    defaults = {
+        k: generation_config[k] for k in _GENERATION_CONFIG_FIELDS if k in generation_config
+    }
+    if generation_config.get("do_sample") is False:
+        # The model asks for greedy decoding unless the request says otherwise.
+        defaults["temperature"] = 0.0
+    max_new_tokens = generation_config.get("max_new_tokens")
+    if defaults:
+        logger.debug("Default sampling parameters from generation_config: %s", json.dumps(defaults))
+    return defaults, max_new_tokens if isinstance(max_new_tokens, int) else None
+
+
+async def _wait_for_disconnect(raw_request: Request) -> None:
+    # The body is already read, so the next ASGI message is the disconnect (servers also send it
+    # once the response is complete, by which time this watcher has been cancelled).
+    while True:
+        message = await raw_request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,670 @@
+"""The OpenAI routes in-process: a real `AsyncLLM` on a tiny Llama, driven through ASGI by httpx.
+
+One engine serves the whole module; every test runs on one event loop, because the engine binds
+its output routing to the loop of its first request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+
+from pagoda import AsyncLLM, EngineArgs, SamplingParams
+from pagoda.entrypoints.openai.protocol import CompletionRequest
+from pagoda.entrypoints.openai.router import build_router, install_error_handlers
+from pagoda.entrypoints.openai.serving_chat import OpenAIServingChat
+from pagoda.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagoda.entrypoints.openai.serving_models import OpenAIServingModels
+from pagoda.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+from pagoda.sampling_params import RequestOutputKind
+from tests.tiny_llama import make_tiny_llama
+
+T = TypeVar("T")
+MAX_MODEL_LEN = 128
+NAMES = ["tiny", "tiny-alias"]
+CHAT = [{"role": "user", "content": "Tell me a story about a dragon."}]
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def engine(
+    tmp_path_factory: pytest.TempPathFactory, loop: asyncio.AbstractEventLoop
+) -> Iterator[AsyncLLM]:
+    model_dir = make_tiny_llama(tmp_path_factory.mktemp("tiny"))
+    args = EngineArgs(model=str(model_dir), max_model_len=MAX_MODEL_LEN, disable_log_stats=True)
+    engine = AsyncLLM.from_engine_args(args)
+    yield engine
+    engine.shutdown()
+
+
+def make_app(
+    engine: AsyncLLM, chat_template: str | None = None, trust_request_chat_template: bool = False
+) -> FastAPI:
+    app = FastAPI()
+    app.state.openai_serving_completion = OpenAIServingCompletion(engine, NAMES)
+    app.state.openai_serving_chat = OpenAIServingChat(
+        engine, NAMES, chat_template, trust_request_chat_template
+    )
+    app.state.openai_serving_models = OpenAIServingModels(engine, NAMES)
+    app.state.openai_serving_tokenization = OpenAIServingTokenization(engine, NAMES, chat_template)
+    app.include_router(build_router())
+    install_error_handlers(app)
+    return app
+
+
+@pytest.fixture(scope="module")
+def app(engine: AsyncLLM) -> FastAPI:
+    return make_app(engine)
+
+
+@pytest.fixture(scope="module")
+def run(loop: asyncio.AbstractEventLoop) -> Callable[[Awaitable[T]], T]:
+    return loop.run_until_complete
+
+
+def client(app: FastAPI, raise_app_exceptions: bool = True) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app, raise_app_exceptions=raise_app_exceptions)
+    return httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60)
+
+
+def post(
+    run: Callable[[Awaitable[Any]], Any], app: FastAPI, path: str, body: Any, **kw: Any
+) -> httpx.Response:
+    async def go() -> httpx.Response:
+        async with client(app) as c:
+            if isinstance(body, bytes):
+                return await c.post(path, content=body, **kw)
+            return await c.post(path, json=body, **kw)
+
+    return run(go())
+
+
+def sse_events(response: httpx.Response) -> list[Any]:
+    """The `data:` payloads of an SSE body, JSON-decoded except the final `[DONE]`."""
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.text.endswith("\n\n")
+    events = []
+    for block in response.text.split("\n\n")[:-1]:
+        assert block.startswith("data: "), block
+        payload = block[len("data: ") :]
+        events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def assert_error(response: httpx.Response, status: int, message: str, param: str | None = None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == status
+    assert message in error["message"]
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+# --- shapes ------------------------------------------------------------------------------
+
+
+def test_models_lists_every_served_name_with_context_length(run, app) -> None:
+    async def go() -> httpx.Response:
+        async with client(app) as c:
+            return await c.get("/v1/models")
+
+    body = run(go()).json()
+    assert body["object"] == "list"
+    assert [card["id"] for card in body["data"]] == NAMES
+    for card in body["data"]:
+        assert card["object"] == "model"
+        assert card["owned_by"] == "pagoda"
+        assert card["max_model_len"] == MAX_MODEL_LEN
+        assert card["root"] and isinstance(card["created"], int)
+
+
+def test_completion_matches_engine_greedy_output_with_openai_shape(run, app, engine) -> None:
+    prompt = "The quick brown fox"
+    response = post(
+        run,
+        app,
+        "/v1/completions",
+        {"model": "tiny-alias", "prompt": prompt, "max_tokens": 6, **GREEDY},
+    )
+    assert response.status_code == 200
+    body = response.json()
+    assert body["id"].startswith("cmpl-") and body["object"] == "text_completion"
+    assert body["model"] == "tiny" and isinstance(body["created"], int)
+    (choice,) = body["choices"]
+    assert set(choice) >= {"index", "text", "logprobs", "finish_reason", "stop_reason"}
+    assert choice["index"] == 0 and choice["logprobs"] is None
+    assert choice["finish_reason"] == "length" and choice["stop_reason"] is None
+
+    async def direct() -> Any:
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        async for out in engine.generate(prompt, params, "direct-greedy"):
+            final = out
+        return final
+
+    final = run(direct())
+    assert choice["text"] == final.outputs[0].text
+    prompt_tokens = len(final.prompt_token_ids)
+    assert body["usage"] == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": 6,
+        "total_tokens": prompt_tokens + 6,
+    }
+
+
+def test_request_id_header_names_the_response(run, app) -> None:
+    headers = {"X-Request-Id": "abc123"}
+    completion = post(
+        run, app, "/v1/completions", {"prompt": "Hi", "max_tokens": 1}, headers=headers
+    )
+    chat = post(
+        run, app, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 1}, headers=headers
+    )
+    assert completion.json()["id"] == "cmpl-abc123"
+    assert chat.json()["id"] == "chatcmpl-abc123"
+
+
+def test_prompt_batch_with_n2_indexes_choices_by_prompt_then_sample(run, app) -> None:
+    tokens = post(run, app, "/tokenize", {"prompt": "Once upon a time"}).json()["tokens"]
+    body = post(
+        run,
+        app,
+        "/v1/completions",
+        {
+            "prompt": [[*tokens], [*tokens, 11]],
+            "n": 2,
+            "max_tokens": 4,
+            "seed": 3,
+            "ignore_eos": True,
+            "temperature": 1.0,
+        },
+    ).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert all(c["finish_reason"] == "length" for c in body["choices"])
+    assert body["usage"]["prompt_tokens"] == 2 * len(tokens) + 1
+    assert body["usage"]["completion_tokens"] == 16
+
+
+def test_seed_makes_sampling_reproducible(run, app) -> None:
+    def sample(seed: int) -> str:
+        body = {
+            "prompt": "Hello world",
+            "max_tokens": 12,
+            "temperature": 1.0,
+            "seed": seed,
+            "ignore_eos": True,
+        }
+        return post(run, app, "/v1/completions", body).json()["choices"][0]["text"]
+
+    assert sample(1234) == sample(1234)
+    assert sample(1234) != sample(4321)
+
+
+def test_stop_string_cuts_the_text_and_is_the_stop_reason(run, app) -> None:
+    body = {"prompt": "The engine schedules", "max_tokens": 24, **GREEDY}
+    text = post(run, app, "/v1/completions", body).json()["choices"][0]["text"]
+    stop = next(
+        text[k : k + 2]
+        for k in range(2, len(text) - 2)
+        if text[k : k + 2].strip() and "\ufffd" not in text[k : k + 2]
+    )
+    (choice,) = post(run, app, "/v1/completions", {**body, "stop": [stop]}).json()["choices"]
+    assert choice["text"] == text[: text.index(stop)]
+    assert choice["finish_reason"] == "stop" and choice["stop_reason"] == stop
+
+
+def test_completion_logprobs_use_the_completions_format(run, app) -> None:
+    prompt = "Numbers: 0 1 2"
+    body = {"prompt": prompt, "max_tokens": 5, "logprobs": 2, "echo": True, **GREEDY}
+    (choice,) = post(run, app, "/v1/completions", body).json()["choices"]
+    assert choice["text"].startswith(prompt)
+    logprobs = choice["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == 5
+    assert len(logprobs["top_logprobs"]) == len(logprobs["text_offset"]) == 5
+    # Offsets count from the start of the returned text, after the echoed prompt.
+    assert logprobs["text_offset"][0] == len(prompt)
+    for i in range(4):
+        step = logprobs["text_offset"][i + 1] - logprobs["text_offset"][i]
+        assert step == len(logprobs["tokens"][i])
+    for top, logprob in zip(logprobs["top_logprobs"], logprobs["token_logprobs"]):
+        assert 1 <= len(top) <= 3 and logprob <= 0
+        # Greedy: the sampled token is the most likely one.
+        assert logprob == pytest.approx(max(top.values()))
+
+
+def test_chat_completion_shape_usage_and_logprobs(run, app) -> None:
+    body = {
+        "messages": CHAT,
+        "max_completion_tokens": 5,
+        "max_tokens": 50,
+        "logprobs": True,
+        "top_logprobs": 3,
+        **GREEDY,
+    }
+    response = post(run, app, "/v1/chat/completions", body).json()
+    assert response["id"].startswith("chatcmpl-") and response["object"] == "chat.completion"
+    (choice,) = response["choices"]
+    assert choice["message"]["role"] == "assistant"
+    assert choice["finish_reason"] == "length"
+    # max_completion_tokens wins over max_tokens; the prompt is the rendered template.
+    tokenized = post(run, app, "/tokenize", {"messages": CHAT}).json()
+    assert response["usage"]["completion_tokens"] == 5
+    assert response["usage"]["prompt_tokens"] == tokenized["count"]
+    content = choice["logprobs"]["content"]
+    assert len(content) == 5
+    for entry in content:
+        assert entry["bytes"] == list(entry["token"].encode("utf-8"))
+        top = entry["top_logprobs"]
+        assert len(top) == 3
+        assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+        assert entry["logprob"] == pytest.approx(top[0]["logprob"])
+
+
+def test_chat_without_max_tokens_may_fill_the_context(run, app) -> None:
+    body = post(run, app, "/v1/chat/completions", {"messages": CHAT, **GREEDY}).json()
+    usage = body["usage"]
+    assert usage["total_tokens"] == MAX_MODEL_LEN
+    assert body["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_echo_repeats_the_continued_message(run, app) -> None:
+    messages = [*CHAT, {"role": "assistant", "content": "Once upon"}]
+    body = {
+        "messages": messages,
+        "continue_final_message": True,
+        "echo": True,
+        "max_tokens": 3,
+        **GREEDY,
+    }
+    choice = post(run, app, "/v1/chat/completions", body).json()["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"].startswith("Once upon")
+    # With a generation prompt the answer is a new assistant message: nothing to echo.
+    plain = post(
+        run,
+        app,
+        "/v1/chat/completions",
+        {"messages": CHAT, "echo": True, "max_tokens": 3, **GREEDY},
+    ).json()
+    direct = post(
+        run, app, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 3, **GREEDY}
+    ).json()
+    assert plain["choices"][0]["message"] == direct["choices"][0]["message"]
+
+
+def test_server_template_wins_and_trusted_request_template_is_used(run, engine) -> None:
+    server_app = make_app(
+        engine,
+        chat_template="S:{% for m in messages %}{{ m['content'] }}{% endfor %}",
+        trust_request_chat_template=True,
+    )
+    tokenizer = engine.get_tokenizer()
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    usage = post(run, server_app, "/v1/chat/completions", body).json()["usage"]
+    assert usage["prompt_tokens"] == len(tokenizer.encode("S:hi", add_special_tokens=False))
+    template = "R:{% for m in messages %}{{ m['content'] }}!{% endfor %}"
+    usage = post(
+        run, server_app, "/v1/chat/completions", {**body, "chat_template": template}
+    ).json()["usage"]
+    assert usage["prompt_tokens"] == len(tokenizer.encode("R:hi!", add_special_tokens=False))
+
+
+# --- streaming ---------------------------------------------------------------------------
+
+
+def test_chat_stream_frames_role_content_finish_usage_and_done(run, app) -> None:
+    body = {
+        "messages": CHAT,
+        "n": 2,
+        "max_tokens": 8,
+        "seed": 5,
+        "temperature": 1.0,
+        "ignore_eos": True,
+    }
+    streamed = post(
+        run,
+        app,
+        "/v1/chat/completions",
+        {**body, "stream": True, "stream_options": {"include_usage": True}},
+    )
+    events = sse_events(streamed)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert len({c["id"] for c in chunks}) == 1 and len({c["created"] for c in chunks}) == 1
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    # The role comes first, once per choice.
+    for index in (0, 1):
+        (first,) = chunks[index]["choices"]
+        assert first["index"] == index
+        assert first["delta"] == {"role": "assistant", "content": ""}
+    usage_chunk = chunks[-1]
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"]["completion_tokens"] == 16
+    texts = {0: "", 1: ""}
+    finishes = {0: 0, 1: 0}
+    for chunk in chunks[2:-1]:
+        assert "usage" not in chunk
+        (choice,) = chunk["choices"]
+        assert "role" not in choice["delta"]
+        texts[choice["index"]] += choice["delta"].get("content", "")
+        finishes[choice["index"]] += choice["finish_reason"] is not None
+    assert finishes == {0: 1, 1: 1}
+    # The same seed without streaming gives the same text.
+    whole = post(run, app, "/v1/chat/completions", body).json()
+    assert [c["message"]["content"] for c in whole["choices"]] == [texts[0], texts[1]]
+
+
+def test_completion_stream_with_continuous_usage(run, app) -> None:
+    body = {"prompt": "Hello world", "max_tokens": 6, **GREEDY}
+    events = sse_events(
+        post(
+            run,
+            app,
+            "/v1/completions",
+            {
+                **body,
+                "stream": True,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            },
+        )
+    )
+    assert events[-1] == "[DONE]"
+    chunks, usage_chunk = events[:-2], events[-2]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 6
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 6
+    assert [c["choices"][0]["finish_reason"] for c in chunks].count("length") == 1
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    assert text == post(run, app, "/v1/completions", body).json()["choices"][0]["text"]
+
+
+def test_stream_without_stream_options_has_no_usage_chunk(run, app) -> None:
+    events = sse_events(
+        post(run, app, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 3, "stream": True})
+    )
+    assert events[-1] == "[DONE]"
+    assert all(chunk["choices"] and "usage" not in chunk for chunk in events[:-1])
+
+
+def test_error_after_the_stream_started_is_an_error_event(run, app) -> None:
+    # Two live requests with one X-Request-Id: the engine refuses the second once its stream
+    # (and 200 status) has already started.
+    body = {"messages": CHAT, "max_tokens": 40, "stream": True, **GREEDY}
+
+    async def go() -> list[httpx.Response]:
+        async with client(app) as c:
+            headers = {"X-Request-Id": "twin"}
+            return list(
+                await asyncio.gather(
+                    c.post("/v1/chat/completions", json=body, headers=headers),
+                    c.post("/v1/chat/completions", json=body, headers=headers),
+                )
+            )
+
+    responses = run(go())
+    assert [r.status_code for r in responses] == [200, 200]
+    errors = [e for r in responses for e in sse_events(r) if isinstance(e, dict) and "error" in e]
+    assert len(errors) == 1
+    assert errors[0]["error"]["code"] == 400 and "already in use" in errors[0]["error"]["message"]
+    assert all(sse_events(r)[-1] == "[DONE]" for r in responses)
+
+
+def _disconnecting_call(app: FastAPI, path: str, body: dict[str, Any], after: float) -> Any:
+    """Send a request over raw ASGI and disconnect `after` seconds later."""
+
+    async def go() -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+        messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop()
+            await asyncio.sleep(after)
+            return {"type": "http.disconnect"}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            sent.append(dict(message))
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "path": path,
+            "raw_path": path.encode(),
+            "root_path": "",
+            "scheme": "http",
+            "query_string": b"",
+            "server": ("test", 80),
+            "client": ("test", 1),
+            "headers": [(b"content-type", b"application/json")],
+        }
+        await app(scope, receive, send)
+        return sent
+
+    return go()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_disconnect_aborts_the_request(run, app, engine, stream) -> None:
+    body = {"messages": CHAT, "stream": stream, **GREEDY}
+    sent = run(_disconnecting_call(app, "/v1/chat/completions", body, after=0.02))
+    body_sent = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    if stream:
+        assert body_sent.startswith(b"data: ") and not body_sent.endswith(b"data: [DONE]\n\n")
+    else:
+        assert sent[0]["status"] == 499
+
+    async def settle() -> None:
+        for _ in range(200):
+            if not (
+                engine.output_processor.has_unfinished_requests()
+                or engine.engine_core.has_unfinished_requests()
+            ):
+                return
+            await asyncio.sleep(0.01)
+
+    run(settle())
+    assert not engine.output_processor.has_unfinished_requests()
+    assert not engine.engine_core.has_unfinished_requests()
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "message", "param"),
+    [
+        ({"best_of": 2}, "best_of is not supported", "best_of"),
+        ({"suffix": "x"}, "suffix is not currently supported", "suffix"),
+        ({"temperature": -1}, "temperature must be non-negative, got -1.0.", "temperature"),
+        ({"top_p": 1.5}, "top_p must be in (0, 1], got 1.5.", "top_p"),
+        ({"n": 2, "temperature": 0}, "n must be 1 when using greedy sampling, got 2.", "n"),
+        ({"max_tokens": 0}, "max_tokens must be at least 1, got 0.", "max_tokens"),
+        ({"max_tokens": "abc"}, "Input should be a valid integer", "max_tokens"),
+        ({"n": 129}, "n must be at most 128, got 129.", "n"),
+        ({"stop": ["s"] * 65}, "stop may hold at most 64 strings, got 65.", "stop"),
+        ({"stop": "s" * 1025}, "at most 1024 characters", "stop"),
+        ({"prompt": ["a"] * 4097}, "prompt may hold at most 4096 prompts, got 4097.", "prompt"),
+        ({"prompt": []}, "prompt must not be empty.", "prompt"),
+        ({"prompt": [1, "a"]}, "prompt must be a string, a list of strings", "prompt"),
+        ({"prompt": [100000]}, "Token id 100000 is out of vocabulary", "prompt"),
+        (
+            {"logprobs": 21},
+            "Requested sample logprobs of 21, which is greater than max allowed: 20",
+            "logprobs",
+        ),
+        ({"logprobs": -1}, "`logprobs` must be a positive value.", "logprobs"),
+        ({"seed": 2**64}, "less than or equal to", "seed"),
+        ({"logit_bias": {"99999": 5}}, "out-of-vocab token ids", "logit_bias"),
+        (
+            {"stream_options": {"include_usage": True}},
+            "Stream options can only be defined when `stream=True`.",
+            None,
+        ),
+        ({"response_format": {"type": "json_object"}}, "not supported yet", "response_format"),
+        (
+            {"prompt": "x " * 200},
+            "This model's maximum context length is 128 tokens. However, you requested",
+            None,
+        ),
+    ],
+)
+def test_completion_refuses_invalid_requests_with_400(run, app, body, message, param) -> None:
+    response = post(run, app, "/v1/completions", {"prompt": "Hello", **body})
+    error = assert_error(response, 400, message, param)
+    assert error["type"] == "BadRequestError"
+
+
+def test_context_overflow_message_counts_prompt_and_completion(run, app) -> None:
+    tokens = post(run, app, "/tokenize", {"messages": CHAT}).json()["count"]
+    response = post(run, app, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 200})
+    assert_error(
+        response,
+        400,
+        f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you "
+        f"requested {tokens + 200} tokens ({tokens} in the messages, 200 in the "
+        "completion). Please reduce the length of the messages or completion.",
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "message", "param"),
+    [
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}]},
+            "tool calling is not supported yet",
+            "tools",
+        ),
+        ({"tool_choice": "auto"}, "tool calling is not supported yet", "tool_choice"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {}}},
+            "not supported yet",
+            "response_format",
+        ),
+        (
+            {"chat_template": "{{ 'x' }}"},
+            "--trust-request-chat-template is not set",
+            "chat_template",
+        ),
+        ({"top_logprobs": 2}, "when using `top_logprobs`, `logprobs` must be set to true.", None),
+        (
+            {"logprobs": True, "top_logprobs": 21},
+            "`top_logprobs` must be at most 20",
+            "top_logprobs",
+        ),
+        ({"messages": []}, "at least 1 item", "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "Input should be", "messages[0].role"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "only text content parts are supported",
+            "messages[0].content",
+        ),
+        (
+            {"continue_final_message": True, "add_generation_prompt": True},
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+            None,
+        ),
+        (
+            {"presence_penalty": 3},
+            "presence_penalty must be in [-2, 2], got 3.0.",
+            "presence_penalty",
+        ),
+    ],
+)
+def test_chat_refuses_invalid_requests_with_400(run, app, body, message, param) -> None:
+    response = post(run, app, "/v1/chat/completions", {"messages": CHAT, **body})
+    assert_error(response, 400, message, param)
+
+
+def test_tool_choice_none_ignores_tools_and_unknown_fields_are_ignored(run, app) -> None:
+    body = {
+        "messages": CHAT,
+        "max_tokens": 2,
+        "tool_choice": "none",
+        "some_new_field": 1,
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "response_format": {"type": "text"},
+    }
+    response = post(run, app, "/v1/chat/completions", body)
+    assert response.status_code == 200, response.text
+
+
+def test_bodies_that_are_not_json_objects_get_openai_400s(run, app) -> None:
+    assert_error(post(run, app, "/v1/completions", b"{not json"), 400, "Invalid JSON")
+    assert_error(post(run, app, "/v1/chat/completions", b"[1, 2]"), 400, "valid dictionary")
+    nan = post(
+        run,
+        app,
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+    )
+    assert_error(nan, 400, "finite number", "temperature")
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/tokenize"])
+def test_unknown_model_is_a_404(run, app, path) -> None:
+    body = {"model": "gpt-4", "prompt": "x", "messages": CHAT}
+    if path == "/tokenize":
+        del body["messages"]
+    error = assert_error(post(run, app, path, body), 404, "The model `gpt-4` does not exist.")
+    assert error["type"] == "NotFoundError"
+
+
+def test_unknown_routes_and_crashes_keep_the_openai_error_shape(run, engine) -> None:
+    app = make_app(engine)
+
+    @app.get("/boom")
+    async def boom(raw_request: Request) -> None:
+        raise RuntimeError("kaboom")
+
+    async def go() -> tuple[httpx.Response, httpx.Response]:
+        async with client(app, raise_app_exceptions=False) as c:
+            return await c.get("/nowhere"), await c.get("/boom")
+
+    missing, crash = run(go())
+    assert_error(missing, 404, "Not Found")
+    assert_error(crash, 500, "kaboom")
+
+
+# --- tokenization and defaults ----------------------------------------------------------
+
+
+def test_tokenize_detokenize_round_trip(run, app, engine) -> None:
+    text = "Hello, Pagoda! The capital of France is Paris."
+    body = post(run, app, "/tokenize", {"prompt": text, "return_token_strs": True}).json()
+    assert body["tokens"] == engine.get_tokenizer().encode(text)
+    assert body["count"] == len(body["tokens"]) == len(body["token_strs"])
+    assert body["max_model_len"] == MAX_MODEL_LEN
+    assert post(run, app, "/detokenize", {"tokens": body["tokens"]}).json() == {"prompt": text}
+    assert_error(post(run, app, "/detokenize", {"tokens": [10**6]}), 400, "out of vocabulary")
+    assert_error(post(run, app, "/tokenize", {}), 400, "Either `prompt` or `messages`")
+
+
+def test_generation_config_fills_unset_sampling_fields(engine) -> None:
+    serving = OpenAIServingCompletion(engine, NAMES)
+    serving.default_sampling = {"temperature": 0.3, "top_k": 7}
+    request = CompletionRequest(prompt="x", top_k=3)
+    params = serving.to_sampling_params(
+        request,
+        prompt_len=1,
+        max_tokens=None,
+        logprobs=None,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
+    assert params.temperature == 0.3 and params.top_k == 3 and params.top_p == 1.0
+    assert params.max_tokens == MAX_MODEL_LEN - 1
