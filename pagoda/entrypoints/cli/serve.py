@@ -295,12 +295,13 @@ def _add_frontend_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--enable-log-requests",
         action="store_true",
-        help="log every request: id, sampling parameters, prompt (up to --max-log-len)",
+        help="log every request (the default; kept for vLLM compatibility)",
     )
     group.add_argument(
         "--disable-log-requests",
         action="store_true",
-        help="[DEPRECATED] requests are not logged unless --enable-log-requests; wins over it",
+        help="do not log requests (by default each request is logged: id, sampling "
+        "parameters, prompt up to --max-log-len)",
     )
     group.add_argument(
         "--max-log-len",
@@ -507,11 +508,6 @@ def validate_serve_args(args: argparse.Namespace) -> None:
         logger.info(
             "--trust-remote-code is accepted, but Pagoda never runs code from a model "
             "repository: a model that needs its own code is refused with an error."
-        )
-    if args.disable_log_requests:
-        logger.warning(
-            "--disable-log-requests is deprecated: requests are only logged with "
-            "--enable-log-requests."
         )
 
 

@@ -152,9 +152,8 @@ def init_app_state(app: FastAPI, engine: AsyncLLM, args: argparse.Namespace) -> 
 
     served = served_model_names(args, engine)
     chat_template = load_chat_template(getattr(args, "chat_template", None))
-    log_requests = bool(getattr(args, "enable_log_requests", False)) and not bool(
-        getattr(args, "disable_log_requests", False)
-    )
+    # Requests are logged unless --disable-log-requests (prompts cut at --max-log-len).
+    log_requests = not bool(getattr(args, "disable_log_requests", False))
     request_logger = RequestLogger(getattr(args, "max_log_len", None)) if log_requests else None
     app.state.engine = engine
     app.state.served_model_names = served
