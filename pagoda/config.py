@@ -280,9 +280,12 @@ def _require_positive(name: str, value: int) -> None:
 
 def _resolve_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was requested but no CUDA device is available")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' was requested but no CUDA device is available")
+        # An explicit index: torch.cuda.set_device and mem_get_info reject a bare "cuda".
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(device)
 
 

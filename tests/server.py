@@ -81,6 +81,6 @@ class RemoteServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if self._log is not subprocess.DEVNULL:
+        if not isinstance(self._log, int):
             self._log.close()
         return int(self.process.returncode)

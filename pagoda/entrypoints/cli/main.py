@@ -3,7 +3,8 @@
 `pagoda serve` lives in `serve.py` (flags, environment configuration, start-up). `chat` and
 `complete` are clients, like vLLM's: they talk to a running server through the official `openai`
 client, pick the first model it lists unless `--model` names one, and print tokens as they stream
-in. Each subcommand registers a parser and a `func(args) -> int`; `bench` will join them here.
+in. `bench` (throughput, latency, serve) lives in `pagoda/benchmarks/`. Each subcommand registers
+a parser and a `func(args) -> int`.
 """
 
 from __future__ import annotations
@@ -90,6 +91,10 @@ def build_parser() -> PagodaArgumentParser:
         "-q", "--quick", metavar="PROMPT", default=None, help="complete one prompt and exit"
     )
     complete.set_defaults(func=_client_command(_complete))
+
+    from pagoda.benchmarks.cli import add_bench_parser  # flags only: imports nothing heavy
+
+    add_bench_parser(sub)
     return parser
 
 
