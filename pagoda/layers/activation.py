@@ -2,7 +2,8 @@
 
 A gated MLP computes `act(gate(x)) * up(x)`; Pagoda fuses gate and up into one matmul
 (`MergedColumnParallelLinear`), whose output is `[gate | up]` along the last dim. These modules
-split it and apply the gate.
+split it and apply the gate. `get_activation` gives the plain activation of a two-layer MLP
+(GPT-2, OPT).
 """
 
 from __future__ import annotations
@@ -51,5 +52,20 @@ def get_gated_activation(hidden_act: str) -> nn.Module:
         return GeluAndMul("none" if hidden_act == "gelu" else "tanh")
     raise ValueError(
         f"unsupported hidden_act {hidden_act!r}; supported: silu, swish, gelu, gelu_new, "
+        "gelu_pytorch_tanh"
+    )
+
+
+def get_activation(hidden_act: str) -> nn.Module:
+    """The plain (non-gated) activation for a Hugging Face `hidden_act` name, as in GPT-2's and
+    OPT's two-layer MLPs; ValueError for unknown names."""
+    if hidden_act == "relu":
+        return nn.ReLU()
+    if hidden_act in ("silu", "swish"):
+        return nn.SiLU()
+    if hidden_act in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+        return nn.GELU("none" if hidden_act == "gelu" else "tanh")
+    raise ValueError(
+        f"unsupported hidden_act {hidden_act!r}; supported: relu, silu, swish, gelu, gelu_new, "
         "gelu_pytorch_tanh"
     )

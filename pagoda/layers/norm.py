@@ -49,6 +49,24 @@ class RMSNorm(nn.Module):
         return f"{self.hidden_size}, eps={self.variance_epsilon}"
 
 
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: `(1 + weight) * x / sqrt(mean(x^2) + eps)`, weights stored around zero.
+
+    Unlike `RMSNorm`, the weight multiply happens in float32 before the cast back to the input
+    dtype, exactly as Hugging Face's `GemmaRMSNorm` (Gemma 1, 2 and 3).
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__(hidden_size, eps)
+        self.weight.data.zero_()
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (x * (1.0 + self.weight.to(torch.float32))).to(input_dtype)
+
+
 class LayerNorm(nn.LayerNorm):
     """`torch.nn.LayerNorm` with the same fused-residual calling convention as `RMSNorm`.
 

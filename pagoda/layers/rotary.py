@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 def _base_inv_freq(base: float, rotary_dim: int) -> torch.Tensor:
@@ -41,6 +41,47 @@ def _llama3_inv_freq(base: float, rotary_dim: int, scaling: dict[str, Any]) -> t
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def _yarn_inv_freq(
+    base: float, rotary_dim: int, factor: float, original: int, scaling: dict[str, Any]
+) -> torch.Tensor:
+    """YaRN: interpolate (divide by `factor`) the low frequencies, keep the high ones, and blend
+    linearly over the dims whose wavelength falls between `beta_fast` and `beta_slow` rotations
+    of the original context."""
+
+    def correction_dim(rotations: float) -> float:
+        # The dim whose frequency makes `rotations` turns over the original context.
+        return rotary_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = correction_dim(scaling.get("beta_fast") or 32)
+    high = correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001  # avoid dividing by zero below
+    ramp = (torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)
+    extrapolated_share = 1 - ramp.clamp(0, 1)  # 1 for high frequencies, 0 for low ones
+    pos_freqs = base ** (torch.arange(0, rotary_dim, 2).to(torch.float32) / rotary_dim)
+    interpolated = 1.0 / (factor * pos_freqs)
+    extrapolated = 1.0 / pos_freqs
+    return interpolated * (1 - extrapolated_share) + extrapolated * extrapolated_share  # [R/2]
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _longrope_inv_freq(base: float, rotary_dim: int, factors: list[float]) -> torch.Tensor:
+    """LongRoPE (Phi-3): plain RoPE frequencies, each divided by its own rescale factor."""
+    if len(factors) != rotary_dim // 2:
+        raise ValueError(
+            f"longrope short_factor/long_factor must have rotary_dim / 2 = {rotary_dim // 2} "
+            f"entries, got {len(factors)}"
+        )
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(torch.float32) / rotary_dim
+    return 1.0 / (torch.tensor(factors, dtype=torch.float32) * base**exponents)  # [R/2]
 
 
 def _dynamic_ntk_base(
@@ -133,14 +174,16 @@ def get_rope(
 
     Args:
         max_position: the config's `max_position_embeddings`. For `linear` and `dynamic` scaling
-            the tables extend to `max_position * factor`, the context those variants stretch to.
+            the tables extend to `max_position * factor`, the context those variants stretch to;
+            for `yarn` to `original_max_position_embeddings * factor` if that is longer.
         base: `rope_theta`.
         rope_scaling: None (or `rope_type` "default") for plain RoPE, else a dict with `rope_type`
             (or the older `type`) and that type's keys, as `pagoda.models.utils.rope_settings`
-            returns it.
+            returns it. `yarn` and `longrope` scale cos/sin by their attention factor, as HF does.
 
     Raises:
-        ValueError: for a rope type other than default, linear, dynamic and llama3.
+        ValueError: for a rope type other than those in `SUPPORTED_ROPE_TYPES`, or longrope
+            factor lists of the wrong length.
     """
     scaling = dict(rope_scaling or {})
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
@@ -173,6 +216,40 @@ def get_rope(
         scaling.setdefault("original_max_position_embeddings", max_position)
         inv_freq = _llama3_inv_freq(base, rotary_dim, scaling)
         cos, sin = _cos_sin(inv_freq, 0, max_position)
+    elif rope_type == "yarn":
+        original = scaling.get("original_max_position_embeddings") or max_position
+        factor = scaling.get("factor") or max_position / original
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is None:
+            mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            if mscale and mscale_all_dim:  # DeepSeek: a ratio of two magnitude scales
+                attention_factor = _yarn_mscale(factor, mscale)
+                attention_factor /= _yarn_mscale(factor, mscale_all_dim)
+            else:
+                attention_factor = _yarn_mscale(factor)
+        inv_freq = _yarn_inv_freq(base, rotary_dim, factor, original, scaling)
+        cos, sin = _cos_sin(inv_freq, 0, max(max_position, int(original * factor)))
+        cos, sin = cos * attention_factor, sin * attention_factor
+    elif rope_type == "longrope":
+        # NOTE: HF picks the factors per forward pass: `short_factor` while the sequence is at
+        # most `original_max_position_embeddings` long, `long_factor` for every position once it
+        # is longer (it then drops and recomputes its KV cache). A paged cache keeps keys rotated
+        # when they were written, and one sequence's keys must share one rotation, so we pick
+        # once per model: short factors when the model's whole context (`max_position`) fits the
+        # original one, long factors otherwise (as vLLM does for a max_model_len beyond it). That
+        # equals HF for every sequence of a short-context model, and for every sequence longer
+        # than the original context of a long-context model.
+        original = scaling.get("original_max_position_embeddings") or max_position
+        factor = scaling.get("factor") or max_position / original
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = 1.0
+            if factor > 1:
+                attention_factor = math.sqrt(1 + math.log(factor) / math.log(original))
+        factors = scaling["long_factor"] if max_position > original else scaling["short_factor"]
+        inv_freq = _longrope_inv_freq(base, rotary_dim, list(factors))
+        cos, sin = _cos_sin(inv_freq, 0, max_position)
+        cos, sin = cos * attention_factor, sin * attention_factor
     else:
         raise ValueError(
             f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"

@@ -215,8 +215,85 @@ class _GGUFArchitecture:
     extra_config: Callable[[GGUFFile], dict[str, Any]] | None = None
 
 
+# Gemma 2/3: `post_attention_norm` normalizes the attention output, `ffn_norm` and `post_ffw_norm`
+# wrap the MLP (HF's post_attention_layernorm is the first, not Llama's pre-MLP norm).
+_GEMMA2_BLOCK_NAMES: dict[str, str] = {
+    **_LLAMA_BLOCK_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
+
+
+def _gemma_attention_config(
+    gguf_file: GGUFFile, swa_pattern: int, layers_27b: int
+) -> dict[str, Any]:
+    """What Gemma 2/3 files leave to llama.cpp's code: the layer pattern and the query scale."""
+    num_layers = int(_required(gguf_file, "block_count"))
+    hidden_per_head = int(_required(gguf_file, "embedding_length")) // int(
+        _required(gguf_file, "attention.head_count")
+    )
+    head_dim = int(gguf_file.arch_value("attention.key_length") or hidden_per_head)
+    return {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": int(_required(gguf_file, "attention.sliding_window")),
+        # NOTE: llama.cpp scales queries by head_dim ** -0.5, except in the 27B models (told apart
+        # by their layer count), which use (hidden / heads) ** -0.5 as their HF configs say.
+        "query_pre_attn_scalar": hidden_per_head if num_layers == layers_27b else head_dim,
+        # Every swa_pattern-th layer attends globally, the others through the window.
+        "layer_types": [
+            "full_attention" if (index + 1) % swa_pattern == 0 else "sliding_attention"
+            for index in range(num_layers)
+        ],
+    }
+
+
+def _gemma2_config(gguf_file: GGUFFile) -> dict[str, Any]:
+    return {
+        **_gemma_attention_config(gguf_file, swa_pattern=2, layers_27b=46),
+        # llama.cpp's defaults when the file leaves them out.
+        "attn_logit_softcapping": float(gguf_file.arch_value("attn_logit_softcapping", 50.0)),
+        "final_logit_softcapping": float(gguf_file.arch_value("final_logit_softcapping", 30.0)),
+    }
+
+
+def _gemma3_config(gguf_file: GGUFFile) -> dict[str, Any]:
+    # Global layers use the file's rope base (and scaling); local ones their own base, 10k.
+    local_base = float(gguf_file.arch_value("rope.freq_base_swa", 10000.0))
+    return {
+        **_gemma_attention_config(gguf_file, swa_pattern=6, layers_27b=62),
+        "rope_parameters": {
+            "full_attention": _rope_parameters(gguf_file),
+            "sliding_attention": {"rope_type": "default", "rope_theta": local_base},
+        },
+    }
+
+
 _ARCHITECTURES: dict[str, _GGUFArchitecture] = {
     "llama": _GGUFArchitecture("LlamaConfig", "LlamaForCausalLM", permute_qk=True),
+    # Gemma runs NeoX-style rotary in llama.cpp, so q/k rows are stored unpermuted.
+    "gemma": _GGUFArchitecture(
+        "GemmaConfig",
+        "GemmaForCausalLM",
+        norm_offset=1.0,
+        extra_config=lambda _: {"hidden_act": "gelu_pytorch_tanh"},
+    ),
+    "gemma2": _GGUFArchitecture(
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        norm_offset=1.0,
+        block_names=_GEMMA2_BLOCK_NAMES,
+        extra_config=_gemma2_config,
+    ),
+    "gemma3": _GGUFArchitecture(
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        norm_offset=1.0,
+        block_names=_GEMMA2_BLOCK_NAMES,
+        extra_config=_gemma3_config,
+    ),
 }
 
 # GGUF's rope scaling names -> transformers' rope_type.
@@ -228,7 +305,7 @@ def _architecture(gguf_file: GGUFFile) -> _GGUFArchitecture:
     if spec is None:
         raise ValueError(
             f"{gguf_file.path}: GGUF architecture {gguf_file.architecture!r} is not supported; "
-            f"supported: {', '.join(sorted(_ARCHITECTURES))}"
+            f"supported: {', '.join(_ARCHITECTURES)}"
         )
     return spec
 

@@ -3,15 +3,18 @@
 The model runner calls `forward(input_ids [T], positions [T])` over the flattened tokens of every
 request in the step, then `compute_logits` on the rows it samples. Attention reads and writes the
 paged KV cache through the forward context; outside the engine it is plain causal attention over
-the T tokens. Qwen2, Mistral and Gemma differ from Llama by a few options (biases, sliding window,
-activation, soft-capping), which `LlamaAttention` and `LlamaMLP` take as arguments.
+the T tokens. Qwen2, Qwen3, Mistral, Phi-3 and Gemma differ from Llama by a few options (biases,
+per-head q/k norms, sliding window, partial rotary, activation, soft-capping, Gemma's norms and
+embedding scale), which `LlamaAttention` and `LlamaMLP` take as arguments and a subclass of
+`LlamaForCausalLM` sets through `layer_options`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
-from typing import Any
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,6 +28,8 @@ from pagoda.layers.rotary import RotaryEmbedding, get_rope
 from pagoda.models.utils import (
     LLAMA_STACKED_PARAMS,
     get_head_dim,
+    get_rotary_dim,
+    get_sliding_window,
     load_weights_with_mapping,
     rope_settings,
 )
@@ -62,6 +67,8 @@ class LlamaAttention(nn.Module):
         rotary_emb: the model's shared rotary embedding.
         scale: softmax scale; defaults to head_dim ** -0.5.
         qkv_bias / o_bias: Llama's `attention_bias` sets both; Qwen2 has qkv bias only.
+        qk_norm: builds the norm applied to each head of q and k before the rotation, given
+            head_dim (Qwen3, Gemma 3); None for none.
     """
 
     def __init__(
@@ -77,10 +84,12 @@ class LlamaAttention(nn.Module):
         scale: float | None = None,
         sliding_window: int | None = None,
         logit_softcap: float | None = None,
+        qk_norm: Callable[[int], nn.Module] | None = None,
         tp_rank: int = 0,
         tp_size: int = 1,
     ) -> None:
         super().__init__()
+        self.head_dim = head_dim
         self.qkv_proj = QKVParallelLinear(
             hidden_size, head_dim, num_heads, num_kv_heads, qkv_bias, tp_rank, tp_size
         )
@@ -98,17 +107,35 @@ class LlamaAttention(nn.Module):
             logit_softcap=logit_softcap,
         )
         self.split_sizes = [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size]
+        self.q_norm = qk_norm(head_dim) if qk_norm is not None else None
+        self.k_norm = qk_norm(head_dim) if qk_norm is not None else None
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)  # [T, (H + 2*Hkv) * D]
         q, k, v = qkv.split(self.split_sizes, dim=-1)  # [T, H*D], [T, Hkv*D], [T, Hkv*D]
+        if self.q_norm is not None and self.k_norm is not None:
+            num_tokens = q.shape[0]
+            q = self.q_norm(q.view(num_tokens, -1, self.head_dim))  # [T, H, D]
+            k = self.k_norm(k.view(num_tokens, -1, self.head_dim))  # [T, Hkv, D]
+            q, k = q.flatten(1), k.flatten(1)  # [T, H*D], [T, Hkv*D]
         q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v))  # [T, hidden]
 
 
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`, with the residual adds fused
-    into the following norm (see `pagoda.layers.norm`)."""
+    into the following norm (see `pagoda.layers.norm`).
+
+    Args:
+        qkv_bias: bias on q/k/v even when the config has no `attention_bias` (Qwen2).
+        qk_norm: an RMSNorm over each head of q and k before the rotation (Qwen3, Gemma 3).
+        norm_class: the RMSNorm variant of every norm in the layer (`GemmaRMSNorm` for Gemma).
+        sandwich_norms: Gemma 2/3's four norms: `post_attention_layernorm` normalizes the attention
+            output before the residual add, and `pre_feedforward_layernorm` /
+            `post_feedforward_layernorm` wrap the MLP.
+        make_mlp: builds the feed-forward block in place of the gated MLP, from `(hf_config,
+            layer_idx, tp_rank, tp_size)`: a mixture of experts (Mixtral).
+    """
 
     def __init__(
         self,
@@ -117,9 +144,18 @@ class LlamaDecoderLayer(nn.Module):
         rotary_emb: RotaryEmbedding,
         tp_rank: int = 0,
         tp_size: int = 1,
+        *,
+        qkv_bias: bool | None = None,
+        qk_norm: bool = False,
+        norm_class: type[RMSNorm] = RMSNorm,
+        sandwich_norms: bool = False,
+        make_mlp: Callable[[Any, int, int, int], nn.Module] | None = None,
     ) -> None:
         super().__init__()
         attention_bias = getattr(hf_config, "attention_bias", False)
+        eps = hf_config.rms_norm_eps
+        # Gemma 2/3 scale the logits by query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5.
+        query_pre_attn_scalar = getattr(hf_config, "query_pre_attn_scalar", None)
         self.self_attn = LlamaAttention(
             hidden_size=hf_config.hidden_size,
             num_heads=hf_config.num_attention_heads,
@@ -128,23 +164,38 @@ class LlamaDecoderLayer(nn.Module):
             head_dim=get_head_dim(hf_config),
             rotary_emb=rotary_emb,
             layer_idx=layer_idx,
-            qkv_bias=attention_bias,
+            qkv_bias=attention_bias if qkv_bias is None else qkv_bias,
             o_bias=attention_bias,
-            # Mistral v0.1 sets a window; Llama configs have none.
-            sliding_window=getattr(hf_config, "sliding_window", None),
+            # Mistral v0.1 and Phi-3 window every layer; Llama configs have no window.
+            sliding_window=get_sliding_window(hf_config, layer_idx),
+            scale=query_pre_attn_scalar**-0.5 if query_pre_attn_scalar else None,
+            logit_softcap=getattr(hf_config, "attn_logit_softcapping", None),
+            qk_norm=functools.partial(norm_class, eps=eps) if qk_norm else None,
             tp_rank=tp_rank,
             tp_size=tp_size,
         )
-        self.mlp = LlamaMLP(
-            hf_config.hidden_size,
-            hf_config.intermediate_size,
-            hidden_act=getattr(hf_config, "hidden_act", "silu"),
-            bias=getattr(hf_config, "mlp_bias", False),
-            tp_rank=tp_rank,
-            tp_size=tp_size,
-        )
-        self.input_layernorm = RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
+        self.mlp: nn.Module
+        if make_mlp is not None:
+            self.mlp = make_mlp(hf_config, layer_idx, tp_rank, tp_size)
+        else:
+            self.mlp = LlamaMLP(
+                hf_config.hidden_size,
+                hf_config.intermediate_size,
+                # Gemma 2/3 name it hidden_activation.
+                hidden_act=str(
+                    getattr(hf_config, "hidden_activation", None)
+                    or getattr(hf_config, "hidden_act", "silu")
+                ),
+                bias=getattr(hf_config, "mlp_bias", False),
+                tp_rank=tp_rank,
+                tp_size=tp_size,
+            )
+        self.input_layernorm = norm_class(hf_config.hidden_size, eps=eps)
+        self.post_attention_layernorm = norm_class(hf_config.hidden_size, eps=eps)
+        self.sandwich_norms = sandwich_norms
+        if sandwich_norms:
+            self.pre_feedforward_layernorm = norm_class(hf_config.hidden_size, eps=eps)
+            self.post_feedforward_layernorm = norm_class(hf_config.hidden_size, eps=eps)
 
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
@@ -155,32 +206,77 @@ class LlamaDecoderLayer(nn.Module):
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
         hidden_states = self.self_attn(positions, hidden_states)
+        if self.sandwich_norms:
+            hidden_states = self.post_attention_layernorm(hidden_states)
+            hidden_states, residual = self.pre_feedforward_layernorm(hidden_states, residual)
+            return self.post_feedforward_layernorm(self.mlp(hidden_states)), residual
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
 
 class LlamaModel(nn.Module):
-    """Embedding, decoder layers sharing one rotary embedding, final norm."""
+    """Embedding, decoder layers sharing one rotary embedding (one per layer type), final norm.
 
-    def __init__(self, hf_config: Any, tp_rank: int = 0, tp_size: int = 1) -> None:
+    `layer_options` are passed to every `LlamaDecoderLayer` (its keyword-only arguments); its
+    `norm_class` is the final norm's too. `scale_embeddings` multiplies the embeddings by
+    sqrt(hidden_size), rounded to the model dtype as Hugging Face does (Gemma). Configs whose
+    `rope_parameters` are nested by layer type (Gemma 3: local and global bases) get one rotary
+    embedding per type.
+    """
+
+    def __init__(
+        self,
+        hf_config: Any,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        *,
+        scale_embeddings: bool = False,
+        **layer_options: Any,
+    ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(
             hf_config.vocab_size, hf_config.hidden_size, tp_rank, tp_size
         )
+        self.embed_scale: torch.Tensor | None
+        if scale_embeddings:
+            scale = torch.tensor(hf_config.hidden_size**0.5, dtype=torch.float32)
+            self.register_buffer("embed_scale", scale.to(torch.get_default_dtype()), False)
+        else:
+            self.embed_scale = None
         head_dim = get_head_dim(hf_config)
-        rope_theta, rope_scaling = rope_settings(hf_config)
-        # One instance for all layers: its cos/sin tables can be large (128k positions for Llama 3.1).
-        self.rotary_emb = get_rope(
-            head_dim, head_dim, hf_config.max_position_embeddings, rope_theta, rope_scaling
-        )
+        rope_parameters = getattr(hf_config, "rope_parameters", None) or {}
+        by_layer_type = any(isinstance(value, dict) for value in rope_parameters.values())
+        num_layers = hf_config.num_hidden_layers
+        layer_types = hf_config.layer_types if by_layer_type else [None] * num_layers
+        # One instance per layer type: its cos/sin tables can be large (128k positions for Llama 3.1).
+        ropes = {
+            layer_type: get_rope(
+                head_dim,
+                get_rotary_dim(hf_config, head_dim),
+                hf_config.max_position_embeddings,
+                *rope_settings(hf_config, layer_type),
+            )
+            for layer_type in dict.fromkeys(layer_types)
+        }
+        self.rotary_emb = ropes[layer_types[0]]
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(hf_config, index, self.rotary_emb, tp_rank, tp_size)
-            for index in range(hf_config.num_hidden_layers)
+            LlamaDecoderLayer(
+                hf_config,
+                index,
+                ropes[layer_types[index]],
+                tp_rank,
+                tp_size,
+                **layer_options,
+            )
+            for index in range(num_layers)
         )
-        self.norm = RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
+        norm_class = layer_options.get("norm_class", RMSNorm)
+        self.norm = norm_class(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)  # [T, hidden]
+        if self.embed_scale is not None:
+            hidden_states = hidden_states * self.embed_scale
         residual = None
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual)
@@ -189,12 +285,26 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Llama (and Mistral) causal LM in the shape the model runner expects; see module docstring."""
+    """Llama (and Mistral) causal LM in the shape the model runner expects; see module docstring.
+
+    A family that differs only in its decoder layers subclasses it and sets `layer_options` (and
+    `scale_embeddings`). A config's `final_logit_softcapping` (Gemma 2) caps the logits with tanh.
+    """
+
+    layer_options: ClassVar[Mapping[str, Any]] = {}
+    scale_embeddings: ClassVar[bool] = False
 
     def __init__(self, hf_config: Any, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
         self.config = hf_config
-        self.model = LlamaModel(hf_config, tp_rank, tp_size)
+        self.model = LlamaModel(
+            hf_config,
+            tp_rank,
+            tp_size,
+            scale_embeddings=self.scale_embeddings,
+            **self.layer_options,
+        )
+        self.final_logit_softcap: float | None = getattr(hf_config, "final_logit_softcapping", None)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         # A tied head is built on the meta device so it never allocates a second [vocab, hidden] table.
         with torch.device("meta") if self.tie_word_embeddings else contextlib.nullcontext():
@@ -208,7 +318,10 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions)  # [T, hidden]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.compute_logits(hidden_states)  # [N, vocab]
+        logits = self.lm_head.compute_logits(hidden_states)  # [N, vocab]
+        if self.final_logit_softcap is not None:
+            logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
+        return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load Hugging Face-named checkpoint tensors; returns the parameter names loaded."""

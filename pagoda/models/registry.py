@@ -16,6 +16,15 @@ _MODELS: dict[str, str] = {
     "LlamaForCausalLM": "pagoda.models.llama:LlamaForCausalLM",
     # NOTE: Mistral is Llama plus an optional sliding window, which LlamaAttention already honours.
     "MistralForCausalLM": "pagoda.models.llama:LlamaForCausalLM",
+    "Qwen2ForCausalLM": "pagoda.models.qwen2:Qwen2ForCausalLM",
+    "Qwen3ForCausalLM": "pagoda.models.qwen3:Qwen3ForCausalLM",
+    "Phi3ForCausalLM": "pagoda.models.phi3:Phi3ForCausalLM",
+    "GPT2LMHeadModel": "pagoda.models.gpt2:GPT2LMHeadModel",
+    "OPTForCausalLM": "pagoda.models.opt:OPTForCausalLM",
+    "MixtralForCausalLM": "pagoda.models.mixtral:MixtralForCausalLM",
+    "GemmaForCausalLM": "pagoda.models.gemma:GemmaForCausalLM",
+    "Gemma2ForCausalLM": "pagoda.models.gemma2:Gemma2ForCausalLM",
+    "Gemma3ForCausalLM": "pagoda.models.gemma3:Gemma3ForCausalLM",
 }
 
 

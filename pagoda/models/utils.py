@@ -155,3 +155,26 @@ def get_head_dim(hf_config: Any) -> int:
     """`head_dim` from the config when it sets one (Gemma, Mistral Nemo), else hidden / heads."""
     head_dim = getattr(hf_config, "head_dim", None)
     return int(head_dim or hf_config.hidden_size // hf_config.num_attention_heads)
+
+
+def get_rotary_dim(hf_config: Any, head_dim: int) -> int:
+    """How many dims of each head RoPE rotates: `head_dim * partial_rotary_factor` (Phi-4-mini
+    rotates three quarters), read from `rope_parameters` or the config itself, default all."""
+    parameters = getattr(hf_config, "rope_parameters", None) or {}
+    factor = parameters.get("partial_rotary_factor")
+    if not isinstance(factor, int | float):  # absent, or rope_parameters nested by layer type
+        factor = getattr(hf_config, "partial_rotary_factor", None) or 1.0
+    return int(head_dim * factor)
+
+
+def get_sliding_window(hf_config: Any, layer_idx: int) -> int | None:
+    """The attention window of layer `layer_idx`, None for full attention.
+
+    Mistral and Phi-3 window every layer by `sliding_window`; configs with `layer_types` (Qwen2/3
+    with `use_sliding_window`, Gemma 2/3) window only their "sliding_attention" layers.
+    """
+    window = getattr(hf_config, "sliding_window", None)
+    layer_types = getattr(hf_config, "layer_types", None)
+    if window is None or layer_types is None:
+        return window
+    return int(window) if layer_types[layer_idx] == "sliding_attention" else None

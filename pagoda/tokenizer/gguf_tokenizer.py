@@ -10,7 +10,9 @@ Two vocabulary kinds (`tokenizer.ggml.model`):
 - "gpt2": byte-level BPE (SmolLM2, Llama 3, Qwen2, GPT-2). The pre-tokenizer is chosen by
   `tokenizer.ggml.pre`, a name llama.cpp's converter picks by recognising the HF tokenizer.
 - "llama": SentencePiece BPE (Llama 2, Mistral v0.1): merges are recovered from token scores, with
-  byte fallback through the `<0xNN>` tokens.
+  byte fallback through the `<0xNN>` tokens. Gemma files (`general.architecture` gemma, gemma2,
+  gemma3) say "llama" too but need their own reading, as transformers' GGUF converter does: runs
+  of spaces are stored as real spaces, and merge priority follows token order, not scores.
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from gguf import TokenType
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 from pagoda.loader.gguf import read_gguf
 
@@ -190,11 +201,47 @@ def _sentencepiece_model(metadata: dict[str, Any]) -> tuple[Tokenizer, bool]:
     if add_space_prefix:
         steps.append(decoders.Strip(" ", 1, 0))
     tokenizer.decoder = decoders.Sequence(steps)
-    # NOTE: Gemma GGUFs need more (multi-space tokens stored as real spaces; merge order from
-    # token order, not scores); add that with the Gemma architecture.
     # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise.
     return tokenizer, True
 
+
+def _gemma_model(metadata: dict[str, Any]) -> tuple[Tokenizer, bool]:
+    # NOTE: a vocabulary entry of two or more spaces is stored as real spaces ("  "), while the
+    # text is looked up with spaces turned into "\u2581"; spell those entries "\u2581\u2581" too.
+    tokens = [
+        SPIECE_UNDERLINE * len(token) if " " in token and not token.strip() else token
+        for token in metadata["tokenizer.ggml.tokens"]
+    ]
+    vocab: dict[str, int] = {}
+    for token_id, token in enumerate(tokens):
+        vocab.setdefault(token, token_id)
+    # Gemma's scores do not follow its merge order; the token order does. Every split of a token
+    # into two vocabulary entries is a merge, earlier tokens first, longer left parts first.
+    merges = [
+        (token[:split], token[split:])
+        for token in tokens
+        for split in range(len(token) - 1, 0, -1)
+        if token[:split] in vocab and token[split:] in vocab
+    ]
+    unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+    tokenizer = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            unk_token=tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None,
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    # No dummy prefix and no pre-tokenization: the whole text, spaces spelled "\u2581", is one word.
+    tokenizer.normalizer = normalizers.Replace(" ", SPIECE_UNDERLINE)
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace(SPIECE_UNDERLINE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    return tokenizer, True
+
+
+_GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
 _VOCABULARY_BUILDERS: dict[str, Callable[[dict[str, Any]], tuple[Tokenizer, bool]]] = {
     "gpt2": _byte_level_model,
@@ -207,7 +254,8 @@ def _add_token_types(
 ) -> None:
     # Control and unknown tokens (<|im_start|>, <s>, <unk>) are special: matched whole in the raw
     # text and dropped by decode(skip_special_tokens=True). User-defined ones are matched whole too
-    # but decode as text. Both keep their vocabulary ids, as they are already in the vocab.
+    # but decode as text. Both keep their vocabulary ids, as they are already in the vocab; a
+    # user-defined entry the model spells differently (Gemma's runs of spaces) is left to it.
     special = [
         AddedToken(token, special=True, normalized=False)
         for token, token_type in zip(tokens, token_types, strict=True)
@@ -216,7 +264,7 @@ def _add_token_types(
     user_defined = [
         AddedToken(token, special=False, normalized=False)
         for token, token_type in zip(tokens, token_types, strict=True)
-        if token_type == TokenType.USER_DEFINED
+        if token_type == TokenType.USER_DEFINED and tokenizer.token_to_id(token) is not None
     ]
     tokenizer.add_special_tokens(special)
     tokenizer.add_tokens(user_defined)
@@ -255,6 +303,8 @@ def gguf_tokenizer(path: str | Path) -> Any:
         raise ValueError(f"{gguf_file.path} has no tokenizer vocabulary (tokenizer.ggml.tokens)")
     model_type = metadata.get("tokenizer.ggml.model")
     builder = _VOCABULARY_BUILDERS.get(str(model_type))
+    if model_type == "llama" and gguf_file.architecture in _GEMMA_ARCHITECTURES:
+        builder = _gemma_model
     if builder is None:
         raise NotImplementedError(
             f"{gguf_file.path}: GGUF tokenizer model {model_type!r} is not supported; supported: "

@@ -281,7 +281,7 @@ def test_partial_rotary_leaves_the_tail_of_each_head_untouched() -> None:
 
 def test_unknown_rope_type_raises_value_error_listing_supported_ones() -> None:
     with pytest.raises(ValueError, match="default, linear, dynamic, llama3"):
-        get_rope(16, 16, 64, 10000.0, {"rope_type": "yarn", "factor": 4.0})
+        get_rope(16, 16, 64, 10000.0, {"rope_type": "fancy", "factor": 4.0})
 
 
 def test_rope_settings_read_new_and_legacy_config_forms() -> None:

@@ -1,0 +1,217 @@
+"""Mixture-of-experts feed-forward: a router sends each token to its top-k gated-MLP experts.
+
+A sparse MoE block takes the place of a decoder layer's MLP (Mixtral, Qwen-MoE, Llama 4). The router
+scores every token against every expert; each token runs through its `top_k` best experts only, and
+their outputs are summed with the routing weights. The experts' weights are stacked into two 3-D
+parameters, `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`, which checkpoints with one tensor
+per expert fill through `expert_weight_mapping` and the usual loading loop.
+
+This is the plain PyTorch path, correct on any device: one loop over the experts that got tokens,
+each running only the rows routed to it. Fused grouped-GEMM kernels can replace `FusedMoE.forward`
+later; the routing in `select_experts` is their reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pagoda.layers.activation import get_gated_activation
+from pagoda.layers.linear import ReplicatedLinear, copy_checked
+
+_EXPERT_PARTS = ("gate", "up", "down")
+
+
+def select_experts(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax routing: the `top_k` experts of each token and their weights.
+
+    The softmax runs over all experts in float32; with `renormalize` the chosen weights are divided
+    by their sum (Mixtral, Qwen3-MoE), otherwise they stay softmax probabilities (Qwen2-MoE).
+
+    Returns `(weights [T, k] float32, expert_ids [T, k] int64)`.
+    """
+    probabilities = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
+    weights, expert_ids = torch.topk(probabilities, top_k, dim=-1)  # [T, k], [T, k]
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, expert_ids
+
+
+def expert_weight_mapping(
+    num_experts: int, gate_name: str, up_name: str, down_name: str
+) -> list[tuple[str, str, str]]:
+    """`stacked_params` entries that load per-expert checkpoint tensors into a `FusedMoE` named
+    `experts` (for `load_weights_with_mapping`).
+
+    `...experts.3.<up_name>.weight` goes to `...experts.gate_up_proj` as shard "3.up". Mixtral
+    names its projections w1 (gate), w3 (up), w2 (down); Qwen-MoE gate_proj, up_proj, down_proj.
+    NOTE: put these entries before the dense MLP's (`.gate_proj.` -> `.gate_up_proj.`), which would
+    otherwise claim Qwen-MoE's expert tensors first.
+    """
+    mapping = []
+    for expert in range(num_experts):
+        for part, name in zip(_EXPERT_PARTS, (gate_name, up_name, down_name)):
+            fused = ".experts.down_proj" if part == "down" else ".experts.gate_up_proj"
+            mapping.append((fused, f".experts.{expert}.{name}.weight", f"{expert}.{part}"))
+    return mapping
+
+
+class FusedMoE(nn.Module):
+    """A bank of `num_experts` gated MLPs and the top-k dispatch over them.
+
+    `forward(hidden_states [T, H], router_logits [T, E])` returns `[T, H]`: for each token, the sum
+    over its top-k experts of `weight * down(act(gate(x)) * up(x))`.
+
+    With tensor parallelism every rank holds every expert, with its intermediate size split as in a
+    dense MLP (gate/up by rows, down by columns); the outputs are then partial sums.
+
+    Shard ids of `weight_loader` are `"<expert>.gate"`, `"<expert>.up"` and `"<expert>.down"`; a
+    checkpoint that already stacks the experts (`[E, 2I, H]`, `[E, H, I]`) loads with None.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        intermediate_size: int,
+        hidden_act: str = "silu",
+        renormalize: bool = True,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, {num_experts}] (num_experts), got {top_k}")
+        if tp_size < 1 or not 0 <= tp_rank < tp_size:
+            raise ValueError(
+                f"tp_rank must be in [0, tp_size), got tp_rank={tp_rank}, tp_size={tp_size}"
+            )
+        if intermediate_size % tp_size != 0:
+            raise ValueError(
+                f"intermediate_size ({intermediate_size}) must be divisible by tp_size ({tp_size})"
+            )
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.tp_rank = tp_rank
+        self.tp_size = tp_size
+        self.intermediate_size_per_partition = intermediate_size // tp_size
+        size = self.intermediate_size_per_partition
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(num_experts, 2 * size, hidden_size), requires_grad=False
+        )
+        self.down_proj = nn.Parameter(
+            torch.empty(num_experts, hidden_size, size), requires_grad=False
+        )
+        for param in (self.gate_up_proj, self.down_proj):
+            param.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        self.act_fn = get_gated_activation(hidden_act)
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None = None
+    ) -> None:
+        """Copy one expert's gate, up or down matrix (this rank's slice) into the stacked weight."""
+        if shard_id is None:
+            if loaded_weight.dim() != 3 or loaded_weight.shape[0] != self.num_experts:
+                raise ValueError(
+                    f"a stacked expert tensor must be [{self.num_experts}, out, in], "
+                    f"got {tuple(loaded_weight.shape)}"
+                )
+            for expert in range(self.num_experts):
+                if param is self.gate_up_proj:
+                    gate, up = loaded_weight[expert].chunk(2, dim=0)  # [I, H] each
+                    self.weight_loader(param, gate, f"{expert}.gate")
+                    self.weight_loader(param, up, f"{expert}.up")
+                else:
+                    self.weight_loader(param, loaded_weight[expert], f"{expert}.down")
+            return
+        expert_text, _, part = str(shard_id).partition(".")
+        if not expert_text.isdigit() or int(expert_text) >= self.num_experts:
+            raise ValueError(
+                f"shard_id must name an expert in [0, {self.num_experts}), got {shard_id!r}"
+            )
+        expert = int(expert_text)
+        size = self.intermediate_size_per_partition
+        start = self.tp_rank * size
+        if param is self.gate_up_proj and part in ("gate", "up"):
+            offset = 0 if part == "gate" else size
+            copy_checked(
+                param.data[expert].narrow(0, offset, size), loaded_weight.narrow(0, start, size)
+            )
+        elif param is self.down_proj and part == "down":
+            copy_checked(param.data[expert], loaded_weight.narrow(1, start, size))
+        else:
+            raise ValueError(f"shard_id {shard_id!r} does not fit this parameter")
+
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        if self.tp_size > 1:
+            # NOTE: each rank's sum is partial over the intermediate size; completing it needs an
+            # all-reduce from pagoda.distributed, which does not exist yet.
+            raise NotImplementedError("FusedMoE with tp_size > 1 needs an all-reduce")
+        weights, expert_ids = select_experts(router_logits, self.top_k, self.renormalize)
+        flat_expert_ids = expert_ids.flatten()  # [T*k]
+        # Sort the (token, slot) pairs by expert, so each expert reads one contiguous run of them.
+        order = flat_expert_ids.argsort(stable=True)  # [T*k]
+        token_rows = order // self.top_k  # [T*k]
+        sorted_weights = weights.flatten()[order]  # [T*k]
+        counts = torch.bincount(flat_expert_ids, minlength=self.num_experts).tolist()
+        output = torch.zeros_like(hidden_states)  # [T, H]
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = token_rows[start : start + count]  # [n]
+            x = hidden_states.index_select(0, rows)  # [n, H]
+            x = self.act_fn(F.linear(x, self.gate_up_proj[expert]))  # [n, 2I] -> [n, I]
+            x = F.linear(x, self.down_proj[expert])  # [n, H]
+            # The routing weight multiplies in float32, as in transformers, before the cast back.
+            x = x * sorted_weights[start : start + count, None]  # [n, H]
+            output.index_add_(0, rows, x.to(output.dtype))
+            start += count
+        return output
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"renormalize={self.renormalize}, tp_rank={self.tp_rank}, tp_size={self.tp_size}"
+        )
+
+
+class SparseMoeBlock(nn.Module):
+    """Router plus experts: the MLP replacement of Mixtral and Qwen3-MoE layers.
+
+    Checkpoint names under the block: `gate.weight` (the router, `[E, H]`, replicated) and the
+    experts' tensors under `experts.` (see `expert_weight_mapping`).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        intermediate_size: int,
+        hidden_act: str = "silu",
+        renormalize: bool = True,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ) -> None:
+        super().__init__()
+        self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False)
+        self.experts = FusedMoE(
+            num_experts,
+            top_k,
+            hidden_size,
+            intermediate_size,
+            hidden_act=hidden_act,
+            renormalize=renormalize,
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        router_logits = self.gate(hidden_states)  # [T, E]
+        return self.experts(hidden_states, router_logits)  # [T, H]
