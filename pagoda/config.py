@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from pagoda import envs
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,8 @@ class EngineArgs:
             enable_prefix_caching=self.enable_prefix_caching,
             prefix_caching_hash_algo=self.prefix_caching_hash_algo,
             gpu_memory_utilization=self.gpu_memory_utilization,
-            kv_cache_space=self.kv_cache_space,
+            # vLLM-CPU users set the budget by environment; an explicit argument wins.
+            kv_cache_space=self.kv_cache_space or envs.cpu_kvcache_space(),
             num_gpu_blocks_override=self.num_gpu_blocks_override,
         )
         scheduler_config = SchedulerConfig(
@@ -243,8 +245,7 @@ class EngineArgs:
         tokenizer_path = Path(self.tokenizer) if self.tokenizer else resolved.tokenizer_path
         derived_max_len = _derive_max_model_len(hf_config)
         max_model_len = self.max_model_len or derived_max_len
-        allow_long = os.environ.get("PAGODA_ALLOW_LONG_MAX_MODEL_LEN", "0") == "1"
-        if max_model_len > derived_max_len and not allow_long:
+        if max_model_len > derived_max_len and not envs.allow_long_max_model_len():
             raise ValueError(
                 f"User-specified max_model_len ({max_model_len}) is greater than the derived "
                 f"max_model_len ({derived_max_len} from the model config). Set "

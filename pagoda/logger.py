@@ -7,7 +7,8 @@ PAGODA_LOGGING_LEVEL to change the level (default INFO).
 from __future__ import annotations
 
 import logging
-import os
+
+from pagoda import envs
 
 _FORMAT = "%(levelname)s %(asctime)s [%(filename)s:%(lineno)d] %(message)s"
 _DATE_FORMAT = "%m-%d %H:%M:%S"
@@ -15,7 +16,7 @@ _DATE_FORMAT = "%m-%d %H:%M:%S"
 
 def configure_logging() -> None:
     """Attach Pagoda's handler to the `pagoda` logger once (idempotent)."""
-    if os.environ.get("PAGODA_CONFIGURE_LOGGING", "1") == "0":
+    if not envs.configure_logging():
         return
     root = logging.getLogger("pagoda")
     if any(getattr(h, "_pagoda", False) for h in root.handlers):
@@ -24,5 +25,5 @@ def configure_logging() -> None:
     handler.setFormatter(logging.Formatter(_FORMAT, _DATE_FORMAT))
     handler._pagoda = True  # type: ignore[attr-defined]
     root.addHandler(handler)
-    root.setLevel(os.environ.get("PAGODA_LOGGING_LEVEL", "INFO").upper())
+    root.setLevel(envs.logging_level())
     root.propagate = False

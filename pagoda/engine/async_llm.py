@@ -17,15 +17,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pagoda.config import EngineArgs, EngineConfig
-from pagoda.engine.core import EngineCore
-from pagoda.engine.input_processor import InputProcessor, PromptType
-from pagoda.engine.llm_engine import load_tokenizer
+from pagoda.config import EngineConfig
+from pagoda.engine.input_processor import PromptType
+from pagoda.engine.llm_engine import EngineFrontend
 from pagoda.engine.messages import EngineCoreOutputs
-from pagoda.engine.output_processor import OutputProcessor
 from pagoda.metrics.prometheus import PrometheusMetrics
 from pagoda.metrics.request_tracker import RequestTracker
-from pagoda.metrics.stats import SchedulerStats, StatLogger
+from pagoda.metrics.stats import SchedulerStats
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 
@@ -36,17 +34,11 @@ class EngineDeadError(RuntimeError):
     """The engine core failed; no request can make progress."""
 
 
-class AsyncLLM:
+class AsyncLLM(EngineFrontend):
     """Asyncio front of the engine: `generate()` yields partial outputs as tokens arrive."""
 
     def __init__(self, config: EngineConfig, log_stats: bool = True) -> None:
-        self.config = config
-        self.model_config = config.model_config
-        self.tokenizer = load_tokenizer(config)
-        self.input_processor = InputProcessor(self.model_config, self.tokenizer)
-        self.output_processor = OutputProcessor(self.tokenizer)
-        self.engine_core = EngineCore(config)
-        self.stat_logger = StatLogger() if log_stats else None
+        super().__init__(config, log_stats)
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -57,13 +49,6 @@ class AsyncLLM:
         self._tracker: RequestTracker | None = None
         # core request id -> [prompt tokens, generated tokens], for per-request metrics.
         self._token_counts: dict[str, list[int]] = {}
-
-    @classmethod
-    def from_engine_args(cls, engine_args: EngineArgs) -> AsyncLLM:
-        return cls(engine_args.create_engine_config(), log_stats=not engine_args.disable_log_stats)
-
-    def get_tokenizer(self) -> Any:
-        return self.tokenizer
 
     def enable_metrics(self, model_name: str) -> PrometheusMetrics:
         """Record Prometheus metrics (labelled with `model_name`) from now on."""

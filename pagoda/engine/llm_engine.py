@@ -7,7 +7,7 @@ core. `LLM` drives it for offline batches; tests drive it step by step.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Self
 
 from pagoda.config import EngineArgs, EngineConfig
 from pagoda.engine.core import EngineCore
@@ -21,8 +21,9 @@ from pagoda.tokenizer import get_tokenizer
 logger = logging.getLogger(__name__)
 
 
-class LLMEngine:
-    """Synchronous engine: add requests, call `step()` until they finish."""
+class EngineFrontend:
+    """What both engines share: the API side (tokenizer, input and output processing) joined to
+    an in-process engine core, and the periodic stats line."""
 
     def __init__(self, config: EngineConfig, log_stats: bool = True) -> None:
         self.config = config
@@ -34,11 +35,15 @@ class LLMEngine:
         self.stat_logger = StatLogger() if log_stats else None
 
     @classmethod
-    def from_engine_args(cls, engine_args: EngineArgs) -> LLMEngine:
+    def from_engine_args(cls, engine_args: EngineArgs) -> Self:
         return cls(engine_args.create_engine_config(), log_stats=not engine_args.disable_log_stats)
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
+
+
+class LLMEngine(EngineFrontend):
+    """Synchronous engine: add requests, call `step()` until they finish."""
 
     def add_request(
         self,
