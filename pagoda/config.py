@@ -57,6 +57,9 @@ class ModelConfig:
     max_logprobs: int
     trust_remote_code: bool
     weights_file: Path | None = None
+    # CPU only: linear weights held as float16 for fbgemm while activations stay in `dtype`
+    # (float32); None when they are held in `dtype` too. See `_resolve_weight_dtype`.
+    weight_dtype: torch.dtype | None = None
 
     @property
     def architecture(self) -> str:
@@ -258,19 +261,21 @@ class EngineArgs:
             )
         elif self.generation_config != "vllm":
             generation_config = _read_json(Path(self.generation_config) / "generation_config.json")
+        dtype = _resolve_dtype(self.dtype, hf_config, device)
         return ModelConfig(
             model=resolved.name,
             model_path=resolved.path,
             tokenizer_path=tokenizer_path,
             revision=self.revision,
             hf_config=hf_config,
-            dtype=_resolve_dtype(self.dtype, hf_config, device),
+            dtype=dtype,
             max_model_len=max_model_len,
             seed=0 if self.seed is None else self.seed,
             generation_config=generation_config,
             max_logprobs=self.max_logprobs,
             trust_remote_code=self.trust_remote_code,
             weights_file=resolved.weights_file,
+            weight_dtype=_resolve_weight_dtype(self.dtype, dtype, hf_config, resolved, device),
         )
 
 
@@ -304,6 +309,32 @@ def _resolve_dtype(dtype: str, hf_config: Any, device: torch.device) -> torch.dt
     if config_dtype in (None, torch.float32):
         return torch.float16
     return config_dtype
+
+
+def _resolve_weight_dtype(
+    requested: str, dtype: torch.dtype, hf_config: Any, resolved: Any, device: torch.device
+) -> torch.dtype | None:
+    """float16 weight storage under float32 compute, for `dtype="auto"` on CPU.
+
+    Chosen when the checkpoint holds at most 16-bit weights (a float16/bfloat16 checkpoint, or a
+    GGUF file whose matrices are float16 or block-quantized), so that storing them as float16 loses
+    (almost) nothing the checkpoint had, and fbgemm is there to multiply them. An explicit
+    `--dtype float32` keeps exact float32 weights.
+    """
+    from pagoda.layers.linear import half_weight_matmul_available
+
+    if requested != "auto" or device.type != "cpu" or dtype != torch.float32:
+        return None
+    if not half_weight_matmul_available():
+        return None
+    if resolved.is_gguf:
+        from pagoda.loader.gguf import gguf_matrices_are_half_precision
+
+        return torch.float16 if gguf_matrices_are_half_precision(resolved.weights_file) else None
+    config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(config_dtype, str):
+        config_dtype = _DTYPES.get(config_dtype)
+    return torch.float16 if config_dtype in (torch.float16, torch.bfloat16) else None
 
 
 def _derive_max_model_len(hf_config: Any) -> int:

@@ -69,6 +69,19 @@ ENVIRONMENT_VARIABLES: tuple[EnvVar, ...] = (
         "--kv-cache-space below PAGODA_KV_CACHE_SPACE.",
     ),
     EnvVar(
+        "PAGODA_CPU_KERNELS",
+        "bool",
+        "1",
+        "0 runs decode attention on CPU in plain PyTorch instead of the C kernel Pagoda compiles "
+        "(with the system C compiler, once, into PAGODA_CACHE_ROOT) on first use.",
+    ),
+    EnvVar(
+        "PAGODA_CACHE_ROOT",
+        "path",
+        "~/.cache/pagoda",
+        "Where Pagoda keeps what it builds (the compiled CPU kernels).",
+    ),
+    EnvVar(
         "PAGODA_<FLAG_NAME>",
         "as the flag",
         "",
@@ -201,6 +214,20 @@ def allow_long_max_model_len() -> bool:
 def cpu_kvcache_space() -> float | None:
     """PAGODA_CPU_KVCACHE_SPACE in GiB, or None when unset (the engine then uses 4 GiB)."""
     return get_float("PAGODA_CPU_KVCACHE_SPACE", None)
+
+
+def cpu_kernels() -> bool:
+    """PAGODA_CPU_KERNELS: whether the compiled CPU kernels may be used (default True)."""
+    return get_bool("PAGODA_CPU_KERNELS", True)
+
+
+def cache_root() -> str:
+    """PAGODA_CACHE_ROOT (default `$XDG_CACHE_HOME/pagoda`, else `~/.cache/pagoda`)."""
+    root = get_str("PAGODA_CACHE_ROOT")
+    if root:
+        return os.path.expanduser(root)
+    xdg = get_str("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "pagoda")
 
 
 def describe(width: int = 100) -> str:

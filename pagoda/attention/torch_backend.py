@@ -4,10 +4,15 @@ Per layer: scatter the step's new K/V into the cache by slot, then attend. Reque
 single token (decodes) are batched into one SDPA call over their gathered contexts, padded to the
 longest; requests that compute several tokens (prefill chunks) attend one by one, with a causal
 mask offset by the tokens already in the cache (prefix-cache hits and earlier chunks).
+
+Contexts are gathered a whole block at a time (`index_select` over block ids, K and V in one call):
+copying contiguous [block_size, kv_heads, head_dim] pages is several times faster than indexing
+slot by slot, and the tail of a request's last block is masked out like padding.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -15,6 +20,11 @@ import numpy as np
 import torch
 
 from pagoda.attention.backend import AttentionBackend, StepLayout
+from pagoda.attention.cpu_kernels import (
+    kernel_applies,
+    paged_decode_attention,
+    paged_decode_kernel,
+)
 from pagoda.layers.attention import attend
 
 if TYPE_CHECKING:
@@ -25,18 +35,23 @@ if TYPE_CHECKING:
 class _Prefill:
     token_start: int
     token_end: int
-    context_slots: torch.Tensor  # [L] slots of the whole context, prefix included
+    context_blocks: torch.Tensor  # [nb] blocks of the whole context, prefix included
     query_positions: torch.Tensor  # [Q]
-    key_positions: torch.Tensor  # [L]
+    key_positions: torch.Tensor  # [nb * block_size]
 
 
 @dataclass
 class TorchAttentionMetadata:
     slot_mapping: torch.Tensor  # [T]
     decode_token_index: torch.Tensor | None  # [B] rows of q that are decodes
-    decode_slots: torch.Tensor | None  # [B, Lmax] context slots, padded with the zero slot
+    decode_block_table: torch.Tensor | None  # [B, nb_max] padded with the zero block
     decode_context_len: torch.Tensor | None  # [B]
     prefills: list[_Prefill]
+    block_size: int
+    # Every token of the step is a decode, in request order (q's rows are the decode batch).
+    all_decode: bool = False
+    # The compiled CPU decode kernel (pagoda.attention.cpu_kernels), None on GPU or without it.
+    decode_kernel: Callable[..., None] | None = None
     # Masks depend on the layer's sliding window; built on first use and shared by layers.
     _decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
     _prefill_masks: dict[tuple[int, int | None], torch.Tensor] = field(default_factory=dict)
@@ -44,8 +59,9 @@ class TorchAttentionMetadata:
     def decode_mask(self, window: int | None) -> torch.Tensor:
         mask = self._decode_masks.get(window)
         if mask is None:
-            assert self.decode_slots is not None and self.decode_context_len is not None
-            key_pos = torch.arange(self.decode_slots.shape[1], device=self.decode_slots.device)
+            assert self.decode_block_table is not None and self.decode_context_len is not None
+            num_keys = self.decode_block_table.shape[1] * self.block_size
+            key_pos = torch.arange(num_keys, device=self.decode_block_table.device)
             ctx = self.decode_context_len[:, None]
             mask = key_pos[None, :] < ctx  # [B, Lmax]
             if window is not None:
@@ -74,47 +90,52 @@ class TorchAttentionBackend(AttentionBackend):
 
     def build_metadata(self, layout: StepLayout, device: torch.device) -> TorchAttentionMetadata:
         block_size = layout.block_size
-        decode_rows: list[int] = []
-        decode_requests: list[int] = []
+        padding_block = layout.padding_slot // block_size
+        query_len = layout.query_len
+        is_decode = query_len == 1
         prefills: list[_Prefill] = []
-        for i, query_len in enumerate(layout.query_len.tolist()):
+        for i in np.flatnonzero(~is_decode).tolist():
             start = int(layout.query_start[i])
-            if query_len == 1:
-                decode_rows.append(start)
-                decode_requests.append(i)
-                continue
             context_len = int(layout.context_len[i])
-            key_positions = np.arange(context_len)
-            slots = _slots(layout.block_tables[i], key_positions, block_size)
+            num_blocks = -(-context_len // block_size)
+            key_positions = np.arange(num_blocks * block_size)
+            q_len = int(query_len[i])
             prefills.append(
                 _Prefill(
                     token_start=start,
-                    token_end=start + query_len,
-                    context_slots=torch.from_numpy(slots).to(device),
-                    query_positions=torch.from_numpy(key_positions[context_len - query_len :]).to(
-                        device
-                    ),
+                    token_end=start + q_len,
+                    context_blocks=torch.from_numpy(
+                        np.asarray(layout.block_tables[i][:num_blocks], dtype=np.int64)
+                    ).to(device),
+                    query_positions=torch.from_numpy(
+                        key_positions[context_len - q_len : context_len]
+                    ).to(device),
                     key_positions=torch.from_numpy(key_positions).to(device),
                 )
             )
-        decode_index = decode_slots = decode_context_len = None
-        if decode_rows:
+        decode_index = decode_table = decode_context_len = None
+        decode_requests = np.flatnonzero(is_decode)
+        if len(decode_requests):
             context_lens = layout.context_len[decode_requests]
-            max_len = int(context_lens.max())
-            slot_table = np.full((len(decode_rows), max_len), layout.padding_slot, dtype=np.int64)
-            for row, (request, length) in enumerate(zip(decode_requests, context_lens.tolist())):
-                slot_table[row, :length] = _slots(
-                    layout.block_tables[request], np.arange(length), block_size
-                )
-            decode_index = torch.tensor(decode_rows, dtype=torch.long, device=device)
-            decode_slots = torch.from_numpy(slot_table).to(device)
+            blocks_needed = -(-context_lens // block_size)
+            max_blocks = int(blocks_needed.max())
+            table = np.full((len(decode_requests), max_blocks), padding_block, dtype=np.int64)
+            for row, (request, count) in enumerate(
+                zip(decode_requests.tolist(), blocks_needed.tolist())
+            ):
+                table[row, :count] = layout.block_tables[request][:count]
+            decode_index = torch.from_numpy(layout.query_start[decode_requests]).to(device)
+            decode_table = torch.from_numpy(table).to(device)
             decode_context_len = torch.from_numpy(context_lens.astype(np.int64)).to(device)
         return TorchAttentionMetadata(
             slot_mapping=torch.from_numpy(layout.slot_mapping).to(device),
             decode_token_index=decode_index,
-            decode_slots=decode_slots,
+            decode_block_table=decode_table,
             decode_context_len=decode_context_len,
             prefills=prefills,
+            block_size=block_size,
+            all_decode=bool(is_decode.all()),
+            decode_kernel=paged_decode_kernel() if device.type == "cpu" else None,
         )
 
     def forward(
@@ -135,10 +156,35 @@ class TorchAttentionBackend(AttentionBackend):
 
         out = torch.empty_like(q)
         window = layer.sliding_window
-        if metadata.decode_token_index is not None:
-            assert metadata.decode_slots is not None
-            keys = key_cache[metadata.decode_slots]  # [B, Lmax, Hkv, D]
-            values = value_cache[metadata.decode_slots]  # [B, Lmax, Hkv, D]
+        kernel = metadata.decode_kernel
+        if (
+            metadata.decode_token_index is not None
+            and kernel is not None
+            and kernel_applies(kv_cache, q)
+        ):
+            assert metadata.decode_block_table is not None
+            assert metadata.decode_context_len is not None
+            queries = q if metadata.all_decode else q[metadata.decode_token_index]  # [B, H, D]
+            decoded = paged_decode_attention(
+                kernel,
+                queries,
+                kv_cache,
+                metadata.decode_block_table,
+                metadata.decode_context_len,
+                layer.scale,
+                window,
+                layer.logit_softcap,
+            )
+            if metadata.all_decode:
+                return decoded
+            out[metadata.decode_token_index] = decoded
+        elif metadata.decode_token_index is not None:
+            assert metadata.decode_block_table is not None
+            batch = metadata.decode_token_index.shape[0]
+            # [2, B * nb, block_size, Hkv, D] -> K and V as [B, nb * block_size, Hkv, D]
+            pages = kv_cache.index_select(1, metadata.decode_block_table.view(-1))
+            pages = pages.view(2, batch, -1, num_kv_heads, head_dim)
+            keys, values = pages[0], pages[1]
             queries = q[metadata.decode_token_index].unsqueeze(1)  # [B, 1, H, D]
             decoded = attend(
                 queries,
@@ -150,8 +196,10 @@ class TorchAttentionBackend(AttentionBackend):
             )
             out[metadata.decode_token_index] = decoded.squeeze(1)  # [B, H, D]
         for i, prefill in enumerate(metadata.prefills):
-            keys = key_cache[prefill.context_slots]  # [L, Hkv, D]
-            values = value_cache[prefill.context_slots]  # [L, Hkv, D]
+            # [2, nb, block_size, Hkv, D] -> K and V as [nb * block_size, Hkv, D]
+            pages = kv_cache.index_select(1, prefill.context_blocks)
+            pages = pages.view(2, -1, num_kv_heads, head_dim)
+            keys, values = pages[0], pages[1]
             rows = slice(prefill.token_start, prefill.token_end)
             out[rows] = attend(
                 q[rows],
@@ -162,7 +210,3 @@ class TorchAttentionBackend(AttentionBackend):
                 layer.logit_softcap,
             )
         return out
-
-
-def _slots(block_table: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
-    return block_table[positions // block_size] * block_size + positions % block_size

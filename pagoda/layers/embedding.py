@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pagoda.layers.linear import copy_checked
+from pagoda.layers.linear import copy_checked, half_weight_linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -96,6 +96,8 @@ class ParallelLMHead(VocabParallelEmbedding):
             self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         else:
             self.register_parameter("bias", None)
+        # Set by pagoda.layers.linear.pack_half_weights: the head as fbgemm float16.
+        self.packed_weight: torch.Tensor | None = None
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None = None
@@ -120,7 +122,10 @@ class ParallelLMHead(VocabParallelEmbedding):
         if self.tp_size > 1:
             # NOTE: each rank holds a vocabulary block; gathering them needs pagoda.distributed.
             raise NotImplementedError("ParallelLMHead with tp_size > 1 needs an all-gather")
-        logits = F.linear(hidden_states, self.weight, self.bias)  # [N, padded vocab]
+        if self.packed_weight is not None:
+            logits = half_weight_linear(hidden_states.contiguous(), self.packed_weight)
+        else:
+            logits = F.linear(hidden_states, self.weight, self.bias)  # [N, padded vocab]
         return logits[:, : self.num_embeddings]  # [N, vocab]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,12 @@ Sharding follows Megatron: a column-parallel layer splits its output features ov
 row-parallel one its input features (its outputs are partial sums that an all-reduce completes).
 Only tp_size=1 runs today; the loaders already slice honestly for tp_size > 1, and the forward passes
 that would need a collective refuse to run rather than return a wrong answer.
+
+On CPUs, a loaded layer can hand its weight to fbgemm as float16 (`pack_half_weights`): the
+matmul then reads half the bytes and still multiplies and accumulates in float32. Decoding is
+bound by weight reads, so this is the biggest single lever on a CPU without fast half-precision
+arithmetic (AVX2 only); it is exact for float16 checkpoints and for GGUF block quantizations up to
+the rounding of each dequantized value to float16.
 """
 
 from __future__ import annotations
@@ -19,6 +25,48 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+
+def half_weight_matmul_available() -> bool:
+    """Whether this torch build has fbgemm's float16-weight linear (x86 CPU builds do)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
+        torch.ops.quantized, "linear_prepack_fp16"
+    )
+
+
+def pack_half_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """fbgemm's packed float16 copy of a float32 `[out, in]` weight (and float32 bias)."""
+    return torch.ops.quantized.linear_prepack_fp16(
+        weight.detach().float().contiguous(), None if bias is None else bias.detach().float()
+    )
+
+
+def half_weight_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """`x @ W.T + b` with W packed by `pack_half_weight`; x is float32 `[..., in]`."""
+    return torch.ops.quantized.linear_dynamic_fp16(x, packed)
+
+
+def pack_half_weights(model: nn.Module) -> int:
+    """Switch every linear layer of `model` (and its LM head) to float16 weights in fbgemm.
+
+    Only for float32 models on CPU. The float32 copies of the linear weights are released (a tied
+    LM head keeps the embedding table, which lookups still need). Returns the number of layers
+    packed.
+    """
+    from pagoda.layers.embedding import ParallelLMHead
+
+    packed = 0
+    for module in model.modules():
+        if isinstance(module, LinearBase | ParallelLMHead):
+            if module.weight.dtype != torch.float32 or module.weight.device.type != "cpu":
+                raise ValueError("float16 weight packing needs a float32 model on CPU")
+            module.packed_weight = pack_half_weight(module.weight, module.bias)
+            if isinstance(module, LinearBase):
+                module.weight.data = torch.empty(0)
+                if module.bias is not None:
+                    module.bias.data = torch.empty(0)
+            packed += 1
+    return packed
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -87,6 +135,8 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         else:
             self.register_parameter("bias", None)
+        # Set by pack_half_weights: the weight (and bias) as fbgemm float16, used in place of both.
+        self.packed_weight: torch.Tensor | None = None
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None = None
@@ -94,6 +144,8 @@ class LinearBase(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return half_weight_linear(x, self.packed_weight)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -285,4 +337,6 @@ class RowParallelLinear(LinearBase):
             # NOTE: the partial sums need an all-reduce over the tensor-parallel group, which
             # pagoda.distributed does not provide yet; returning a partial sum would be silently wrong.
             raise NotImplementedError("RowParallelLinear with tp_size > 1 needs an all-reduce")
+        if self.packed_weight is not None:
+            return half_weight_linear(x, self.packed_weight)
         return F.linear(x, self.weight, self.bias)

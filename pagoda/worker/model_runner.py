@@ -34,6 +34,14 @@ logger = logging.getLogger(__name__)
 _GIB = 1 << 30
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor; on CPU backed by calloc, whose large allocations are lazily zeroed pages."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 @dataclass(slots=True)
 class ModelRunnerOutput:
     """Sampled tokens of one step, by request id, and their logprobs when requested."""
@@ -76,19 +84,26 @@ class ModelRunner:
             weights=weights,
         )
         self.model = cast(CausalLM, module)
+        num_params = sum(p.numel() for p in module.parameters())
+        weight_note = ""
+        if self.model_config.weight_dtype == torch.float16 and self.device.type == "cpu":
+            from pagoda.layers.linear import pack_half_weights
+
+            pack_half_weights(module)
+            weight_note = " (linear weights float16 in fbgemm)"
         self.attention_layers = sorted(
             (m for m in module.modules() if isinstance(m, Attention)),
             key=lambda m: m.layer_idx,
         )
-        num_params = sum(p.numel() for p in module.parameters())
         self.load_seconds = time.perf_counter() - start
         logger.info(
-            "Loaded %s (%s) in %.2f s: %.1fM parameters, dtype %s, device %s",
+            "Loaded %s (%s) in %.2f s: %.1fM parameters, dtype %s%s, device %s",
             self.model_config.model,
             self.model_config.architecture,
             self.load_seconds,
             num_params / 1e6,
             str(self.dtype).removeprefix("torch."),
+            weight_note,
             self.device,
         )
 
@@ -129,18 +144,17 @@ class ModelRunner:
         return num_blocks
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        # Uninitialised memory: only written slots are ever read, except the padding block (the
-        # last one), which is zeroed. On CPU this also keeps start-up fast: pages are touched
-        # as blocks are first used, not all at once.
+        # Zeroed memory throughout: attention gathers whole blocks and masks the unwritten tail of
+        # each request's last block, and a masked NaN would still poison the weighted sum. On CPU
+        # the zeros come from calloc, i.e. fresh pages the kernel zeroes on first touch, so start-up
+        # does not write 4 GiB; the extra block at index num_blocks is the padding block.
         self.num_blocks = num_blocks
         self.kv_caches = []
         for layer in self.attention_layers:
             shape = self.backend.kv_cache_shape(
                 num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim
             )
-            cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-            cache[:, num_blocks].zero_()
-            self.kv_caches.append(cache)
+            self.kv_caches.append(_zeros(shape, self.dtype, self.device))
         tokens = num_blocks * self.block_size
         gib = num_blocks * self.kv_bytes_per_block() / _GIB
         logger.info(

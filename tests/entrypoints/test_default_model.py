@@ -1,5 +1,6 @@
-"""The default model end to end: `LLM()` with no arguments runs SmolLM2-135M-Instruct from its GGUF
-and gives transformers' greedy tokens on the same file (float32), chat template included."""
+"""The default model end to end: `LLM(dtype="float32")` runs SmolLM2-135M-Instruct from its GGUF and
+gives transformers' greedy tokens on the same file, chat template included; `LLM()` (dtype auto:
+float32 compute over float16 linear weights on CPU) gives the same greedy tokens."""
 
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ def gguf_file() -> Path:
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
+    return LLM(dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def llm_auto() -> LLM:
     return LLM()
 
 
@@ -76,3 +82,25 @@ def test_default_model_answers_the_capital_of_france(llm: LLM) -> None:
     (reply,) = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=48), use_tqdm=False)
     assert "Paris" in reply.outputs[0].text
     assert reply.outputs[0].finish_reason in ("stop", "length")
+
+
+def test_default_dtype_packs_half_weights_and_keeps_the_greedy_tokens(
+    llm: LLM, llm_auto: LLM
+) -> None:
+    from pagoda.layers.linear import LinearBase, half_weight_matmul_available
+
+    config = llm_auto.llm_engine.model_config
+    runner = llm_auto.llm_engine.engine_core.executor.worker.model_runner
+    assert runner.model is not None
+    linears = [m for m in runner.model.modules() if isinstance(m, LinearBase)]
+    if half_weight_matmul_available():
+        assert config.weight_dtype == torch.float16
+        assert all(m.packed_weight is not None for m in linears)
+    else:
+        assert config.weight_dtype is None
+    assert llm.llm_engine.model_config.weight_dtype is None
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    exact = llm.generate(PROMPTS, params, use_tqdm=False)
+    packed = llm_auto.generate(PROMPTS, params, use_tqdm=False)
+    for a, b in zip(exact, packed):
+        assert list(b.outputs[0].token_ids) == list(a.outputs[0].token_ids)

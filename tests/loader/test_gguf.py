@@ -23,6 +23,7 @@ import transformers
 from safetensors.torch import load_file
 
 from pagoda.loader.gguf import (
+    GGUFTensorInfo,
     dequantize_tensor,
     find_gguf_file,
     gguf_generation_config,
@@ -453,6 +454,19 @@ def test_tensors_of_each_present_type_dequantize_like_gguf_reader(real_gguf: Pat
         reference = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(info.shape)
         assert actual.dtype == torch.float32
         assert torch.equal(actual, torch.from_numpy(reference.copy())), tensor.name
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.F16])
+def test_torch_dequantizers_equal_gguf_reference(qtype: Q) -> None:
+    """The torch fast paths give exactly gguf's numpy values (same float32 arithmetic)."""
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal((6, 64)) * 3).astype(np.float32)
+    values[0, :32] = 0.0  # an all-zero block (scale 0)
+    packed = gguf.quants.quantize(values, qtype)
+    info = GGUFTensorInfo("t", (6, 64), qtype, offset=0, nbytes=packed.nbytes)
+    actual = dequantize_tensor(packed.reshape(-1).view(np.uint8), info)
+    reference = gguf.quants.dequantize(packed, qtype).reshape(6, 64)
+    assert torch.equal(actual, torch.from_numpy(reference.astype(np.float32)))
 
 
 @pytest.mark.slow

@@ -1,0 +1,68 @@
+"""The compiled CPU decode-attention kernel against the PyTorch reference `attend`, on paged caches
+with scattered block tables, grouped-query heads, sliding windows and soft-capping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagoda.attention.cpu_kernels import paged_decode_attention, paged_decode_kernel
+from pagoda.layers.attention import attend
+
+kernel = paged_decode_kernel()
+pytestmark = pytest.mark.skipif(kernel is None, reason="no C compiler to build the CPU kernel")
+
+
+def reference(q, kv_cache, tables, lengths, scale, window, softcap):  # type: ignore[no-untyped-def]
+    block_size = kv_cache.shape[2]
+    outs = []
+    for b, length in enumerate(lengths.tolist()):
+        positions = torch.arange(length)
+        blocks = tables[b][positions // block_size]
+        keys = kv_cache[0][blocks, positions % block_size]  # [L, Hkv, D]
+        values = kv_cache[1][blocks, positions % block_size]
+        mask = torch.ones(1, length, dtype=torch.bool)
+        if window is not None:
+            mask &= positions[None, :] > length - 1 - window
+        outs.append(attend(q[b : b + 1], keys, values, mask, scale, softcap))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "window", "softcap"),
+    [(9, 3, 64, None, None), (4, 4, 32, None, None), (8, 1, 16, 5, None), (6, 2, 64, 7, 20.0)],
+)
+def test_kernel_matches_reference(heads, kv_heads, head_dim, window, softcap) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    num_blocks, block_size, batch = 40, 4, 5
+    assert kernel is not None
+    kv_cache = torch.randn(2, num_blocks + 1, block_size, kv_heads, head_dim)
+    lengths = torch.tensor([1, 3, 4, 9, 23], dtype=torch.int64)
+    max_blocks = 8
+    # Scattered, distinct blocks per request; unused table entries point at the last block.
+    order = torch.randperm(num_blocks)
+    tables = torch.full((batch, max_blocks), num_blocks, dtype=torch.int64)
+    used = 0
+    for b, length in enumerate(lengths.tolist()):
+        count = -(-length // block_size)
+        tables[b, :count] = order[used : used + count]
+        used += count
+    q = torch.randn(batch, heads, head_dim)
+    scale = head_dim**-0.5
+    got = paged_decode_attention(kernel, q, kv_cache, tables, lengths, scale, window, softcap)
+    want = reference(q, kv_cache, tables, lengths, scale, window, softcap)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_kernel_ignores_what_lies_past_the_context() -> None:
+    """Slots after a request's last token (the rest of its last block) never contribute, even
+    when they hold non-finite values."""
+    assert kernel is not None
+    kv_cache = torch.randn(2, 3, 4, 2, 8)
+    kv_cache[:, 0, 3] = float("nan")
+    tables = torch.tensor([[0, 1]], dtype=torch.int64)
+    lengths = torch.tensor([3], dtype=torch.int64)
+    q = torch.randn(1, 4, 8)
+    got = paged_decode_attention(kernel, q, kv_cache, tables, lengths, 0.3, None, None)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, reference(q, kv_cache, tables, lengths, 0.3, None, None))

@@ -1,0 +1,73 @@
+"""fbgemm float16-weight linears: what `pack_half_weights` computes, and which models get it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pagoda.config import EngineArgs
+from pagoda.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from pagoda.layers.linear import (
+    MergedColumnParallelLinear,
+    RowParallelLinear,
+    half_weight_matmul_available,
+    pack_half_weights,
+)
+from tests.tiny_llama import make_tiny_llama
+
+pytestmark = pytest.mark.skipif(
+    not half_weight_matmul_available(), reason="this torch build has no fbgemm"
+)
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = MergedColumnParallelLinear(24, [40, 40], bias=True)
+        self.down = RowParallelLinear(80, 24, bias=False)
+        self.embed = VocabParallelEmbedding(50, 24)
+        self.head = ParallelLMHead(50, 24)
+        self.head.tie_weights(self.embed)
+
+
+def test_packed_layers_compute_with_float16_rounded_weights() -> None:
+    torch.manual_seed(0)
+    model = _Tiny()
+    for param in model.parameters():
+        param.data.normal_()
+    up_w, up_b = model.up.weight.detach().clone(), model.up.bias.detach().clone()
+    down_w = model.down.weight.detach().clone()
+    head_w = model.head.weight.detach().clone()
+    assert pack_half_weights(model) == 3
+    x = torch.randn(5, 24)
+    hidden = torch.randn(5, 80)
+    # fbgemm rounds the weights (not the bias, nor the activations) to float16.
+    torch.testing.assert_close(model.up(x), F.linear(x, up_w.half().float(), up_b))
+    torch.testing.assert_close(model.down(hidden), F.linear(hidden, down_w.half().float()))
+    logits = model.head.compute_logits(x)
+    torch.testing.assert_close(logits, F.linear(x, head_w.half().float()))
+    # The float32 copies of the linear weights are gone; the tied embedding table stays.
+    assert model.up.weight.numel() == 0 and model.down.weight.numel() == 0
+    assert model.embed.weight.shape == (50, 24)
+
+
+def test_weight_dtype_follows_the_checkpoint_and_an_explicit_dtype(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    fp32_dir = make_tiny_llama(tmp_path / "fp32")
+    config = EngineArgs(model=str(fp32_dir), device="cpu").create_engine_config()
+    assert config.model_config.weight_dtype is None  # a float32 checkpoint stays exact
+
+    # The same files with the config saying bfloat16, as a bf16 checkpoint's does.
+    bf16_dir = make_tiny_llama(tmp_path / "bf16")
+    config_file = bf16_dir / "config.json"
+    fields = json.loads(config_file.read_text())
+    fields["dtype"] = fields["torch_dtype"] = "bfloat16"
+    config_file.write_text(json.dumps(fields))
+    auto = EngineArgs(model=str(bf16_dir), device="cpu").create_engine_config()
+    assert auto.model_config.dtype == torch.float32
+    assert auto.model_config.weight_dtype == torch.float16
+    explicit = EngineArgs(model=str(bf16_dir), device="cpu", dtype="float32")
+    assert explicit.create_engine_config().model_config.weight_dtype is None
