@@ -234,14 +234,16 @@ class EngineArgs:
             raise ValueError(f"usage_context must be 'llm' or 'server', got {self.usage_context!r}")
 
     def _create_model_config(self, device: torch.device) -> ModelConfig:
-        from transformers import AutoConfig
-
         from pagoda.loader.resolve import resolve_model
 
         resolved = resolve_model(self.model, revision=self.revision, download_dir=self.download_dir)
         if resolved.hf_config is not None:
             hf_config = resolved.hf_config
         else:
+            # Imported here: transformers' model registry takes seconds to import, and GGUF
+            # models (the default one included) never need it.
+            from transformers import AutoConfig
+
             hf_config = AutoConfig.from_pretrained(resolved.path, trust_remote_code=False)
         if getattr(hf_config, "auto_map", None) and self.trust_remote_code:
             logger.warning("trust_remote_code is accepted but Pagoda never runs model code.")

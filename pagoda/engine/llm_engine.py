@@ -7,6 +7,7 @@ core. `LLM` drives it for offline batches; tests drive it step by step.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Self
 
 from pagoda.config import EngineArgs, EngineConfig
@@ -28,10 +29,14 @@ class EngineFrontend:
     def __init__(self, config: EngineConfig, log_stats: bool = True) -> None:
         self.config = config
         self.model_config = config.model_config
-        self.tokenizer = load_tokenizer(config)
+        # The tokenizer loads (Python, holding the GIL) while the engine core loads the model
+        # (torch ops, which release it): start-up takes the longer of the two, not their sum.
+        with ThreadPoolExecutor(1, thread_name_prefix="pagoda-tokenizer") as pool:
+            tokenizer = pool.submit(load_tokenizer, config)
+            self.engine_core = EngineCore(config)
+            self.tokenizer = tokenizer.result()
         self.input_processor = InputProcessor(self.model_config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.engine_core = EngineCore(config)
         self.stat_logger = StatLogger() if log_stats else None
 
     @classmethod

@@ -21,6 +21,7 @@ the rounding of each dequantized value to float16.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -55,18 +56,22 @@ def pack_half_weights(model: nn.Module) -> int:
     """
     from pagoda.layers.embedding import ParallelLMHead
 
-    packed = 0
-    for module in model.modules():
-        if isinstance(module, LinearBase | ParallelLMHead):
-            if module.weight.dtype != torch.float32 or module.weight.device.type != "cpu":
-                raise ValueError("float16 weight packing needs a float32 model on CPU")
-            module.packed_weight = pack_half_weight(module.weight, module.bias)
-            if isinstance(module, LinearBase):
-                module.weight.data = torch.empty(0)
-                if module.bias is not None:
-                    module.bias.data = torch.empty(0)
-            packed += 1
-    return packed
+    layers = [m for m in model.modules() if isinstance(m, LinearBase | ParallelLMHead)]
+    # Largest first (the LM head), so the last one to finish is small.
+    layers.sort(key=lambda m: m.weight.numel(), reverse=True)
+    for module in layers:
+        if module.weight.dtype != torch.float32 or module.weight.device.type != "cpu":
+            raise ValueError("float16 weight packing needs a float32 model on CPU")
+    # fbgemm packs on one core and releases the GIL: a thread per core halves start-up's share.
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        packed = list(pool.map(lambda m: pack_half_weight(m.weight, m.bias), layers))
+    for module, packed_weight in zip(layers, packed):
+        module.packed_weight = packed_weight
+        if isinstance(module, LinearBase):
+            module.weight.data = torch.empty(0)
+            if module.bias is not None:
+                module.bias.data = torch.empty(0)
+    return len(layers)
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:

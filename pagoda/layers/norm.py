@@ -31,6 +31,9 @@ class RMSNorm(nn.Module):
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         input_dtype = x.dtype
+        if input_dtype == torch.float32:
+            # One fused call instead of six: the same math when there is nothing to cast.
+            return F.rms_norm(x, (self.hidden_size,), self.weight, self.variance_epsilon)
         x = x.to(torch.float32)
         variance = x.pow(2).mean(-1, keepdim=True)
         x = x * torch.rsqrt(variance + self.variance_epsilon)

@@ -128,6 +128,7 @@ class RotaryEmbedding(nn.Module):
         self.sin_cache: torch.Tensor
         self.register_buffer("cos_cache", cos_cache, persistent=False)
         self.register_buffer("sin_cache", sin_cache, persistent=False)
+        self._step_cache: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def max_position(self) -> int:
@@ -136,9 +137,27 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos_cache[positions].to(q.dtype)[:, None, :]  # [T, 1, R/2]
-        sin = self.sin_cache[positions].to(q.dtype)[:, None, :]  # [T, 1, R/2]
+        cos, sin = self._cos_sin(positions, q.dtype)
+        if q.dim() == 2 and q.shape[0] == k.shape[0]:
+            # q and k rotated in one pass: [T, (H + Hkv) * D] -> split back.
+            rotated = self._rotate(torch.cat((q, k), dim=-1), cos, sin)
+            q, k = rotated.split((q.shape[-1], k.shape[-1]), dim=-1)
+            return q, k
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, 1, R/2] at `positions`; every layer of a step passes the same positions
+        tensor, so the gather runs once per step, not once per layer."""
+        cached = self._step_cache
+        if cached is not None and cached[0] is positions and cached[1] == dtype:
+            return cached[2], cached[3]
+        cos = self.cos_cache[positions].to(dtype)[:, None, :]  # [T, 1, R/2]
+        sin = self.sin_cache[positions].to(dtype)[:, None, :]  # [T, 1, R/2]
+        # Holding `positions` keeps the identity check sound (its id cannot be reused meanwhile).
+        self._step_cache = (positions, dtype, cos, sin)
+        return cos, sin
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]

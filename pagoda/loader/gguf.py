@@ -18,6 +18,7 @@ import functools
 import mmap
 import re
 import struct
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from math import prod
@@ -384,8 +385,6 @@ def gguf_hf_config(path: str | Path) -> Any:
         NotImplementedError: a `rope_freqs.weight` tensor (Llama 3.1-style rope frequency factors,
             which would need the llama3 rope parameters the file does not record).
     """
-    import transformers
-
     gguf_file = read_gguf(path)
     spec = _architecture(gguf_file)
     if "rope_freqs.weight" in gguf_file.tensors:
@@ -434,7 +433,36 @@ def gguf_hf_config(path: str | Path) -> Any:
             kwargs[f"{name}_token_id"] = int(token_id)
     if spec.extra_config is not None:
         kwargs.update(spec.extra_config(gguf_file))
+    if spec.config_class == "LlamaConfig":
+        # Importing transformers' LlamaConfig costs ~3.5 s here (transformers.models pulls in
+        # torch.distributed.tensor), against ~0.9 s for PretrainedConfig; start-up of the default
+        # model is dominated by it. Llama's remaining fields are its defaults, set explicitly.
+        return _llama_config_class()(**{**_LLAMA_DEFAULTS, **kwargs})
+    import transformers
+
     return getattr(transformers, spec.config_class)(**kwargs)
+
+
+# LlamaConfig's defaults for the fields the GGUF metadata does not carry.
+_LLAMA_DEFAULTS: dict[str, Any] = {
+    "hidden_act": "silu",
+    "mlp_bias": False,
+    "attention_dropout": 0.0,
+    "pretraining_tp": 1,
+    "initializer_range": 0.02,
+}
+
+
+@functools.cache
+def _llama_config_class() -> type:
+    from transformers.configuration_utils import PretrainedConfig
+
+    class GGUFLlamaConfig(PretrainedConfig):
+        """A Llama config read from a GGUF file, without importing transformers' model zoo."""
+
+        model_type = "llama"
+
+    return GGUFLlamaConfig
 
 
 def gguf_generation_config(path: str | Path) -> dict[str, Any]:
@@ -526,7 +554,11 @@ def dequantize_tensor(data: np.ndarray, info: GGUFTensorInfo) -> torch.Tensor:
     """
     fast = _FAST_DEQUANTIZE.get(info.qtype)
     if fast is not None:
-        return fast(torch.from_numpy(data)).reshape(info.shape)
+        with warnings.catch_warnings():
+            # The bytes are a read-only memory map; the decoders only read them.
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.from_numpy(data)
+        return fast(raw).reshape(info.shape)
     rows = prod(info.shape[:-1])
     try:
         values = dequantize(data.reshape(rows, -1), info.qtype)  # [rows, bytes] -> [rows, row]
