@@ -34,8 +34,8 @@ class StepLayout:
     slot_mapping: np.ndarray  # [T] int64
     positions: np.ndarray  # [T] int64
     block_size: int
-    # A slot that is never allocated and always holds zeros: padded gathers read it, so the rest
-    # of the cache can stay uninitialised memory (allocating it costs nothing at start-up).
+    # The first slot of the padding block, which the block pool never hands out: padded block
+    # tables point at it, and reading it yields zeros (the whole cache is zeroed memory).
     padding_slot: int = 0
 
 

@@ -154,7 +154,6 @@ class TorchAttentionBackend(AttentionBackend):
         key_cache.index_copy_(0, metadata.slot_mapping, k.to(key_cache.dtype))
         value_cache.index_copy_(0, metadata.slot_mapping, v.to(value_cache.dtype))
 
-        out = torch.empty_like(q)
         window = layer.sliding_window
         kernel = metadata.decode_kernel
         if (
@@ -176,9 +175,11 @@ class TorchAttentionBackend(AttentionBackend):
                 layer.logit_softcap,
             )
             if metadata.all_decode:
-                return decoded
+                return decoded  # q's rows are the decode batch: nothing else to fill
+            out = torch.empty_like(q)
             out[metadata.decode_token_index] = decoded
         elif metadata.decode_token_index is not None:
+            out = torch.empty_like(q)
             assert metadata.decode_block_table is not None
             batch = metadata.decode_token_index.shape[0]
             # [2, B * nb, block_size, Hkv, D] -> K and V as [B, nb * block_size, Hkv, D]
@@ -195,6 +196,8 @@ class TorchAttentionBackend(AttentionBackend):
                 layer.logit_softcap,
             )
             out[metadata.decode_token_index] = decoded.squeeze(1)  # [B, H, D]
+        else:
+            out = torch.empty_like(q)
         for i, prefill in enumerate(metadata.prefills):
             # [2, nb, block_size, Hkv, D] -> K and V as [nb * block_size, Hkv, D]
             pages = kv_cache.index_select(1, prefill.context_blocks)
