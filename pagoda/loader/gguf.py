@@ -637,3 +637,49 @@ def find_gguf_file(path: str | Path) -> Path:
             + ", ".join(candidate.name for candidate in candidates)
         )
     return candidates[0]
+
+
+@dataclass(frozen=True, slots=True)
+class GGUFMatrix:
+    """A 2-D weight as stored: each output feature's row of blocks, undecoded."""
+
+    qtype: GGMLQuantizationType
+    rows: np.ndarray  # [out_features, row_bytes] uint8
+    in_features: int
+
+
+def gguf_matrices(path: str | Path) -> dict[str, GGUFMatrix]:
+    """Every 2-D weight of the GGUF file by Hugging Face name, in its stored encoding.
+
+    Blocks run along the input features, so whole rows can be reordered without decoding: Llama
+    q/k rows are un-permuted (as `iterate_gguf_weights` does after decoding; these are copies),
+    every other matrix is a read-only view of a memory map that stays open while it is referenced.
+
+    Raises:
+        ValueError: as `iterate_gguf_weights`.
+    """
+    gguf_file = read_gguf(path)
+    spec = _architecture(gguf_file)
+    num_heads = int(_required(gguf_file, "attention.head_count"))
+    num_kv_heads = int(gguf_file.arch_value("attention.head_count_kv") or num_heads)
+    with gguf_file.path.open("rb") as handle:
+        data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    matrices: dict[str, GGUFMatrix] = {}
+    for name, info in gguf_file.tensors.items():
+        hf_name = _hf_name(name, spec)
+        if hf_name is None or len(info.shape) != 2:
+            continue
+        out_features, in_features = info.shape
+        raw = np.frombuffer(data, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        rows = raw.reshape(out_features, -1)  # [out, row_bytes]
+        heads = None
+        if spec.permute_qk and ".self_attn.q_proj." in hf_name:
+            heads = num_heads
+        elif spec.permute_qk and ".self_attn.k_proj." in hf_name:
+            heads = num_kv_heads
+        if heads is not None:
+            # The row order of `unpermute_rotary_rows`: [H, D/2, 2, bytes] -> [H, 2, D/2, bytes].
+            pairs = rows.reshape(heads, out_features // heads // 2, 2, rows.shape[1])
+            rows = np.ascontiguousarray(pairs.transpose(0, 2, 1, 3)).reshape(out_features, -1)
+        matrices[hf_name] = GGUFMatrix(info.qtype, rows, in_features)
+    return matrices

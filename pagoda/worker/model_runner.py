@@ -27,6 +27,7 @@ from pagoda.forward_context import ForwardContext, set_forward_context
 from pagoda.layers.attention import Attention
 from pagoda.layers.sampler import Sampler, SamplingMetadata
 from pagoda.models.utils import CausalLM
+from pagoda.worker.cpu_decoder import MAX_DECODE_TOKENS, CPUDecoder
 from pagoda.worker.sampling_state import RequestSamplingState
 
 logger = logging.getLogger(__name__)
@@ -66,15 +67,19 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.model: CausalLM | None = None
+        # The whole-step C decoder (pagoda.worker.cpu_decoder), for small all-decode steps on CPU.
+        self.cpu_decoder: CPUDecoder | None = None
 
     def load_model(self, weights: Iterable[tuple[str, torch.Tensor]] | None = None) -> None:
         from pagoda.loader.model_loader import load_model
 
         start = time.perf_counter()
         weights_file = self.model_config.weights_file
+        gguf_file = None
         if weights is None and weights_file is not None and weights_file.suffix == ".gguf":
             from pagoda.loader.gguf import iterate_gguf_weights
 
+            gguf_file = weights_file
             weights = iterate_gguf_weights(weights_file)
         module = load_model(
             self.model_config.hf_config,
@@ -88,9 +93,13 @@ class ModelRunner:
         weight_note = ""
         if self.model_config.weight_dtype == torch.float16 and self.device.type == "cpu":
             from pagoda.layers.linear import pack_half_weights
+            from pagoda.worker.cpu_decoder import build_cpu_decoder
 
+            # Before packing, which frees the float32 weights the decoder copies from.
+            self.cpu_decoder = build_cpu_decoder(module, gguf_file, self._checkpoint_half_dtype())
             pack_half_weights(module)
-            weight_note = " (linear weights float16 in fbgemm)"
+            weight_note = " (linear weights float16 in fbgemm"
+            weight_note += ", C decoder for decode steps)" if self.cpu_decoder else ")"
         self.attention_layers = sorted(
             (m for m in module.modules() if isinstance(m, Attention)),
             key=lambda m: m.layer_idx,
@@ -106,6 +115,12 @@ class ModelRunner:
             weight_note,
             self.device,
         )
+
+    def _checkpoint_half_dtype(self) -> torch.dtype:
+        hf_config = self.model_config.hf_config
+        config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        bfloat16 = str(config_dtype).removeprefix("torch.") == "bfloat16"
+        return torch.bfloat16 if bfloat16 else torch.float16
 
     def kv_bytes_per_block(self) -> int:
         element_size = torch.empty((), dtype=self.dtype).element_size()
@@ -155,6 +170,8 @@ class ModelRunner:
                 num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim
             )
             self.kv_caches.append(_zeros(shape, self.dtype, self.device))
+        if self.cpu_decoder is not None:
+            self.cpu_decoder.bind_kv_caches(self.kv_caches)
         tokens = num_blocks * self.block_size
         gib = num_blocks * self.kv_bytes_per_block() / _GIB
         logger.info(
@@ -201,6 +218,20 @@ class ModelRunner:
             padding_slot=self.num_blocks * self.block_size,
         )
 
+    def _runs_on_cpu_decoder(
+        self, plan: SchedulerOutput, layout: StepLayout, sampling: list[int]
+    ) -> bool:
+        """Whether the C decoder takes this step: a few decodes, each sampling."""
+        decoder = self.cpu_decoder
+        num_requests = len(plan.scheduled)
+        return (
+            decoder is not None
+            and decoder.bound
+            and num_requests <= MAX_DECODE_TOKENS
+            and len(sampling) == num_requests
+            and int(layout.query_start[-1]) == num_requests
+        )
+
     @torch.inference_mode()
     def execute_model(self, plan: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step of the plan and return the tokens sampled for requests that sample."""
@@ -209,22 +240,28 @@ class ModelRunner:
         if plan.is_empty:
             return ModelRunnerOutput(sampled_token_ids={})
         layout = self._build_layout(plan)
-        input_ids = torch.tensor(
-            list(itertools.chain.from_iterable(s.token_ids for s in plan.scheduled)),
-            dtype=torch.long,
-            device=self.device,
-        )
-        positions = torch.from_numpy(layout.positions).to(self.device)
-        metadata = self.backend.build_metadata(layout, self.device)
-        context = ForwardContext(self.backend, metadata, self.kv_caches)
-        with set_forward_context(context):
-            hidden_states = self.model(input_ids, positions)  # [T, hidden]
-
+        token_ids = list(itertools.chain.from_iterable(s.token_ids for s in plan.scheduled))
         sampling = [i for i, s in enumerate(plan.scheduled) if s.sample]
-        if not sampling:
-            return ModelRunnerOutput(sampled_token_ids={})
-        last_rows = torch.from_numpy(layout.query_start[1:][sampling] - 1).to(self.device)
-        logits = self.model.compute_logits(hidden_states[last_rows]).float()  # [S, V]
+        if self._runs_on_cpu_decoder(plan, layout, sampling):
+            assert self.cpu_decoder is not None
+            logits = self.cpu_decoder.decode(
+                np.asarray(token_ids, dtype=np.int64),
+                layout.positions,
+                layout.slot_mapping,
+                layout.padded_block_table(np.arange(len(plan.scheduled))),
+                layout.context_len,
+            )  # [T, V]: every token is a sampled decode
+        else:
+            input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+            positions = torch.from_numpy(layout.positions).to(self.device)
+            metadata = self.backend.build_metadata(layout, self.device)
+            context = ForwardContext(self.backend, metadata, self.kv_caches)
+            with set_forward_context(context):
+                hidden_states = self.model(input_ids, positions)  # [T, hidden]
+            if not sampling:
+                return ModelRunnerOutput(sampled_token_ids={})
+            last_rows = torch.from_numpy(layout.query_start[1:][sampling] - 1).to(self.device)
+            logits = self.model.compute_logits(hidden_states[last_rows]).float()  # [S, V]
         request_ids = [plan.scheduled[i].request_id for i in sampling]
         states = [self.states[r] for r in request_ids]
         sampling_metadata = SamplingMetadata.build(states, logits.shape[-1], self.device)

@@ -1,0 +1,460 @@
+/* One decode step of a Llama-shaped model on CPU, every layer in one call.
+ *
+ * A decode step computes one token per request: every matmul has as many rows as there are
+ * requests (often one), so the step is bound by reading the weights and, when run op by op from
+ * Python, by dispatching some 30 small operators per layer. This file runs the whole step:
+ * embedding, then per layer RMSNorm, q/k/v, rotary, the KV cache write, paged attention, the
+ * output projection, RMSNorm and the SiLU-gated MLP, then the final norm and the LM head.
+ *
+ * Weights stay in their checkpoint encoding (float32, float16, bfloat16, or GGUF's Q8_0, Q4_0 and
+ * Q4_1 blocks along each row) and are widened to float32 one row at a time into a buffer that stays
+ * in L1; all arithmetic is float32. Rows are split over OpenMP threads (PyTorch's runtime).
+ *
+ * Layouts (all contiguous, row-major):
+ *   matrix    rows x row_bytes: output feature n is row n, input features along the row
+ *   kv_cache  [2, cache_blocks, block_size, Hkv, D], as pagoda.attention.torch_backend
+ *   cos, sin  [max_position, rotary_dim / 2], Neox-style rotary over the first rotary_dim dims
+ *   tables    [T, max_blocks] block ids; ctx_lens [T] context length including the new token
+ *   logits    [T, vocab]
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define PG_AVX2 1
+#endif
+
+enum { PG_F32 = 0, PG_F16 = 1, PG_BF16 = 2, PG_Q8_0 = 3, PG_Q4_0 = 4, PG_Q4_1 = 5 };
+
+typedef struct {
+    const uint8_t *data;
+    const float *bias; /* [rows] or NULL */
+    int64_t rows, cols, row_bytes, format;
+} pg_matrix;
+
+typedef struct {
+    pg_matrix q, k, v, o, gate, up, down;
+    const float *attn_norm, *ffn_norm;
+    float *kv_cache;
+    int64_t window; /* 0: the whole context */
+    float scale;
+} pg_layer;
+
+typedef struct {
+    int64_t num_layers, hidden, num_heads, num_kv_heads, head_dim, rotary_dim, intermediate;
+    int64_t vocab, cache_blocks, block_size;
+    float eps;
+    const float *cos, *sin;
+    const float *final_norm;
+    pg_matrix embed, lm_head;
+    const pg_layer *layers;
+} pg_model;
+
+void pagoda_paged_decode_attention_f32(float *out, const float *q, const float *cache,
+                                       int64_t num_blocks, const int64_t *tables,
+                                       int64_t max_blocks, const int64_t *ctx_lens, int64_t B,
+                                       int64_t H, int64_t Hkv, int64_t D, int64_t block_size,
+                                       float scale, int64_t window, float softcap);
+
+static inline float half_to_float(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, bits;
+    if (exponent == 0x1f) {
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    } else if (exponent != 0) {
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    } else if (mantissa == 0) {
+        bits = sign;
+    } else { /* subnormal: normalise */
+        exponent = 113;
+        while (!(mantissa & 0x400)) {
+            mantissa <<= 1;
+            --exponent;
+        }
+        bits = sign | (exponent << 23) | ((mantissa & 0x3ff) << 13);
+    }
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+#endif
+}
+
+static inline float read_half(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, sizeof h);
+    return half_to_float(h);
+}
+
+/* One GGUF block of 32 weights as float32, computed as the loader's PyTorch dequantizers do
+ * (Q8_0: d * q; Q4_0: (q - 8) * d; Q4_1: d * q + m, with no fused multiply-add under -std=c11),
+ * so both paths see the same weights. */
+static inline void widen_q8_0(const uint8_t *block, float *out) {
+    const float d = read_half(block);
+    const int8_t *qs = (const int8_t *)(block + 2);
+#ifdef PG_AVX2
+    const __m256 scale = _mm256_set1_ps(d);
+    for (int i = 0; i < 4; ++i) {
+        const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * i)));
+        _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(scale, _mm256_cvtepi32_ps(q)));
+    }
+#else
+    for (int j = 0; j < 32; ++j) out[j] = d * (float)qs[j];
+#endif
+}
+
+/* Q4_0 (with_min 0: scale, 16 bytes) and Q4_1 (with_min 1: scale, minimum, 16 bytes). */
+static inline void widen_q4(const uint8_t *block, int with_min, float *out) {
+    const float d = read_half(block), m = with_min ? read_half(block + 2) : 0.f;
+    const uint8_t *qs = block + (with_min ? 4 : 2);
+#ifdef PG_AVX2
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)qs);
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    const __m128i low = _mm_and_si128(bytes, mask);
+    const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    const __m128i parts[4] = {low, _mm_srli_si128(low, 8), high, _mm_srli_si128(high, 8)};
+    const __m256 scale = _mm256_set1_ps(d), minimum = _mm256_set1_ps(m);
+    const __m256i eight = _mm256_set1_epi32(8);
+    for (int i = 0; i < 4; ++i) {
+        const __m256i q = _mm256_cvtepu8_epi32(parts[i]);
+        __m256 value;
+        if (with_min)
+            value = _mm256_add_ps(_mm256_mul_ps(scale, _mm256_cvtepi32_ps(q)), minimum);
+        else
+            value = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, eight)), scale);
+        _mm256_storeu_ps(out + 8 * i, value);
+    }
+#else
+    for (int j = 0; j < 16; ++j) {
+        const float q0 = (float)(qs[j] & 0x0f), q1 = (float)(qs[j] >> 4);
+        out[j] = with_min ? d * q0 + m : (q0 - 8.f) * d;
+        out[j + 16] = with_min ? d * q1 + m : (q1 - 8.f) * d;
+    }
+#endif
+}
+
+/* Row n of w as float32: a pointer into w itself for float32, else widened into buf. */
+static const float *matrix_row(const pg_matrix *w, int64_t n, float *buf) {
+    const uint8_t *row = w->data + n * w->row_bytes;
+    const int64_t cols = w->cols;
+    switch (w->format) {
+    case PG_F32:
+        return (const float *)row;
+    case PG_F16: {
+        const uint16_t *h = (const uint16_t *)row;
+        int64_t i = 0;
+#ifdef __F16C__
+        for (; i + 8 <= cols; i += 8)
+            _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+        for (; i < cols; ++i) buf[i] = half_to_float(h[i]);
+        return buf;
+    }
+    case PG_BF16: {
+        const uint16_t *h = (const uint16_t *)row;
+        for (int64_t i = 0; i < cols; ++i) {
+            const uint32_t bits = (uint32_t)h[i] << 16;
+            memcpy(buf + i, &bits, sizeof bits);
+        }
+        return buf;
+    }
+    case PG_Q8_0: /* 34-byte blocks: float16 scale, 32 int8 */
+        for (int64_t b = 0; b < cols / 32; ++b) widen_q8_0(row + b * 34, buf + b * 32);
+        return buf;
+    case PG_Q4_0: /* 18-byte blocks: float16 scale, 16 bytes of nibbles (low: j, high: j + 16) */
+        for (int64_t b = 0; b < cols / 32; ++b) widen_q4(row + b * 18, 0, buf + b * 32);
+        return buf;
+    case PG_Q4_1: /* 20-byte blocks: float16 scale, float16 minimum, 16 bytes of nibbles */
+        for (int64_t b = 0; b < cols / 32; ++b) widen_q4(row + b * 20, 1, buf + b * 32);
+        return buf;
+    default:
+        abort();
+    }
+}
+
+#ifdef PG_AVX2
+static inline float hsum(__m256 s) {
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+}
+#endif
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    float sum = 0.f;
+#ifdef PG_AVX2
+    /* Four accumulators hide the FMA latency. */
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    __m256 s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+    }
+    for (; i + 8 <= n; i += 8)
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    sum = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+#endif
+    for (; i < n; ++i) sum += a[i] * b[i];
+    return sum;
+}
+
+static inline int is_block_format(int64_t format) {
+    return format == PG_Q8_0 || format == PG_Q4_0 || format == PG_Q4_1;
+}
+
+#ifdef PG_AVX2
+/* Activations for block-quantized weights: each 32-value block of x as int16 times a float scale
+ * (x ~= xq * scale, relative error <= 2^-16 of the block's largest value), plus the block's exact
+ * float sum. Widening the weights' 4- and 8-bit integers to float costs more than the memory they
+ * save; multiplying integers with integers (vpmaddwd) is three times faster. */
+#define PG_TOKEN_TILE 8
+
+typedef struct {
+    int16_t *values;
+    float *scales, *sums;
+} pg_blocks;
+
+static void quantize_blocks(const float *x, int64_t count, pg_blocks *out) {
+    for (int64_t b = 0; b < count; ++b) {
+        const float *xb = x + 32 * b;
+        float amax = 0.f, sum = 0.f;
+        for (int j = 0; j < 32; ++j) {
+            amax = fmaxf(amax, fabsf(xb[j]));
+            sum += xb[j];
+        }
+        const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+        for (int j = 0; j < 32; ++j) {
+            const float q = fminf(fmaxf(xb[j] * inv, -32767.f), 32767.f);
+            out->values[32 * b + j] = (int16_t)lrintf(q);
+        }
+        out->scales[b] = amax / 32767.f;
+        out->sums[b] = sum;
+    }
+}
+
+/* out[t * out_stride] = row . x[t0 + t] + bias for `tile` tokens of x (quantized by
+ * quantize_blocks, `x_blocks` blocks per token), for one GGUF block row: each block's weights are
+ * widened once for all of them. Called with a constant tile, so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void dot_blocks_tile(
+    const pg_matrix *w, const uint8_t *row, const pg_blocks *x, int64_t t0, const int tile,
+    int64_t x_blocks, float bias, float *out, int64_t out_stride) {
+    const int64_t nblocks = w->cols / 32;
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    __m256 acc[PG_TOKEN_TILE];
+    float offset[PG_TOKEN_TILE];
+    for (int t = 0; t < tile; ++t) {
+        acc[t] = _mm256_setzero_ps();
+        offset[t] = 0.f;
+    }
+    for (int64_t b = 0; b < nblocks; ++b) {
+        __m256i w0, w1;
+        float d, m = 0.f;
+        if (w->format == PG_Q8_0) {
+            const uint8_t *block = row + b * 34;
+            d = read_half(block);
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(block + 2));
+            w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
+            w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1));
+        } else {
+            const int with_min = w->format == PG_Q4_1;
+            const uint8_t *block = row + b * (with_min ? 20 : 18);
+            d = read_half(block);
+            /* Q4_0 stores q + 8: d * sum((q - 8) x) = d * sum(q x) - 8 d * sum(x). */
+            m = with_min ? read_half(block + 2) : -8.f * d;
+            const __m128i q = _mm_loadu_si128((const __m128i *)(block + (with_min ? 4 : 2)));
+            w0 = _mm256_cvtepu8_epi16(_mm_and_si128(q, mask));
+            w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(q, 4), mask));
+        }
+        for (int t = 0; t < tile; ++t) {
+            const int64_t xb = (t0 + t) * x_blocks + b;
+            const int16_t *xq = x->values + 32 * xb;
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)xq);
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 16));
+            const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+            const __m256 scale = _mm256_set1_ps(d * x->scales[xb]);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[t]);
+            offset[t] += m * x->sums[xb];
+        }
+    }
+    for (int t = 0; t < tile; ++t) out[(t0 + t) * out_stride] = hsum(acc[t]) + offset[t] + bias;
+}
+
+static void dot_blocks(const pg_matrix *w, const uint8_t *row, const pg_blocks *x, int64_t T,
+                       int64_t x_blocks, float bias, float *out, int64_t out_stride) {
+    for (int64_t t0 = 0; t0 < T; t0 += PG_TOKEN_TILE) {
+        switch (T - t0 < PG_TOKEN_TILE ? T - t0 : PG_TOKEN_TILE) {
+#define PG_TILE_CASE(n)                                                                           \
+    case n:                                                                                       \
+        dot_blocks_tile(w, row, x, t0, n, x_blocks, bias, out, out_stride);                       \
+        break;
+            PG_TILE_CASE(1)
+            PG_TILE_CASE(2)
+            PG_TILE_CASE(3)
+            PG_TILE_CASE(4)
+            PG_TILE_CASE(5)
+            PG_TILE_CASE(6)
+            PG_TILE_CASE(7)
+            PG_TILE_CASE(8)
+#undef PG_TILE_CASE
+        }
+    }
+}
+#endif
+
+/* out[m][t, n] = x[t] . W_m[n] + b_m[n] for every matrix m of a group sharing the input x [T, cols]:
+ * the group's rows are split over threads together, so q/k/v (or gate/up) cost one fork. */
+static void matmul_group(const pg_matrix *const *mats, float *const *outs, int count,
+                         const float *x, int64_t T) {
+    int64_t offsets[8];
+    int64_t total = 0;
+    for (int m = 0; m < count; ++m) {
+        offsets[m] = total;
+        total += mats[m]->rows;
+    }
+    const int64_t cols = mats[0]->cols;
+#ifdef PG_AVX2
+    pg_blocks blocks = {NULL, NULL, NULL};
+    int any_blocks = 0;
+    for (int m = 0; m < count; ++m) any_blocks |= is_block_format(mats[m]->format);
+    if (any_blocks && cols % 32 == 0) {
+        const int64_t nblocks = T * cols / 32;
+        blocks.values = (int16_t *)malloc((size_t)(T * cols) * sizeof(int16_t));
+        blocks.scales = (float *)malloc((size_t)(2 * nblocks) * sizeof(float));
+        blocks.sums = blocks.scales + nblocks;
+        quantize_blocks(x, nblocks, &blocks);
+    }
+#endif
+#pragma omp parallel
+    {
+        float *buf = (float *)malloc((size_t)cols * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < total; ++r) {
+            int m = 0;
+            while (m + 1 < count && r >= offsets[m + 1]) ++m;
+            const pg_matrix *w = mats[m];
+            const int64_t n = r - offsets[m];
+            const float bias = w->bias ? w->bias[n] : 0.f;
+#ifdef PG_AVX2
+            if (blocks.values != NULL && is_block_format(w->format)) {
+                dot_blocks(w, w->data + n * w->row_bytes, &blocks, T, cols / 32, bias,
+                           outs[m] + n, w->rows);
+                continue;
+            }
+#endif
+            const float *row = matrix_row(w, n, buf);
+            for (int64_t t = 0; t < T; ++t)
+                outs[m][t * w->rows + n] = dot(row, x + t * cols, cols) + bias;
+        }
+        free(buf);
+    }
+#ifdef PG_AVX2
+    free(blocks.values);
+    free(blocks.scales);
+#endif
+}
+
+static void matmul(const pg_matrix *w, float *out, const float *x, int64_t T) {
+    matmul_group(&w, &out, 1, x, T);
+}
+
+static void rms_norm(float *out, const float *x, const float *weight, int64_t T, int64_t n,
+                     float eps) {
+    for (int64_t t = 0; t < T; ++t) {
+        const float *xt = x + t * n;
+        float *ot = out + t * n;
+        float squares = 0.f;
+        for (int64_t i = 0; i < n; ++i) squares += xt[i] * xt[i];
+        const float inv = 1.f / sqrtf(squares / (float)n + eps);
+        for (int64_t i = 0; i < n; ++i) ot[i] = xt[i] * inv * weight[i];
+    }
+}
+
+/* Neox-style rotary on the first rotary_dim dims of each of `heads` heads of one token. */
+static void rotate(float *x, int64_t heads, int64_t head_dim, int64_t rotary_dim, const float *cos,
+                   const float *sin) {
+    const int64_t half = rotary_dim / 2;
+    for (int64_t h = 0; h < heads; ++h) {
+        float *head = x + h * head_dim;
+        for (int64_t i = 0; i < half; ++i) {
+            const float x1 = head[i], x2 = head[i + half];
+            head[i] = x1 * cos[i] - x2 * sin[i];
+            head[i + half] = x2 * cos[i] + x1 * sin[i];
+        }
+    }
+}
+
+/* One decode step for T requests; token t is at positions[t] and is written to cache slot
+ * slots[t]. Writes logits [T, vocab]. Returns 0, or -1 if scratch memory ran out. */
+int pagoda_llama_decode_step(const pg_model *model, int64_t T, const int64_t *token_ids,
+                             const int64_t *positions, const int64_t *slots,
+                             const int64_t *tables, int64_t max_blocks, const int64_t *ctx_lens,
+                             float *logits) {
+    const int64_t E = model->hidden, H = model->num_heads, Hkv = model->num_kv_heads;
+    const int64_t D = model->head_dim, I = model->intermediate, half = model->rotary_dim / 2;
+    const int64_t kv_row = Hkv * D;
+    const size_t floats = (size_t)T * (size_t)(3 * E + 2 * H * D + 2 * kv_row + 2 * I);
+    float *scratch = (float *)malloc(floats * sizeof(float));
+    if (scratch == NULL) return -1;
+    float *x = scratch;                 /* [T, E] residual stream */
+    float *normed = x + T * E;          /* [T, E] */
+    float *projected = normed + T * E;  /* [T, E] attention or MLP output */
+    float *q = projected + T * E;       /* [T, H, D] */
+    float *attended = q + T * H * D;    /* [T, H, D] */
+    float *k = attended + T * H * D;    /* [T, Hkv, D] */
+    float *v = k + T * kv_row;          /* [T, Hkv, D] */
+    float *gate = v + T * kv_row;       /* [T, I] */
+    float *up = gate + T * I;           /* [T, I] */
+
+    for (int64_t t = 0; t < T; ++t) {
+        const float *row = matrix_row(&model->embed, token_ids[t], x + t * E);
+        if (row != x + t * E) memcpy(x + t * E, row, (size_t)E * sizeof(float));
+    }
+
+    for (int64_t l = 0; l < model->num_layers; ++l) {
+        const pg_layer *layer = &model->layers[l];
+        rms_norm(normed, x, layer->attn_norm, T, E, model->eps);
+        const pg_matrix *qkv[3] = {&layer->q, &layer->k, &layer->v};
+        float *qkv_out[3] = {q, k, v};
+        matmul_group(qkv, qkv_out, 3, normed, T);
+
+        float *key_cache = layer->kv_cache;
+        float *value_cache = key_cache + model->cache_blocks * model->block_size * kv_row;
+        for (int64_t t = 0; t < T; ++t) {
+            const float *cos = model->cos + positions[t] * half;
+            const float *sin = model->sin + positions[t] * half;
+            rotate(q + t * H * D, H, D, model->rotary_dim, cos, sin);
+            rotate(k + t * kv_row, Hkv, D, model->rotary_dim, cos, sin);
+            memcpy(key_cache + slots[t] * kv_row, k + t * kv_row, kv_row * sizeof(float));
+            memcpy(value_cache + slots[t] * kv_row, v + t * kv_row, kv_row * sizeof(float));
+        }
+        pagoda_paged_decode_attention_f32(attended, q, layer->kv_cache, model->cache_blocks,
+                                          tables, max_blocks, ctx_lens, T, H, Hkv, D,
+                                          model->block_size, layer->scale, layer->window, 0.f);
+        matmul(&layer->o, projected, attended, T);
+        for (int64_t i = 0; i < T * E; ++i) x[i] += projected[i];
+
+        rms_norm(normed, x, layer->ffn_norm, T, E, model->eps);
+        const pg_matrix *gate_up[2] = {&layer->gate, &layer->up};
+        float *gate_up_out[2] = {gate, up};
+        matmul_group(gate_up, gate_up_out, 2, normed, T);
+        for (int64_t i = 0; i < T * I; ++i) gate[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+        matmul(&layer->down, projected, gate, T);
+        for (int64_t i = 0; i < T * E; ++i) x[i] += projected[i];
+    }
+    rms_norm(normed, x, model->final_norm, T, E, model->eps);
+    matmul(&model->lm_head, logits, normed, T);
+    free(scratch);
+    return 0;
+}
+
+/* out [T, rows] = x [T, cols] . W^T + bias: one matmul of the decoder, for tests and benchmarks. */
+void pagoda_matmul(const pg_matrix *w, float *out, const float *x, int64_t T) {
+    matmul(w, out, x, T);
+}

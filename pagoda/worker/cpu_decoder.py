@@ -1,0 +1,359 @@
+"""Whole-step CPU decoder for Llama-shaped models: one C call per decode step.
+
+A decode step on CPU computes a handful of tokens, so it is bound by reading the weights and by
+Python dispatching some 30 small operators per layer, each paying OpenMP's fork-join. The C kernel
+(`pagoda/kernels/csrc/llama_decode.c`) runs every layer of the step in one call and reads the
+weights in their checkpoint encoding: GGUF's Q4_0/Q4_1/Q8_0 blocks as stored (a Q4_1 matrix is a
+third of the bytes of its float16 copy in fbgemm), bfloat16/float16 safetensors weights as they were.
+
+The model runner uses it for steps that are all decodes, at most `MAX_DECODE_TOKENS` of them, when
+the model loaded with `dtype="auto"` on CPU and half-precision weight storage (the same cases that
+pack float16 weights for fbgemm; `--dtype float32` keeps the exact PyTorch path). Prefill and large
+decode batches, which are compute-bound, stay on PyTorch. The KV cache is shared: both paths read
+and write the same blocks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pagoda.kernels.build import cpu_library
+
+logger = logging.getLogger(__name__)
+
+# Above this many decodes per step fbgemm's blocked float16 GEMM and batched PyTorch attention
+# catch up: per decode step on this 2-core machine, C vs PyTorch: 1 token 16 vs 35 ms, 4 tokens
+# 26-35 vs 43-47 ms, 8 tokens even (~60 ms), 16 tokens 115 vs 83 ms (docs/performance.md).
+MAX_DECODE_TOKENS = 4
+
+_F32, _F16, _BF16, _Q8_0, _Q4_0, _Q4_1 = range(6)
+_TORCH_FORMATS = {torch.float32: _F32, torch.float16: _F16, torch.bfloat16: _BF16}
+_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+class _Matrix(ctypes.Structure):
+    _fields_ = [
+        ("data", _ptr),
+        ("bias", _ptr),
+        ("rows", _i64),
+        ("cols", _i64),
+        ("row_bytes", _i64),
+        ("format", _i64),
+    ]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        *((name, _Matrix) for name in _PROJECTIONS),
+        ("attn_norm", _ptr),
+        ("ffn_norm", _ptr),
+        ("kv_cache", _ptr),
+        ("window", _i64),
+        ("scale", ctypes.c_float),
+    ]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        *(
+            (name, _i64)
+            for name in (
+                "num_layers",
+                "hidden",
+                "num_heads",
+                "num_kv_heads",
+                "head_dim",
+                "rotary_dim",
+                "intermediate",
+                "vocab",
+                "cache_blocks",
+                "block_size",
+            )
+        ),
+        ("eps", ctypes.c_float),
+        ("cos", _ptr),
+        ("sin", _ptr),
+        ("final_norm", _ptr),
+        ("embed", _Matrix),
+        ("lm_head", _Matrix),
+        ("layers", ctypes.POINTER(_Layer)),
+    ]
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why the C decoder cannot run `model` (None: it can): Llama-shaped only, one rank, RMSNorm,
+    SiLU-gated MLP, Neox rotary from one table, no soft-capping, q/k norms or embedding scale."""
+    from pagoda.layers.activation import SiluAndMul
+    from pagoda.layers.norm import RMSNorm
+    from pagoda.layers.rotary import RotaryEmbedding
+    from pagoda.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
+
+    if not isinstance(model, LlamaForCausalLM):
+        return f"{type(model).__name__} is not a Llama-shaped model"
+    inner = model.model
+    rotary = inner.rotary_emb
+    if model.final_logit_softcap is not None or inner.embed_scale is not None:
+        return "logit soft-capping or embedding scale"
+    if model.lm_head.tp_size != 1:
+        return "tensor parallelism"
+    if type(rotary) is not RotaryEmbedding or not rotary.is_neox_style:
+        return "rotary embedding other than Neox style"
+    if type(inner.norm) is not RMSNorm:
+        return f"{type(inner.norm).__name__}"
+    for layer in inner.layers:
+        assert isinstance(layer, LlamaDecoderLayer)
+        attention = layer.self_attn
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if layer.sandwich_norms or any(type(norm) is not RMSNorm for norm in norms):
+            return "norms other than pre-norm RMSNorm"
+        if not isinstance(layer.mlp, LlamaMLP) or not isinstance(layer.mlp.act_fn, SiluAndMul):
+            return "feed-forward other than a SiLU-gated MLP"
+        if attention.q_norm is not None or attention.attn.logit_softcap is not None:
+            return "q/k norms or attention soft-capping"
+        if attention.rotary_emb is not rotary:
+            return "rotary tables that differ by layer"
+    return None
+
+
+def _tensor_matrix(weight: torch.Tensor, bias: torch.Tensor | None, keep: list[Any]) -> _Matrix:
+    weight = weight.detach().contiguous()
+    keep.append(weight)
+    bias_pointer = None
+    if bias is not None:
+        bias = bias.detach().float().contiguous()
+        keep.append(bias)
+        bias_pointer = bias.data_ptr()
+    rows, cols = weight.shape
+    return _Matrix(
+        weight.data_ptr(),
+        bias_pointer,
+        rows,
+        cols,
+        cols * weight.element_size(),
+        _TORCH_FORMATS[weight.dtype],
+    )
+
+
+def _gguf_matrix(matrix: Any, bias: torch.Tensor | None, keep: list[Any]) -> _Matrix:
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+
+    formats = {Q.F32: _F32, Q.F16: _F16, Q.BF16: _BF16, Q.Q8_0: _Q8_0, Q.Q4_0: _Q4_0, Q.Q4_1: _Q4_1}
+    code = formats.get(matrix.qtype)
+    if code is None:
+        # K-quants and the rest: decoded once at load, kept as float16.
+        values = torch.from_numpy(dequantize(matrix.rows, matrix.qtype))  # [out, in] float32
+        return _tensor_matrix(values.to(torch.float16), bias, keep)
+    rows: np.ndarray = matrix.rows
+    keep.append(rows)
+    bias_pointer = None
+    if bias is not None:
+        bias = bias.detach().float().contiguous()
+        keep.append(bias)
+        bias_pointer = bias.data_ptr()
+    return _Matrix(
+        rows.ctypes.data, bias_pointer, rows.shape[0], matrix.in_features, rows.shape[1], code
+    )
+
+
+def linear(weight: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x [T, in] @ W.T + bias` through the decoder's matmul (for tests and benchmarks).
+
+    `weight` is a float32/float16/bfloat16 tensor `[out, in]` or a `GGUFMatrix` (its stored blocks).
+
+    Raises:
+        RuntimeError: the CPU kernels are unavailable here.
+    """
+    library = cpu_library()
+    if library is None:
+        raise RuntimeError("the CPU kernels are unavailable (see the log for why)")
+    keep: list[Any] = []
+    if isinstance(weight, torch.Tensor):
+        matrix = _tensor_matrix(weight, bias, keep)
+    else:
+        matrix = _gguf_matrix(weight, bias, keep)
+    x = x.detach().float().contiguous()
+    out = torch.empty((x.shape[0], matrix.rows), dtype=torch.float32)
+    function = library.pagoda_matmul
+    function.argtypes = [ctypes.POINTER(_Matrix), _ptr, _ptr, _i64]
+    function.restype = None
+    function(ctypes.byref(matrix), out.data_ptr(), x.data_ptr(), x.shape[0])
+    return out
+
+
+class CPUDecoder:
+    """The C decoder bound to one loaded model; `bind_kv_caches`, then `decode` per step.
+
+    Build it with `build_cpu_decoder` before the model's linear weights are packed for fbgemm (the
+    packing frees the float32 copies this reads for non-GGUF checkpoints).
+    """
+
+    def __init__(
+        self,
+        library: ctypes.CDLL,
+        model: nn.Module,
+        gguf_file: Path | None,
+        half_dtype: torch.dtype,
+    ) -> None:
+        from pagoda.loader.gguf import gguf_matrices
+
+        self._step = library.pagoda_llama_decode_step
+        self._step.argtypes = [ctypes.POINTER(_Model), _i64, *([_ptr] * 4), _i64, _ptr, _ptr]
+        self._step.restype = ctypes.c_int
+        self._keep: list[Any] = []
+        stored = gguf_matrices(gguf_file) if gguf_file is not None else {}
+        keep = self._keep
+
+        def matrix(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> _Matrix:
+            if name in stored:
+                return _gguf_matrix(stored[name], bias, keep)
+            return _tensor_matrix(weight.to(half_dtype), bias, keep)
+
+        causal_lm: Any = model
+        inner = causal_lm.model
+        first = inner.layers[0]
+        self.vocab = int(causal_lm.lm_head.num_embeddings)
+        self.num_layers = len(inner.layers)
+        layers = (_Layer * self.num_layers)()
+        for index, layer in enumerate(inner.layers):
+            attention, mlp = layer.self_attn, layer.mlp
+            qkv, gate_up = attention.qkv_proj, mlp.gate_up_proj
+            sizes = {"q": qkv.q_size, "k": qkv.kv_size, "v": qkv.kv_size}
+            weights = dict(zip(sizes, qkv.weight.split(list(sizes.values()))))
+            biases = (
+                dict(zip(sizes, qkv.bias.split(list(sizes.values()))))
+                if qkv.bias is not None
+                else {}
+            )
+            half = gate_up.weight.shape[0] // 2
+            weights.update(gate=gate_up.weight[:half], up=gate_up.weight[half:])
+            if gate_up.bias is not None:
+                biases.update(gate=gate_up.bias[:half], up=gate_up.bias[half:])
+            weights.update(o=attention.o_proj.weight, down=mlp.down_proj.weight)
+            biases.update(o=attention.o_proj.bias, down=mlp.down_proj.bias)
+            prefix = f"model.layers.{index}"
+            for projection in _PROJECTIONS:
+                module = "mlp" if projection in ("gate", "up", "down") else "self_attn"
+                name = f"{prefix}.{module}.{projection}_proj.weight"
+                setattr(
+                    layers[index],
+                    projection,
+                    matrix(name, weights[projection], biases.get(projection)),
+                )
+            layers[index].attn_norm = self._pointer(layer.input_layernorm.weight)
+            layers[index].ffn_norm = self._pointer(layer.post_attention_layernorm.weight)
+            layers[index].window = attention.attn.sliding_window or 0
+            layers[index].scale = attention.attn.scale
+        self._layers = layers
+
+        embedding = inner.embed_tokens.weight
+        embed = (
+            _gguf_matrix(stored["model.embed_tokens.weight"], None, keep)
+            if "model.embed_tokens.weight" in stored
+            else _tensor_matrix(embedding, None, keep)
+        )
+        if causal_lm.tie_word_embeddings:
+            head_name, head_weight = "model.embed_tokens.weight", embedding
+        else:
+            head_name, head_weight = "lm_head.weight", causal_lm.lm_head.weight
+        lm_head = matrix(head_name, head_weight[: self.vocab], None)
+        lm_head.rows = self.vocab
+        rotary = inner.rotary_emb
+        qkv = first.self_attn.qkv_proj
+        self._model = _Model(
+            num_layers=self.num_layers,
+            hidden=embedding.shape[1],
+            num_heads=qkv.num_heads,
+            num_kv_heads=qkv.num_kv_heads,
+            head_dim=first.self_attn.head_dim,
+            rotary_dim=rotary.rotary_dim,
+            intermediate=first.mlp.down_proj.weight.shape[1],
+            vocab=self.vocab,
+            eps=inner.norm.variance_epsilon,
+            cos=self._pointer(rotary.cos_cache),
+            sin=self._pointer(rotary.sin_cache),
+            final_norm=self._pointer(inner.norm.weight),
+            embed=embed,
+            lm_head=lm_head,
+            layers=layers,
+        )
+        self.bound = False
+
+    def _pointer(self, tensor: torch.Tensor) -> int:
+        tensor = tensor.detach().float().contiguous()
+        self._keep.append(tensor)
+        return int(tensor.data_ptr())
+
+    def bind_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
+        """Point every layer at its cache `[2, cache_blocks, block_size, Hkv, D]` (float32)."""
+        if len(kv_caches) != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} KV caches, got {len(kv_caches)}")
+        for layer, cache in zip(self._layers, kv_caches):
+            if cache.dtype != torch.float32 or not cache.is_contiguous():
+                raise ValueError("the C decoder needs contiguous float32 KV caches")
+            layer.kv_cache = cache.data_ptr()
+        self._model.cache_blocks = kv_caches[0].shape[1]
+        self._model.block_size = kv_caches[0].shape[2]
+        self._caches = kv_caches
+        self.bound = True
+
+    def decode(
+        self,
+        token_ids: np.ndarray,
+        positions: np.ndarray,
+        slot_mapping: np.ndarray,
+        block_tables: np.ndarray,
+        context_lens: np.ndarray,
+    ) -> torch.Tensor:
+        """Logits [T, vocab] of one decode step of T requests (int64 arrays: [T] each, and
+        block_tables [T, max_blocks] padded with any valid block)."""
+        arrays = [
+            np.ascontiguousarray(a, dtype=np.int64)
+            for a in (token_ids, positions, slot_mapping, block_tables, context_lens)
+        ]
+        token_ids, positions, slot_mapping, block_tables, context_lens = arrays
+        num_tokens = token_ids.shape[0]
+        logits = torch.empty((num_tokens, self.vocab), dtype=torch.float32)
+        status = self._step(
+            ctypes.byref(self._model),
+            num_tokens,
+            token_ids.ctypes.data,
+            positions.ctypes.data,
+            slot_mapping.ctypes.data,
+            block_tables.ctypes.data,
+            block_tables.shape[1],
+            context_lens.ctypes.data,
+            logits.data_ptr(),
+        )
+        if status != 0:
+            raise MemoryError("the C decoder could not allocate its scratch memory")
+        return logits
+
+
+def build_cpu_decoder(
+    model: nn.Module, gguf_file: Path | None, half_dtype: torch.dtype
+) -> CPUDecoder | None:
+    """The C decoder for `model`, or None (with the reason logged) where it does not apply.
+
+    Args:
+        gguf_file: the checkpoint when it is GGUF: its matrices are read in their stored encoding.
+        half_dtype: the encoding kept for weights read from the model instead (the checkpoint's
+            bfloat16 or float16, so no value changes).
+    """
+    reason = unsupported_reason(model)
+    if reason is not None:
+        logger.info("Decode steps run in PyTorch: the C decoder does not support %s", reason)
+        return None
+    library = cpu_library()
+    if library is None:
+        return None
+    return CPUDecoder(library, model, gguf_file, half_dtype)

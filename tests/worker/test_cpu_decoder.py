@@ -1,0 +1,128 @@
+"""The whole-step C decoder (`pagoda.worker.cpu_decoder`) against PyTorch.
+
+Its matmul is checked format by format against `x @ W.T` on the dequantized weights; the whole step
+end to end, through `LLM`, against the float32 PyTorch path on tiny checkpoints whose weights are
+exactly bfloat16 (so both paths multiply the same numbers and only summation order differs).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, cast
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pagoda import LLM, SamplingParams
+from pagoda.kernels.build import cpu_library
+from pagoda.layers.linear import half_weight_matmul_available
+from pagoda.loader.gguf import GGUFMatrix
+from pagoda.worker.cpu_decoder import MAX_DECODE_TOKENS, linear, unsupported_reason
+from tests.models.tiny_families_a import make_tiny_checkpoint
+from tests.tiny_llama import make_tiny_llama
+
+pytestmark = pytest.mark.skipif(
+    cpu_library() is None or not half_weight_matmul_available(),
+    reason="needs the compiled CPU kernels (a C compiler) and fbgemm",
+)
+
+PROMPTS = ["The quick brown fox", "Hello, Pagoda! What is", "Numbers: 0 1 2 3"]
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 11])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+def test_block_matmul_matches_dequantized_weights(qtype: Q, tokens: int) -> None:
+    generator = np.random.default_rng(0)
+    weights = generator.standard_normal((40, 96)).astype(np.float32)
+    blocks = gguf.quants.quantize(weights, qtype)  # [40, bytes per row] uint8
+    dequantized = torch.from_numpy(gguf.quants.dequantize(blocks, qtype))
+    x = torch.from_numpy(generator.standard_normal((tokens, 96)).astype(np.float32))
+    bias = torch.randn(40)
+    got = linear(GGUFMatrix(qtype, blocks, 96), x, bias)
+    # Activations are rounded to int16 per 32-value block: about 2e-5 of each block's largest.
+    torch.testing.assert_close(got, x @ dequantized.T + bias, rtol=1e-4, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_float_matmul_matches_torch(dtype: torch.dtype) -> None:
+    weight = torch.randn(33, 70).to(dtype)
+    x = torch.randn(5, 70)
+    got = linear(weight, x)
+    torch.testing.assert_close(got, x @ weight.float().T, rtol=1e-5, atol=1e-5)
+
+
+def _round_to_bfloat16(model_dir: Path) -> Path:
+    """Make the checkpoint's weights exactly bfloat16 and its config say so, as a bf16 release."""
+    weights = load_file(model_dir / "model.safetensors")
+    save_file(
+        {name: t.to(torch.bfloat16).float() for name, t in weights.items()},
+        model_dir / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    config_file = model_dir / "config.json"
+    fields = json.loads(config_file.read_text())
+    fields["dtype"] = fields["torch_dtype"] = "bfloat16"
+    config_file.write_text(json.dumps(fields))
+    return model_dir
+
+
+def _make(family: str, path: Path) -> Path:
+    if family == "llama":
+        return make_tiny_llama(path)
+    if family == "llama-tied":
+        return make_tiny_llama(path, tie_word_embeddings=True)
+    return make_tiny_checkpoint(path, family)
+
+
+def _generate(llm: LLM, prompts: list[str]) -> list[Any]:
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3)
+    return [output.outputs[0] for output in llm.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-tied", "qwen2", "mistral"])
+def test_decode_steps_on_the_c_decoder_match_pytorch_float32(tmp_path: Path, family: str) -> None:
+    model_dir = _round_to_bfloat16(_make(family, tmp_path / family))
+    exact = LLM(str(model_dir), dtype="float32", max_model_len=256)
+    fast = LLM(str(model_dir), max_model_len=256)
+    runner = fast.llm_engine.engine_core.executor.worker.model_runner
+    decoder = runner.cpu_decoder
+    assert decoder is not None
+    assert exact.llm_engine.engine_core.executor.worker.model_runner.cpu_decoder is None
+    calls = []
+    original = decoder.decode
+
+    def counting_decode(*args: Any) -> torch.Tensor:
+        calls.append(args[0].shape[0])
+        return original(*args)
+
+    decoder.decode = counting_decode  # type: ignore[method-assign,assignment]
+    # All three prompts together (three decodes per step), then one alone.
+    for prompts in (PROMPTS, PROMPTS[:1]):
+        expected, got = _generate(exact, prompts), _generate(fast, prompts)
+        for want, have in zip(expected, got):
+            assert have.token_ids == want.token_ids
+            for want_step, have_step in zip(want.logprobs, have.logprobs):
+                assert have_step.keys() == want_step.keys()
+                for token_id, entry in want_step.items():
+                    assert have_step[token_id].logprob == pytest.approx(entry.logprob, abs=1e-4)
+    # Every decode step after the prefill went through the C decoder.
+    assert calls.count(3) == 11 and calls.count(1) == 11
+    assert max(calls) <= MAX_DECODE_TOKENS
+
+
+def test_models_the_decoder_cannot_run_keep_pytorch(tmp_path: Path) -> None:
+    model_dir = _round_to_bfloat16(make_tiny_checkpoint(tmp_path / "qwen3", "qwen3"))
+    llm = LLM(str(model_dir), max_model_len=256)
+    runner = llm.llm_engine.engine_core.executor.worker.model_runner
+    assert runner.model is not None
+    assert (
+        unsupported_reason(cast(nn.Module, runner.model)) == "q/k norms or attention soft-capping"
+    )
+    assert runner.cpu_decoder is None
+    assert len(_generate(llm, PROMPTS[:1])[0].token_ids) == 12
