@@ -11,6 +11,11 @@ the model loaded with `dtype="auto"` on CPU and half-precision weight storage (t
 pack float16 weights for fbgemm; `--dtype float32` keeps the exact PyTorch path). Prefill and large
 decode batches, which are compute-bound, stay on PyTorch. The KV cache is shared: both paths read
 and write the same blocks.
+
+Memory: a GGUF file's blocks are read from its memory map (Llama's q/k rows are reordered into a
+copy); a safetensors checkpoint's weights are kept as a second, bfloat16/float16 copy next to
+fbgemm's packed one. GGUF files with other block types (K-quants, Q5_x, ...) keep PyTorch rather
+than decode a float16 copy.
 """
 
 from __future__ import annotations
@@ -143,16 +148,17 @@ def _tensor_matrix(weight: torch.Tensor, bias: torch.Tensor | None, keep: list[A
     )
 
 
-def _gguf_matrix(matrix: Any, bias: torch.Tensor | None, keep: list[Any]) -> _Matrix:
+def _gguf_format(qtype: Any) -> int | None:
     from gguf import GGMLQuantizationType as Q
-    from gguf.quants import dequantize
 
     formats = {Q.F32: _F32, Q.F16: _F16, Q.BF16: _BF16, Q.Q8_0: _Q8_0, Q.Q4_0: _Q4_0, Q.Q4_1: _Q4_1}
-    code = formats.get(matrix.qtype)
+    return formats.get(qtype)
+
+
+def _gguf_matrix(matrix: Any, bias: torch.Tensor | None, keep: list[Any]) -> _Matrix:
+    code = _gguf_format(matrix.qtype)
     if code is None:
-        # K-quants and the rest: decoded once at load, kept as float16.
-        values = torch.from_numpy(dequantize(matrix.rows, matrix.qtype))  # [out, in] float32
-        return _tensor_matrix(values.to(torch.float16), bias, keep)
+        raise ValueError(f"the C decoder cannot read {matrix.qtype.name} blocks")
     rows: np.ndarray = matrix.rows
     keep.append(rows)
     bias_pointer = None
@@ -350,6 +356,18 @@ def build_cpu_decoder(
             bfloat16 or float16, so no value changes).
     """
     reason = unsupported_reason(model)
+    if reason is None and gguf_file is not None:
+        from pagoda.loader.gguf import read_gguf
+
+        # K-quants and the rest would have to be decoded into a second, float16 copy: slower to
+        # start and twice the memory, so such files keep the PyTorch path.
+        other = {
+            info.qtype.name
+            for info in read_gguf(gguf_file).tensors.values()
+            if len(info.shape) == 2 and _gguf_format(info.qtype) is None
+        }
+        if other:
+            reason = f"GGUF matrices stored as {', '.join(sorted(other))}"
     if reason is not None:
         logger.info("Decode steps run in PyTorch: the C decoder does not support %s", reason)
         return None

@@ -126,3 +126,23 @@ def test_models_the_decoder_cannot_run_keep_pytorch(tmp_path: Path) -> None:
     )
     assert runner.cpu_decoder is None
     assert len(_generate(llm, PROMPTS[:1])[0].token_ids) == 12
+
+
+def test_gguf_files_with_other_block_types_keep_pytorch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import transformers
+
+    from pagoda.models.llama import LlamaForCausalLM
+    from pagoda.worker.cpu_decoder import build_cpu_decoder
+    from tests.loader.test_gguf import write_gguf
+
+    blocks = gguf.quants.quantize(np.ones((4, 64), dtype=np.float32), Q.Q5_0)
+    path = write_gguf(tmp_path / "q5.gguf", "llama", {}, [("blk.0.attn_q.weight", blocks, Q.Q5_0)])
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    with caplog.at_level("INFO", logger="pagoda.worker.cpu_decoder"):
+        assert build_cpu_decoder(LlamaForCausalLM(config), path, torch.float16) is None
+    assert "GGUF matrices stored as Q5_0" in caplog.text

@@ -334,7 +334,9 @@ static void matmul_group(const pg_matrix *const *mats, float *const *outs, int c
 #pragma omp parallel
     {
         float *buf = (float *)malloc((size_t)cols * sizeof(float));
-#pragma omp for schedule(static)
+        /* Dynamic chunks: in a server the HTTP thread and the client preempt one of the two
+         * threads now and then, and the other should take its rows rather than wait for them. */
+#pragma omp for schedule(dynamic, 16)
         for (int64_t r = 0; r < total; ++r) {
             int m = 0;
             while (m + 1 < count && r >= offsets[m + 1]) ++m;
