@@ -129,18 +129,22 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
+def _float_pointer(tensor: torch.Tensor | None, keep: list[Any]) -> int | None:
+    """Address of a contiguous float32 copy (or view) of `tensor`, kept alive in `keep`."""
+    if tensor is None:
+        return None
+    tensor = tensor.detach().float().contiguous()
+    keep.append(tensor)
+    return int(tensor.data_ptr())
+
+
 def _tensor_matrix(weight: torch.Tensor, bias: torch.Tensor | None, keep: list[Any]) -> _Matrix:
     weight = weight.detach().contiguous()
     keep.append(weight)
-    bias_pointer = None
-    if bias is not None:
-        bias = bias.detach().float().contiguous()
-        keep.append(bias)
-        bias_pointer = bias.data_ptr()
     rows, cols = weight.shape
     return _Matrix(
         weight.data_ptr(),
-        bias_pointer,
+        _float_pointer(bias, keep),
         rows,
         cols,
         cols * weight.element_size(),
@@ -161,11 +165,7 @@ def _gguf_matrix(matrix: Any, bias: torch.Tensor | None, keep: list[Any]) -> _Ma
         raise ValueError(f"the C decoder cannot read {matrix.qtype.name} blocks")
     rows: np.ndarray = matrix.rows
     keep.append(rows)
-    bias_pointer = None
-    if bias is not None:
-        bias = bias.detach().float().contiguous()
-        keep.append(bias)
-        bias_pointer = bias.data_ptr()
+    bias_pointer = _float_pointer(bias, keep)
     return _Matrix(
         rows.ctypes.data, bias_pointer, rows.shape[0], matrix.in_features, rows.shape[1], code
     )
@@ -255,8 +255,8 @@ class CPUDecoder:
                     projection,
                     matrix(name, weights[projection], biases.get(projection)),
                 )
-            layers[index].attn_norm = self._pointer(layer.input_layernorm.weight)
-            layers[index].ffn_norm = self._pointer(layer.post_attention_layernorm.weight)
+            layers[index].attn_norm = _float_pointer(layer.input_layernorm.weight, keep)
+            layers[index].ffn_norm = _float_pointer(layer.post_attention_layernorm.weight, keep)
             layers[index].window = attention.attn.sliding_window or 0
             layers[index].scale = attention.attn.scale
         self._layers = layers
@@ -285,19 +285,14 @@ class CPUDecoder:
             intermediate=first.mlp.down_proj.weight.shape[1],
             vocab=self.vocab,
             eps=inner.norm.variance_epsilon,
-            cos=self._pointer(rotary.cos_cache),
-            sin=self._pointer(rotary.sin_cache),
-            final_norm=self._pointer(inner.norm.weight),
+            cos=_float_pointer(rotary.cos_cache, keep),
+            sin=_float_pointer(rotary.sin_cache, keep),
+            final_norm=_float_pointer(inner.norm.weight, keep),
             embed=embed,
             lm_head=lm_head,
             layers=layers,
         )
         self.bound = False
-
-    def _pointer(self, tensor: torch.Tensor) -> int:
-        tensor = tensor.detach().float().contiguous()
-        self._keep.append(tensor)
-        return int(tensor.data_ptr())
 
     def bind_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
         """Point every layer at its cache `[2, cache_blocks, block_size, Hkv, D]` (float32)."""
