@@ -292,7 +292,13 @@ class CPUDecoder:
             lm_head=lm_head,
             layers=layers,
         )
-        self.bound = False
+        # The caches whose addresses the layers hold (kept alive here); None until bound.
+        self._caches: list[torch.Tensor] | None = None
+
+    @property
+    def bound(self) -> bool:
+        """Whether `bind_kv_caches` has run, so `decode` may be called."""
+        return self._caches is not None
 
     def bind_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
         """Point every layer at its cache `[2, cache_blocks, block_size, Hkv, D]` (float32)."""
@@ -305,7 +311,6 @@ class CPUDecoder:
         self._model.cache_blocks = kv_caches[0].shape[1]
         self._model.block_size = kv_caches[0].shape[2]
         self._caches = kv_caches
-        self.bound = True
 
     def decode(
         self,
