@@ -159,16 +159,32 @@ def _gguf_format(qtype: Any) -> int | None:
     return formats.get(qtype)
 
 
-def _gguf_matrix(matrix: Any, bias: torch.Tensor | None, keep: list[Any]) -> _Matrix:
+def _gguf_matrix(
+    matrix: Any, bias: torch.Tensor | None, keep: list[Any], interleave: bool = True
+) -> _Matrix:
+    """The decoder's view of a GGUF matrix; with `interleave`, its blocks are rewritten four rows
+    at a time where the kernel can read them so (`pagoda_repack_x4`), a copy of the same size."""
     code = _gguf_format(matrix.qtype)
     if code is None:
         raise ValueError(f"the C decoder cannot read {matrix.qtype.name} blocks")
     rows: np.ndarray = matrix.rows
-    keep.append(rows)
     bias_pointer = _float_pointer(bias, keep)
-    return _Matrix(
+    result = _Matrix(
         rows.ctypes.data, bias_pointer, rows.shape[0], matrix.in_features, rows.shape[1], code
     )
+    library = cpu_library()
+    if interleave and library is not None and code in (_Q8_0, _Q4_0, _Q4_1):
+        interleaved = np.empty_like(rows)
+        repack = library.pagoda_repack_x4
+        repack.argtypes = [ctypes.POINTER(_Matrix), _ptr]
+        repack.restype = _i64
+        interleaved_code = repack(ctypes.byref(result), interleaved.ctypes.data)
+        if interleaved_code >= 0:
+            rows = interleaved
+            result.data = interleaved.ctypes.data
+            result.format = interleaved_code
+    keep.append(rows)
+    return result
 
 
 def linear(weight: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -263,7 +279,7 @@ class CPUDecoder:
 
         embedding = inner.embed_tokens.weight
         embed = (
-            _gguf_matrix(stored["model.embed_tokens.weight"], None, keep)
+            _gguf_matrix(stored["model.embed_tokens.weight"], None, keep, interleave=False)
             if "model.embed_tokens.weight" in stored
             else _tensor_matrix(embedding, None, keep)
         )

@@ -30,15 +30,23 @@ def reference(q, kv_cache, tables, lengths, scale, window, softcap):  # type: ig
 
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim", "window", "softcap"),
-    [(9, 3, 64, None, None), (4, 4, 32, None, None), (8, 1, 16, 5, None), (6, 2, 64, 7, 20.0)],
+    [
+        (9, 3, 64, None, None),
+        (4, 2, 128, 13, None),
+        (4, 4, 32, None, None),
+        (8, 1, 16, 5, None),
+        (6, 2, 64, 7, 20.0),
+    ],
 )
-def test_kernel_matches_reference(heads, kv_heads, head_dim, window, softcap) -> None:  # type: ignore[no-untyped-def]
+# Blocks of 16 let the AVX2 path (head_dim a multiple of 64) score eight positions at a time.
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_kernel_matches_reference(heads, kv_heads, head_dim, window, softcap, block_size) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
-    num_blocks, block_size, batch = 40, 4, 5
+    num_blocks, batch = 40, 5
     assert kernel is not None
     kv_cache = torch.randn(2, num_blocks + 1, block_size, kv_heads, head_dim)
-    lengths = torch.tensor([1, 3, 4, 9, 23], dtype=torch.int64)
-    max_blocks = 8
+    lengths = torch.tensor([1, 3, 4, 9, 41], dtype=torch.int64)
+    max_blocks = 12
     # Scattered, distinct blocks per request; unused table entries point at the last block.
     order = torch.randperm(num_blocks)
     tables = torch.full((batch, max_blocks), num_blocks, dtype=torch.int64)

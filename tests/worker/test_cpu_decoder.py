@@ -35,15 +35,17 @@ pytestmark = pytest.mark.skipif(
 PROMPTS = ["The quick brown fox", "Hello, Pagoda! What is", "Numbers: 0 1 2 3"]
 
 
+# 40 rows are read four at a time from an interleaved copy (pagoda_repack_x4), 42 row by row.
+@pytest.mark.parametrize("rows", [40, 42])
 @pytest.mark.parametrize("tokens", [1, 3, 11])
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
-def test_block_matmul_matches_dequantized_weights(qtype: Q, tokens: int) -> None:
+def test_block_matmul_matches_dequantized_weights(qtype: Q, tokens: int, rows: int) -> None:
     generator = np.random.default_rng(0)
-    weights = generator.standard_normal((40, 96)).astype(np.float32)
+    weights = generator.standard_normal((rows, 96)).astype(np.float32)
     blocks = gguf.quants.quantize(weights, qtype)  # [40, bytes per row] uint8
     dequantized = torch.from_numpy(gguf.quants.dequantize(blocks, qtype))
     x = torch.from_numpy(generator.standard_normal((tokens, 96)).astype(np.float32))
-    bias = torch.randn(40)
+    bias = torch.randn(rows)
     got = linear(GGUFMatrix(qtype, blocks, 96), x, bias)
     # Activations are rounded to int16 per 32-value block: about 2e-5 of each block's largest.
     torch.testing.assert_close(got, x @ dequantized.T + bias, rtol=1e-4, atol=2e-3)

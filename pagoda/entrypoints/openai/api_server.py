@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import hashlib
 import hmac
 import json
@@ -193,6 +194,11 @@ def run_server(args: argparse.Namespace) -> None:
     engine = AsyncLLM.from_engine_args(engine_args)
     app = build_app(args)
     init_app_state(app, engine, args)
+    # Start-up leaves hundreds of thousands of objects that live as long as the server (modules,
+    # tokenizer, configs): frozen, the collector stops rescanning them between engine steps (its
+    # full collections took 4% of a decode step's profile).
+    gc.collect()
+    gc.freeze()
     host = args.host
     scheme = "https" if getattr(args, "ssl_certfile", None) else "http"
     logger.info(

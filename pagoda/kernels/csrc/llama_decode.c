@@ -27,6 +27,8 @@
 #endif
 
 enum { PG_F32 = 0, PG_F16 = 1, PG_BF16 = 2, PG_Q8_0 = 3, PG_Q4_0 = 4, PG_Q4_1 = 5 };
+/* The same blocks interleaved four rows at a time by pagoda_repack_x4 (see there). */
+enum { PG_Q8_0_X4 = 6, PG_Q4_0_X4 = 7, PG_Q4_1_X4 = 8 };
 
 typedef struct {
     const uint8_t *data;
@@ -206,7 +208,42 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 }
 
 static inline int is_block_format(int64_t format) {
-    return format == PG_Q8_0 || format == PG_Q4_0 || format == PG_Q4_1;
+    return format >= PG_Q8_0 && format <= PG_Q4_1_X4;
+}
+
+static inline int is_x4_format(int64_t format) { return format >= PG_Q8_0_X4; }
+
+/* Bytes of one GGUF block: its float16 header (scale, and Q4_1's minimum) and its payload. */
+static int64_t block_header(int64_t format) { return format == PG_Q4_1 ? 4 : 2; }
+static int64_t block_payload(int64_t format) { return format == PG_Q8_0 ? 32 : 16; }
+
+/* Rewrites a Q8_0/Q4_0/Q4_1 matrix (rows divisible by 4) into `out` (as many bytes) with four
+ * rows interleaved: for each group of four rows and each block column, the four rows' scales
+ * (float16), then for Q4_1 their four minimums, then their four payloads. A dot product then reads
+ * the four headers with one load and converts them with one instruction, and the weights of a
+ * group stream from one place. Returns the interleaved format, or -1 if `w` cannot be. */
+int64_t pagoda_repack_x4(const pg_matrix *w, uint8_t *out) {
+#ifndef PG_AVX2
+    (void)out;
+    return -1; /* only the AVX2 kernels read interleaved blocks */
+#endif
+    if (w->rows % 4 != 0 || w->cols % 32 != 0 ||
+        !(w->format == PG_Q8_0 || w->format == PG_Q4_0 || w->format == PG_Q4_1))
+        return -1;
+    const int64_t header = block_header(w->format), payload = block_payload(w->format);
+    const int64_t block = header + payload, nblocks = w->cols / 32;
+    for (int64_t g = 0; g < w->rows / 4; ++g) {
+        for (int64_t b = 0; b < nblocks; ++b) {
+            uint8_t *dst = out + (g * nblocks + b) * 4 * block;
+            for (int64_t i = 0; i < 4; ++i) {
+                const uint8_t *src = w->data + (4 * g + i) * w->row_bytes + b * block;
+                memcpy(dst + 2 * i, src, 2);
+                if (header == 4) memcpy(dst + 8 + 2 * i, src + 2, 2);
+                memcpy(dst + 4 * header + i * payload, src + header, (size_t)payload);
+            }
+        }
+    }
+    return w->format + (PG_Q8_0_X4 - PG_Q8_0);
 }
 
 #ifdef PG_AVX2
@@ -222,20 +259,31 @@ typedef struct {
 } pg_blocks;
 
 static void quantize_blocks(const float *x, int64_t count, pg_blocks *out) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int64_t b = 0; b < count; ++b) {
         const float *xb = x + 32 * b;
-        float amax = 0.f, sum = 0.f;
-        for (int j = 0; j < 32; ++j) {
-            amax = fmaxf(amax, fabsf(xb[j]));
-            sum += xb[j];
+        __m256 v[4], amax = _mm256_setzero_ps();
+        for (int i = 0; i < 4; ++i) {
+            v[i] = _mm256_loadu_ps(xb + 8 * i);
+            amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], magnitude));
         }
-        const float inv = amax > 0.f ? 32767.f / amax : 0.f;
-        for (int j = 0; j < 32; ++j) {
-            const float q = fminf(fmaxf(xb[j] * inv, -32767.f), 32767.f);
-            out->values[32 * b + j] = (int16_t)lrintf(q);
-        }
-        out->scales[b] = amax / 32767.f;
-        out->sums[b] = sum;
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        const float largest = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+        const __m256 inv = _mm256_set1_ps(largest > 0.f ? 32767.f / largest : 0.f);
+        /* Round to nearest even (the default rounding mode); |x * inv| <= 32767 up to one ulp,
+         * and packs saturates the rest. packs interleaves 128-bit lanes: the permute restores
+         * the order. */
+        const __m256i q01 = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[0], inv)),
+                                               _mm256_cvtps_epi32(_mm256_mul_ps(v[1], inv)));
+        const __m256i q23 = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[2], inv)),
+                                               _mm256_cvtps_epi32(_mm256_mul_ps(v[3], inv)));
+        _mm256_storeu_si256((__m256i *)(out->values + 32 * b),
+                            _mm256_permute4x64_epi64(q01, 0xd8));
+        _mm256_storeu_si256((__m256i *)(out->values + 32 * b + 16),
+                            _mm256_permute4x64_epi64(q23, 0xd8));
+        out->scales[b] = largest / 32767.f;
+        out->sums[b] = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
     }
 }
 
@@ -306,17 +354,92 @@ static void dot_blocks(const pg_matrix *w, const uint8_t *row, const pg_blocks *
         }
     }
 }
+
+/* Four rows (one interleaved group) times token t of x: result[i] = row i . x[t]. `format` is
+ * the group's base format (Q8_0, Q4_0 or Q4_1), a constant where this is inlined. */
+static inline __attribute__((always_inline)) __m128 dot_x4(int64_t format, const uint8_t *group,
+                                                           int64_t nblocks, const pg_blocks *x,
+                                                           int64_t t) {
+    const int64_t header = 4 * block_header(format), payload = block_payload(format);
+    const int64_t stride = header + 4 * payload;
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                     _mm256_setzero_ps()};
+    __m128 offset = _mm_setzero_ps();
+    const uint8_t *p = group;
+    for (int64_t b = 0; b < nblocks; ++b, p += stride) {
+        /* The hardware prefetcher restarts on each group; eight blocks ahead keeps DRAM busy. */
+        _mm_prefetch((const char *)(p + 8 * stride), _MM_HINT_T0);
+        const int64_t xb = t * nblocks + b;
+        const int16_t *xq = x->values + 32 * xb;
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)xq);
+        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 16));
+        const __m128 d = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p));
+        const __m128 sum = _mm_set1_ps(x->sums[xb]);
+        if (format == PG_Q4_1)
+            offset = _mm_fmadd_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(p + 8))), sum,
+                                  offset);
+        else if (format == PG_Q4_0) /* stored q + 8 */
+            offset = _mm_fmadd_ps(_mm_mul_ps(d, _mm_set1_ps(-8.f)), sum, offset);
+        const __m128 scale4 = _mm_mul_ps(d, _mm_set1_ps(x->scales[xb]));
+        const __m256 scale = _mm256_set_m128(scale4, scale4);
+        for (int i = 0; i < 4; ++i) {
+            __m256i w0, w1;
+            if (format == PG_Q8_0) {
+                const __m256i q = _mm256_loadu_si256((const __m256i *)(p + header + 32 * i));
+                w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
+                w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1));
+            } else {
+                const __m128i q = _mm_loadu_si128((const __m128i *)(p + header + 16 * i));
+                w0 = _mm256_cvtepu8_epi16(_mm_and_si128(q, mask));
+                w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(q, 4), mask));
+            }
+            const __m256i products =
+                _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+            const __m256 lane = _mm256_permutevar_ps(scale, _mm256_set1_epi32(i));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), lane, acc[i]);
+        }
+    }
+    const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]),
+                                        _mm256_hadd_ps(acc[2], acc[3]));
+    return _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1)),
+                      offset);
+}
+
+/* Group g of an interleaved matrix times every token of x: out[t * out_stride + 4g + i]. */
+static void dot_group_x4(const pg_matrix *w, int64_t g, const pg_blocks *x, int64_t T,
+                         float *out, int64_t out_stride) {
+    const int64_t nblocks = w->cols / 32;
+    const uint8_t *group = w->data + 4 * g * w->row_bytes;
+    for (int64_t t = 0; t < T; ++t) {
+        __m128 r;
+        switch (w->format) {
+        case PG_Q8_0_X4:
+            r = dot_x4(PG_Q8_0, group, nblocks, x, t);
+            break;
+        case PG_Q4_0_X4:
+            r = dot_x4(PG_Q4_0, group, nblocks, x, t);
+            break;
+        default:
+            r = dot_x4(PG_Q4_1, group, nblocks, x, t);
+            break;
+        }
+        if (w->bias != NULL) r = _mm_add_ps(r, _mm_loadu_ps(w->bias + 4 * g));
+        _mm_storeu_ps(out + t * out_stride + 4 * g, r);
+    }
+}
 #endif
 
 /* out[m][t, n] = x[t] . W_m[n] + b_m[n] for every matrix m of a group sharing the input x [T, cols]:
- * the group's rows are split over threads together, so q/k/v (or gate/up) cost one fork. */
+ * the group's rows are split over threads together, so q/k/v (or gate/up) cost one fork. The unit
+ * of work is a row, or a group of four rows for interleaved matrices. */
 static void matmul_group(const pg_matrix *const *mats, float *const *outs, int count,
                          const float *x, int64_t T) {
     int64_t offsets[8];
     int64_t total = 0;
     for (int m = 0; m < count; ++m) {
         offsets[m] = total;
-        total += mats[m]->rows;
+        total += is_x4_format(mats[m]->format) ? mats[m]->rows / 4 : mats[m]->rows;
     }
     const int64_t cols = mats[0]->cols;
 #ifdef PG_AVX2
@@ -335,13 +458,20 @@ static void matmul_group(const pg_matrix *const *mats, float *const *outs, int c
     {
         float *buf = (float *)malloc((size_t)cols * sizeof(float));
         /* Dynamic chunks: in a server the HTTP thread and the client preempt one of the two
-         * threads now and then, and the other should take its rows rather than wait for them. */
+         * threads now and then, and the other should take its rows rather than wait for them.
+         * Chunks of 16 units keep each thread's reads sequential for the prefetcher. */
 #pragma omp for schedule(dynamic, 16)
-        for (int64_t r = 0; r < total; ++r) {
+        for (int64_t unit = 0; unit < total; ++unit) {
             int m = 0;
-            while (m + 1 < count && r >= offsets[m + 1]) ++m;
+            while (m + 1 < count && unit >= offsets[m + 1]) ++m;
             const pg_matrix *w = mats[m];
-            const int64_t n = r - offsets[m];
+            const int64_t n = unit - offsets[m];
+#ifdef PG_AVX2
+            if (is_x4_format(w->format)) {
+                dot_group_x4(w, n, &blocks, T, outs[m], w->rows);
+                continue;
+            }
+#endif
             const float bias = w->bias ? w->bias[n] : 0.f;
 #ifdef PG_AVX2
             if (blocks.values != NULL && is_block_format(w->format)) {

@@ -12,13 +12,141 @@
  * Query head i uses kv head i / (H / Hkv), as in grouped-query attention.
  * window > 0 keeps only the last `window` positions; softcap > 0 applies softcap * tanh(s / softcap).
  *
- * Work is split over (request, kv head) pairs with OpenMP; the process's OpenMP runtime is the
+ * Work is split over (request, query head) pairs with OpenMP; the process's OpenMP runtime is the
  * one PyTorch loaded, so torch.set_num_threads governs it too.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define PG_ATTEND_AVX2 1
+#endif
+
+/* Rows of a paged cache are scattered (a request's blocks anywhere, its kv head a stride apart
+ * within a block): the hardware prefetcher loses them at every 4 KiB page, and each row then costs
+ * a DRAM round trip. Fetch the row PG_AHEAD positions on instead. */
+#define PG_AHEAD 8
+
+static inline void prefetch_row(const float *base, const int64_t *table, int64_t pos,
+                                int64_t length, int64_t block_size, int64_t row, int64_t D) {
+    if (pos >= length) return;
+    const char *p = (const char *)(base + (table[pos / block_size] * block_size +
+                                           pos % block_size) * row);
+    for (int64_t offset = 0; offset < D * (int64_t)sizeof(float); offset += 64)
+        __builtin_prefetch(p + offset);
+}
+
+#ifdef PG_ATTEND_AVX2
+/* e^x for x <= 0 in eight lanes: x = n ln2 + r, e^r by a degree-7 polynomial (Cephes' expf
+ * coefficients, within 2 ulp of expf), 2^n through the exponent bits. */
+static inline __m256 exp_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    const __m256 n = _mm256_floor_ps(
+        _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i bits = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+
+/* Eight sums in one vector: lane j = the sum of the lanes of a[j]. */
+static inline __m256 sum_lanes8(const __m256 *a) {
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                         _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* One query head qh [D] over positions [start, length) of kv head rows `keys`/`values` (row r of
+ * block b at base + (b * block_size + r) * row): out [D]. D a multiple of 64, no soft-capping.
+ * Scores of eight positions at a time (eight independent FMA chains, one transposed sum), the
+ * softmax's exponentials eight at a time, and the weighted sum of V with 64 dims in registers. */
+static void attend_head_avx2(float *out, const float *qh, const float *keys, const float *values,
+                             const int64_t *table, int64_t start, int64_t length, int64_t D,
+                             int64_t block_size, int64_t row, float scale, float *scores) {
+    const int64_t n = length - start;
+    __m256 peak8 = _mm256_set1_ps(-INFINITY);
+    const __m256 scale8 = _mm256_set1_ps(scale);
+    for (int64_t first = start - start % block_size; first < length; first += block_size) {
+        const float *page = keys + table[first / block_size] * block_size * row;
+        const int64_t lo = first > start ? first : start;
+        const int64_t hi = first + block_size < length ? first + block_size : length;
+        int64_t pos = lo;
+        for (; pos + 8 <= hi; pos += 8) {
+            __m256 acc[8];
+            for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+            const float *k = page + (pos - first) * row;
+            for (int64_t d = 0; d < D; d += 8) {
+                const __m256 qv = _mm256_loadu_ps(qh + d);
+                for (int j = 0; j < 8; ++j)
+                    acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(k + j * row + d), qv, acc[j]);
+            }
+            prefetch_row(keys, table, pos + PG_AHEAD, length, block_size, row, D);
+            const __m256 s = _mm256_mul_ps(sum_lanes8(acc), scale8);
+            _mm256_storeu_ps(scores + (pos - start), s);
+            peak8 = _mm256_max_ps(peak8, s);
+        }
+        for (; pos < hi; ++pos) {
+            const float *k = page + (pos - first) * row;
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t d = 0; d < D; d += 8)
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(k + d), _mm256_loadu_ps(qh + d), acc);
+            __m256 one[8] = {acc, acc, acc, acc, acc, acc, acc, acc};
+            const float score = _mm256_cvtss_f32(sum_lanes8(one)) * scale;
+            scores[pos - start] = score;
+            peak8 = _mm256_max_ps(peak8, _mm256_set1_ps(score));
+        }
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(peak8), _mm256_extractf128_ps(peak8, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    const float peak = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+    __m256 total8 = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const __m256 e =
+            exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + t), _mm256_set1_ps(peak)));
+        _mm256_storeu_ps(scores + t, e);
+        total8 = _mm256_add_ps(total8, e);
+    }
+    if (t < n) { /* the tail through the same polynomial, padded with -inf (e = 0) */
+        float tail[8];
+        for (int j = 0; j < 8; ++j) tail[j] = t + j < n ? scores[t + j] - peak : -INFINITY;
+        const __m256 e = exp_nonpositive(_mm256_loadu_ps(tail));
+        _mm256_storeu_ps(tail, e);
+        for (int j = 0; t + j < n; ++j) scores[t + j] = tail[j];
+        total8 = _mm256_add_ps(total8, e);
+    }
+    __m256 totals[8] = {total8, total8, total8, total8, total8, total8, total8, total8};
+    const __m256 inv = _mm256_set1_ps(1.f / _mm256_cvtss_f32(sum_lanes8(totals)));
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+        __m256 acc[8];
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+        for (int64_t first = start - start % block_size; first < length; first += block_size) {
+            const float *page = values + table[first / block_size] * block_size * row + d0;
+            const int64_t lo = first > start ? first : start;
+            const int64_t hi = first + block_size < length ? first + block_size : length;
+            for (int64_t pos = lo; pos < hi; ++pos) {
+                const float *v = page + (pos - first) * row;
+                if (d0 == 0) prefetch_row(values, table, pos + PG_AHEAD, length, block_size, row, D);
+                const __m256 p = _mm256_set1_ps(scores[pos - start]);
+                for (int j = 0; j < 8; ++j)
+                    acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * j), acc[j]);
+            }
+        }
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + d0 + 8 * j, _mm256_mul_ps(acc[j], inv));
+    }
+}
+#endif
 
 void pagoda_paged_decode_attention_f32(float *out, const float *q, const float *cache,
                                        int64_t num_blocks, const int64_t *tables,
@@ -33,21 +161,31 @@ void pagoda_paged_decode_attention_f32(float *out, const float *q, const float *
     {
         float *scores = NULL;
         int64_t capacity = 0;
-        float *acc = (float *)malloc((size_t)(G * D) * sizeof(float));
 
+        /* One item per (request, query head): a decode step of one request still has H items to
+         * share out (its Hkv kv heads alone left one of two threads idle a third of the time);
+         * the G query heads of a kv head read its rows from cache after the first. */
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < B * Hkv; ++item) {
-            const int64_t b = item / Hkv, h = item % Hkv;
+        for (int64_t item = 0; item < B * H; ++item) {
+            const int64_t b = item / H, qhead = item % H, h = qhead / G;
             const int64_t length = ctx_lens[b];
             const int64_t start = (window > 0 && length > window) ? length - window : 0;
             const int64_t n = length - start;
-            if (G * n > capacity) {
+            if (n > capacity) {
                 free(scores);
-                capacity = G * n;
+                capacity = n;
                 scores = (float *)malloc((size_t)capacity * sizeof(float));
             }
-            const float *qh = q + (b * H + h * G) * D;
+            const float *qh = q + (b * H + qhead) * D;
             const int64_t *table = tables + b * max_blocks;
+#ifdef PG_ATTEND_AVX2
+            if (D % 64 == 0 && softcap <= 0.f) {
+                attend_head_avx2(out + (b * H + qhead) * D, qh, cache + h * D, values + h * D,
+                                 table, start, length, D, block_size, row, scale, scores);
+                continue;
+            }
+#endif
+            float peak = -INFINITY;
 
             /* Walk the context block by block: no division per position. */
             for (int64_t first = start - start % block_size; first < length; first += block_size) {
@@ -56,49 +194,37 @@ void pagoda_paged_decode_attention_f32(float *out, const float *q, const float *
                 const int64_t hi = first + block_size < length ? first + block_size : length;
                 for (int64_t pos = lo; pos < hi; ++pos) {
                     const float *k = page + (pos - first) * row;
-                    const int64_t t = pos - start;
-                    for (int64_t g = 0; g < G; ++g) {
-                        const float *qg = qh + g * D;
-                        float s = 0.f;
+                    prefetch_row(cache + h * D, table, pos + PG_AHEAD, length, block_size, row, D);
+                    float s = 0.f;
 #pragma omp simd reduction(+ : s)
-                        for (int64_t d = 0; d < D; ++d) s += qg[d] * k[d];
-                        s *= scale;
-                        if (softcap > 0.f) s = softcap * tanhf(s / softcap);
-                        scores[g * n + t] = s;
-                    }
+                    for (int64_t d = 0; d < D; ++d) s += qh[d] * k[d];
+                    s *= scale;
+                    if (softcap > 0.f) s = softcap * tanhf(s / softcap);
+                    scores[pos - start] = s;
+                    peak = s > peak ? s : peak;
                 }
             }
-            for (int64_t g = 0; g < G; ++g) {
-                float *sg = scores + g * n;
-                float peak = -INFINITY;
-                for (int64_t t = 0; t < n; ++t) peak = sg[t] > peak ? sg[t] : peak;
-                float total = 0.f;
-                for (int64_t t = 0; t < n; ++t) {
-                    sg[t] = expf(sg[t] - peak);
-                    total += sg[t];
-                }
-                const float inv = 1.f / total;
-                for (int64_t t = 0; t < n; ++t) sg[t] *= inv;
+            float total = 0.f;
+            for (int64_t t = 0; t < n; ++t) {
+                scores[t] = expf(scores[t] - peak);
+                total += scores[t];
             }
-            memset(acc, 0, (size_t)(G * D) * sizeof(float));
+            const float inv = 1.f / total;
+            float *acc = out + (b * H + qhead) * D;
+            memset(acc, 0, (size_t)D * sizeof(float));
             for (int64_t first = start - start % block_size; first < length; first += block_size) {
                 const float *page = values + table[first / block_size] * block_size * row + h * D;
                 const int64_t lo = first > start ? first : start;
                 const int64_t hi = first + block_size < length ? first + block_size : length;
                 for (int64_t pos = lo; pos < hi; ++pos) {
                     const float *v = page + (pos - first) * row;
-                    const int64_t t = pos - start;
-                    for (int64_t g = 0; g < G; ++g) {
-                        const float p = scores[g * n + t];
-                        float *a = acc + g * D;
+                    prefetch_row(values + h * D, table, pos + PG_AHEAD, length, block_size, row, D);
+                    const float p = scores[pos - start] * inv;
 #pragma omp simd
-                        for (int64_t d = 0; d < D; ++d) a[d] += p * v[d];
-                    }
+                    for (int64_t d = 0; d < D; ++d) acc[d] += p * v[d];
                 }
             }
-            memcpy(out + (b * H + h * G) * D, acc, (size_t)(G * D) * sizeof(float));
         }
         free(scores);
-        free(acc);
     }
 }
