@@ -12,9 +12,10 @@ pack float16 weights for fbgemm; `--dtype float32` keeps the exact PyTorch path)
 decode batches, which are compute-bound, stay on PyTorch. The KV cache is shared: both paths read
 and write the same blocks.
 
-Memory: a GGUF file's blocks are read from its memory map (Llama's q/k rows are reordered into a
-copy); a safetensors checkpoint's weights are kept as a second, bfloat16/float16 copy next to
-fbgemm's packed one. GGUF files with other block types (K-quants, Q5_x, ...) keep PyTorch rather
+Memory: a GGUF file's Q4_0/Q4_1/Q8_0 matrices are copied once, the same size, with four rows
+interleaved block by block (`pagoda_repack_x4`: a group's four scales are read with one load and
+each thread streams one place); the embedding table is read from the memory map. A safetensors
+checkpoint's weights are kept as a second, bfloat16/float16 copy next to fbgemm's packed one. GGUF files with other block types (K-quants, Q5_x, ...) keep PyTorch rather
 than decode a float16 copy.
 """
 

@@ -7,8 +7,10 @@
  * output projection, RMSNorm and the SiLU-gated MLP, then the final norm and the LM head.
  *
  * Weights stay in their checkpoint encoding (float32, float16, bfloat16, or GGUF's Q8_0, Q4_0 and
- * Q4_1 blocks along each row) and are widened to float32 one row at a time into a buffer that stays
- * in L1; all arithmetic is float32. Rows are split over OpenMP threads (PyTorch's runtime).
+ * Q4_1 blocks along each row, or those blocks interleaved four rows at a time). Float formats are
+ * widened to float32 one row at a time into a buffer that stays in L1; block formats are multiplied
+ * as integers against int16-rounded activations (see quantize_blocks). Rows are split over OpenMP
+ * threads (PyTorch's runtime).
  *
  * Layouts (all contiguous, row-major):
  *   matrix    rows x row_bytes: output feature n is row n, input features along the row
