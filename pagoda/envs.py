@@ -77,6 +77,13 @@ ENVIRONMENT_VARIABLES: tuple[EnvVar, ...] = (
         "and the whole-step decoder for Llama-shaped models.",
     ),
     EnvVar(
+        "PAGODA_ENABLE_MULTIPROCESSING",
+        "bool",
+        "1",
+        "`pagoda serve` runs the engine core in a child process of its own (like vLLM's "
+        "VLLM_ENABLE_V1_MULTIPROCESSING); 0 runs it on a thread of the server process.",
+    ),
+    EnvVar(
         "PAGODA_CACHE_ROOT",
         "path",
         "~/.cache/pagoda",
@@ -220,6 +227,11 @@ def cpu_kvcache_space() -> float | None:
 def cpu_kernels() -> bool:
     """PAGODA_CPU_KERNELS: whether the compiled CPU kernels may be used (default True)."""
     return get_bool("PAGODA_CPU_KERNELS", True)
+
+
+def enable_multiprocessing() -> bool:
+    """PAGODA_ENABLE_MULTIPROCESSING: the server's engine core in its own process (default True)."""
+    return get_bool("PAGODA_ENABLE_MULTIPROCESSING", True)
 
 
 def cache_root() -> str:

@@ -1,10 +1,12 @@
 """AsyncLLM: the asyncio engine the server builds on.
 
-The engine core runs its busy loop on a dedicated thread (PyTorch releases the GIL in its kernels,
-so the event loop stays responsive); requests and aborts reach it through a thread-safe queue, and
-each step's outputs come back to the event loop, where the output processor detokenizes them and
-routes `RequestOutput`s to the per-request queue that `generate()` is iterating. Cancelling the
-consumer (a client disconnect) aborts the request and frees its KV blocks.
+The engine core runs its busy loop either in a child process (`pagoda serve`: see
+`pagoda.engine.core_process`; a reader thread here turns its frames into calls on the event loop)
+or on a dedicated thread of this process (PyTorch releases the GIL in its kernels, so the event loop
+stays responsive), fed by a thread-safe queue. Either way each step's outputs come back to the event
+loop, where the output processor detokenizes them and routes `RequestOutput`s to the per-request
+queue that `generate()` is iterating. Cancelling the consumer (a client disconnect) aborts the
+request and frees its KV blocks.
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from pagoda.config import EngineConfig
+from pagoda.engine.core_process import (
+    AbortRequests,
+    AddRequests,
+    CoreStep,
+    EngineCoreRequest,
+    EngineDeadError,
+)
 from pagoda.engine.input_processor import PromptType
 from pagoda.engine.llm_engine import EngineFrontend
 from pagoda.engine.messages import EngineCoreOutputs
@@ -30,15 +39,13 @@ from pagoda.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
-class EngineDeadError(RuntimeError):
-    """The engine core failed; no request can make progress."""
-
-
 class AsyncLLM(EngineFrontend):
     """Asyncio front of the engine: `generate()` yields partial outputs as tokens arrive."""
 
-    def __init__(self, config: EngineConfig, log_stats: bool = True) -> None:
-        super().__init__(config, log_stats)
+    def __init__(
+        self, config: EngineConfig, log_stats: bool = True, multiprocess: bool = False
+    ) -> None:
+        super().__init__(config, log_stats, multiprocess)
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -63,6 +70,8 @@ class AsyncLLM(EngineFrontend):
     def is_alive(self) -> bool:
         """True while the engine can serve: not failed, and its loop thread (once started) runs."""
         if self._dead is not None:
+            return False
+        if self.core_process is not None and not self.core_process.is_alive():
             return False
         return self._thread is None or self._thread.is_alive()
 
@@ -105,7 +114,7 @@ class AsyncLLM(EngineFrontend):
             for request in processed.core_requests:
                 self._tracker.on_arrival(request.request_id, now)
                 self._token_counts[request.request_id] = [len(processed.prompt_token_ids), 0]
-        self._commands.put(("add", processed.core_requests))
+        self._send("add", processed.core_requests)
         finished = False
         try:
             while not finished:
@@ -126,7 +135,7 @@ class AsyncLLM(EngineFrontend):
     def _abort(self, request_ids: list[str]) -> None:
         core_ids = self.output_processor.abort_requests(request_ids)
         if core_ids:
-            self._commands.put(("abort", core_ids))
+            self._send("abort", core_ids)
             self._track_finished(core_ids, "abort")
 
     def _track_finished(self, core_ids: list[str], finish_reason: str) -> None:
@@ -137,14 +146,57 @@ class AsyncLLM(EngineFrontend):
             prompt_tokens, generated = self._token_counts.pop(core_id, (0, 0))
             self._tracker.on_finished(core_id, finish_reason, prompt_tokens, generated, now)
 
+    def _send(self, command: str, payload: Any) -> None:
+        """Hand "add" (core `Request`s) or "abort" (core request ids) to the engine core."""
+        if self.core_process is None:
+            self._commands.put((command, payload))
+        elif command == "add":
+            self.core_process.send(
+                AddRequests(
+                    requests=[
+                        EngineCoreRequest(
+                            request.request_id,
+                            request.prompt_token_ids,
+                            request.sampling_params,
+                            request.eos_token_id,
+                            request.arrival_time,
+                            request.priority,
+                        )
+                        for request in payload
+                    ]
+                )
+            )
+        else:
+            self.core_process.send(AbortRequests(request_ids=list(payload)))
+
     def _ensure_started(self) -> None:
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(
-            target=self._core_loop, name="pagoda-engine-core", daemon=True
-        )
+        if self.core_process is not None:
+            target, name = self._receive_loop, "pagoda-core-output"
+        else:
+            target, name = self._core_loop, "pagoda-engine-core"
+        self._thread = threading.Thread(target=target, name=name, daemon=True)
         self._thread.start()
+
+    def _receive_loop(self) -> None:
+        """Relay the engine-core process's steps to the event loop until it stops or fails."""
+        assert self.core_process is not None and self._loop is not None
+        try:
+            while True:
+                message = self.core_process.receive()
+                if isinstance(message, CoreStep):
+                    self._loop.call_soon_threadsafe(
+                        self._on_outputs, message.outputs, message.stats
+                    )
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiters
+            if self._shut_down:
+                return
+            logger.error("Engine core process failed: %s", exc)
+            self._dead = exc
+            if not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._fail_all, exc)
 
     def _core_loop(self) -> None:
         core = self.engine_core
@@ -196,7 +248,7 @@ class AsyncLLM(EngineFrontend):
                 waiter.put_nowait(output)
         if processed.reqs_to_abort:
             # A stop string ended these on the API side: a normal "stop" finish.
-            self._commands.put(("abort", processed.reqs_to_abort))
+            self._send("abort", processed.reqs_to_abort)
             self._track_finished(processed.reqs_to_abort, "stop")
         if self.stat_logger is not None:
             self.stat_logger.record(stats)
@@ -218,7 +270,14 @@ class AsyncLLM(EngineFrontend):
             waiter.put_nowait(exc)
 
     def shutdown(self) -> None:
-        """Stop the engine-core thread (idempotent)."""
+        """Stop the engine core, its thread or its process (idempotent)."""
+        if self.core_process is not None:
+            if not self._shut_down:
+                self._shut_down = True
+                self.core_process.shutdown()
+            if self._thread is not None:
+                self._thread.join(timeout=30)
+            return
         if self._thread is not None and self._thread.is_alive():
             self._commands.put(("stop", None))
             self._thread.join(timeout=30)

@@ -12,6 +12,7 @@ from typing import Any, Self
 
 from pagoda.config import EngineArgs, EngineConfig
 from pagoda.engine.core import EngineCore
+from pagoda.engine.core_process import CoreProcess
 from pagoda.engine.input_processor import InputProcessor, PromptType
 from pagoda.engine.output_processor import OutputProcessor
 from pagoda.metrics.stats import StatLogger
@@ -26,22 +27,40 @@ class EngineFrontend:
     """What both engines share: the API side (tokenizer, input and output processing) joined to
     an in-process engine core, and the periodic stats line."""
 
-    def __init__(self, config: EngineConfig, log_stats: bool = True) -> None:
+    def __init__(
+        self, config: EngineConfig, log_stats: bool = True, multiprocess: bool = False
+    ) -> None:
+        """`multiprocess`: run the engine core in a child process (AsyncLLM only; see
+        `pagoda.engine.core_process`); otherwise it is built here, in this process."""
         self.config = config
         self.model_config = config.model_config
+        # Forked first, while this process has one thread and has not run a torch operation.
+        self.core_process = CoreProcess(config) if multiprocess else None
         # The tokenizer loads (Python, holding the GIL) while the engine core loads the model
-        # (torch ops, which release it): start-up takes the longer of the two, not their sum.
+        # (torch ops, which release it, or another process): start-up takes the longer of the
+        # two, not their sum.
         with ThreadPoolExecutor(1, thread_name_prefix="pagoda-tokenizer") as pool:
             tokenizer = pool.submit(load_tokenizer, config)
-            self.engine_core = EngineCore(config)
+            if self.core_process is None:
+                self.engine_core = EngineCore(config)
+            else:
+                try:
+                    self.core_process.wait_ready()
+                except BaseException:
+                    self.core_process.shutdown()
+                    raise
             self.tokenizer = tokenizer.result()
         self.input_processor = InputProcessor(self.model_config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stat_logger = StatLogger() if log_stats else None
 
     @classmethod
-    def from_engine_args(cls, engine_args: EngineArgs) -> Self:
-        return cls(engine_args.create_engine_config(), log_stats=not engine_args.disable_log_stats)
+    def from_engine_args(cls, engine_args: EngineArgs, multiprocess: bool = False) -> Self:
+        return cls(
+            engine_args.create_engine_config(),
+            log_stats=not engine_args.disable_log_stats,
+            multiprocess=multiprocess,
+        )
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer

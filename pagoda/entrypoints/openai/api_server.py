@@ -28,6 +28,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 import pagoda
+from pagoda import envs
 from pagoda.engine.async_llm import AsyncLLM
 from pagoda.tokenizer import load_chat_template
 
@@ -186,12 +187,13 @@ def served_model_names(args: argparse.Namespace, engine: AsyncLLM) -> list[str]:
 
 
 def run_server(args: argparse.Namespace) -> None:
-    """Load the model, then serve HTTP until SIGINT/SIGTERM."""
+    """Load the model (in an engine-core process unless PAGODA_ENABLE_MULTIPROCESSING=0), then
+    serve HTTP until SIGINT/SIGTERM."""
     from pagoda.entrypoints.cli.serve import engine_args_from_namespace
 
     start = time.perf_counter()
     engine_args = engine_args_from_namespace(args)
-    engine = AsyncLLM.from_engine_args(engine_args)
+    engine = AsyncLLM.from_engine_args(engine_args, multiprocess=envs.enable_multiprocessing())
     app = build_app(args)
     init_app_state(app, engine, args)
     # Start-up leaves hundreds of thousands of objects that live as long as the server (modules,
