@@ -545,6 +545,14 @@ _FAST_DEQUANTIZE: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tens
     GGMLQuantizationType.F16: _dequantize_f16,
 }
 
+# Matrices of these types are widened by the compiled CPU kernels when they are available (five
+# times faster than the torch code above, with the same arithmetic, so the same values).
+_COMPILED_DEQUANTIZE = {
+    GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.Q4_1,
+    GGMLQuantizationType.Q8_0,
+}
+
 
 def dequantize_tensor(data: np.ndarray, info: GGUFTensorInfo) -> torch.Tensor:
     """The float32 tensor [torch shape] stored in `data` (the tensor's raw bytes as uint8).
@@ -552,6 +560,14 @@ def dequantize_tensor(data: np.ndarray, info: GGUFTensorInfo) -> torch.Tensor:
     Raises:
         ValueError: `gguf.quants.dequantize` has no implementation for the tensor's type.
     """
+    if info.qtype in _COMPILED_DEQUANTIZE and len(info.shape) == 2 and info.shape[-1] % 32 == 0:
+        from pagoda.worker.cpu_decoder import dequantize as compiled_dequantize
+
+        compiled = compiled_dequantize(
+            GGUFMatrix(info.qtype, data.reshape(info.shape[0], -1), info.shape[-1])
+        )
+        if compiled is not None:
+            return compiled
     fast = _FAST_DEQUANTIZE.get(info.qtype)
     if fast is not None:
         with warnings.catch_warnings():

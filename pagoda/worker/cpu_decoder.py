@@ -188,6 +188,24 @@ def _gguf_matrix(
     return result
 
 
+def dequantize(matrix: Any) -> torch.Tensor | None:
+    """A `GGUFMatrix` of Q4_0/Q4_1/Q8_0 blocks as a float32 tensor [out, in], widened in C over
+    all cores, bit for bit the loader's PyTorch dequantization; None where the compiled kernels
+    are unavailable or the format is another."""
+    library = cpu_library()
+    code = _gguf_format(matrix.qtype)
+    if library is None or code not in (_Q8_0, _Q4_0, _Q4_1):
+        return None
+    rows: np.ndarray = matrix.rows
+    source = _Matrix(rows.ctypes.data, None, rows.shape[0], matrix.in_features, rows.shape[1], code)
+    out = torch.empty((rows.shape[0], matrix.in_features), dtype=torch.float32)
+    function = library.pagoda_dequantize
+    function.argtypes = [ctypes.POINTER(_Matrix), _ptr]
+    function.restype = None
+    function(ctypes.byref(source), out.data_ptr())
+    return out
+
+
 def linear(weight: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x [T, in] @ W.T + bias` through the decoder's matmul (for tests and benchmarks).
 

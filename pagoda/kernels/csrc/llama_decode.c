@@ -592,3 +592,14 @@ int pagoda_llama_decode_step(const pg_model *model, int64_t T, const int64_t *to
 void pagoda_matmul(const pg_matrix *w, float *out, const float *x, int64_t T) {
     matmul(w, out, x, T);
 }
+
+/* Every row of w (a float or plain GGUF block format) as float32 into out [rows, cols]: the values
+ * the PyTorch dequantizers of pagoda.loader.gguf compute, for loading GGUF files. */
+void pagoda_dequantize(const pg_matrix *w, float *out) {
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < w->rows; ++n) {
+        float *dst = out + n * w->cols;
+        const float *row = matrix_row(w, n, dst);
+        if (row != dst) memcpy(dst, row, (size_t)w->cols * sizeof(float));
+    }
+}
