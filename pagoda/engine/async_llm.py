@@ -23,6 +23,7 @@ from pagoda.config import EngineConfig
 from pagoda.engine.core_process import (
     AbortRequests,
     AddRequests,
+    CoreProcess,
     CoreStep,
     EngineCoreRequest,
     EngineDeadError,
@@ -45,7 +46,9 @@ class AsyncLLM(EngineFrontend):
     def __init__(
         self, config: EngineConfig, log_stats: bool = True, multiprocess: bool = False
     ) -> None:
-        super().__init__(config, log_stats, multiprocess)
+        """`multiprocess`: run the engine core in a child process (`pagoda serve` does)."""
+        # Forked first, while this process has one thread and has not run a torch operation.
+        super().__init__(config, log_stats, CoreProcess(config) if multiprocess else None)
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -199,44 +202,18 @@ class AsyncLLM(EngineFrontend):
                 self._loop.call_soon_threadsafe(self._fail_all, exc)
 
     def _core_loop(self) -> None:
-        core = self.engine_core
+        assert self._loop is not None
+        loop = self._loop
         try:
-            while True:
-                # Block only when there is nothing to run.
-                block = not core.has_unfinished_requests()
-                aborted = False
-                while True:
-                    try:
-                        command, payload = self._commands.get(block=block)
-                    except queue.Empty:
-                        break
-                    block = False
-                    if command == "stop":
-                        return
-                    if command == "add":
-                        for request in payload:
-                            core.add_request(request)
-                    elif command == "abort":
-                        core.abort_requests(payload)
-                        aborted = True
-                if not core.has_unfinished_requests():
-                    if aborted:
-                        # No step will follow to refresh the gauges: publish the idle state now.
-                        assert self._loop is not None
-                        idle = EngineCoreOutputs(outputs=[], timestamp=time.monotonic())
-                        self._loop.call_soon_threadsafe(
-                            self._on_outputs, idle, core.current_stats()
-                        )
-                    continue
-                outputs = core.step()
-                stats = core.last_stats
-                assert self._loop is not None
-                self._loop.call_soon_threadsafe(self._on_outputs, outputs, stats)
+            self.engine_core.run_busy_loop(
+                self._commands,
+                lambda outputs, stats: loop.call_soon_threadsafe(self._on_outputs, outputs, stats),
+            )
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiters
             logger.exception("Engine core failed")
             self._dead = exc
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.call_soon_threadsafe(self._fail_all, exc)
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self._fail_all, exc)
 
     def _on_outputs(self, outputs: EngineCoreOutputs, stats: SchedulerStats) -> None:
         if self._tracker is not None:

@@ -8,7 +8,10 @@ asks the scheduler for a plan, runs it on the executor, and turns the sampled to
 from __future__ import annotations
 
 import logging
+import queue
 import time
+from collections.abc import Callable
+from typing import Any
 
 from pagoda.config import EngineConfig
 from pagoda.engine.messages import EngineCoreOutputs
@@ -70,6 +73,43 @@ class EngineCore:
             num_generation_tokens=num_sampled,
         )
         return EngineCoreOutputs(outputs=outputs, timestamp=time.monotonic())
+
+    def run_busy_loop(
+        self,
+        commands: queue.Queue[tuple[str, Any]],
+        publish: Callable[[EngineCoreOutputs, SchedulerStats], object],
+    ) -> None:
+        """Step while there is work, taking commands between steps, until a "stop" command.
+
+        Commands: ("add", [Request]), ("abort", [request id]), ("stop", None). `publish` gets
+        every step's outputs with the scheduler's stats, and the idle state after aborts that left
+        nothing to run (no step would follow to refresh the gauges).
+        """
+        while True:
+            # Block only when there is nothing to run.
+            block = not self.has_unfinished_requests()
+            aborted = False
+            while True:
+                try:
+                    command, payload = commands.get(block=block)
+                except queue.Empty:
+                    break
+                block = False
+                if command == "stop":
+                    return
+                if command == "add":
+                    for request in payload:
+                        self.add_request(request)
+                elif command == "abort":
+                    self.abort_requests(payload)
+                    aborted = True
+            if not self.has_unfinished_requests():
+                if aborted:
+                    idle = EngineCoreOutputs(outputs=[], timestamp=time.monotonic())
+                    publish(idle, self.current_stats())
+                continue
+            outputs = self.step()
+            publish(outputs, self.last_stats)
 
     def shutdown(self) -> None:
         self.executor.shutdown()

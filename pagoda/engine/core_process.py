@@ -213,14 +213,21 @@ class CoreProcess:
             self._to_child.close()
 
 
-def _read_commands(stream: BinaryIO, commands: queue.Queue[ToCore | None]) -> None:
-    """Child side: decode frames from the server into `commands`; None at end of file."""
+def _read_commands(stream: BinaryIO, commands: queue.Queue[tuple[str, Any]]) -> None:
+    """Child side: decode the server's frames into `EngineCore.run_busy_loop` commands; end of
+    file (the server is gone) stops the loop too."""
     decoder = msgspec.msgpack.Decoder(ToCore)
     try:
         while (payload := _read_frame(stream)) is not None:
-            commands.put(decoder.decode(payload))
+            message = decoder.decode(payload)
+            if isinstance(message, AddRequests):
+                commands.put(("add", [_core_request(request) for request in message.requests]))
+            elif isinstance(message, AbortRequests):
+                commands.put(("abort", message.request_ids))
+            else:
+                break
     finally:
-        commands.put(None)
+        commands.put(("stop", None))
 
 
 def _core_request(message: EngineCoreRequest) -> Any:
@@ -245,7 +252,7 @@ def run_core(config: EngineConfig, commands_in: BinaryIO, outputs: BinaryIO) -> 
     def send(message: FromCore) -> None:
         _write_frame(outputs, encoder.encode(message))
 
-    commands: queue.Queue[ToCore | None] = queue.Queue()
+    commands: queue.Queue[tuple[str, Any]] = queue.Queue()
     try:
         from pagoda.engine.core import EngineCore
 
@@ -261,33 +268,9 @@ def run_core(config: EngineConfig, commands_in: BinaryIO, outputs: BinaryIO) -> 
         target=_read_commands, args=(commands_in, commands), name="pagoda-core-input", daemon=True
     ).start()
     try:
-        while True:
-            # Block only when there is nothing to run.
-            block = not core.has_unfinished_requests()
-            aborted = False
-            while True:
-                try:
-                    command = commands.get(block=block)
-                except queue.Empty:
-                    break
-                block = False
-                if command is None or isinstance(command, StopCore):
-                    core.shutdown()
-                    return 0
-                if isinstance(command, AddRequests):
-                    for request in command.requests:
-                        core.add_request(_core_request(request))
-                elif isinstance(command, AbortRequests):
-                    core.abort_requests(command.request_ids)
-                    aborted = True
-            if not core.has_unfinished_requests():
-                if aborted:
-                    # No step will follow to refresh the gauges: report the idle state now.
-                    idle = EngineCoreOutputs(outputs=[], timestamp=time.monotonic())
-                    send(CoreStep(outputs=idle, stats=core.current_stats()))
-                continue
-            step_outputs = core.step()
-            send(CoreStep(outputs=step_outputs, stats=core.last_stats))
+        core.run_busy_loop(commands, lambda step, stats: send(CoreStep(outputs=step, stats=stats)))
+        core.shutdown()
+        return 0
     except BrokenPipeError:
         return 0  # the server is gone
     except Exception as exc:

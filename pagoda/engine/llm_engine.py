@@ -25,17 +25,16 @@ logger = logging.getLogger(__name__)
 
 class EngineFrontend:
     """What both engines share: the API side (tokenizer, input and output processing) joined to
-    an in-process engine core, and the periodic stats line."""
+    an engine core, in this process or a child (AsyncLLM), and the periodic stats line."""
 
     def __init__(
-        self, config: EngineConfig, log_stats: bool = True, multiprocess: bool = False
+        self, config: EngineConfig, log_stats: bool = True, core_process: CoreProcess | None = None
     ) -> None:
-        """`multiprocess`: run the engine core in a child process (AsyncLLM only; see
-        `pagoda.engine.core_process`); otherwise it is built here, in this process."""
+        """`core_process`: the engine core, already started in a child process for `config`
+        (`pagoda.engine.core_process`); without one, it is built here, in this process."""
         self.config = config
         self.model_config = config.model_config
-        # Forked first, while this process has one thread and has not run a torch operation.
-        self.core_process = CoreProcess(config) if multiprocess else None
+        self.core_process = core_process
         # The tokenizer loads (Python, holding the GIL) while the engine core loads the model
         # (torch ops, which release it, or another process): start-up takes the longer of the
         # two, not their sum.
@@ -55,11 +54,13 @@ class EngineFrontend:
         self.stat_logger = StatLogger() if log_stats else None
 
     @classmethod
-    def from_engine_args(cls, engine_args: EngineArgs, multiprocess: bool = False) -> Self:
+    def from_engine_args(cls, engine_args: EngineArgs, **kwargs: Any) -> Self:
+        """The engine for `engine_args`; `kwargs` go to the constructor (AsyncLLM's
+        `multiprocess`)."""
         return cls(
             engine_args.create_engine_config(),
             log_stats=not engine_args.disable_log_stats,
-            multiprocess=multiprocess,
+            **kwargs,
         )
 
     def get_tokenizer(self) -> Any:
