@@ -33,6 +33,7 @@ from pagoda.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pagoda.config import EngineConfig
+    from pagoda.engine.request import Request
 
 logger = logging.getLogger(__name__)
 
@@ -139,12 +140,7 @@ class CoreProcess:
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(FromCore)
         self._send_lock = threading.Lock()
-        self.num_blocks: int | None = None
         logger.info("Engine core process started (pid %d)", pid)
-
-    @property
-    def pid(self) -> int:
-        return self._pid
 
     def _poll(self) -> int | None:
         """The child's exit status once it has exited (reaped here), else None."""
@@ -187,7 +183,6 @@ class CoreProcess:
             raise EngineDeadError(
                 f"expected the core's ready message, got {type(message).__name__}"
             )
-        self.num_blocks = message.num_blocks
         return message.num_blocks
 
     def is_alive(self) -> bool:
@@ -230,7 +225,7 @@ def _read_commands(stream: BinaryIO, commands: queue.Queue[tuple[str, Any]]) -> 
         commands.put(("stop", None))
 
 
-def _core_request(message: EngineCoreRequest) -> Any:
+def _core_request(message: EngineCoreRequest) -> Request:
     from pagoda.engine.request import Request
 
     return Request(

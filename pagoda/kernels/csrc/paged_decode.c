@@ -38,6 +38,17 @@ static inline void prefetch_row(const float *base, const int64_t *table, int64_t
         __builtin_prefetch(p + offset);
 }
 
+/* One block of a walk over a context, block by block (one division per block, not per position):
+ * the positions [*lo, *hi) of the block starting at position `first` that fall in [start, length),
+ * and where that block's rows begin in `base` (row r of it at base + r * row). */
+static inline const float *block_rows(const float *base, const int64_t *table, int64_t first,
+                                      int64_t start, int64_t length, int64_t block_size,
+                                      int64_t row, int64_t *lo, int64_t *hi) {
+    *lo = first > start ? first : start;
+    *hi = first + block_size < length ? first + block_size : length;
+    return base + table[first / block_size] * block_size * row;
+}
+
 #ifdef PG_ATTEND_AVX2
 /* e^x for x <= 0 in eight lanes: x = n ln2 + r, e^r by a degree-7 polynomial (Cephes' expf
  * coefficients, within 2 ulp of expf), 2^n through the exponent bits. */
@@ -78,9 +89,9 @@ static void attend_head_avx2(float *out, const float *qh, const float *keys, con
     __m256 peak8 = _mm256_set1_ps(-INFINITY);
     const __m256 scale8 = _mm256_set1_ps(scale);
     for (int64_t first = start - start % block_size; first < length; first += block_size) {
-        const float *page = keys + table[first / block_size] * block_size * row;
-        const int64_t lo = first > start ? first : start;
-        const int64_t hi = first + block_size < length ? first + block_size : length;
+        int64_t lo, hi;
+        const float *page =
+            block_rows(keys, table, first, start, length, block_size, row, &lo, &hi);
         int64_t pos = lo;
         for (; pos + 8 <= hi; pos += 8) {
             __m256 acc[8];
@@ -132,12 +143,13 @@ static void attend_head_avx2(float *out, const float *qh, const float *keys, con
         __m256 acc[8];
         for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
         for (int64_t first = start - start % block_size; first < length; first += block_size) {
-            const float *page = values + table[first / block_size] * block_size * row + d0;
-            const int64_t lo = first > start ? first : start;
-            const int64_t hi = first + block_size < length ? first + block_size : length;
+            int64_t lo, hi;
+            const float *page =
+                block_rows(values + d0, table, first, start, length, block_size, row, &lo, &hi);
             for (int64_t pos = lo; pos < hi; ++pos) {
                 const float *v = page + (pos - first) * row;
-                if (d0 == 0) prefetch_row(values, table, pos + PG_AHEAD, length, block_size, row, D);
+                if (d0 == 0)
+                    prefetch_row(values, table, pos + PG_AHEAD, length, block_size, row, D);
                 const __m256 p = _mm256_set1_ps(scores[pos - start]);
                 for (int j = 0; j < 8; ++j)
                     acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * j), acc[j]);
@@ -178,23 +190,23 @@ void pagoda_paged_decode_attention_f32(float *out, const float *q, const float *
             }
             const float *qh = q + (b * H + qhead) * D;
             const int64_t *table = tables + b * max_blocks;
+            const float *key_rows = cache + h * D, *value_rows = values + h * D;
 #ifdef PG_ATTEND_AVX2
             if (D % 64 == 0 && softcap <= 0.f) {
-                attend_head_avx2(out + (b * H + qhead) * D, qh, cache + h * D, values + h * D,
-                                 table, start, length, D, block_size, row, scale, scores);
+                attend_head_avx2(out + (b * H + qhead) * D, qh, key_rows, value_rows, table, start,
+                                 length, D, block_size, row, scale, scores);
                 continue;
             }
 #endif
             float peak = -INFINITY;
 
-            /* Walk the context block by block: no division per position. */
             for (int64_t first = start - start % block_size; first < length; first += block_size) {
-                const float *page = cache + table[first / block_size] * block_size * row + h * D;
-                const int64_t lo = first > start ? first : start;
-                const int64_t hi = first + block_size < length ? first + block_size : length;
+                int64_t lo, hi;
+                const float *page =
+                    block_rows(key_rows, table, first, start, length, block_size, row, &lo, &hi);
                 for (int64_t pos = lo; pos < hi; ++pos) {
                     const float *k = page + (pos - first) * row;
-                    prefetch_row(cache + h * D, table, pos + PG_AHEAD, length, block_size, row, D);
+                    prefetch_row(key_rows, table, pos + PG_AHEAD, length, block_size, row, D);
                     float s = 0.f;
 #pragma omp simd reduction(+ : s)
                     for (int64_t d = 0; d < D; ++d) s += qh[d] * k[d];
@@ -213,12 +225,12 @@ void pagoda_paged_decode_attention_f32(float *out, const float *q, const float *
             float *acc = out + (b * H + qhead) * D;
             memset(acc, 0, (size_t)D * sizeof(float));
             for (int64_t first = start - start % block_size; first < length; first += block_size) {
-                const float *page = values + table[first / block_size] * block_size * row + h * D;
-                const int64_t lo = first > start ? first : start;
-                const int64_t hi = first + block_size < length ? first + block_size : length;
+                int64_t lo, hi;
+                const float *page =
+                    block_rows(value_rows, table, first, start, length, block_size, row, &lo, &hi);
                 for (int64_t pos = lo; pos < hi; ++pos) {
                     const float *v = page + (pos - first) * row;
-                    prefetch_row(values + h * D, table, pos + PG_AHEAD, length, block_size, row, D);
+                    prefetch_row(value_rows, table, pos + PG_AHEAD, length, block_size, row, D);
                     const float p = scores[pos - start] * inv;
 #pragma omp simd
                     for (int64_t d = 0; d < D; ++d) acc[d] += p * v[d];
