@@ -49,7 +49,7 @@ def build_cpu_library() -> Path:
         raise RuntimeError("no C compiler found (cc, gcc or $CC)")
     sources = sorted(_SOURCE_DIR.glob("*.c"))
     digest = hashlib.sha256()
-    for source in sources:
+    for source in sorted([*sources, *_SOURCE_DIR.glob("*.h")]):
         digest.update(source.name.encode())
         digest.update(source.read_bytes())
     for part in (" ".join(_FLAGS), platform.machine(), _cpu_fingerprint()):

@@ -8,11 +8,13 @@ up to a multiple of tp_size, and the padding rows are zero and cut off the logit
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pagoda.layers.linear import copy_checked, half_weight_linear
+from pagoda.layers.linear import copy_checked
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -96,8 +98,9 @@ class ParallelLMHead(VocabParallelEmbedding):
             self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         else:
             self.register_parameter("bias", None)
-        # Set by pagoda.layers.linear.pack_half_weights: the head as fbgemm float16.
-        self.packed_weight: torch.Tensor | None = None
+        # Set on CPU once loaded, as LinearBase.matmul: the head in another form (fbgemm float16,
+        # GGUF blocks).
+        self.matmul: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None = None
@@ -122,8 +125,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         if self.tp_size > 1:
             # NOTE: each rank holds a vocabulary block; gathering them needs pagoda.distributed.
             raise NotImplementedError("ParallelLMHead with tp_size > 1 needs an all-gather")
-        if self.packed_weight is not None:
-            logits = half_weight_linear(hidden_states.contiguous(), self.packed_weight)
+        if self.matmul is not None:
+            logits = self.matmul(hidden_states)
         else:
             logits = F.linear(hidden_states, self.weight, self.bias)  # [N, padded vocab]
         return logits[:, : self.num_embeddings]  # [N, vocab]

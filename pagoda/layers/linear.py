@@ -11,16 +11,16 @@ row-parallel one its input features (its outputs are partial sums that an all-re
 Only tp_size=1 runs today; the loaders already slice honestly for tp_size > 1, and the forward passes
 that would need a collective refuse to run rather than return a wrong answer.
 
-On CPUs, a loaded layer can hand its weight to fbgemm as float16 (`pack_half_weights`): the
-matmul then reads half the bytes and still multiplies and accumulates in float32. Decoding is
-bound by weight reads, so this is the biggest single lever on a CPU without fast half-precision
-arithmetic (AVX2 only); it is exact for float16 checkpoints and for GGUF block quantizations up to
-the rounding of each dequantized value to float16.
+On CPUs, a loaded layer can multiply through another form of its weight, its `matmul`: fbgemm's
+float16 copy (`pack_half_weights`: half the bytes, still float32 arithmetic; exact for float16
+checkpoints, and for other 16-bit ones up to rounding each value to float16), or a GGUF file's own
+blocks through the compiled block GEMM (`pagoda.worker.cpu_decoder.attach_block_weights`: no copy
+at all, the weights widened to their exact float32 values on the fly).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -42,13 +42,20 @@ def pack_half_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.T
     )
 
 
-def half_weight_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """`x @ W.T + b` with W packed by `pack_half_weight`; x is float32 `[..., in]`."""
-    return torch.ops.quantized.linear_dynamic_fp16(x, packed)
+class HalfWeight:
+    """A layer's weight (and bias) packed by fbgemm as float16, called as its `matmul`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.packed = pack_half_weight(weight, bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """`x @ W.T + b` for float32 `x [..., in]`."""
+        return torch.ops.quantized.linear_dynamic_fp16(x.contiguous(), self.packed)
 
 
 def pack_half_weights(model: nn.Module) -> int:
-    """Switch every linear layer of `model` (and its LM head) to float16 weights in fbgemm.
+    """Switch every linear layer of `model` (and its LM head) without a `matmul` yet to float16
+    weights in fbgemm.
 
     Only for float32 models on CPU. The float32 copies of the linear weights are released (a tied
     LM head keeps the embedding table, which lookups still need). Returns the number of layers
@@ -56,7 +63,11 @@ def pack_half_weights(model: nn.Module) -> int:
     """
     from pagoda.layers.embedding import ParallelLMHead
 
-    layers = [m for m in model.modules() if isinstance(m, LinearBase | ParallelLMHead)]
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, LinearBase | ParallelLMHead) and m.matmul is None
+    ]
     # Largest first (the LM head), so the last one to finish is small.
     layers.sort(key=lambda m: m.weight.numel(), reverse=True)
     for module in layers:
@@ -64,9 +75,9 @@ def pack_half_weights(model: nn.Module) -> int:
             raise ValueError("float16 weight packing needs a float32 model on CPU")
     # fbgemm packs on one core and releases the GIL: a thread per core halves start-up's share.
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        packed = list(pool.map(lambda m: pack_half_weight(m.weight, m.bias), layers))
-    for module, packed_weight in zip(layers, packed):
-        module.packed_weight = packed_weight
+        packed = list(pool.map(lambda m: HalfWeight(m.weight, m.bias), layers))
+    for module, half_weight in zip(layers, packed):
+        module.matmul = half_weight
         if isinstance(module, LinearBase):
             module.weight.data = torch.empty(0)
             if module.bias is not None:
@@ -140,8 +151,9 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         else:
             self.register_parameter("bias", None)
-        # Set by pack_half_weights: the weight (and bias) as fbgemm float16, used in place of both.
-        self.packed_weight: torch.Tensor | None = None
+        # Set on CPU once loaded: the weight (and bias) in another form, used in place of both
+        # (fbgemm float16 by pack_half_weights, GGUF blocks by attach_block_weights).
+        self.matmul: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None = None
@@ -149,8 +161,8 @@ class LinearBase(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_weight is not None:
-            return half_weight_linear(x, self.packed_weight)
+        if self.matmul is not None:
+            return self.matmul(x)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -342,6 +354,6 @@ class RowParallelLinear(LinearBase):
             # NOTE: the partial sums need an all-reduce over the tensor-parallel group, which
             # pagoda.distributed does not provide yet; returning a partial sum would be silently wrong.
             raise NotImplementedError("RowParallelLinear with tp_size > 1 needs an all-reduce")
-        if self.packed_weight is not None:
-            return half_weight_linear(x, self.packed_weight)
+        if self.matmul is not None:
+            return self.matmul(x)
         return F.linear(x, self.weight, self.bias)

@@ -19,7 +19,7 @@ import mmap
 import re
 import struct
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -589,9 +589,12 @@ def dequantize_tensor(data: np.ndarray, info: GGUFTensorInfo) -> torch.Tensor:
     return torch.from_numpy(values)
 
 
-def iterate_gguf_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(hf_name, float32 tensor)` for every weight of the GGUF file, in file order, with a
-    "Dequantizing GGUF" progress bar. One tensor is dequantized at a time; the file is memory-mapped.
+def iterate_gguf_weights(
+    path: str | Path, skip: Container[str] = ()
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(hf_name, float32 tensor)` for every weight of the GGUF file whose HF name is not in
+    `skip`, in file order, with a "Dequantizing GGUF" progress bar. One tensor is dequantized at a
+    time; the file is memory-mapped.
 
     Llama q/k weights are un-permuted back to the HF layout (`unpermute_rotary_rows`).
 
@@ -616,7 +619,10 @@ def iterate_gguf_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]
     # fail while a caller still holds a tensor view (F32 data is copied, so none should remain).
     with gguf_file.path.open("rb") as handle:
         data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    for name, info in tqdm(gguf_file.tensors.items(), desc="Dequantizing GGUF", unit="tensor"):
+    wanted = [
+        (name, info) for name, info in gguf_file.tensors.items() if hf_names[name] not in skip
+    ]
+    for name, info in tqdm(wanted, desc="Dequantizing GGUF", unit="tensor"):
         raw = np.frombuffer(data, dtype=np.uint8, count=info.nbytes, offset=info.offset)
         tensor = dequantize_tensor(raw, info)
         hf_name = hf_names[name]
@@ -662,6 +668,19 @@ class GGUFMatrix:
     qtype: GGMLQuantizationType
     rows: np.ndarray  # [out_features, row_bytes] uint8
     in_features: int
+
+
+def gguf_matrix_types(path: str | Path) -> dict[str, GGMLQuantizationType]:
+    """The storage type of every 2-D weight of the GGUF file, by Hugging Face name (from the
+    header alone)."""
+    gguf_file = read_gguf(path)
+    spec = _architecture(gguf_file)
+    types: dict[str, GGMLQuantizationType] = {}
+    for name, info in gguf_file.tensors.items():
+        hf_name = _hf_name(name, spec)
+        if hf_name is not None and len(info.shape) == 2:
+            types[hf_name] = info.qtype
+    return types
 
 
 def gguf_matrices(path: str | Path) -> dict[str, GGUFMatrix]:

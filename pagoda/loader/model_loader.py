@@ -1,14 +1,15 @@
 """Build a model and fill it with checkpoint weights: the one path every weight format goes through.
 
-The worker calls `load_model` once at start-up. It picks the class from the config's
+The worker calls `load_model` once at start-up (or `build_model` then `load_weights`, when it must
+look at the model before choosing what to load). It picks the class from the config's
 `architectures`, constructs it directly in the target dtype and device, streams `(hf_name, tensor)`
 pairs into `model.load_weights` (from safetensors by default; a GGUF reader passes its own), and
-refuses to return a model with any parameter left unloaded.
+refuses to return a model with any parameter left unloaded that was not left out on purpose.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from pathlib import Path
 from typing import Any, cast
 
@@ -39,16 +40,50 @@ def load_model(
         FileNotFoundError: no weights in `model_dir`.
         RuntimeError: parameters the checkpoint did not provide (all of them named).
     """
+    model = build_model(hf_config, dtype, device)
+    if weights is None:
+        weights = iterate_safetensors(model_dir)
+    load_weights(model, weights, str(model_dir))
+    return model
+
+
+def build_model(hf_config: Any, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The model for `hf_config`, constructed on `device` in `dtype`, in eval mode, weights unset.
+
+    Raises:
+        ValueError: unsupported architecture.
+    """
     model_class = resolve_model_class(hf_config)
     with set_default_torch_dtype(dtype), torch.device(device):
         model = model_class(hf_config)
-    if weights is None:
-        weights = iterate_safetensors(model_dir)
+    return model.eval()
+
+
+def load_weights(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    source: str,
+    allow_missing: Container[str] = (),
+) -> None:
+    """Load `(hf_name, tensor)` pairs into `model` and check that every parameter got a value.
+
+    Args:
+        source: where the weights come from, for the error message.
+        allow_missing: parameter names left unloaded on purpose (served another way, e.g. by the
+            block GEMM straight from a GGUF file's blocks).
+
+    Raises:
+        ValueError: a checkpoint tensor with no matching parameter, or one that does not fit.
+        RuntimeError: parameters the checkpoint did not provide (all of them named).
+    """
     loaded = cast(CausalLM, model).load_weights(weights)
-    missing = sorted(name for name, _ in model.named_parameters() if name not in loaded)
+    missing = sorted(
+        name
+        for name, _ in model.named_parameters()
+        if name not in loaded and name not in allow_missing
+    )
     if missing:
         raise RuntimeError(
-            f"checkpoint in {model_dir} did not provide {len(missing)} parameter(s) of "
-            f"{model_class.__name__}: {', '.join(missing)}"
+            f"checkpoint in {source} did not provide {len(missing)} parameter(s) of "
+            f"{type(model).__name__}: {', '.join(missing)}"
         )
-    return model.eval()

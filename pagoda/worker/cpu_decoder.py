@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,9 @@ logger = logging.getLogger(__name__)
 MAX_DECODE_TOKENS = 4
 
 _F32, _F16, _BF16, _Q8_0, _Q4_0, _Q4_1 = range(6)
+_BLOCK_FORMATS = {_Q8_0, _Q4_0, _Q4_1}
+# The block formats and their four-row interleavings (pagoda_repack_x4).
+_BLOCK_FORMATS_ALL = {*_BLOCK_FORMATS, 6, 7, 8}
 _TORCH_FORMATS = {torch.float32: _F32, torch.float16: _F16, torch.bfloat16: _BF16}
 _PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -154,6 +158,8 @@ def _tensor_matrix(weight: torch.Tensor, bias: torch.Tensor | None, keep: list[A
 
 
 def _gguf_format(qtype: Any) -> int | None:
+    if qtype is None:
+        return None
     from gguf import GGMLQuantizationType as Q
 
     formats = {Q.F32: _F32, Q.F16: _F16, Q.BF16: _BF16, Q.Q8_0: _Q8_0, Q.Q4_0: _Q4_0, Q.Q4_1: _Q4_1}
@@ -231,6 +237,68 @@ def linear(weight: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> to
     return out
 
 
+class BlockWeight:
+    """Block-format matrices (GGUF Q8_0/Q4_0/Q4_1, interleaved or not) that share one input,
+    multiplied by `pagoda_block_gemm` as one linear layer: `x [T, in] -> [T, sum of rows]`.
+
+    Prefill and large decode batches go through here instead of a float copy of the weights;
+    the matrices are the C decoder's own (`CPUDecoder.block_weight`), so they cost no memory.
+    """
+
+    def __init__(self, library: ctypes.CDLL, matrices: list[_Matrix], keep: list[Any]) -> None:
+        if not 1 <= len(matrices) <= 8:
+            raise ValueError(f"a block weight joins 1 to 8 matrices, got {len(matrices)}")
+        self._gemm = library.pagoda_block_gemm
+        self._gemm.argtypes = [
+            ctypes.POINTER(ctypes.POINTER(_Matrix)),
+            ctypes.c_int,
+            _ptr,
+            _i64,
+            _ptr,
+        ]
+        self._gemm.restype = ctypes.c_int
+        self._matrices = (_Matrix * len(matrices))(*matrices)
+        self._pointers = (ctypes.POINTER(_Matrix) * len(matrices))(
+            *(ctypes.pointer(matrix) for matrix in self._matrices)
+        )
+        self._keep = keep
+        self.in_features = int(matrices[0].cols)
+        self.out_features = sum(int(matrix.rows) for matrix in matrices)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """`x @ W.T + b` for float32 `x [..., in]`."""
+        leading = x.shape[:-1]
+        x = x.reshape(-1, self.in_features).float().contiguous()  # [T, in]
+        out = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
+        if x.shape[0] > 0:
+            status = self._gemm(
+                self._pointers, len(self._matrices), x.data_ptr(), x.shape[0], out.data_ptr()
+            )
+            if status == -2:
+                raise MemoryError("the block GEMM could not allocate its scratch memory")
+            if status != 0:
+                raise RuntimeError("the block GEMM cannot multiply these matrices")
+        return out.view(*leading, self.out_features)
+
+
+def block_linear(
+    weights: Sequence[Any], x: torch.Tensor, biases: Sequence[torch.Tensor | None] | None = None
+) -> torch.Tensor:
+    """`x [T, in] @ [W_0; W_1; ...].T + biases` through the block GEMM (for tests and benchmarks);
+    `weights` are `GGUFMatrix`es of Q8_0/Q4_0/Q4_1 blocks, interleaved as the decoder does.
+
+    Raises:
+        RuntimeError: the CPU kernels are unavailable here.
+    """
+    library = cpu_library()
+    if library is None:
+        raise RuntimeError("the CPU kernels are unavailable (see the log for why)")
+    keep: list[Any] = []
+    biases = list(biases) if biases is not None else [None] * len(weights)
+    matrices = [_gguf_matrix(weight, bias, keep) for weight, bias in zip(weights, biases)]
+    return BlockWeight(library, matrices, keep)(x)
+
+
 class CPUDecoder:
     """The C decoder bound to one loaded model; `bind_kv_caches`, then `decode` per step.
 
@@ -295,6 +363,18 @@ class CPUDecoder:
             layers[index].window = attention.attn.sliding_window or 0
             layers[index].scale = attention.attn.scale
         self._layers = layers
+        # The matrices each fused linear layer joins, for attach_block_weights.
+        self._joined: dict[str, list[_Matrix]] = {}
+        for index, layer_matrices in enumerate(layers):
+            attention, mlp = f"model.layers.{index}.self_attn", f"model.layers.{index}.mlp"
+            self._joined[f"{attention}.qkv_proj"] = [
+                layer_matrices.q,
+                layer_matrices.k,
+                layer_matrices.v,
+            ]
+            self._joined[f"{attention}.o_proj"] = [layer_matrices.o]
+            self._joined[f"{mlp}.gate_up_proj"] = [layer_matrices.gate, layer_matrices.up]
+            self._joined[f"{mlp}.down_proj"] = [layer_matrices.down]
 
         embedding = inner.embed_tokens.weight
         embed = (
@@ -327,8 +407,19 @@ class CPUDecoder:
             lm_head=lm_head,
             layers=layers,
         )
+        self._joined["lm_head"] = [lm_head]
         # The caches whose addresses the layers hold (kept alive here); None until bound.
         self._caches: list[torch.Tensor] | None = None
+
+    @property
+    def keep(self) -> list[Any]:
+        """The arrays the decoder's matrices point into; whoever shares a matrix holds this."""
+        return self._keep
+
+    def matrices_of(self, layer_name: str) -> list[Any]:
+        """The decoder's matrices for linear layer `layer_name` (e.g.
+        "model.layers.0.self_attn.qkv_proj", "lm_head"), in output order; [] for another name."""
+        return list(self._joined.get(layer_name, []))
 
     @property
     def bound(self) -> bool:
@@ -380,6 +471,26 @@ class CPUDecoder:
         return logits
 
 
+def decoder_unsupported_reason(model: nn.Module, gguf_file: Path | None) -> str | None:
+    """Why `build_cpu_decoder` would return None for `model` (None: it would build the decoder)."""
+    reason = unsupported_reason(model)
+    if reason is None and gguf_file is not None:
+        from pagoda.loader.gguf import gguf_matrix_types
+
+        # K-quants and the rest would have to be decoded into a second, float16 copy: slower to
+        # start and twice the memory, so such files keep the PyTorch path.
+        other = {
+            qtype.name
+            for qtype in gguf_matrix_types(gguf_file).values()
+            if _gguf_format(qtype) is None
+        }
+        if other:
+            reason = f"GGUF matrices stored as {', '.join(sorted(other))}"
+    if reason is None and cpu_library() is None:
+        reason = "a build without the compiled CPU kernels"
+    return reason
+
+
 def build_cpu_decoder(
     model: nn.Module, gguf_file: Path | None, half_dtype: torch.dtype
 ) -> CPUDecoder | None:
@@ -390,23 +501,77 @@ def build_cpu_decoder(
         half_dtype: the encoding kept for weights read from the model instead (the checkpoint's
             bfloat16 or float16, so no value changes).
     """
-    reason = unsupported_reason(model)
-    if reason is None and gguf_file is not None:
-        from pagoda.loader.gguf import read_gguf
-
-        # K-quants and the rest would have to be decoded into a second, float16 copy: slower to
-        # start and twice the memory, so such files keep the PyTorch path.
-        other = {
-            info.qtype.name
-            for info in read_gguf(gguf_file).tensors.values()
-            if len(info.shape) == 2 and _gguf_format(info.qtype) is None
-        }
-        if other:
-            reason = f"GGUF matrices stored as {', '.join(sorted(other))}"
-    if reason is not None:
+    reason = decoder_unsupported_reason(model, gguf_file)
+    library = cpu_library()
+    if reason is not None or library is None:
         logger.info("Decode steps run in PyTorch: the C decoder does not support %s", reason)
         return None
-    library = cpu_library()
-    if library is None:
-        return None
     return CPUDecoder(library, model, gguf_file, half_dtype)
+
+
+def _block_layers(model: nn.Module) -> dict[str, tuple[Any, list[str]]]:
+    """Each linear layer the block GEMM can serve -> (module, the checkpoint matrices it joins)."""
+    causal_lm: Any = model
+    layers: dict[str, tuple[Any, list[str]]] = {}
+    for index, layer in enumerate(causal_lm.model.layers):
+        prefix = f"model.layers.{index}"
+        attention, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
+        layers[f"{attention}.qkv_proj"] = (
+            layer.self_attn.qkv_proj,
+            [f"{attention}.{p}_proj.weight" for p in ("q", "k", "v")],
+        )
+        layers[f"{attention}.o_proj"] = (layer.self_attn.o_proj, [f"{attention}.o_proj.weight"])
+        layers[f"{mlp}.gate_up_proj"] = (
+            layer.mlp.gate_up_proj,
+            [f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"],
+        )
+        layers[f"{mlp}.down_proj"] = (layer.mlp.down_proj, [f"{mlp}.down_proj.weight"])
+    if not causal_lm.tie_word_embeddings and causal_lm.lm_head.bias is None:
+        layers["lm_head"] = (causal_lm.lm_head, ["lm_head.weight"])
+    return layers
+
+
+def block_served_weights(model: nn.Module, gguf_file: Path) -> tuple[set[str], set[str]]:
+    """The checkpoint names, and the parameter names, of the linear weights that the block GEMM
+    will multiply straight from the GGUF file's Q8_0/Q4_0/Q4_1 blocks once `attach_block_weights`
+    has run: the loader can skip them (no float copy is ever made). Empty where the decoder or
+    the block GEMM does not apply. A tied LM head is not listed: the embedding table it shares is
+    still needed for lookups."""
+    library = cpu_library()
+    if decoder_unsupported_reason(model, gguf_file) is not None or library is None:
+        return set(), set()
+    if not library.pagoda_block_gemm_available():
+        return set(), set()
+    from pagoda.loader.gguf import gguf_matrix_types
+
+    types = gguf_matrix_types(gguf_file)
+    checkpoint_names: set[str] = set()
+    param_names: set[str] = set()
+    for name, (_, matrices) in _block_layers(model).items():
+        if all(_gguf_format(types.get(matrix)) in _BLOCK_FORMATS for matrix in matrices):
+            checkpoint_names.update(matrices)
+            param_names.add(f"{name}.weight")
+    return checkpoint_names, param_names
+
+
+def attach_block_weights(model: nn.Module, decoder: CPUDecoder) -> int:
+    """Give each linear layer (and the LM head) whose decoder matrices are all GGUF blocks a
+    `matmul` through the block GEMM on those same matrices, and release its float weight (a tied
+    head keeps the embedding table). Returns the number of layers switched."""
+    library = cpu_library()
+    if library is None or not library.pagoda_block_gemm_available():
+        return 0
+    causal_lm: Any = model
+    served = 0
+    for name, (module, _) in _block_layers(model).items():
+        matrices = decoder.matrices_of(name)
+        if matrices and all(matrix.format in _BLOCK_FORMATS_ALL for matrix in matrices):
+            module.matmul = BlockWeight(library, matrices, decoder.keep)
+            module.weight.data = torch.empty(0)
+            served += 1
+    head = decoder.matrices_of("lm_head")
+    tied = causal_lm.tie_word_embeddings and causal_lm.lm_head.bias is None
+    if tied and head and head[0].format in _BLOCK_FORMATS_ALL:
+        causal_lm.lm_head.matmul = BlockWeight(library, head, decoder.keep)
+        served += 1
+    return served

@@ -71,34 +71,46 @@ class ModelRunner:
         self.cpu_decoder: CPUDecoder | None = None
 
     def load_model(self, weights: Iterable[tuple[str, torch.Tensor]] | None = None) -> None:
-        from pagoda.loader.model_loader import load_model
+        from pagoda.loader.model_loader import build_model, load_weights
 
         start = time.perf_counter()
         weights_file = self.model_config.weights_file
         gguf_file = None
         if weights is None and weights_file is not None and weights_file.suffix == ".gguf":
-            from pagoda.loader.gguf import iterate_gguf_weights
-
             gguf_file = weights_file
-            weights = iterate_gguf_weights(weights_file)
-        module = load_model(
-            self.model_config.hf_config,
-            self.model_config.model_path,
-            dtype=self.dtype,
-            device=self.device,
-            weights=weights,
-        )
+        half_weights = self.model_config.weight_dtype == torch.float16 and self.device.type == "cpu"
+        module = build_model(self.model_config.hf_config, dtype=self.dtype, device=self.device)
+        # GGUF blocks the block GEMM multiplies as they are: never dequantized nor copied.
+        skipped: set[str] = set()
+        unloaded: set[str] = set()
+        if half_weights and gguf_file is not None:
+            from pagoda.worker.cpu_decoder import block_served_weights
+
+            skipped, unloaded = block_served_weights(module, gguf_file)
+        if weights is None:
+            if gguf_file is not None:
+                from pagoda.loader.gguf import iterate_gguf_weights
+
+                weights = iterate_gguf_weights(gguf_file, skip=skipped)
+            else:
+                from pagoda.loader.safetensors import iterate_safetensors
+
+                weights = iterate_safetensors(self.model_config.model_path)
+        load_weights(module, weights, str(self.model_config.model_path), allow_missing=unloaded)
         self.model = cast(CausalLM, module)
         num_params = sum(p.numel() for p in module.parameters())
         weight_note = ""
-        if self.model_config.weight_dtype == torch.float16 and self.device.type == "cpu":
+        if half_weights:
             from pagoda.layers.linear import pack_half_weights
-            from pagoda.worker.cpu_decoder import build_cpu_decoder
+            from pagoda.worker.cpu_decoder import attach_block_weights, build_cpu_decoder
 
             # Before packing, which frees the float32 weights the decoder copies from.
             self.cpu_decoder = build_cpu_decoder(module, gguf_file, self._checkpoint_half_dtype())
-            pack_half_weights(module)
-            weight_note = " (linear weights float16 in fbgemm"
+            if self.cpu_decoder is not None and attach_block_weights(module, self.cpu_decoder):
+                weight_note = " (linear weights as GGUF blocks"
+            if pack_half_weights(module):
+                weight_note += ", and" if weight_note else " (linear weights"
+                weight_note += " float16 in fbgemm"
             weight_note += ", C decoder for decode steps)" if self.cpu_decoder else ")"
         self.attention_layers = sorted(
             (m for m in module.modules() if isinstance(m, Attention)),

@@ -87,7 +87,9 @@ def test_default_model_answers_the_capital_of_france(llm: LLM) -> None:
 def test_default_dtype_packs_half_weights_and_keeps_the_greedy_tokens(
     llm: LLM, llm_auto: LLM
 ) -> None:
+    from pagoda.kernels.build import cpu_library
     from pagoda.layers.linear import LinearBase, half_weight_matmul_available
+    from pagoda.worker.cpu_decoder import BlockWeight
 
     config = llm_auto.llm_engine.model_config
     runner = llm_auto.llm_engine.engine_core.executor.worker.model_runner
@@ -95,7 +97,13 @@ def test_default_dtype_packs_half_weights_and_keeps_the_greedy_tokens(
     linears = [m for m in runner.model.modules() if isinstance(m, LinearBase)]
     if half_weight_matmul_available():
         assert config.weight_dtype == torch.float16
-        assert all(m.packed_weight is not None for m in linears)
+        assert all(m.matmul is not None for m in linears)
+        library = cpu_library()
+        if library is not None and library.pagoda_block_gemm_available():
+            # The file's Q4_1 blocks serve prefill as they are: no float copy of any matrix.
+            assert all(isinstance(m.matmul, BlockWeight) for m in linears)
+            assert all(m.weight.numel() == 0 for m in linears)
+            assert isinstance(runner.model.lm_head.matmul, BlockWeight)
     else:
         assert config.weight_dtype is None
     assert llm.llm_engine.model_config.weight_dtype is None

@@ -185,8 +185,14 @@ HF_TO_GGUF_GLOBAL = {
 }
 
 
-def hf_llama_to_gguf(model_dir: Path, path: Path, config: Any, float16: bool = False) -> Path:
-    """Convert a tiny HF Llama checkpoint to a GGUF the way llama.cpp does (no tokenizer)."""
+def hf_llama_to_gguf(
+    model_dir: Path, path: Path, config: Any, float16: bool = False, matrix_type: Any = None
+) -> Path:
+    """Convert a tiny HF Llama checkpoint to a GGUF the way llama.cpp does (no tokenizer).
+
+    `float16` stores every matrix as F16; `matrix_type` (a block type such as Q.Q4_1) quantizes the
+    layers' matrices, leaving the embedding and output matrices F16 (as llama.cpp's mixed files
+    keep some matrices in higher precision)."""
     hf_tensors = load_file(model_dir / "model.safetensors")
     tensors = []
     for hf_name, tensor in hf_tensors.items():
@@ -200,10 +206,12 @@ def hf_llama_to_gguf(model_dir: Path, path: Path, config: Any, float16: bool = F
         elif name.endswith("attn_k.weight"):
             tensor = llama_cpp_permute(tensor, config.num_key_value_heads)
         array = tensor.numpy()
+        if matrix_type is not None and array.ndim > 1 and name.startswith("blk."):
+            tensors.append((name, gguf.quants.quantize(array, matrix_type), matrix_type))
+            continue
         # llama.cpp keeps 1-D tensors (norms) in F32 whatever the file type.
-        tensors.append(
-            (name, array.astype(np.float16) if float16 and array.ndim > 1 else array, None)
-        )
+        half = (float16 or matrix_type is not None) and array.ndim > 1
+        tensors.append((name, array.astype(np.float16) if half else array, None))
     scaling = config.rope_parameters
     metadata: dict[str, Any] = {
         "llama.block_count": config.num_hidden_layers,

@@ -23,7 +23,12 @@ from pagoda import LLM, SamplingParams
 from pagoda.kernels.build import cpu_library
 from pagoda.layers.linear import half_weight_matmul_available
 from pagoda.loader.gguf import GGUFMatrix
-from pagoda.worker.cpu_decoder import MAX_DECODE_TOKENS, linear, unsupported_reason
+from pagoda.worker.cpu_decoder import (
+    MAX_DECODE_TOKENS,
+    block_linear,
+    linear,
+    unsupported_reason,
+)
 from tests.models.tiny_families_a import make_tiny_checkpoint
 from tests.tiny_llama import make_tiny_llama
 
@@ -49,6 +54,67 @@ def test_block_matmul_matches_dequantized_weights(qtype: Q, tokens: int, rows: i
     got = linear(GGUFMatrix(qtype, blocks, 96), x, bias)
     # Activations are rounded to int16 per 32-value block: about 2e-5 of each block's largest.
     torch.testing.assert_close(got, x @ dequantized.T + bias, rtol=1e-4, atol=2e-3)
+
+
+# Below 8 tokens the block GEMM hands over to the decoder's matmul; from 8 on it widens the
+# weights to float32: one chunk of 8 / 16 / 24 tokens, then several with a short last one. 100
+# rows take two 48-row tiles and a partial third (and are interleaved, 100 % 4 == 0); 42 rows are
+# read row by row; 320 inputs take a 256-input panel and a 64-input one.
+@pytest.mark.parametrize("tokens", [3, 8, 13, 16, 24, 41])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+def test_block_gemm_matches_float32_on_the_dequantized_weights(qtype: Q, tokens: int) -> None:
+    generator = np.random.default_rng(1)
+    shapes = [(100, 320), (42, 320), (8, 320)]
+    weights = [generator.standard_normal(shape).astype(np.float32) for shape in shapes]
+    blocks = [gguf.quants.quantize(w, qtype) for w in weights]
+    other = Q.Q8_0 if qtype != Q.Q8_0 else Q.Q4_1  # the joined matrices need not share a type
+    blocks[1] = gguf.quants.quantize(weights[1], other)
+    types = [qtype, other, qtype]
+    dequantized = torch.cat(
+        [torch.from_numpy(gguf.quants.dequantize(b, t)) for b, t in zip(blocks, types)]
+    )  # [150, 320]
+    biases = [torch.randn(rows) for rows, _ in shapes]
+    x = torch.from_numpy(generator.standard_normal((tokens, 320)).astype(np.float32))
+    matrices = [GGUFMatrix(t, b, 320) for t, b in zip(types, blocks)]
+    got = block_linear(matrices, x, biases)
+    want = (x.double() @ dequantized.double().T + torch.cat(biases).double()).float()
+    if tokens < 8:  # int16-rounded activations, as the decoder
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-3)
+    else:  # float32 throughout: only the summation order differs
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0])
+def test_gguf_block_layers_skip_float_copies_and_match_float32(tmp_path: Path, qtype: Q) -> None:
+    import transformers
+
+    from pagoda.layers.linear import LinearBase
+    from pagoda.worker.cpu_decoder import BlockWeight
+    from tests.loader.test_gguf import hf_llama_to_gguf
+
+    model_dir = make_tiny_llama(tmp_path / "hf")
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    path = hf_llama_to_gguf(model_dir, tmp_path / "tiny.gguf", config, matrix_type=qtype)
+    exact = LLM(str(path), tokenizer=str(model_dir), dtype="float32", max_model_len=256)
+    fast = LLM(str(path), tokenizer=str(model_dir), max_model_len=256)
+    model: Any = fast.llm_engine.engine_core.executor.worker.model_runner.model
+    layers = [m for m in model.modules() if isinstance(m, LinearBase)]
+    # Every layer multiplies the file's blocks; no float copy of its weight was made.
+    assert layers and all(isinstance(m.matmul, BlockWeight) for m in layers)
+    assert all(m.weight.numel() == 0 for m in layers)
+    # The F16 output matrix is not a block type: fbgemm packs it as before.
+    assert model.lm_head.matmul is not None and not isinstance(model.lm_head.matmul, BlockWeight)
+    prompt = " ".join(PROMPTS * 4)  # dozens of tokens: the block GEMM's float32 path
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3)
+    (want,), (have,) = (llm.generate([prompt], params, use_tqdm=False) for llm in (exact, fast))
+    assert have.outputs[0].token_ids == want.outputs[0].token_ids
+    # The first token's logprobs come from the prefill (block GEMM), the rest from the decoder.
+    assert want.outputs[0].logprobs is not None and have.outputs[0].logprobs is not None
+    for want_step, have_step in zip(want.outputs[0].logprobs, have.outputs[0].logprobs):
+        assert have_step.keys() == want_step.keys()
+        for token_id, entry in want_step.items():
+            # The fast head is float16 (fbgemm): its logits round each output weight.
+            assert have_step[token_id].logprob == pytest.approx(entry.logprob, abs=2e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

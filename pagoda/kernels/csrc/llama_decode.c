@@ -19,24 +19,7 @@
  *   tables    [T, max_blocks] block ids; ctx_lens [T] context length including the new token
  *   logits    [T, vocab]
  */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define PG_AVX2 1
-#endif
-
-enum { PG_F32 = 0, PG_F16 = 1, PG_BF16 = 2, PG_Q8_0 = 3, PG_Q4_0 = 4, PG_Q4_1 = 5 };
-/* The same blocks interleaved four rows at a time by pagoda_repack_x4 (see there). */
-enum { PG_Q8_0_X4 = 6, PG_Q4_0_X4 = 7, PG_Q4_1_X4 = 8 };
-
-typedef struct {
-    const uint8_t *data;
-    const float *bias; /* [rows] or NULL */
-    int64_t rows, cols, row_bytes, format;
-} pg_matrix;
+#include "blocks.h"
 
 typedef struct {
     pg_matrix q, k, v, o, gate, up, down;
@@ -61,85 +44,6 @@ void pagoda_paged_decode_attention_f32(float *out, const float *q, const float *
                                        int64_t max_blocks, const int64_t *ctx_lens, int64_t B,
                                        int64_t H, int64_t Hkv, int64_t D, int64_t block_size,
                                        float scale, int64_t window, float softcap);
-
-static inline float half_to_float(uint16_t h) {
-#ifdef __F16C__
-    return _cvtsh_ss(h);
-#else
-    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-    uint32_t exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, bits;
-    if (exponent == 0x1f) {
-        bits = sign | 0x7f800000u | (mantissa << 13);
-    } else if (exponent != 0) {
-        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-    } else if (mantissa == 0) {
-        bits = sign;
-    } else { /* subnormal: normalise */
-        exponent = 113;
-        while (!(mantissa & 0x400)) {
-            mantissa <<= 1;
-            --exponent;
-        }
-        bits = sign | (exponent << 23) | ((mantissa & 0x3ff) << 13);
-    }
-    float value;
-    memcpy(&value, &bits, sizeof value);
-    return value;
-#endif
-}
-
-static inline float read_half(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, sizeof h);
-    return half_to_float(h);
-}
-
-/* One GGUF block of 32 weights as float32, computed as the loader's PyTorch dequantizers do
- * (Q8_0: d * q; Q4_0: (q - 8) * d; Q4_1: d * q + m, with no fused multiply-add under -std=c11),
- * so both paths see the same weights. */
-static inline void widen_q8_0(const uint8_t *block, float *out) {
-    const float d = read_half(block);
-    const int8_t *qs = (const int8_t *)(block + 2);
-#ifdef PG_AVX2
-    const __m256 scale = _mm256_set1_ps(d);
-    for (int i = 0; i < 4; ++i) {
-        const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * i)));
-        _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(scale, _mm256_cvtepi32_ps(q)));
-    }
-#else
-    for (int j = 0; j < 32; ++j) out[j] = d * (float)qs[j];
-#endif
-}
-
-/* Q4_0 (with_min 0: scale, 16 bytes) and Q4_1 (with_min 1: scale, minimum, 16 bytes). */
-static inline void widen_q4(const uint8_t *block, int with_min, float *out) {
-    const float d = read_half(block), m = with_min ? read_half(block + 2) : 0.f;
-    const uint8_t *qs = block + (with_min ? 4 : 2);
-#ifdef PG_AVX2
-    const __m128i bytes = _mm_loadu_si128((const __m128i *)qs);
-    const __m128i mask = _mm_set1_epi8(0x0f);
-    const __m128i low = _mm_and_si128(bytes, mask);
-    const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-    const __m128i parts[4] = {low, _mm_srli_si128(low, 8), high, _mm_srli_si128(high, 8)};
-    const __m256 scale = _mm256_set1_ps(d), minimum = _mm256_set1_ps(m);
-    const __m256i eight = _mm256_set1_epi32(8);
-    for (int i = 0; i < 4; ++i) {
-        const __m256i q = _mm256_cvtepu8_epi32(parts[i]);
-        __m256 value;
-        if (with_min)
-            value = _mm256_add_ps(_mm256_mul_ps(scale, _mm256_cvtepi32_ps(q)), minimum);
-        else
-            value = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, eight)), scale);
-        _mm256_storeu_ps(out + 8 * i, value);
-    }
-#else
-    for (int j = 0; j < 16; ++j) {
-        const float q0 = (float)(qs[j] & 0x0f), q1 = (float)(qs[j] >> 4);
-        out[j] = with_min ? d * q0 + m : (q0 - 8.f) * d;
-        out[j + 16] = with_min ? d * q1 + m : (q1 - 8.f) * d;
-    }
-#endif
-}
 
 /* Row n of w as float32: a pointer into w itself for float32, else widened into buf. */
 static const float *matrix_row(const pg_matrix *w, int64_t n, float *buf) {
@@ -166,27 +70,11 @@ static const float *matrix_row(const pg_matrix *w, int64_t n, float *buf) {
         }
         return buf;
     }
-    case PG_Q8_0: /* 34-byte blocks: float16 scale, 32 int8 */
-        for (int64_t b = 0; b < cols / 32; ++b) widen_q8_0(row + b * 34, buf + b * 32);
+    default: /* block formats (blocks.h) */
+        for (int64_t b = 0; b < cols / 32; ++b) widen_block(w, n, b, buf + b * 32);
         return buf;
-    case PG_Q4_0: /* 18-byte blocks: float16 scale, 16 bytes of nibbles (low: j, high: j + 16) */
-        for (int64_t b = 0; b < cols / 32; ++b) widen_q4(row + b * 18, 0, buf + b * 32);
-        return buf;
-    case PG_Q4_1: /* 20-byte blocks: float16 scale, float16 minimum, 16 bytes of nibbles */
-        for (int64_t b = 0; b < cols / 32; ++b) widen_q4(row + b * 20, 1, buf + b * 32);
-        return buf;
-    default:
-        abort();
     }
 }
-
-#ifdef PG_AVX2
-static inline float hsum(__m256 s) {
-    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
-}
-#endif
 
 static inline float dot(const float *a, const float *b, int64_t n) {
     int64_t i = 0;
@@ -208,16 +96,6 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     for (; i < n; ++i) sum += a[i] * b[i];
     return sum;
 }
-
-static inline int is_block_format(int64_t format) {
-    return format >= PG_Q8_0 && format <= PG_Q4_1_X4;
-}
-
-static inline int is_x4_format(int64_t format) { return format >= PG_Q8_0_X4; }
-
-/* Bytes of one GGUF block: its float16 header (scale, and Q4_1's minimum) and its payload. */
-static int64_t block_header(int64_t format) { return format == PG_Q4_1 ? 4 : 2; }
-static int64_t block_payload(int64_t format) { return format == PG_Q8_0 ? 32 : 16; }
 
 /* Rewrites a Q8_0/Q4_0/Q4_1 matrix (rows divisible by 4) into `out` (as many bytes) with four
  * rows interleaved: for each group of four rows and each block column, the four rows' scales
@@ -432,11 +310,12 @@ static void dot_group_x4(const pg_matrix *w, int64_t g, const pg_blocks *x, int6
 }
 #endif
 
-/* out[m][t, n] = x[t] . W_m[n] + b_m[n] for every matrix m of a group sharing the input x [T, cols]:
+/* out[m][t * stride + n] = x[t] . W_m[n] + b_m[n] for every matrix m of a group sharing the input
+ * x [T, cols], stride `out_stride`, or each matrix's rows where it is 0:
  * the group's rows are split over threads together, so q/k/v (or gate/up) cost one fork. The unit
  * of work is a row, or a group of four rows for interleaved matrices. */
 static void matmul_group(const pg_matrix *const *mats, float *const *outs, int count,
-                         const float *x, int64_t T) {
+                         const float *x, int64_t T, int64_t out_stride) {
     int64_t offsets[8];
     int64_t total = 0;
     for (int m = 0; m < count; ++m) {
@@ -470,7 +349,7 @@ static void matmul_group(const pg_matrix *const *mats, float *const *outs, int c
             const int64_t n = unit - offsets[m];
 #ifdef PG_AVX2
             if (is_x4_format(w->format)) {
-                dot_group_x4(w, n, &blocks, T, outs[m], w->rows);
+                dot_group_x4(w, n, &blocks, T, outs[m], out_stride ? out_stride : w->rows);
                 continue;
             }
 #endif
@@ -478,13 +357,13 @@ static void matmul_group(const pg_matrix *const *mats, float *const *outs, int c
 #ifdef PG_AVX2
             if (blocks.values != NULL && is_block_format(w->format)) {
                 dot_blocks(w, w->data + n * w->row_bytes, &blocks, T, cols / 32, bias,
-                           outs[m] + n, w->rows);
+                           outs[m] + n, out_stride ? out_stride : w->rows);
                 continue;
             }
 #endif
             const float *row = matrix_row(w, n, buf);
-            for (int64_t t = 0; t < T; ++t)
-                outs[m][t * w->rows + n] = dot(row, x + t * cols, cols) + bias;
+            const int64_t stride = out_stride ? out_stride : w->rows;
+            for (int64_t t = 0; t < T; ++t) outs[m][t * stride + n] = dot(row, x + t * cols, cols) + bias;
         }
         free(buf);
     }
@@ -495,7 +374,7 @@ static void matmul_group(const pg_matrix *const *mats, float *const *outs, int c
 }
 
 static void matmul(const pg_matrix *w, float *out, const float *x, int64_t T) {
-    matmul_group(&w, &out, 1, x, T);
+    matmul_group(&w, &out, 1, x, T, 0);
 }
 
 static void rms_norm(float *out, const float *x, const float *weight, int64_t T, int64_t n,
@@ -556,7 +435,7 @@ int pagoda_llama_decode_step(const pg_model *model, int64_t T, const int64_t *to
         rms_norm(normed, x, layer->attn_norm, T, E, model->eps);
         const pg_matrix *qkv[3] = {&layer->q, &layer->k, &layer->v};
         float *qkv_out[3] = {q, k, v};
-        matmul_group(qkv, qkv_out, 3, normed, T);
+        matmul_group(qkv, qkv_out, 3, normed, T, 0);
 
         float *key_cache = layer->kv_cache;
         float *value_cache = key_cache + model->cache_blocks * model->block_size * kv_row;
@@ -577,7 +456,7 @@ int pagoda_llama_decode_step(const pg_model *model, int64_t T, const int64_t *to
         rms_norm(normed, x, layer->ffn_norm, T, E, model->eps);
         const pg_matrix *gate_up[2] = {&layer->gate, &layer->up};
         float *gate_up_out[2] = {gate, up};
-        matmul_group(gate_up, gate_up_out, 2, normed, T);
+        matmul_group(gate_up, gate_up_out, 2, normed, T, 0);
         for (int64_t i = 0; i < T * I; ++i) gate[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
         matmul(&layer->down, projected, gate, T);
         for (int64_t i = 0; i < T * E; ++i) x[i] += projected[i];
@@ -593,7 +472,22 @@ void pagoda_matmul(const pg_matrix *w, float *out, const float *x, int64_t T) {
     matmul(w, out, x, T);
 }
 
-/* Every row of w (a float or plain GGUF block format) as float32 into out [rows, cols]: the values
+/* out [T, sum of rows] = x . [W_0; W_1; ...]^T + biases with the decoder's matmul (int16-rounded
+ * activations for block formats): the block GEMM's path for a few tokens, where widening every
+ * weight to float would cost more than the multiplications it feeds. */
+void pagoda_matmul_joined(const pg_matrix *const *mats, int count, const float *x, int64_t T,
+                          float *out) {
+    float *outs[8];
+    int64_t columns = 0, total = 0;
+    for (int m = 0; m < count; ++m) total += mats[m]->rows;
+    for (int m = 0; m < count; ++m) {
+        outs[m] = out + columns;
+        columns += mats[m]->rows;
+    }
+    matmul_group(mats, outs, count, x, T, total);
+}
+
+/* Every row of w (a float or GGUF block format) as float32 into out [rows, cols]: the values
  * the PyTorch dequantizers of pagoda.loader.gguf compute, for loading GGUF files. */
 void pagoda_dequantize(const pg_matrix *w, float *out) {
 #pragma omp parallel for schedule(static)
