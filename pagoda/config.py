@@ -7,24 +7,30 @@ the frozen `EngineConfig`. Errors name the field and the allowed values.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from pagoda import envs
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger(__name__)
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "half": torch.float16,
+# NOTE: this module does not import torch. The API server builds the config, then forks the
+# engine core, and never needs torch itself (importing it takes ~2 s of a cold start); dtypes and
+# devices are held by name and turned into torch objects where the engine core reads them.
+_DTYPES: dict[str, str] = {
+    "float32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "float16": "float16",
+    "half": "float16",
 }
 _BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
 _HASH_ALGOS = ("sha256",)
@@ -50,16 +56,29 @@ class ModelConfig:
     tokenizer_path: Path
     revision: str | None
     hf_config: Any
-    dtype: torch.dtype
+    dtype_name: str  # the resolved compute dtype ("float32", "bfloat16", "float16")
     max_model_len: int
     seed: int
     generation_config: dict[str, Any]
     max_logprobs: int
     trust_remote_code: bool
     weights_file: Path | None = None
-    # CPU only: linear weights held as float16 for fbgemm while activations stay in `dtype`
-    # (float32); None when they are held in `dtype` too. See `_resolve_weight_dtype`.
-    weight_dtype: torch.dtype | None = None
+    requested_dtype: str = "auto"  # as the user gave it
+    device_type: str = "cpu"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype as a torch dtype (imports torch)."""
+        import torch
+
+        return getattr(torch, self.dtype_name)
+
+    @functools.cached_property
+    def weight_dtype(self) -> torch.dtype | None:
+        """CPU only: the dtype linear weights are held in while activations stay in `dtype`
+        (float32), None when they are held in `dtype` too. See `_resolve_weight_dtype`. Read by
+        the engine core (it imports torch)."""
+        return _resolve_weight_dtype(self)
 
     @property
     def architecture(self) -> str:
@@ -95,8 +114,15 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class DeviceConfig:
-    device: torch.device
+    device_name: str  # "cpu" or "cuda:N"
     enforce_eager: bool
+
+    @property
+    def device(self) -> torch.device:
+        """The device as a torch device (imports torch)."""
+        import torch
+
+        return torch.device(self.device_name)
 
 
 @dataclass(frozen=True)
@@ -189,7 +215,7 @@ class EngineArgs:
             model_config=model_config,
             cache_config=cache_config,
             scheduler_config=scheduler_config,
-            device_config=DeviceConfig(device=device, enforce_eager=self.enforce_eager),
+            device_config=DeviceConfig(device_name=device, enforce_eager=self.enforce_eager),
             tensor_parallel_size=self.tensor_parallel_size,
         )
 
@@ -233,7 +259,7 @@ class EngineArgs:
         if self.usage_context not in ("llm", "server"):
             raise ValueError(f"usage_context must be 'llm' or 'server', got {self.usage_context!r}")
 
-    def _create_model_config(self, device: torch.device) -> ModelConfig:
+    def _create_model_config(self, device: str) -> ModelConfig:
         from pagoda.loader.resolve import resolve_model
 
         resolved = resolve_model(self.model, revision=self.revision, download_dir=self.download_dir)
@@ -263,21 +289,22 @@ class EngineArgs:
             )
         elif self.generation_config != "vllm":
             generation_config = _read_json(Path(self.generation_config) / "generation_config.json")
-        dtype = _resolve_dtype(self.dtype, hf_config, device)
+        device_type = device.split(":")[0]
         return ModelConfig(
             model=resolved.name,
             model_path=resolved.path,
             tokenizer_path=tokenizer_path,
             revision=self.revision,
             hf_config=hf_config,
-            dtype=dtype,
+            dtype_name=_resolve_dtype(self.dtype, hf_config, device_type),
             max_model_len=max_model_len,
             seed=0 if self.seed is None else self.seed,
             generation_config=generation_config,
             max_logprobs=self.max_logprobs,
             trust_remote_code=self.trust_remote_code,
             weights_file=resolved.weights_file,
-            weight_dtype=_resolve_weight_dtype(self.dtype, dtype, hf_config, resolved, device),
+            requested_dtype=self.dtype,
+            device_type=device_type,
         )
 
 
@@ -286,36 +313,54 @@ def _require_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _resolve_device(device: str) -> torch.device:
+def _resolve_device(device: str) -> str:
+    """ "cpu" or "cuda:N" for the requested device ("auto", "cpu", "cuda")."""
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if _cuda_available() else "cpu"
     if device == "cuda":
+        import torch
+
         if not torch.cuda.is_available():
             raise ValueError("device='cuda' was requested but no CUDA device is available")
         # An explicit index: torch.cuda.set_device and mem_get_info reject a bare "cuda".
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(device)
+        return f"cuda:{torch.cuda.current_device()}"
+    return device
 
 
-def _resolve_dtype(dtype: str, hf_config: Any, device: torch.device) -> torch.dtype:
+def _cuda_available() -> bool:
+    """torch.cuda.is_available(), without importing torch where there is no NVIDIA driver."""
+    if not (os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _dtype_name(value: Any) -> str | None:
+    """A config's dtype (a torch dtype or its name, possibly "torch.float16") by name."""
+    if value is None:
+        return None
+    name = str(value).removeprefix("torch.")
+    return _DTYPES.get(name, name)
+
+
+def _resolve_dtype(dtype: str, hf_config: Any, device_type: str) -> str:
     if dtype != "auto":
         return _DTYPES[dtype]
-    config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    if isinstance(config_dtype, str):
-        config_dtype = _DTYPES.get(config_dtype, torch.float32)
-    if device.type == "cpu":
+    if device_type == "cpu":
         # NOTE: half-precision matmuls are slow on CPUs without AMX; float32 is both the fastest
         # and the most accurate choice there, whatever the checkpoint stores.
-        return torch.float32
+        return "float32"
+    config_dtype = _dtype_name(
+        getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    )
     # vLLM's rule on GPU: float32 checkpoints run in float16, others in their own dtype.
-    if config_dtype in (None, torch.float32):
-        return torch.float16
+    if config_dtype in (None, "float32"):
+        return "float16"
     return config_dtype
 
 
-def _resolve_weight_dtype(
-    requested: str, dtype: torch.dtype, hf_config: Any, resolved: Any, device: torch.device
-) -> torch.dtype | None:
+def _resolve_weight_dtype(model_config: ModelConfig) -> torch.dtype | None:
     """float16 weight storage under float32 compute, for `dtype="auto"` on CPU.
 
     Chosen when the checkpoint holds at most 16-bit weights (a float16/bfloat16 checkpoint, or a
@@ -323,20 +368,28 @@ def _resolve_weight_dtype(
     (almost) nothing the checkpoint had, and fbgemm is there to multiply them. An explicit
     `--dtype float32` keeps exact float32 weights.
     """
+    import torch
+
     from pagoda.layers.linear import half_weight_matmul_available
 
-    if requested != "auto" or device.type != "cpu" or dtype != torch.float32:
+    if (
+        model_config.requested_dtype != "auto"
+        or model_config.device_type != "cpu"
+        or model_config.dtype_name != "float32"
+    ):
         return None
     if not half_weight_matmul_available():
         return None
-    if resolved.is_gguf:
+    weights_file = model_config.weights_file
+    if weights_file is not None and weights_file.suffix == ".gguf":
         from pagoda.loader.gguf import gguf_matrices_are_half_precision
 
-        return torch.float16 if gguf_matrices_are_half_precision(resolved.weights_file) else None
-    config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    if isinstance(config_dtype, str):
-        config_dtype = _DTYPES.get(config_dtype)
-    return torch.float16 if config_dtype in (torch.float16, torch.bfloat16) else None
+        return torch.float16 if gguf_matrices_are_half_precision(weights_file) else None
+    hf_config = model_config.hf_config
+    config_dtype = _dtype_name(
+        getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    )
+    return torch.float16 if config_dtype in ("float16", "bfloat16") else None
 
 
 def _derive_max_model_len(hf_config: Any) -> int:

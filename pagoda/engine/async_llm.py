@@ -44,11 +44,18 @@ class AsyncLLM(EngineFrontend):
     """Asyncio front of the engine: `generate()` yields partial outputs as tokens arrive."""
 
     def __init__(
-        self, config: EngineConfig, log_stats: bool = True, multiprocess: bool = False
+        self,
+        config: EngineConfig,
+        log_stats: bool = True,
+        multiprocess: bool = False,
+        core_process: CoreProcess | None = None,
     ) -> None:
-        """`multiprocess`: run the engine core in a child process (`pagoda serve` does)."""
-        # Forked first, while this process has one thread and has not run a torch operation.
-        super().__init__(config, log_stats, CoreProcess(config) if multiprocess else None)
+        """`multiprocess`: run the engine core in a child process; `core_process`: one already
+        forked for `config` (`pagoda serve` forks it before importing the API server)."""
+        if core_process is None and multiprocess:
+            # Forked first, while this process has one thread and has not run a torch operation.
+            core_process = CoreProcess(config)
+        super().__init__(config, log_stats, core_process)
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from pagoda.config import EngineArgs, EngineConfig
-from pagoda.engine.core import EngineCore
 from pagoda.engine.core_process import CoreProcess
 from pagoda.engine.input_processor import InputProcessor, PromptType
 from pagoda.engine.output_processor import OutputProcessor
@@ -19,6 +18,9 @@ from pagoda.metrics.stats import StatLogger
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 from pagoda.tokenizer import get_tokenizer
+
+if TYPE_CHECKING:
+    from pagoda.engine.core import EngineCore
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +37,16 @@ class EngineFrontend:
         self.config = config
         self.model_config = config.model_config
         self.core_process = core_process
+        self.engine_core: EngineCore
         # The tokenizer loads (Python, holding the GIL) while the engine core loads the model
         # (torch ops, which release it, or another process): start-up takes the longer of the
         # two, not their sum.
         with ThreadPoolExecutor(1, thread_name_prefix="pagoda-tokenizer") as pool:
             tokenizer = pool.submit(load_tokenizer, config)
             if self.core_process is None:
+                # Imported here: it imports torch, which a server's API process never needs.
+                from pagoda.engine.core import EngineCore
+
                 self.engine_core = EngineCore(config)
             else:
                 try:

@@ -23,13 +23,15 @@ from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    import torch
 
 GGUF_MAGIC = b"GGUF"
 # v1 counted with 32-bit integers and has not been written since 2023.
@@ -152,6 +154,9 @@ def _read_gguf_cached(path: Path, size: int, mtime_ns: int) -> GGUFFile:
     return GGUFFile(path=path, metadata=metadata, tensors=tensors)
 
 
+_STRING_LENGTH = struct.Struct("<Q")
+
+
 def _read_string(data: mmap.mmap, position: int) -> tuple[str, int]:
     (length,) = struct.unpack_from("<Q", data, position)
     start = position + 8
@@ -174,8 +179,19 @@ def _read_value(data: mmap.mmap, position: int, value_type: int) -> tuple[Any, i
         dtype = np.dtype(_SCALAR_FORMATS[element_kind])
         values = np.frombuffer(data, dtype=dtype, count=count, offset=position)
         return values.tolist(), position + count * dtype.itemsize
+    if element_kind == GGUFValueType.STRING:  # a vocabulary, merges: 50k+ strings, one tight loop
+        strings = []
+        unpack_length = _STRING_LENGTH.unpack_from
+        for _ in range(count):
+            (length,) = unpack_length(data, position)
+            start = position + 8
+            position = start + length
+            strings.append(data[start:position].decode("utf-8"))
+        if position > len(data):
+            raise ValueError("a string array runs past the end of the file")
+        return strings, position
     items = []
-    for _ in range(count):  # strings (a vocabulary, merges) or nested arrays
+    for _ in range(count):  # nested arrays
         item, position = _read_value(data, position, element_type)
         items.append(item)
     return items, position
@@ -385,6 +401,7 @@ def gguf_hf_config(path: str | Path) -> Any:
         NotImplementedError: a `rope_freqs.weight` tensor (Llama 3.1-style rope frequency factors,
             which would need the llama3 rope parameters the file does not record).
     """
+
     gguf_file = read_gguf(path)
     spec = _architecture(gguf_file)
     if "rope_freqs.weight" in gguf_file.tensors:
@@ -434,10 +451,10 @@ def gguf_hf_config(path: str | Path) -> Any:
     if spec.extra_config is not None:
         kwargs.update(spec.extra_config(gguf_file))
     if spec.config_class == "LlamaConfig":
-        # Importing transformers' LlamaConfig costs ~3.5 s here (transformers.models pulls in
-        # torch.distributed.tensor), against ~0.9 s for PretrainedConfig; start-up of the default
-        # model is dominated by it. Llama's remaining fields are its defaults, set explicitly.
-        return _llama_config_class()(**{**_LLAMA_DEFAULTS, **kwargs})
+        # transformers' config classes import torch (and LlamaConfig its model zoo, ~3.5 s here);
+        # the API server, which reads this config before forking the engine core, never needs
+        # either. Llama's remaining fields are its defaults, set explicitly.
+        return GGUFLlamaConfig(**{**_LLAMA_DEFAULTS, **kwargs})
     import transformers
 
     return getattr(transformers, spec.config_class)(**kwargs)
@@ -450,19 +467,31 @@ _LLAMA_DEFAULTS: dict[str, Any] = {
     "attention_dropout": 0.0,
     "pretraining_tp": 1,
     "initializer_range": 0.02,
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "pad_token_id": None,
 }
 
 
-@functools.cache
-def _llama_config_class() -> type:
-    from transformers.configuration_utils import PretrainedConfig
+class GGUFLlamaConfig:
+    """A Llama config read from a GGUF file: every hyperparameter of transformers' LlamaConfig,
+    as plain attributes, with the dtype by name ("float32").
 
-    class GGUFLlamaConfig(PretrainedConfig):
-        """A Llama config read from a GGUF file, without importing transformers' model zoo."""
+    Not a transformers `PretrainedConfig`, whose import pulls in torch. `to_dict()` holds
+    LlamaConfig's keyword arguments: `transformers.LlamaConfig(**config.to_dict())` is the same
+    configuration for transformers.
+    """
 
-        model_type = "llama"
+    model_type = "llama"
 
-    return GGUFLlamaConfig
+    def __init__(self, **fields: Any) -> None:
+        self.__dict__.update(fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "model_type": self.model_type}
+
+    def __repr__(self) -> str:
+        return f"GGUFLlamaConfig({self.__dict__})"
 
 
 def gguf_generation_config(path: str | Path) -> dict[str, Any]:
@@ -507,11 +536,15 @@ def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def _half_column(blocks: torch.Tensor, start: int) -> torch.Tensor:
     """Bytes start:start+2 of every block as one float16 value, widened to float32 [nblocks, 1]."""
+    import torch
+
     return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
 
 
 def _nibbles(quants: torch.Tensor) -> torch.Tensor:
     """[nblocks, 16] packed bytes -> [nblocks, 32] values: low nibbles first, then high ones."""
+    import torch
+
     return torch.cat((quants & 0x0F, quants >> 4), dim=1).float()
 
 
@@ -527,12 +560,16 @@ def _dequantize_q4_1(raw: torch.Tensor) -> torch.Tensor:
 
 
 def _dequantize_q8_0(raw: torch.Tensor) -> torch.Tensor:
+    import torch
+
     blocks = raw.view(-1, 34)  # float16 scale, 32 signed bytes
     quants = blocks[:, 2:].contiguous().view(torch.int8).float()
     return (_half_column(blocks, 0) * quants).reshape(-1)
 
 
 def _dequantize_f16(raw: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return raw.view(torch.float16).float()
 
 
@@ -560,6 +597,8 @@ def dequantize_tensor(data: np.ndarray, info: GGUFTensorInfo) -> torch.Tensor:
     Raises:
         ValueError: `gguf.quants.dequantize` has no implementation for the tensor's type.
     """
+    import torch
+
     if info.qtype in _COMPILED_DEQUANTIZE and len(info.shape) == 2 and info.shape[-1] % 32 == 0:
         from pagoda.worker.cpu_decoder import dequantize as compiled_dequantize
 

@@ -15,12 +15,12 @@ def get_tokenizer(path: str | Path, revision: str | None = None) -> Any:
 
     Raises ValueError when the path holds no tokenizer Pagoda can use.
     """
-    from transformers import AutoTokenizer
-
     if Path(path).suffix == ".gguf":
         from pagoda.tokenizer.gguf_tokenizer import gguf_tokenizer
 
         return gguf_tokenizer(Path(path))
+    # Imported here: AutoTokenizer brings in transformers' config machinery, which imports torch.
+    from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), revision=revision, use_fast=True)

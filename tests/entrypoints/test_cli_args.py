@@ -355,7 +355,8 @@ def test_tensor_parallel_above_one_is_refused_before_loading(
 ) -> None:
     started: list[argparse.Namespace] = []
     monkeypatch.setattr(
-        "pagoda.entrypoints.openai.api_server.run_server", lambda args: started.append(args)
+        "pagoda.entrypoints.openai.api_server.run_server",
+        lambda args, engine: started.append(args),
     )
     assert main(["serve", "--tensor-parallel-size", "2"]) == 2
     assert "pagoda serve: error: --tensor-parallel-size 2 is not supported yet" in (
@@ -371,8 +372,11 @@ def test_cmd_serve_hands_the_whole_namespace_to_run_server(
 ) -> None:
     started: list[argparse.Namespace] = []
     monkeypatch.setattr(
-        "pagoda.entrypoints.openai.api_server.run_server", lambda args: started.append(args)
+        "pagoda.entrypoints.openai.api_server.run_server",
+        lambda args, engine: started.append(args),
     )
+    # No model behind "tiny/model": the engine start is replaced too.
+    monkeypatch.setattr("pagoda.entrypoints.cli.serve.start_engine_core", lambda args: None)
     monkeypatch.setenv("API_KEY", "secret")
     assert main(["serve", "tiny/model", "--port", "0", "--trust-remote-code"]) == 0
     (args,) = started

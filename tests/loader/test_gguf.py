@@ -121,7 +121,7 @@ def transformers_gguf(real_gguf: Path, our_config: Any) -> tuple[Any, dict[str, 
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     with torch.device("meta"):
-        skeleton = transformers.LlamaForCausalLM(our_config)
+        skeleton = transformers.LlamaForCausalLM(transformers.LlamaConfig(**our_config.to_dict()))
     parsed = load_gguf_checkpoint(str(real_gguf), return_tensors=True, model_to_load=skeleton)
     return transformers.AutoConfig.for_model(**parsed["config"]), parsed["tensors"]
 
@@ -539,16 +539,23 @@ def test_gguf_weights_load_into_pagoda_llama_and_answer_paris(
 
 
 def test_config_reads_llama_hyperparameters_from_metadata(our_config: Any) -> None:
-    # A light PretrainedConfig (importing LlamaConfig costs seconds), with every field LlamaConfig
-    # would have given it.
+    # A plain object (transformers' config classes import torch, which the API server never
+    # needs), holding every hyperparameter LlamaConfig takes, with the value LlamaConfig keeps.
+    import inspect
+
     assert our_config.model_type == "llama"
-    as_llama = transformers.LlamaConfig(**our_config.to_dict()).to_dict()
     ours = our_config.to_dict()
-    # use_cache is a generation setting PretrainedConfig keeps elsewhere; nothing here reads it.
-    keys = [key for key in as_llama if key not in ("transformers_version", "use_cache")]
-    assert {key: as_llama[key] for key in keys} == {key: ours.get(key) for key in keys}
+    as_llama = transformers.LlamaConfig(**ours).to_dict()
+    generic = set(inspect.signature(transformers.PretrainedConfig.__init__).parameters)
+    llama_fields = set(inspect.signature(transformers.LlamaConfig.__init__).parameters)
+    # use_cache is a generation setting nothing here reads; the rest are PretrainedConfig's own.
+    hyperparameters = llama_fields - generic - {"self", "use_cache", "kwargs"}
+    assert hyperparameters <= ours.keys()
+    assert {key: as_llama[key] for key in hyperparameters} == {
+        key: ours[key] for key in hyperparameters
+    }
+    assert str(as_llama["dtype"]).removeprefix("torch.") == ours["dtype"] == "float32"
     assert our_config.architectures == ["LlamaForCausalLM"]
-    assert our_config.dtype == torch.float32
     assert (our_config.hidden_size, our_config.intermediate_size) == (576, 1536)
     assert (our_config.num_hidden_layers, our_config.num_attention_heads) == (30, 9)
     assert (our_config.num_key_value_heads, our_config.head_dim) == (3, 64)

@@ -15,6 +15,7 @@ picks the engine's fields out of it, and `cmd_serve` hands it to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -28,7 +29,8 @@ from pagoda import envs
 from pagoda.loader.resolve import DEFAULT_MODEL
 
 if TYPE_CHECKING:
-    from pagoda.config import EngineArgs
+    from pagoda.config import EngineArgs, EngineConfig
+    from pagoda.engine.core_process import CoreProcess
 
 logger = logging.getLogger(__name__)
 
@@ -517,7 +519,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.model_tag:
         # One place for the model name: the server and the engine read `args.model`.
         args.model = args.model_tag
-    from pagoda.entrypoints.openai.api_server import run_server
-
-    run_server(args)
+    started = start_engine_core(args)
+    try:
+        from pagoda.entrypoints.openai.api_server import run_server
+    except BaseException:
+        if started is not None and started.core_process is not None:
+            started.core_process.shutdown()
+        raise
+    run_server(args, started)
     return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StartedEngineCore:
+    """The engine configuration and, unless PAGODA_ENABLE_MULTIPROCESSING=0, the engine core
+    already forked for it (`pagoda.engine.core_process.CoreProcess`)."""
+
+    config: EngineConfig
+    core_process: CoreProcess | None
+    log_stats: bool
+
+
+def start_engine_core(args: argparse.Namespace) -> StartedEngineCore:
+    """Build the engine config for the flags and fork the engine core, first thing.
+
+    The engine core's start (importing torch, loading the model) then runs beside the API
+    server's own (importing FastAPI and transformers, building the tokenizer): on two cores, the
+    cold start takes the longer of the two, not their sum. Neither this module nor the config
+    imports torch, so the child imports it alone.
+    """
+    from pagoda.engine.core_process import CoreProcess
+
+    engine_args = engine_args_from_namespace(args)
+    config = engine_args.create_engine_config()
+    core_process = CoreProcess(config) if envs.enable_multiprocessing() else None
+    return StartedEngineCore(config, core_process, log_stats=not engine_args.disable_log_stats)

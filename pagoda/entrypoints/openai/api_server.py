@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -28,9 +28,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 import pagoda
-from pagoda import envs
 from pagoda.engine.async_llm import AsyncLLM
 from pagoda.tokenizer import load_chat_template
+
+if TYPE_CHECKING:
+    from pagoda.entrypoints.cli.serve import StartedEngineCore
 
 logger = logging.getLogger(__name__)
 
@@ -186,14 +188,25 @@ def served_model_names(args: argparse.Namespace, engine: AsyncLLM) -> list[str]:
     return [engine.model_config.model]
 
 
-def run_server(args: argparse.Namespace) -> None:
+def run_server(args: argparse.Namespace, started: StartedEngineCore | None = None) -> None:
     """Load the model (in an engine-core process unless PAGODA_ENABLE_MULTIPROCESSING=0), then
-    serve HTTP until SIGINT/SIGTERM."""
-    from pagoda.entrypoints.cli.serve import engine_args_from_namespace
+    serve HTTP until SIGINT/SIGTERM. `started`: the engine core `pagoda serve` already forked
+    (`pagoda.entrypoints.cli.serve.start_engine_core`); without it, it is started here."""
+    from pagoda.entrypoints.cli.serve import start_engine_core
 
     start = time.perf_counter()
-    engine_args = engine_args_from_namespace(args)
-    engine = AsyncLLM.from_engine_args(engine_args, multiprocess=envs.enable_multiprocessing())
+    if started is None:
+        started = start_engine_core(args)
+    try:
+        engine = AsyncLLM(
+            started.config,
+            log_stats=started.log_stats,
+            core_process=started.core_process,
+        )
+    except BaseException:
+        if started.core_process is not None:
+            started.core_process.shutdown()
+        raise
     app = build_app(args)
     init_app_state(app, engine, args)
     # Start-up leaves hundreds of thousands of objects that live as long as the server (modules,

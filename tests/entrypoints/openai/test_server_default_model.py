@@ -30,7 +30,22 @@ def client(server: RemoteServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
 
+def _maps_libtorch(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as maps:
+        mapped = maps.read()
+    return "libtorch_cpu" in mapped or "libtorch_cuda" in mapped
+
+
 class TestDefaultModel:
+    def test_only_the_engine_process_loads_torch(self, server: RemoteServer) -> None:
+        # The API process builds the config and tokenizer and serves HTTP without torch (~2 s
+        # of a cold start); the engine core, its one child, imports it.
+        pid = server.process.pid
+        with open(f"/proc/{pid}/task/{pid}/children") as file:
+            (engine,) = (int(child) for child in file.read().split())
+        assert not _maps_libtorch(pid)
+        assert _maps_libtorch(engine)
+
     def test_models_reports_the_default_model(self, client: openai.OpenAI) -> None:
         (model,) = client.models.list().data
         assert model.id == "HuggingFaceTB/SmolLM2-135M-Instruct"
