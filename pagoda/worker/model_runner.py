@@ -108,6 +108,16 @@ class ModelRunner:
             self.cpu_decoder = build_cpu_decoder(module, gguf_file, self._checkpoint_half_dtype())
             if self.cpu_decoder is not None and attach_block_weights(module, self.cpu_decoder):
                 weight_note = " (linear weights as GGUF blocks"
+            # The weights left unloaded must all be served from the blocks now, or a layer would
+            # multiply uninitialised memory.
+            layers = dict(module.named_modules())
+            orphans = sorted(
+                name
+                for name in unloaded
+                if getattr(layers[name.removesuffix(".weight")], "matmul", None) is None
+            )
+            if orphans:
+                raise RuntimeError(f"no block GEMM for the unloaded GGUF weights {orphans}")
             if pack_half_weights(module):
                 weight_note += ", and" if weight_note else " (linear weights"
                 weight_note += " float16 in fbgemm"

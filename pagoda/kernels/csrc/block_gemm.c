@@ -103,17 +103,35 @@ static inline __attribute__((always_inline)) void widen_tile_as(const pg_matrix 
                                                                 float *w_tile) {
     const int64_t b0 = k0 / 32, b1 = (k0 + kc) / 32;
     const int64_t span = (block_header(format) + block_payload(format)) * (b1 - b0) * (x4 ? 4 : 1);
-    for (int64_t i = 0; i < PG_NR; ++i) {
-        float *dst = w_tile + i * PG_KC;
-        if (i >= rows) {
-            memset(dst, 0, (size_t)kc * sizeof(float));
-            continue;
-        }
-        if (i + 8 < rows && (!x4 || i % 4 == 0)) {
+    for (int64_t i = rows; i < PG_NR; ++i) memset(w_tile + i * PG_KC, 0, (size_t)kc * sizeof(float));
+    for (int64_t i = 0; i < rows; i += x4 ? 4 : 1) {
+        if (i + 8 < rows) {
             const char *ahead = (const char *)block_address(w, n0 + i + 8, b0);
             for (int64_t byte = 0; byte < span; byte += 64) _mm_prefetch(ahead + byte, _MM_HINT_T0);
         }
-        for (int64_t b = b0; b < b1; ++b) widen_block_as(w, format, x4, n0 + i, b, dst + (b - b0) * 32);
+        if (!x4) {
+            for (int64_t b = b0; b < b1; ++b)
+                widen_block_as(w, format, 0, n0 + i, b, w_tile + i * PG_KC + (b - b0) * 32);
+            continue;
+        }
+        /* A group of four interleaved rows (tiles start on a group, and such matrices have rows
+         * divisible by 4): its four scales (and minimums) are converted with one instruction. */
+        const int64_t header = block_header(format), payload = block_payload(format);
+        for (int64_t b = b0; b < b1; ++b) {
+            const uint8_t *group = block_address(w, n0 + i, b);
+            float d[4], m[4] = {0.f, 0.f, 0.f, 0.f};
+            _mm_storeu_ps(d, _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)group)));
+            if (format == PG_Q4_1)
+                _mm_storeu_ps(m, _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(group + 8))));
+            for (int lane = 0; lane < 4; ++lane) {
+                const uint8_t *qs = group + 4 * header + lane * payload;
+                float *out = w_tile + (i + lane) * PG_KC + (b - b0) * 32;
+                if (format == PG_Q8_0)
+                    widen_q8_0(d[lane], (const int8_t *)qs, out);
+                else
+                    widen_q4(d[lane], m[lane], format == PG_Q4_1, qs, out);
+            }
+        }
     }
 }
 
