@@ -58,7 +58,7 @@ def test_block_matmul_matches_dequantized_weights(qtype: Q, tokens: int, rows: i
 
 # Below 8 tokens the block GEMM hands over to the decoder's matmul; from 8 on it widens the
 # weights to float32: one chunk of 8 / 16 / 24 tokens, then several with a short last one. 100
-# rows take two 48-row tiles and a partial third (and are interleaved, 100 % 4 == 0); 42 rows are
+# rows take a 96-row tile and a partial one (and are interleaved, 100 % 4 == 0); 42 rows are
 # read row by row; 320 inputs take a 256-input panel and a 64-input one.
 @pytest.mark.parametrize("tokens", [3, 8, 13, 16, 24, 41])
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])

@@ -8,7 +8,8 @@ and choices, so they are validated exactly like the command line, and become the
 just before it parses argv: a flag on the command line always wins.
 
 The parsed `argparse.Namespace` is the server's whole configuration: `engine_args_from_namespace`
-picks the engine's fields out of it, and `cmd_serve` hands it to
+picks the engine's fields out of it, `start_engine_core` builds the engine config and forks the
+engine core before anything heavy is imported, and `cmd_serve` then hands both to
 `pagoda.entrypoints.openai.api_server.run_server`, which reads the frontend fields by dest name.
 """
 

@@ -2,13 +2,15 @@
  * the fly, so no float copy of the model is ever made.
  *
  * Prefill multiplies hundreds of tokens by every matrix: it is bound by arithmetic, not by reading
- * the weights. Each 16-row tile of W is widened (the loader's exact float32 values, blocks.h) and
- * transposed into a [k][16] panel of 256 inputs at a time, which stays in L1; a 6 x 16
- * micro-kernel then multiplies six tokens at a time against it, twelve AVX2 accumulators, the
- * activations broadcast straight from x's rows. Widening costs ~1 operation per weight against
- * 2 T multiply-adds, so for T in the hundreds the kernel runs near the FMA units' peak, like a
- * float32 GEMM on pre-packed weights, without the packing at load (fbgemm took ~1 s of a 2 s
- * load for the default model) or its float16 copy of every matrix.
+ * the weights. The input is transposed once per call into chunks of 24 tokens ([k][24]: an input's
+ * 24 token values side by side). Each 96-row tile of W is widened, 256 inputs at a time, to the
+ * loader's exact float32 values (blocks.h) in plain row order; a micro-kernel then broadcasts one
+ * weight at a time against token vectors: 4 rows x 3 vectors for a full chunk, 6 x 2 or 12 x 1
+ * for a last chunk of 16 or 8 tokens, twelve AVX2 accumulators each. Widening costs about one
+ * operation per weight against T multiply-adds, so for T in the hundreds the FMA units run near
+ * their peak, as in a float32 GEMM on pre-packed weights, without the packing at load (fbgemm's
+ * took ~1 s of a 2 s load for the default model) or its float16 copy of every matrix. Below 8
+ * tokens the decoder's int16 matmul is faster and takes over.
  *
  * Several matrices that share the input (q/k/v, gate/up) are one call: their tiles are split
  * over the threads together, and matrix m writes columns [offset_m, offset_m + rows_m) of out.
@@ -19,8 +21,8 @@ void pagoda_matmul_joined(const pg_matrix *const *mats, int count, const float *
                           float *out);
 
 #ifdef PG_AVX2
-#define PG_NR 96     /* weight rows per tile (a multiple of 4, 6 and 12): widened once per
-                      * panel, used by every token */
+#define PG_NR 96     /* weight rows per tile (a multiple of 4, 6 and 12, and of the four rows of
+                      * an interleaved group): widened once per panel, used by every token */
 #define PG_KC 256    /* inputs per panel (a multiple of the 32-weight block) */
 #define PG_CHUNK 24  /* tokens per chunk: three vectors */
 #define PG_FEW_TOKENS 8 /* below this many tokens, the decoder's matmul is faster */
