@@ -212,6 +212,13 @@ def dequantize(matrix: Any) -> torch.Tensor | None:
     return out
 
 
+def _required_library() -> ctypes.CDLL:
+    library = cpu_library()
+    if library is None:
+        raise RuntimeError("the CPU kernels are unavailable (see the log for why)")
+    return library
+
+
 def linear(weight: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x [T, in] @ W.T + bias` through the decoder's matmul (for tests and benchmarks).
 
@@ -220,9 +227,7 @@ def linear(weight: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> to
     Raises:
         RuntimeError: the CPU kernels are unavailable here.
     """
-    library = cpu_library()
-    if library is None:
-        raise RuntimeError("the CPU kernels are unavailable (see the log for why)")
+    library = _required_library()
     keep: list[Any] = []
     if isinstance(weight, torch.Tensor):
         matrix = _tensor_matrix(weight, bias, keep)
@@ -290,9 +295,7 @@ def block_linear(
     Raises:
         RuntimeError: the CPU kernels are unavailable here.
     """
-    library = cpu_library()
-    if library is None:
-        raise RuntimeError("the CPU kernels are unavailable (see the log for why)")
+    library = _required_library()
     keep: list[Any] = []
     biases = list(biases) if biases is not None else [None] * len(weights)
     matrices = [_gguf_matrix(weight, bias, keep) for weight, bias in zip(weights, biases)]
