@@ -108,7 +108,7 @@ static inline __attribute__((always_inline)) void widen_tile_as(const pg_matrix 
     for (int64_t i = rows; i < PG_NR; ++i) memset(w_tile + i * PG_KC, 0, (size_t)kc * sizeof(float));
     for (int64_t i = 0; i < rows; i += x4 ? 4 : 1) {
         if (i + 8 < rows) {
-            const char *ahead = (const char *)block_address(w, n0 + i + 8, b0);
+            const char *ahead = (const char *)block_address_as(w, format, x4, n0 + i + 8, b0);
             for (int64_t byte = 0; byte < span; byte += 64) _mm_prefetch(ahead + byte, _MM_HINT_T0);
         }
         if (!x4) {
@@ -120,7 +120,7 @@ static inline __attribute__((always_inline)) void widen_tile_as(const pg_matrix 
          * divisible by 4): its four scales (and minimums) are converted with one instruction. */
         const int64_t header = block_header(format), payload = block_payload(format);
         for (int64_t b = b0; b < b1; ++b) {
-            const uint8_t *group = block_address(w, n0 + i, b);
+            const uint8_t *group = block_address_as(w, format, 1, n0 + i, b);
             float d[4], m[4] = {0.f, 0.f, 0.f, 0.f};
             _mm_storeu_ps(d, _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)group)));
             if (format == PG_Q4_1)

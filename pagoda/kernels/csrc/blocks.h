@@ -121,11 +121,12 @@ static inline int64_t base_format(int64_t format) {
 static inline int64_t block_header(int64_t format) { return format == PG_Q4_1 ? 4 : 2; }
 static inline int64_t block_payload(int64_t format) { return format == PG_Q8_0 ? 32 : 16; }
 
-/* Where block b of row n starts: the block itself, or (interleaved) its group's block. */
-static inline const uint8_t *block_address(const pg_matrix *w, int64_t n, int64_t b) {
-    const int64_t format = base_format(w->format);
+/* Where block b of row n of a matrix in `format` (interleaved if `x4`) starts: the block itself,
+ * or its group's block, which holds the four rows' scales, minimums and payloads. */
+static inline const uint8_t *block_address_as(const pg_matrix *w, int64_t format, int x4,
+                                              int64_t n, int64_t b) {
     const int64_t block = block_header(format) + block_payload(format);
-    if (is_x4_format(w->format)) return w->data + (n - n % 4) * w->row_bytes + b * 4 * block;
+    if (x4) return w->data + (n - n % 4) * w->row_bytes + b * 4 * block;
     return w->data + n * w->row_bytes + b * block;
 }
 
@@ -136,18 +137,16 @@ static inline __attribute__((always_inline)) void widen_block_as(const pg_matrix
                                                                  int64_t n, int64_t b,
                                                                  float *out) {
     const int64_t header = block_header(format), payload = block_payload(format);
-    const uint8_t *scale, *minimum, *qs;
+    const uint8_t *start = block_address_as(w, format, x4, n, b), *scale, *minimum, *qs;
     if (x4) {
         const int64_t lane = n % 4;
-        const uint8_t *group = w->data + (n - lane) * w->row_bytes + b * 4 * (header + payload);
-        scale = group + 2 * lane;
-        minimum = group + 8 + 2 * lane;
-        qs = group + 4 * header + lane * payload;
+        scale = start + 2 * lane;
+        minimum = start + 8 + 2 * lane;
+        qs = start + 4 * header + lane * payload;
     } else {
-        const uint8_t *block = w->data + n * w->row_bytes + b * (header + payload);
-        scale = block;
-        minimum = block + 2;
-        qs = block + header;
+        scale = start;
+        minimum = start + 2;
+        qs = start + header;
     }
     if (format == PG_Q8_0)
         widen_q8_0(read_half(scale), (const int8_t *)qs, out);
