@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -314,26 +313,22 @@ def _require_positive(name: str, value: int) -> None:
 
 
 def _resolve_device(device: str) -> str:
-    """ "cpu" or "cuda:N" for the requested device ("auto", "cpu", "cuda")."""
+    """ "cpu" or "cuda:N" for the requested device ("auto", "cpu", "cuda").
+
+    CUDA is probed without being initialised (`pagoda.cuda_probe`): `pagoda serve` forks its
+    engine core after this runs, and a forked child cannot use CUDA its parent initialised.
+    """
+    from pagoda.cuda_probe import cuda_available
+
     if device == "auto":
-        device = "cuda" if _cuda_available() else "cpu"
+        device = "cuda" if cuda_available() else "cpu"
     if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
+        if not cuda_available():
             raise ValueError("device='cuda' was requested but no CUDA device is available")
-        # An explicit index: torch.cuda.set_device and mem_get_info reject a bare "cuda".
-        return f"cuda:{torch.cuda.current_device()}"
+        # An explicit index: torch.cuda.set_device and mem_get_info reject a bare "cuda". A new
+        # process's current device is always the first visible one.
+        return "cuda:0"
     return device
-
-
-def _cuda_available() -> bool:
-    """torch.cuda.is_available(), without importing torch where there is no NVIDIA driver."""
-    if not (os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")):
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def _dtype_name(value: Any) -> str | None:

@@ -8,11 +8,20 @@ plain causal attention over the tokens as one sequence, which is what layer unit
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pagoda.forward_context import get_forward_context
+
+# SDPA kernels allowed on CUDA. NOTE: cuDNN's attention (PyTorch's first choice on Hopper) builds an
+# execution plan for every new shape, about 1 ms of CPU each on an H100; paged decode changes the
+# padded context length every block and the batch every step, so it rebuilt plans all run long
+# (half the step loop's CPU time in torch.profiler, and a 6.8 s first pass where float32 took 2.3 s).
+_CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class Attention(nn.Module):
@@ -90,9 +99,16 @@ def attend(
     v_t = v.transpose(-3, -2)  # [..., Hkv, K, D]
     mask = mask.unsqueeze(-3)  # [..., 1, Q, K]
     if logit_softcap is None:
-        out = F.scaled_dot_product_attention(
-            q_t, k_t, v_t, attn_mask=mask, scale=scale, enable_gqa=q_t.shape[-3] != k_t.shape[-3]
-        )
+        backends = sdpa_kernel(_CUDA_SDPA_BACKENDS) if q.is_cuda else contextlib.nullcontext()
+        with backends:
+            out = F.scaled_dot_product_attention(
+                q_t,
+                k_t,
+                v_t,
+                attn_mask=mask,
+                scale=scale,
+                enable_gqa=q_t.shape[-3] != k_t.shape[-3],
+            )
     else:
         groups = q_t.shape[-3] // k_t.shape[-3]
         k_t = k_t.repeat_interleave(groups, dim=-3)

@@ -6,6 +6,8 @@ to workers, in-process or (later) across processes.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from pagoda.config import EngineConfig
@@ -20,6 +22,13 @@ class Worker:
         self.config = config
         self.device = config.device_config.device
         if self.device.type == "cuda":
+            # The configuration chose CUDA from NVML's device count (without initialising CUDA);
+            # the runtime is the judge here, where the device is first used.
+            if not torch.cuda.is_available():
+                raise RuntimeError(
+                    "device='cuda' was chosen, but PyTorch finds no usable CUDA device "
+                    f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+                )
             torch.cuda.set_device(self.device)
         # Unseeded sampling draws from the default generator: seeding it makes a whole run
         # reproducible for a given engine seed, as with vLLM's --seed.

@@ -43,6 +43,8 @@ def base_env(
         "HOME": os.environ.get("HOME", "/tmp"),
         "LANG": "C.UTF-8",
     }
+    if "CUDA_VISIBLE_DEVICES" in os.environ:  # which GPUs the test may use (tests/conftest.py)
+        env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
     env.update(extra or {})
     return env
 
