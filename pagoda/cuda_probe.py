@@ -40,15 +40,22 @@ def torch_cuda_version() -> str | None:
     if spec is not None and spec.submodule_search_locations:
         version_file = Path(next(iter(spec.submodule_search_locations))) / "version.py"
         try:
-            text = version_file.read_text()
+            found, version = parse_cuda_version(version_file.read_text())
         except OSError:
-            text = ""
-        match = re.search(r"^cuda\b[^=\n]*=\s*(None|'([^']*)'|\"([^\"]*)\")\s*$", text, re.M)
-        if match:
-            return match.group(2) or match.group(3) or None
+            found, version = False, None
+        if found:
+            return version
     import torch  # an unexpected layout: importing torch does not initialise CUDA either
 
     return torch.version.cuda
+
+
+def parse_cuda_version(text: str) -> tuple[bool, str | None]:
+    """(whether the line was found, its version) for the `cuda = ...` line of torch/version.py."""
+    match = re.search(r"^cuda\b[^=\n]*=\s*(None|'([^']*)'|\"([^\"]*)\")\s*$", text, re.M)
+    if match is None:
+        return False, None
+    return True, match.group(2) or match.group(3) or None
 
 
 def nvml_device_count() -> int:
