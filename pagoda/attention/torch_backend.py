@@ -3,7 +3,8 @@
 Per layer: scatter the step's new K/V into the cache by slot, then attend. Requests that compute a
 single token (decodes) are batched into one SDPA call over their gathered contexts, padded to the
 longest; requests that compute several tokens (prefill chunks) attend one by one, with a causal
-mask offset by the tokens already in the cache (prefix-cache hits and earlier chunks).
+mask offset by the tokens already in the cache (prefix-cache hits and earlier chunks). A chunk
+that is its request's whole context attends over its own k/v with SDPA's causal kernel instead.
 
 Contexts are gathered a whole block at a time (`index_select` over block ids, K and V in one call):
 copying contiguous [block_size, kv_heads, head_dim] pages is several times faster than indexing
@@ -25,7 +26,7 @@ from pagoda.attention.cpu_kernels import (
     paged_decode_attention,
     paged_decode_kernel,
 )
-from pagoda.layers.attention import attend
+from pagoda.layers.attention import attend, attend_causal
 
 if TYPE_CHECKING:
     from pagoda.layers.attention import Attention
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 class _Prefill:
     token_start: int
     token_end: int
+    # The chunk is the request's whole context so far (no cached prefix, no earlier chunk).
+    whole_context: bool
     context_blocks: torch.Tensor  # [nb] blocks of the whole context, prefix included
     query_positions: torch.Tensor  # [Q]
     key_positions: torch.Tensor  # [nb * block_size]
@@ -103,6 +106,7 @@ class TorchAttentionBackend(AttentionBackend):
                 _Prefill(
                     token_start=start,
                     token_end=start + q_len,
+                    whole_context=q_len == context_len,
                     context_blocks=torch.from_numpy(
                         np.asarray(layout.block_tables[i][:num_blocks], dtype=np.int64)
                     ).to(device),
@@ -144,8 +148,10 @@ class TorchAttentionBackend(AttentionBackend):
         key_cache = kv_cache[0].view(-1, num_kv_heads, head_dim)  # [num_slots, Hkv, D]
         value_cache = kv_cache[1].view(-1, num_kv_heads, head_dim)  # [num_slots, Hkv, D]
         # Write before any read: a request admitted later in the step may share these blocks.
-        key_cache.index_copy_(0, metadata.slot_mapping, k.to(key_cache.dtype))
-        value_cache.index_copy_(0, metadata.slot_mapping, v.to(value_cache.dtype))
+        k = k.to(key_cache.dtype)
+        v = v.to(value_cache.dtype)
+        key_cache.index_copy_(0, metadata.slot_mapping, k)
+        value_cache.index_copy_(0, metadata.slot_mapping, v)
 
         window = layer.sliding_window
         kernel = metadata.decode_kernel
@@ -192,11 +198,20 @@ class TorchAttentionBackend(AttentionBackend):
         else:
             out = torch.empty_like(q)
         for i, prefill in enumerate(metadata.prefills):
+            rows = slice(prefill.token_start, prefill.token_end)
+            q_len = prefill.token_end - prefill.token_start
+            if (
+                prefill.whole_context
+                and (window is None or window >= q_len)
+                and layer.logit_softcap is None
+            ):
+                # Its keys are this step's: attend over them causally, with no gather or mask.
+                out[rows] = attend_causal(q[rows], k[rows], v[rows], layer.scale)
+                continue
             # [2, nb, block_size, Hkv, D] -> K and V as [nb * block_size, Hkv, D]
             pages = kv_cache.index_select(1, prefill.context_blocks)
             pages = pages.view(2, -1, num_kv_heads, head_dim)
             keys, values = pages[0], pages[1]
-            rows = slice(prefill.token_start, prefill.token_end)
             out[rows] = attend(
                 q[rows],
                 keys,

@@ -18,7 +18,8 @@ class SiluAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
-        return F.silu(x[..., :half]) * x[..., half:]  # [T, I]
+        gated = F.silu(x[..., :half])  # [T, I], a new tensor: multiplied in place
+        return gated.mul_(x[..., half:])
 
 
 class GeluAndMul(nn.Module):
