@@ -9,6 +9,7 @@ plain causal attention over the tokens as one sequence, which is what layer unit
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,16 +100,7 @@ def attend(
     v_t = v.transpose(-3, -2)  # [..., Hkv, K, D]
     mask = mask.unsqueeze(-3)  # [..., 1, Q, K]
     if logit_softcap is None:
-        backends = sdpa_kernel(_CUDA_SDPA_BACKENDS) if q.is_cuda else contextlib.nullcontext()
-        with backends:
-            out = F.scaled_dot_product_attention(
-                q_t,
-                k_t,
-                v_t,
-                attn_mask=mask,
-                scale=scale,
-                enable_gqa=q_t.shape[-3] != k_t.shape[-3],
-            )
+        out = _sdpa(q_t, k_t, v_t, attn_mask=mask, scale=scale)
     else:
         groups = q_t.shape[-3] // k_t.shape[-3]
         k_t = k_t.repeat_interleave(groups, dim=-3)
@@ -131,14 +123,15 @@ def attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     q_t = q.transpose(0, 1)[None]  # [1, H, Q, D]
     k_t = k.transpose(0, 1)[None]  # [1, Hkv, Q, D]
     v_t = v.transpose(0, 1)[None]  # [1, Hkv, Q, D]
-    backends = sdpa_kernel(_CUDA_SDPA_BACKENDS) if q.is_cuda else contextlib.nullcontext()
-    with backends:
-        out = F.scaled_dot_product_attention(
-            q_t,
-            k_t,
-            v_t,
-            is_causal=True,
-            scale=scale,
-            enable_gqa=q_t.shape[1] != k_t.shape[1],
-        )
+    out = _sdpa(q_t, k_t, v_t, is_causal=True, scale=scale)
     return out[0].transpose(0, 1)  # [Q, H, D]
+
+
+def _sdpa(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """SDPA over [..., H, Q, D] / [..., Hkv, K, D], expanding grouped-query heads itself, with
+    cuDNN left out on CUDA."""
+    backends = sdpa_kernel(_CUDA_SDPA_BACKENDS) if q_t.is_cuda else contextlib.nullcontext()
+    with backends:
+        return F.scaled_dot_product_attention(
+            q_t, k_t, v_t, enable_gqa=q_t.shape[-3] != k_t.shape[-3], **kwargs
+        )
