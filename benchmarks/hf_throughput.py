@@ -7,6 +7,8 @@
 
 Prompts are random token ids, as `pagoda bench throughput --dataset-name random` draws them; every
 prompt has the same length, so batches need no padding. Greedy decoding, transformers' own KV cache.
+It is `../shared/peers/hf_baseline.py` (the CPU baseline of workload B) with a device, GGUF files,
+several batches and a JSON result, for the GPU runs in BENCHMARKS.md.
 """
 
 from __future__ import annotations
