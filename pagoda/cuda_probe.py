@@ -28,10 +28,14 @@ def cuda_available() -> bool:
     """
     if not (os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")):
         return False
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and (not visible.strip() or visible.strip().startswith("-")):
+    if devices_hidden(os.environ.get("CUDA_VISIBLE_DEVICES")):
         return False
     return torch_cuda_version() is not None and nvml_device_count() > 0
+
+
+def devices_hidden(visible: str | None) -> bool:
+    """Whether a CUDA_VISIBLE_DEVICES value hides every GPU (empty, or a list led by -1)."""
+    return visible is not None and (not visible.strip() or visible.strip().startswith("-"))
 
 
 def torch_cuda_version() -> str | None:

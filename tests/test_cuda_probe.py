@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from pagoda.cuda_probe import cuda_available, parse_cuda_version, torch_cuda_version
+from pagoda.cuda_probe import (
+    cuda_available,
+    devices_hidden,
+    parse_cuda_version,
+    torch_cuda_version,
+)
 
 
 @pytest.mark.parametrize(
@@ -26,13 +32,24 @@ def test_version_file_lines(text: str, expected: tuple[bool, str | None]) -> Non
 
 
 def test_the_installed_torch_reads_as_it_reports_itself() -> None:
+    # The version file itself, so a parse that fell back to importing torch would fail here.
+    version_file = Path(torch.__file__).parent / "version.py"
+    assert parse_cuda_version(version_file.read_text()) == (True, torch.version.cuda)
     assert torch_cuda_version() == torch.version.cuda
 
 
+@pytest.mark.parametrize(
+    ("visible", "hidden"),
+    [("", True), ("  ", True), ("-1", True), ("-1,0", True), (None, False), ("0", False)]
+    + [("0,1", False), ("GPU-8f3c2a51", False)],
+)
+def test_which_visible_devices_values_hide_every_gpu(visible: str | None, hidden: bool) -> None:
+    assert devices_hidden(visible) is hidden
+
+
 def test_hidden_devices_mean_no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    for hidden in ("", "-1"):
-        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
-        assert not cuda_available()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not cuda_available()
 
 
 def test_the_probe_imports_no_torch() -> None:
