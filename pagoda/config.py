@@ -7,7 +7,6 @@ the frozen `EngineConfig`. Errors name the field and the allowed values.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -22,8 +21,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # NOTE: this module does not import torch. The API server builds the config, then forks the
-# engine core, and never needs torch itself (importing it takes ~2 s of a cold start); dtypes and
-# devices are held by name and turned into torch objects where the engine core reads them.
+# engine core, and never needs torch itself (its import is the largest part of a cold start);
+# dtypes and devices are held by name and turned into torch objects where the engine core reads
+# them.
 _DTYPES: dict[str, str] = {
     "float32": "float32",
     "float": "float32",
@@ -72,13 +72,6 @@ class ModelConfig:
 
         return getattr(torch, self.dtype_name)
 
-    @functools.cached_property
-    def weight_dtype(self) -> torch.dtype | None:
-        """CPU only: the dtype linear weights are held in while activations stay in `dtype`
-        (float32), None when they are held in `dtype` too. See `_resolve_weight_dtype`. Read by
-        the engine core (it imports torch)."""
-        return _resolve_weight_dtype(self)
-
     @property
     def architecture(self) -> str:
         architectures = getattr(self.hf_config, "architectures", None) or ["?"]
@@ -115,6 +108,8 @@ class SchedulerConfig:
 class DeviceConfig:
     device_name: str  # "cpu" or "cuda:N"
     enforce_eager: bool
+    # The attention backend's registry name (`pagoda.attention.registry`); None: by device.
+    attention_backend: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -168,6 +163,7 @@ class EngineArgs:
     generation_config: str = "auto"
     tensor_parallel_size: int = 1
     device: str = "auto"
+    attention_backend: str | None = None
     disable_log_stats: bool = False
     usage_context: Literal["llm", "server"] = "llm"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -214,7 +210,11 @@ class EngineArgs:
             model_config=model_config,
             cache_config=cache_config,
             scheduler_config=scheduler_config,
-            device_config=DeviceConfig(device_name=device, enforce_eager=self.enforce_eager),
+            device_config=DeviceConfig(
+                device_name=device,
+                enforce_eager=self.enforce_eager,
+                attention_backend=_resolve_attention_backend(self.attention_backend, device),
+            ),
             tensor_parallel_size=self.tensor_parallel_size,
         )
 
@@ -331,6 +331,17 @@ def _resolve_device(device: str) -> str:
     return device
 
 
+def _resolve_attention_backend(name: str | None, device: str) -> str | None:
+    """The registry name of the requested attention backend (`--attention-backend`, else
+    PAGODA_ATTENTION_BACKEND), checked against the registry and the device; None: by device."""
+    from pagoda.attention.registry import check_backend
+
+    requested = name or envs.attention_backend()
+    if not requested:
+        return None
+    return check_backend(requested, device.split(":")[0])
+
+
 def _dtype_name(value: Any) -> str | None:
     """A config's dtype (a torch dtype or its name, possibly "torch.float16") by name."""
     if value is None:
@@ -353,38 +364,6 @@ def _resolve_dtype(dtype: str, hf_config: Any, device_type: str) -> str:
     if config_dtype in (None, "float32"):
         return "float16"
     return config_dtype
-
-
-def _resolve_weight_dtype(model_config: ModelConfig) -> torch.dtype | None:
-    """float16 weight storage under float32 compute, for `dtype="auto"` on CPU.
-
-    Chosen when the checkpoint holds at most 16-bit weights (a float16/bfloat16 checkpoint, or a
-    GGUF file whose matrices are float16 or block-quantized), so that storing them as float16 loses
-    (almost) nothing the checkpoint had, and fbgemm is there to multiply them. An explicit
-    `--dtype float32` keeps exact float32 weights.
-    """
-    import torch
-
-    from pagoda.layers.linear import half_weight_matmul_available
-
-    if (
-        model_config.requested_dtype != "auto"
-        or model_config.device_type != "cpu"
-        or model_config.dtype_name != "float32"
-    ):
-        return None
-    if not half_weight_matmul_available():
-        return None
-    weights_file = model_config.weights_file
-    if weights_file is not None and weights_file.suffix == ".gguf":
-        from pagoda.loader.gguf import gguf_matrices_are_half_precision
-
-        return torch.float16 if gguf_matrices_are_half_precision(weights_file) else None
-    hf_config = model_config.hf_config
-    config_dtype = _dtype_name(
-        getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    )
-    return torch.float16 if config_dtype in ("float16", "bfloat16") else None
 
 
 def _derive_max_model_len(hf_config: Any) -> int:

@@ -77,6 +77,13 @@ ENVIRONMENT_VARIABLES: tuple[EnvVar, ...] = (
         "and the whole-step decoder for Llama-shaped models.",
     ),
     EnvVar(
+        "PAGODA_ATTENTION_BACKEND",
+        "str",
+        "",
+        "The attention backend (vLLM's VLLM_ATTENTION_BACKEND), as --attention-backend: "
+        "TORCH_SDPA (the PyTorch reference) or CPU_ATTN (the C kernels); unset: by device.",
+    ),
+    EnvVar(
         "PAGODA_ENABLE_MULTIPROCESSING",
         "bool",
         "1",
@@ -190,20 +197,6 @@ def get_float(
         raise ValueError(f"environment variable {name}: invalid float value: {value!r}") from None
 
 
-def get_int(name: str, default: int | None, environ: Mapping[str, str] | None = None) -> int | None:
-    """An int variable; raises ValueError naming the variable on a value that is not one."""
-    value = get_str(name, None, environ)
-    if value is None:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name}: invalid int value: {value!r}") from None
-
-
-# Typed accessors for the process settings in the table.
-
-
 def configure_logging() -> bool:
     """PAGODA_CONFIGURE_LOGGING: whether Pagoda installs its log handler (default True)."""
     return get_bool("PAGODA_CONFIGURE_LOGGING", True)
@@ -227,6 +220,11 @@ def cpu_kvcache_space() -> float | None:
 def cpu_kernels() -> bool:
     """PAGODA_CPU_KERNELS: whether the compiled CPU kernels may be used (default True)."""
     return get_bool("PAGODA_CPU_KERNELS", True)
+
+
+def attention_backend() -> str | None:
+    """PAGODA_ATTENTION_BACKEND: the attention backend's name, None when unset (by device)."""
+    return get_str("PAGODA_ATTENTION_BACKEND")
 
 
 def enable_multiprocessing() -> bool:

@@ -1,22 +1,36 @@
-"""The attention-backend interface and the per-step metadata every backend starts from.
+"""The attention-backend interface and the per-step layout every backend starts from.
+
+Backends are registered by name in `pagoda.attention.registry` (chosen by `--attention-backend`
+and the device); the reference math lives in `pagoda.attention.reference`. The attention layer
+(`pagoda.layers.attention`) only calls `backend.forward` with itself as `layer`: a backend reads
+the layer's shape and options through the `AttentionLayer` protocol and never imports it.
 
 `build_metadata(...)` runs once per step (on the host, from the plan); `forward(...)` runs per
 layer: it writes the step's new K/V into the paged cache by slot and attends over each request's
-whole context. The KV cache of one layer is a tensor [2, num_blocks + 1, block_size, kv_heads, head_dim]: the
-extra block, never handed out by the block pool, is the zeroed padding block.
+whole context. The KV cache of one layer is a tensor
+[2, num_blocks + 1, block_size, kv_heads, head_dim]: the extra block, never handed out by the block
+pool, is the zeroed padding block.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from pagoda.layers.attention import Attention
+
+class AttentionLayer(Protocol):
+    """What a backend reads of the layer it attends for."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    sliding_window: int | None
+    logit_softcap: float | None
 
 
 @dataclass(slots=True)
@@ -53,7 +67,7 @@ class StepLayout:
 
 
 class AttentionBackend(ABC):
-    """One implementation of paged attention (PyTorch reference, Triton, ...)."""
+    """One implementation of paged attention (PyTorch reference, CPU kernels, ...)."""
 
     name: str = "abstract"
 
@@ -68,7 +82,7 @@ class AttentionBackend(ABC):
     @abstractmethod
     def forward(
         self,
-        layer: Attention,
+        layer: AttentionLayer,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,

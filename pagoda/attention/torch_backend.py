@@ -1,4 +1,4 @@
-"""Pure-PyTorch paged attention: the CPU path and the reference every other backend is tested against.
+"""Pure-PyTorch paged attention (`TORCH_SDPA`): the reference every other backend is tested against.
 
 Per layer: scatter the step's new K/V into the cache by slot, then attend. Requests that compute a
 single token (decodes) are batched into one SDPA call over their gathered contexts, padded to the
@@ -13,23 +13,13 @@ slot by slot, and the tail of a request's last block is masked out like padding.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from pagoda.attention.backend import AttentionBackend, StepLayout
-from pagoda.attention.cpu_kernels import (
-    kernel_applies,
-    paged_decode_attention,
-    paged_decode_kernel,
-)
-from pagoda.layers.attention import attend, attend_causal
-
-if TYPE_CHECKING:
-    from pagoda.layers.attention import Attention
+from pagoda.attention.backend import AttentionBackend, AttentionLayer, StepLayout
+from pagoda.attention.reference import attend, attend_causal
 
 
 @dataclass(slots=True)
@@ -53,8 +43,6 @@ class TorchAttentionMetadata:
     block_size: int
     # Every token of the step is a decode, in request order (q's rows are the decode batch).
     all_decode: bool = False
-    # The compiled CPU decode kernel (pagoda.attention.cpu_kernels), None on GPU or without it.
-    decode_kernel: Callable[..., None] | None = None
     # Masks depend on the layer's sliding window; built on first use and shared by layers.
     _decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
     _prefill_masks: dict[tuple[int, int | None], torch.Tensor] = field(default_factory=dict)
@@ -89,33 +77,11 @@ class TorchAttentionMetadata:
 class TorchAttentionBackend(AttentionBackend):
     """Reference paged attention in plain PyTorch (CPU and CUDA)."""
 
-    name = "torch"
+    name = "TORCH_SDPA"
 
     def build_metadata(self, layout: StepLayout, device: torch.device) -> TorchAttentionMetadata:
-        block_size = layout.block_size
-        query_len = layout.query_len
-        is_decode = query_len == 1
-        prefills: list[_Prefill] = []
-        for i in np.flatnonzero(~is_decode).tolist():
-            start = int(layout.query_start[i])
-            context_len = int(layout.context_len[i])
-            num_blocks = -(-context_len // block_size)
-            key_positions = np.arange(num_blocks * block_size)
-            q_len = int(query_len[i])
-            prefills.append(
-                _Prefill(
-                    token_start=start,
-                    token_end=start + q_len,
-                    whole_context=q_len == context_len,
-                    context_blocks=torch.from_numpy(
-                        np.asarray(layout.block_tables[i][:num_blocks], dtype=np.int64)
-                    ).to(device),
-                    query_positions=torch.from_numpy(
-                        key_positions[context_len - q_len : context_len]
-                    ).to(device),
-                    key_positions=torch.from_numpy(key_positions).to(device),
-                )
-            )
+        is_decode = layout.query_len == 1
+        prefills = [_prefill_of(layout, i, device) for i in np.flatnonzero(~is_decode).tolist()]
         decode_index = decode_table = decode_context_len = None
         decode_requests = np.flatnonzero(is_decode)
         if len(decode_requests):
@@ -130,73 +96,65 @@ class TorchAttentionBackend(AttentionBackend):
             decode_block_table=decode_table,
             decode_context_len=decode_context_len,
             prefills=prefills,
-            block_size=block_size,
+            block_size=layout.block_size,
             all_decode=bool(is_decode.all()),
-            decode_kernel=paged_decode_kernel() if device.type == "cpu" else None,
         )
 
     def forward(
         self,
-        layer: Attention,
+        layer: AttentionLayer,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         kv_cache: torch.Tensor,
         metadata: TorchAttentionMetadata,
     ) -> torch.Tensor:
-        num_kv_heads, head_dim = kv_cache.shape[-2], kv_cache.shape[-1]
-        key_cache = kv_cache[0].view(-1, num_kv_heads, head_dim)  # [num_slots, Hkv, D]
-        value_cache = kv_cache[1].view(-1, num_kv_heads, head_dim)  # [num_slots, Hkv, D]
-        # Write before any read: a request admitted later in the step may share these blocks.
-        k = k.to(key_cache.dtype)
-        v = v.to(value_cache.dtype)
-        key_cache.index_copy_(0, metadata.slot_mapping, k)
-        value_cache.index_copy_(0, metadata.slot_mapping, v)
+        write_kv_cache(kv_cache, k, v, metadata.slot_mapping)
+        out = torch.empty_like(q)
+        if metadata.decode_token_index is not None:
+            out[metadata.decode_token_index] = self.decode(layer, q, kv_cache, metadata)
+        self.prefill(layer, q, k, v, kv_cache, metadata, out)
+        return out
 
+    def decode(
+        self,
+        layer: AttentionLayer,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: TorchAttentionMetadata,
+    ) -> torch.Tensor:
+        """The step's decodes over their gathered contexts, one SDPA call: [B, H, D]."""
+        assert metadata.decode_token_index is not None
+        assert metadata.decode_block_table is not None
+        num_kv_heads, head_dim = kv_cache.shape[-2], kv_cache.shape[-1]
+        batch = metadata.decode_token_index.shape[0]
+        # [2, B * nb, block_size, Hkv, D] -> K and V as [B, nb * block_size, Hkv, D]
+        pages = kv_cache.index_select(1, metadata.decode_block_table.view(-1))
+        pages = pages.view(2, batch, -1, num_kv_heads, head_dim)
+        queries = q[metadata.decode_token_index].unsqueeze(1)  # [B, 1, H, D]
+        decoded = attend(
+            queries,
+            pages[0],
+            pages[1],
+            metadata.decode_mask(layer.sliding_window),
+            layer.scale,
+            layer.logit_softcap,
+        )
+        return decoded.squeeze(1)  # [B, H, D]
+
+    def prefill(
+        self,
+        layer: AttentionLayer,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: TorchAttentionMetadata,
+        out: torch.Tensor,
+    ) -> None:
+        """Fill `out`'s rows of every prefill chunk of the step, one request at a time."""
+        num_kv_heads, head_dim = kv_cache.shape[-2], kv_cache.shape[-1]
         window = layer.sliding_window
-        kernel = metadata.decode_kernel
-        if (
-            metadata.decode_token_index is not None
-            and kernel is not None
-            and kernel_applies(kv_cache, q)
-        ):
-            assert metadata.decode_block_table is not None
-            assert metadata.decode_context_len is not None
-            queries = q if metadata.all_decode else q[metadata.decode_token_index]  # [B, H, D]
-            decoded = paged_decode_attention(
-                kernel,
-                queries,
-                kv_cache,
-                metadata.decode_block_table,
-                metadata.decode_context_len,
-                layer.scale,
-                window,
-                layer.logit_softcap,
-            )
-            if metadata.all_decode:
-                return decoded  # q's rows are the decode batch: nothing else to fill
-            out = torch.empty_like(q)
-            out[metadata.decode_token_index] = decoded
-        elif metadata.decode_token_index is not None:
-            out = torch.empty_like(q)
-            assert metadata.decode_block_table is not None
-            batch = metadata.decode_token_index.shape[0]
-            # [2, B * nb, block_size, Hkv, D] -> K and V as [B, nb * block_size, Hkv, D]
-            pages = kv_cache.index_select(1, metadata.decode_block_table.view(-1))
-            pages = pages.view(2, batch, -1, num_kv_heads, head_dim)
-            keys, values = pages[0], pages[1]
-            queries = q[metadata.decode_token_index].unsqueeze(1)  # [B, 1, H, D]
-            decoded = attend(
-                queries,
-                keys,
-                values,
-                metadata.decode_mask(window),
-                layer.scale,
-                layer.logit_softcap,
-            )
-            out[metadata.decode_token_index] = decoded.squeeze(1)  # [B, H, D]
-        else:
-            out = torch.empty_like(q)
         for i, prefill in enumerate(metadata.prefills):
             rows = slice(prefill.token_start, prefill.token_end)
             q_len = prefill.token_end - prefill.token_start
@@ -211,13 +169,42 @@ class TorchAttentionBackend(AttentionBackend):
             # [2, nb, block_size, Hkv, D] -> K and V as [nb * block_size, Hkv, D]
             pages = kv_cache.index_select(1, prefill.context_blocks)
             pages = pages.view(2, -1, num_kv_heads, head_dim)
-            keys, values = pages[0], pages[1]
             out[rows] = attend(
                 q[rows],
-                keys,
-                values,
+                pages[0],
+                pages[1],
                 metadata.prefill_mask(i, window),
                 layer.scale,
                 layer.logit_softcap,
             )
-        return out
+
+
+def write_kv_cache(
+    kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Scatter the step's new k/v [T, Hkv, D] into the paged cache by slot."""
+    num_kv_heads, head_dim = kv_cache.shape[-2], kv_cache.shape[-1]
+    key_cache = kv_cache[0].view(-1, num_kv_heads, head_dim)  # [num_slots, Hkv, D]
+    value_cache = kv_cache[1].view(-1, num_kv_heads, head_dim)  # [num_slots, Hkv, D]
+    # Written before any read: a request admitted later in the step may share these blocks.
+    key_cache.index_copy_(0, slot_mapping, k.to(key_cache.dtype))
+    value_cache.index_copy_(0, slot_mapping, v.to(value_cache.dtype))
+
+
+def _prefill_of(layout: StepLayout, request: int, device: torch.device) -> _Prefill:
+    start = int(layout.query_start[request])
+    context_len = int(layout.context_len[request])
+    num_blocks = -(-context_len // layout.block_size)
+    key_positions = np.arange(num_blocks * layout.block_size)
+    q_len = int(layout.query_len[request])
+    blocks = np.asarray(layout.block_tables[request][:num_blocks], dtype=np.int64)
+    return _Prefill(
+        token_start=start,
+        token_end=start + q_len,
+        whole_context=q_len == context_len,
+        context_blocks=torch.from_numpy(blocks).to(device),
+        query_positions=torch.from_numpy(key_positions[context_len - q_len : context_len]).to(
+            device
+        ),
+        key_positions=torch.from_numpy(key_positions).to(device),
+    )

@@ -3,8 +3,9 @@
 The engine core runs its busy loop either in a child process (`pagoda serve`: see
 `pagoda.engine.core_process`; a reader thread here turns its frames into calls on the event loop)
 or on a dedicated thread of this process (PyTorch releases the GIL in its kernels, so the event loop
-stays responsive), fed by a thread-safe queue. Either way each step's outputs come back to the event
-loop, where the output processor detokenizes them and routes `RequestOutput`s to the per-request
+stays responsive), fed by a thread-safe queue. Either way the commands are the `ToCore` structs of
+`pagoda.engine.messages`, put on that queue or sent down the pipe, and each step's outputs come
+back to the event loop, where the output processor detokenizes them and routes `RequestOutput`s to the per-request
 queue that `generate()` is iterating. Cancelling the consumer (a client disconnect) aborts the
 request and frees its KV blocks.
 """
@@ -17,20 +18,19 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from pagoda.config import EngineConfig
-from pagoda.engine.core_process import (
-    AbortRequests,
-    AddRequests,
-    CoreProcess,
-    CoreStep,
-    EngineCoreRequest,
-    EngineDeadError,
-)
+from pagoda.engine.core_process import CoreProcess, EngineDeadError
 from pagoda.engine.input_processor import PromptType
 from pagoda.engine.llm_engine import EngineFrontend
-from pagoda.engine.messages import EngineCoreOutputs
+from pagoda.engine.messages import (
+    AbortRequests,
+    AddRequests,
+    CoreStep,
+    EngineCoreOutputs,
+    StopCore,
+    ToCore,
+)
 from pagoda.metrics.prometheus import PrometheusMetrics
 from pagoda.metrics.request_tracker import RequestTracker
 from pagoda.metrics.stats import SchedulerStats
@@ -56,7 +56,7 @@ class AsyncLLM(EngineFrontend):
             # Forked first, while this process has one thread and has not run a torch operation.
             core_process = CoreProcess(config)
         super().__init__(config, log_stats, core_process)
-        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._commands: queue.Queue[ToCore] = queue.Queue()
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -72,10 +72,6 @@ class AsyncLLM(EngineFrontend):
         self.metrics = PrometheusMetrics(model_name, max_model_len=self.model_config.max_model_len)
         self._tracker = RequestTracker(self.metrics)
         return self.metrics
-
-    @property
-    def errored(self) -> bool:
-        return self._dead is not None
 
     def is_alive(self) -> bool:
         """True while the engine can serve: not failed, and its loop thread (once started) runs."""
@@ -124,7 +120,7 @@ class AsyncLLM(EngineFrontend):
             for request in processed.core_requests:
                 self._tracker.on_arrival(request.request_id, now)
                 self._token_counts[request.request_id] = [len(processed.prompt_token_ids), 0]
-        self._send("add", processed.core_requests)
+        self._send(AddRequests(processed.core_requests))
         finished = False
         try:
             while not finished:
@@ -145,7 +141,7 @@ class AsyncLLM(EngineFrontend):
     def _abort(self, request_ids: list[str]) -> None:
         core_ids = self.output_processor.abort_requests(request_ids)
         if core_ids:
-            self._send("abort", core_ids)
+            self._send(AbortRequests(core_ids))
             self._track_finished(core_ids, "abort")
 
     def _track_finished(self, core_ids: list[str], finish_reason: str) -> None:
@@ -156,28 +152,12 @@ class AsyncLLM(EngineFrontend):
             prompt_tokens, generated = self._token_counts.pop(core_id, (0, 0))
             self._tracker.on_finished(core_id, finish_reason, prompt_tokens, generated, now)
 
-    def _send(self, command: str, payload: Any) -> None:
-        """Hand "add" (core `Request`s) or "abort" (core request ids) to the engine core."""
+    def _send(self, message: ToCore) -> None:
+        """Hand one command to the engine core: on its queue, or down the pipe to its process."""
         if self.core_process is None:
-            self._commands.put((command, payload))
-        elif command == "add":
-            self.core_process.send(
-                AddRequests(
-                    requests=[
-                        EngineCoreRequest(
-                            request.request_id,
-                            request.prompt_token_ids,
-                            request.sampling_params,
-                            request.eos_token_id,
-                            request.arrival_time,
-                            request.priority,
-                        )
-                        for request in payload
-                    ]
-                )
-            )
+            self._commands.put(message)
         else:
-            self.core_process.send(AbortRequests(request_ids=list(payload)))
+            self.core_process.send(message)
 
     def _ensure_started(self) -> None:
         if self._thread is not None:
@@ -232,7 +212,7 @@ class AsyncLLM(EngineFrontend):
                 waiter.put_nowait(output)
         if processed.reqs_to_abort:
             # A stop string ended these on the API side: a normal "stop" finish.
-            self._send("abort", processed.reqs_to_abort)
+            self._send(AbortRequests(processed.reqs_to_abort))
             self._track_finished(processed.reqs_to_abort, "stop")
         if self.stat_logger is not None:
             self.stat_logger.record(stats)
@@ -263,8 +243,5 @@ class AsyncLLM(EngineFrontend):
                 self._thread.join(timeout=30)
             return
         if self._thread is not None and self._thread.is_alive():
-            self._commands.put(("stop", None))
+            self._commands.put(StopCore())
             self._thread.join(timeout=30)
-        if not self._shut_down:
-            self._shut_down = True
-            self.engine_core.shutdown()

@@ -2,7 +2,9 @@
 
 It owns the scheduler (request state, KV cache manager) and the executor (tensors). One `step()`
 asks the scheduler for a plan, runs it on the executor, and turns the sampled tokens into
-`EngineCoreOutputs` for the API side. It knows token ids only, never text.
+`EngineCoreOutputs` for the API side. It knows token ids only, never text. Requests arrive as
+`EngineCoreRequest`s (`pagoda.engine.messages`), directly (`LLMEngine`) or through the busy loop's
+queue (`AsyncLLM`, in a thread or a child process); the core alone turns them into `Request`s.
 """
 
 from __future__ import annotations
@@ -11,10 +13,15 @@ import logging
 import queue
 import time
 from collections.abc import Callable
-from typing import Any
 
 from pagoda.config import EngineConfig
-from pagoda.engine.messages import EngineCoreOutputs
+from pagoda.engine.messages import (
+    AddRequests,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    StopCore,
+    ToCore,
+)
 from pagoda.engine.request import Request, RequestStatus
 from pagoda.engine.scheduler import Scheduler
 from pagoda.executor.uniproc import UniProcExecutor
@@ -36,8 +43,9 @@ class EngineCore:
         self.last_stats = SchedulerStats()
         logger.info("Engine core ready in %.2f s", time.perf_counter() - start)
 
-    def add_request(self, request: Request) -> None:
-        self.scheduler.add_request(request)
+    def add_request(self, request: EngineCoreRequest) -> None:
+        """Queue one sequence for scheduling."""
+        self.scheduler.add_request(Request.from_engine_core_request(request))
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
@@ -76,14 +84,13 @@ class EngineCore:
 
     def run_busy_loop(
         self,
-        commands: queue.Queue[tuple[str, Any]],
+        commands: queue.Queue[ToCore],
         publish: Callable[[EngineCoreOutputs, SchedulerStats], object],
     ) -> None:
-        """Step while there is work, taking commands between steps, until a "stop" command.
+        """Step while there is work, taking commands between steps, until `StopCore`.
 
-        Commands: ("add", [Request]), ("abort", [request id]), ("stop", None). `publish` gets
-        every step's outputs with the scheduler's stats, and the idle state after aborts that left
-        nothing to run (no step would follow to refresh the gauges).
+        `publish` gets every step's outputs with the scheduler's stats, and the idle state after
+        aborts that left nothing to run (no step would follow to refresh the gauges).
         """
         while True:
             # Block only when there is nothing to run.
@@ -91,17 +98,17 @@ class EngineCore:
             aborted = False
             while True:
                 try:
-                    command, payload = commands.get(block=block)
+                    message = commands.get(block=block)
                 except queue.Empty:
                     break
                 block = False
-                if command == "stop":
+                if isinstance(message, StopCore):
                     return
-                if command == "add":
-                    for request in payload:
+                if isinstance(message, AddRequests):
+                    for request in message.requests:
                         self.add_request(request)
-                elif command == "abort":
-                    self.abort_requests(payload)
+                else:
+                    self.abort_requests(message.request_ids)
                     aborted = True
             if not self.has_unfinished_requests():
                 if aborted:
@@ -110,6 +117,3 @@ class EngineCore:
                 continue
             outputs = self.step()
             publish(outputs, self.last_stats)
-
-    def shutdown(self) -> None:
-        self.executor.shutdown()

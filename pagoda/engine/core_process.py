@@ -6,11 +6,14 @@ one core while the server loads the tokenizer and builds the app on the other. A
 loop has a process and a GIL of its own: HTTP, tokenization and detokenization never stall it, and
 it never stalls them. Nothing has started OpenMP or tokenizer threads before the fork.
 
-Wire format: each frame is a 4-byte little-endian length and a msgpack-encoded tagged struct. The
-server sends `AddRequests`, `AbortRequests` and `StopCore`; the core answers `CoreReady` once it has
-loaded, then a `CoreStep` per step that produced outputs (and one after aborts that left it idle,
-so gauges update), and `CoreFailed` before it exits on an error. End of file on either pipe means
-the other side is gone: the core exits when the server dies, however it died.
+Wire format: each frame is a 4-byte little-endian length and a msgpack-encoded tagged struct of
+`pagoda.engine.messages`. The server sends the `ToCore` messages, which a reader thread in the child
+puts, as decoded, on the queue the busy loop takes commands from (the in-thread engine core reads
+the very same structs). The core answers `CoreReady` once it has loaded, then a `CoreStep` per
+step that produced outputs (and one after aborts that left it idle, so gauges update), and
+`CoreFailed` before it exits on an error. End of file on either pipe means the other side is gone:
+the core exits when the server dies, however it died. This module holds only the process and pipe
+mechanics.
 """
 
 from __future__ import annotations
@@ -23,61 +26,25 @@ import signal
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import msgspec
 
-from pagoda.engine.messages import EngineCoreOutputs
-from pagoda.metrics.stats import SchedulerStats
-from pagoda.sampling_params import SamplingParams
+from pagoda.engine.messages import (
+    CoreFailed,
+    CoreReady,
+    CoreStep,
+    FromCore,
+    StopCore,
+    ToCore,
+)
 
 if TYPE_CHECKING:
     from pagoda.config import EngineConfig
-    from pagoda.engine.request import Request
 
 logger = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct("<I")
-
-
-class EngineCoreRequest(msgspec.Struct, array_like=True, gc=False):
-    """What the core needs of one sequence (a `pagoda.engine.request.Request` in the making)."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling_params: SamplingParams
-    eos_token_id: int | None
-    arrival_time: float
-    priority: int
-
-
-class AddRequests(msgspec.Struct, tag="add", array_like=True, gc=False):
-    requests: list[EngineCoreRequest]
-
-
-class AbortRequests(msgspec.Struct, tag="abort", array_like=True, gc=False):
-    request_ids: list[str]
-
-
-class StopCore(msgspec.Struct, tag="stop", array_like=True):
-    pass
-
-
-class CoreReady(msgspec.Struct, tag="ready", array_like=True):
-    num_blocks: int
-
-
-class CoreStep(msgspec.Struct, tag="step", array_like=True, gc=False):
-    outputs: EngineCoreOutputs
-    stats: SchedulerStats
-
-
-class CoreFailed(msgspec.Struct, tag="failed", array_like=True):
-    message: str
-
-
-ToCore = AddRequests | AbortRequests | StopCore
-FromCore = CoreReady | CoreStep | CoreFailed
 
 
 class EngineDeadError(RuntimeError):
@@ -208,34 +175,18 @@ class CoreProcess:
             self._to_child.close()
 
 
-def _read_commands(stream: BinaryIO, commands: queue.Queue[tuple[str, Any]]) -> None:
-    """Child side: decode the server's frames into `EngineCore.run_busy_loop` commands; end of
-    file (the server is gone) stops the loop too."""
+def _read_commands(stream: BinaryIO, commands: queue.Queue[ToCore]) -> None:
+    """Child side: put the server's messages on the busy loop's queue as decoded; end of file
+    (the server is gone) stops the loop too."""
     decoder = msgspec.msgpack.Decoder(ToCore)
     try:
         while (payload := _read_frame(stream)) is not None:
             message = decoder.decode(payload)
-            if isinstance(message, AddRequests):
-                commands.put(("add", [_core_request(request) for request in message.requests]))
-            elif isinstance(message, AbortRequests):
-                commands.put(("abort", message.request_ids))
-            else:
+            if isinstance(message, StopCore):
                 break
+            commands.put(message)
     finally:
-        commands.put(("stop", None))
-
-
-def _core_request(message: EngineCoreRequest) -> Request:
-    from pagoda.engine.request import Request
-
-    return Request(
-        message.request_id,
-        message.prompt_token_ids,
-        message.sampling_params,
-        message.eos_token_id,
-        arrival_time=message.arrival_time,
-        priority=message.priority,
-    )
+        commands.put(StopCore())
 
 
 def run_core(config: EngineConfig, commands_in: BinaryIO, outputs: BinaryIO) -> int:
@@ -247,7 +198,7 @@ def run_core(config: EngineConfig, commands_in: BinaryIO, outputs: BinaryIO) -> 
     def send(message: FromCore) -> None:
         _write_frame(outputs, encoder.encode(message))
 
-    commands: queue.Queue[tuple[str, Any]] = queue.Queue()
+    commands: queue.Queue[ToCore] = queue.Queue()
     try:
         from pagoda.engine.core import EngineCore
 
@@ -264,7 +215,6 @@ def run_core(config: EngineConfig, commands_in: BinaryIO, outputs: BinaryIO) -> 
     ).start()
     try:
         core.run_busy_loop(commands, lambda step, stats: send(CoreStep(outputs=step, stats=stats)))
-        core.shutdown()
         return 0
     except BrokenPipeError:
         return 0  # the server is gone

@@ -2,7 +2,12 @@
 
 Accepts a string, `{"prompt": str}`, `{"prompt_token_ids": [...]}` or a list of ids; checks them
 against the model (context length, vocabulary, logprob limits) and turns one user request with
-`n` samples into `n` engine-core requests (`"{i}_{request_id}"`, seeds `seed + i`).
+`n` samples into `n` `EngineCoreRequest`s (`"{i}_{request_id}"`, seeds `seed + i`), which the
+engine core turns into its own `Request`s.
+
+`truncate_prompt` and `check_prompt_tokens` are the one place for prompt truncation and the
+prompt checks: the OpenAI server calls them before anything is queued, to answer a 400 naming the
+field, and `process` calls them for every request.
 """
 
 from __future__ import annotations
@@ -13,8 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagoda.config import ModelConfig
-from pagoda.engine.messages import child_request_ids
-from pagoda.engine.request import Request
+from pagoda.engine.messages import EngineCoreRequest, child_request_ids
 from pagoda.sampling_params import SamplingParams
 
 PromptType = str | Mapping[str, Any] | Sequence[int]
@@ -27,7 +31,7 @@ class ProcessedInput:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    core_requests: list[Request]
+    core_requests: list[EngineCoreRequest]
 
 
 class InputProcessor:
@@ -66,9 +70,9 @@ class InputProcessor:
         """Tokenize and validate; raises ValueError naming the offending field."""
         text, token_ids = self.tokenize(prompt)
         params = params.clone()
-        if params.truncate_prompt_tokens is not None and params.truncate_prompt_tokens != -1:
-            token_ids = token_ids[-params.truncate_prompt_tokens :]
-        self._validate(token_ids, params)
+        token_ids = self.truncate_prompt(token_ids, params.truncate_prompt_tokens)
+        self.check_prompt_tokens(token_ids)
+        self._check_params(params)
         params.update_from_generation_config(self.model_config.generation_config, self.eos_token_id)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         core_requests = []
@@ -79,25 +83,49 @@ class InputProcessor:
                 child_params.n = 1
                 if params.seed is not None:
                     child_params.seed = params.seed + index
+            # The children share `token_ids`: the core copies it into each `Request`.
             core_requests.append(
-                Request(
+                EngineCoreRequest(
                     child_id, token_ids, child_params, self.eos_token_id, arrival_time, priority
                 )
             )
         return ProcessedInput(text, token_ids, params, core_requests)
 
-    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+    def truncate_prompt(
+        self, token_ids: list[int], truncate_prompt_tokens: int | None
+    ) -> list[int]:
+        """Keep the last k prompt tokens (k = -1: the model's context length).
+
+        `token_ids` comes back as is when k is None, or invalid (0 or below -1), which
+        SamplingParams reports.
+        """
+        k = truncate_prompt_tokens
+        if k is None or k == 0 or k < -1:
+            return token_ids
+        return token_ids[-(self.max_model_len if k == -1 else k) :]
+
+    def check_prompt_tokens(self, token_ids: Sequence[int], *, check_length: bool = True) -> None:
+        """Refuse an empty prompt, one longer than `max_model_len` (unless not `check_length`)
+        and one holding a token id outside the vocabulary; raises ValueError saying which."""
         if not token_ids:
             raise ValueError("The decoder prompt cannot be empty")
-        if len(token_ids) > self.max_model_len:
+        if check_length and len(token_ids) > self.max_model_len:
             raise ValueError(
                 f"The decoder prompt (length {len(token_ids)}) is longer than the maximum model "
                 f"length of {self.max_model_len}. Make sure that `max_model_len` is no smaller "
                 "than the number of text tokens."
             )
-        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"Token id {bad[0]} is out of vocabulary (size {self.vocab_size})")
+        self.check_token_ids_in_vocab(token_ids)
+
+    def check_token_ids_in_vocab(self, token_ids: Sequence[int]) -> None:
+        """Raise ValueError naming the first token id outside the vocabulary."""
+        vocab_size = self.vocab_size
+        # min and max run in C; the slow search for the culprit runs only on failure.
+        if token_ids and (min(token_ids) < 0 or max(token_ids) >= vocab_size):
+            bad = next(t for t in token_ids if not 0 <= t < vocab_size)
+            raise ValueError(f"Token id {bad} is out of vocabulary (size {vocab_size})")
+
+    def _check_params(self, params: SamplingParams) -> None:
         max_logprobs = self.model_config.max_logprobs
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)

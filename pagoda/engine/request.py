@@ -2,6 +2,7 @@
 
 A request's `num_computed_tokens` chases `num_tokens` (prompt plus generated tokens); the KV cache
 manager holds its blocks, and `block_hashes` lists the chained hash of every full block so far.
+Only the engine core builds one, from the `EngineCoreRequest` the API side sent.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pagoda.engine.messages import EngineCoreRequest
     from pagoda.sampling_params import SamplingParams
 
 
@@ -70,6 +72,18 @@ class Request:
         self.block_hashes: list[bytes] = []
         max_tokens = sampling_params.max_tokens
         self.max_tokens: int = max_tokens if max_tokens is not None else 1 << 62
+
+    @classmethod
+    def from_engine_core_request(cls, request: EngineCoreRequest) -> Request:
+        """The core's record of a sequence the API side sent (its token list is copied)."""
+        return cls(
+            request.request_id,
+            request.prompt_token_ids,
+            request.sampling_params,
+            request.eos_token_id,
+            arrival_time=request.arrival_time,
+            priority=request.priority,
+        )
 
     @property
     def num_tokens(self) -> int:

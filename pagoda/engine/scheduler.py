@@ -13,56 +13,14 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from pagoda.config import CacheConfig, SchedulerConfig
 from pagoda.engine.kv_cache_manager import KVCacheManager
 from pagoda.engine.messages import EngineCoreOutput
+from pagoda.engine.plan import NewRequestData, ScheduledRequest, SchedulerOutput, TokenLogprobs
 from pagoda.engine.request import Request, RequestStatus
-from pagoda.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class NewRequestData:
-    """Sent to the model runner once, when a request is first admitted."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling_params: SamplingParams
-    eos_token_id: int | None
-
-
-@dataclass(slots=True)
-class ScheduledRequest:
-    """One request's share of a step.
-
-    `token_ids` are computed at positions `num_computed_tokens ...`; `sample` is True when this
-    chunk reaches the request's last known token, so the step samples its next token.
-    """
-
-    request_id: str
-    token_ids: list[int]
-    num_computed_tokens: int
-    block_ids: list[int]
-    sample: bool
-
-
-@dataclass(slots=True)
-class SchedulerOutput:
-    """The plan of one step. The model runner reads it and never writes scheduler state."""
-
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    new_requests: list[NewRequestData] = field(default_factory=list)
-    # Requests that ended since the previous plan: the runner drops their sampling state.
-    finished_request_ids: list[str] = field(default_factory=list)
-    preempted_request_ids: list[str] = field(default_factory=list)
-    num_scheduled_tokens: int = 0
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
 
 
 class Scheduler:
@@ -178,7 +136,7 @@ class Scheduler:
         self,
         plan: SchedulerOutput,
         sampled_token_ids: dict[str, int],
-        logprobs: dict[str, tuple[list[int], list[float], int]] | None = None,
+        logprobs: dict[str, TokenLogprobs] | None = None,
     ) -> list[EngineCoreOutput]:
         """Advance the scheduled requests by what the step computed and check stop conditions."""
         outputs: list[EngineCoreOutput] = []

@@ -7,8 +7,7 @@ Executors hide how many workers there are and where they run; the engine core on
 from __future__ import annotations
 
 from pagoda.config import EngineConfig
-from pagoda.engine.scheduler import SchedulerOutput
-from pagoda.worker.model_runner import ModelRunnerOutput
+from pagoda.engine.plan import ModelRunnerOutput, SchedulerOutput
 from pagoda.worker.worker import Worker
 
 
@@ -27,6 +26,3 @@ class UniProcExecutor:
 
     def execute_model(self, plan: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(plan)
-
-    def shutdown(self) -> None:
-        pass

@@ -4,17 +4,22 @@ The first and last layers of every model: `VocabParallelEmbedding` turns token i
 states, `ParallelLMHead` turns the sampled rows of the final hidden states into logits. With tensor
 parallelism each rank holds a contiguous block of `ceil(vocab / tp)` rows; the vocabulary is padded
 up to a multiple of tp_size, and the padding rows are zero and cut off the logits.
+
+The LM head multiplies through a weight method (`pagoda.layers.quantization`) like the linear
+layers. A GGUF table that arrives in its stored encoding is widened for lookups and also kept as
+stored (`weight.stored_matrix`), for the C decoder and for a tied head's block GEMM.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pagoda.layers.linear import copy_checked
+from pagoda.layers.loading import copy_checked
+from pagoda.layers.quantization.base import LinearMethod, create_linear_method
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -46,9 +51,13 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
 
     def weight_loader(
-        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None = None
+        self, param: nn.Parameter, loaded_weight: Any, shard_id: str | int | None = None
     ) -> None:
-        """Copy this rank's rows of the `[vocab, hidden]` checkpoint tensor; zero the padding rows."""
+        """Copy this rank's rows of the `[vocab, hidden]` checkpoint tensor; zero the padding rows.
+        A table in its stored encoding (GGUF blocks) is widened and also kept as stored."""
+        if not isinstance(loaded_weight, torch.Tensor):
+            param.stored_matrix = loaded_weight  # type: ignore[attr-defined]
+            loaded_weight = loaded_weight.dequantize()
         if shard_id is not None:
             raise ValueError(f"{type(self).__name__} is not fused, got shard_id={shard_id!r}")
         if loaded_weight.shape[0] != self.num_embeddings:
@@ -98,14 +107,18 @@ class ParallelLMHead(VocabParallelEmbedding):
             self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         else:
             self.register_parameter("bias", None)
-        # Set on CPU once loaded, as LinearBase.matmul: the head in another form (fbgemm float16,
-        # GGUF blocks).
-        self.matmul: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # Set by tie_weights: the weight is the embedding table's, which lookups still need.
+        self.tied = False
+        self.method: LinearMethod = create_linear_method(self)
 
-    def weight_loader(
-        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None = None
-    ) -> None:
-        super().weight_loader(param, loaded_weight, shard_id)
+    def output_partition_sizes(self) -> list[int]:
+        """The head's rows on this rank, as one shard (the linear layers' interface)."""
+        return [self.num_embeddings_per_partition]
+
+    def shard_index(self, shard_id: str | int | None) -> int:
+        if shard_id is not None:
+            raise ValueError(f"{type(self).__name__} is not fused, got shard_id={shard_id!r}")
+        return 0
 
     def tie_weights(self, embedding: VocabParallelEmbedding) -> None:
         """Share the embedding table as the LM head weight (`tie_word_embeddings`).
@@ -119,16 +132,14 @@ class ParallelLMHead(VocabParallelEmbedding):
                 f"{tuple(embedding.weight.shape)}"
             )
         self.weight = embedding.weight
+        self.tied = True
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits `[N, vocab]` for hidden states `[N, hidden]`, padding rows removed."""
         if self.tp_size > 1:
             # NOTE: each rank holds a vocabulary block; gathering them needs pagoda.distributed.
             raise NotImplementedError("ParallelLMHead with tp_size > 1 needs an all-gather")
-        if self.matmul is not None:
-            logits = self.matmul(hidden_states)
-        else:
-            logits = F.linear(hidden_states, self.weight, self.bias)  # [N, padded vocab]
+        logits = self.method.apply(self, hidden_states)  # [N, padded vocab]
         return logits[:, : self.num_embeddings]  # [N, vocab]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -11,78 +11,23 @@ row-parallel one its input features (its outputs are partial sums that an all-re
 Only tp_size=1 runs today; the loaders already slice honestly for tp_size > 1, and the forward passes
 that would need a collective refuse to run rather than return a wrong answer.
 
-On CPUs, a loaded layer can multiply through another form of its weight, its `matmul`: fbgemm's
-float16 copy (`pack_half_weights`: half the bytes, still float32 arithmetic; exact for float16
-checkpoints, and for other 16-bit ones up to rounding each value to float16), or a GGUF file's own
-blocks through the compiled block GEMM (`pagoda.worker.cpu_decoder.attach_block_weights`: no copy
-at all, the weights widened to their exact float32 values on the fly).
+How a layer stores its weight and computes its product is its weight method
+(`pagoda.layers.quantization`), chosen when the layer is constructed: float weights and
+`F.linear`, fbgemm's float16 copy, or a GGUF file's blocks multiplied as stored. The method creates
+the parameters, takes what the loader hands `weight_loader`, post-processes them once after
+loading, and computes `forward`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-
-def half_weight_matmul_available() -> bool:
-    """Whether this torch build has fbgemm's float16-weight linear (x86 CPU builds do)."""
-    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
-        torch.ops.quantized, "linear_prepack_fp16"
-    )
-
-
-def pack_half_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """fbgemm's packed float16 copy of a float32 `[out, in]` weight (and float32 bias)."""
-    return torch.ops.quantized.linear_prepack_fp16(
-        weight.detach().float().contiguous(), None if bias is None else bias.detach().float()
-    )
-
-
-class HalfWeight:
-    """A layer's weight (and bias) packed by fbgemm as float16, called as its `matmul`."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.packed = pack_half_weight(weight, bias)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """`x @ W.T + b` for float32 `x [..., in]`."""
-        return torch.ops.quantized.linear_dynamic_fp16(x.contiguous(), self.packed)
-
-
-def pack_half_weights(model: nn.Module) -> int:
-    """Switch every linear layer of `model` (and its LM head) without a `matmul` yet to float16
-    weights in fbgemm.
-
-    Only for float32 models on CPU. The float32 copies of the linear weights are released (a tied
-    LM head keeps the embedding table, which lookups still need). Returns the number of layers
-    packed.
-    """
-    from pagoda.layers.embedding import ParallelLMHead
-
-    layers = [
-        m
-        for m in model.modules()
-        if isinstance(m, LinearBase | ParallelLMHead) and m.matmul is None
-    ]
-    # Largest first (the LM head), so the last one to finish is small.
-    layers.sort(key=lambda m: m.weight.numel(), reverse=True)
-    for module in layers:
-        if module.weight.dtype != torch.float32 or module.weight.device.type != "cpu":
-            raise ValueError("float16 weight packing needs a float32 model on CPU")
-    # fbgemm packs on one core and releases the GIL: a thread per core halves start-up's share.
-    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        packed = list(pool.map(lambda m: HalfWeight(m.weight, m.bias), layers))
-    for module, half_weight in zip(layers, packed):
-        module.matmul = half_weight
-        if isinstance(module, LinearBase):
-            module.weight.data = torch.empty(0)
-            if module.bias is not None:
-                module.bias.data = torch.empty(0)
-    return len(layers)
+from pagoda.layers.loading import copy_checked, default_weight_loader
+from pagoda.layers.quantization.base import LinearMethod, create_linear_method
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -96,26 +41,6 @@ def _check_tp(tp_rank: int, tp_size: int) -> None:
         raise ValueError(
             f"tp_rank must be in [0, tp_size), got tp_rank={tp_rank}, tp_size={tp_size}"
         )
-
-
-def copy_checked(param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
-    """Copy `loaded_weight` into `param` (casting dtype/device), raising ValueError on a shape mismatch."""
-    if param.shape != loaded_weight.shape:
-        raise ValueError(
-            f"checkpoint tensor of shape {tuple(loaded_weight.shape)} does not fit parameter "
-            f"(or shard) of shape {tuple(param.shape)}"
-        )
-    param.copy_(loaded_weight)
-
-
-def default_weight_loader(
-    param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: str | int | None = None
-) -> None:
-    """Loader for parameters that are neither sharded nor fused (norm weights, biases of replicated
-    layers): copy the whole checkpoint tensor."""
-    if shard_id is not None:
-        raise ValueError(f"this parameter is not fused, got shard_id={shard_id!r}")
-    copy_checked(param.data, loaded_weight)
 
 
 class LinearBase(nn.Module):
@@ -141,35 +66,49 @@ class LinearBase(nn.Module):
         self.tp_size = tp_size
         self.input_size_per_partition = input_size_per_partition
         self.output_size_per_partition = output_size_per_partition
-        self.weight = nn.Parameter(
-            torch.empty(output_size_per_partition, input_size_per_partition), requires_grad=False
-        )
-        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        self.weight: nn.Parameter
         self.bias: nn.Parameter | None
-        if bias:
-            self.bias = nn.Parameter(torch.empty(bias_size), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
-        else:
-            self.register_parameter("bias", None)
-        # Set on CPU once loaded: the weight (and bias) in another form, used in place of both
-        # (fbgemm float16 by pack_half_weights, GGUF blocks by attach_block_weights).
-        self.matmul: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.method: LinearMethod = create_linear_method(self)
+        self.method.create_weights(
+            self, input_size_per_partition, output_size_per_partition, bias_size if bias else None
+        )
+        for param in (self.weight, self.bias):
+            if param is not None:
+                param.weight_loader = self.weight_loader
+
+    def output_partition_sizes(self) -> list[int]:
+        """This rank's output rows by checkpoint shard (one shard unless the layer is fused)."""
+        return [self.output_size_per_partition]
+
+    def shard_index(self, shard_id: str | int | None) -> int:
+        """The position of checkpoint shard `shard_id` in `output_partition_sizes()`."""
+        if shard_id is not None:
+            raise ValueError(f"{type(self).__name__} is not fused, got shard_id={shard_id!r}")
+        return 0
 
     def weight_loader(
-        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None = None
+        self, param: nn.Parameter, loaded_weight: Any, shard_id: str | int | None = None
+    ) -> None:
+        """Copy this rank's slice of a checkpoint tensor into `param`; a weight in its stored
+        encoding (GGUF blocks) goes to the weight method as it is."""
+        if isinstance(loaded_weight, torch.Tensor):
+            self.load_tensor(param, loaded_weight, shard_id)
+        else:
+            self.method.load_stored(self, param, loaded_weight, shard_id)
+
+    def load_tensor(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None
     ) -> None:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.matmul is not None:
-            return self.matmul(x)
-        return F.linear(x, self.weight, self.bias)
+        return self.method.apply(self, x)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.input_size_per_partition}, "
             f"out_features={self.output_size_per_partition}, bias={self.bias is not None}, "
-            f"tp_rank={self.tp_rank}, tp_size={self.tp_size}"
+            f"tp_rank={self.tp_rank}, tp_size={self.tp_size}, method={self.method.kind}"
         )
 
 
@@ -179,8 +118,8 @@ class ReplicatedLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = True) -> None:
         super().__init__(input_size, output_size, bias, output_size, tp_rank=0, tp_size=1)
 
-    def weight_loader(
-        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None = None
+    def load_tensor(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None
     ) -> None:
         default_weight_loader(param, loaded_weight, shard_id)
 
@@ -204,8 +143,8 @@ class ColumnParallelLinear(LinearBase):
         super().__init__(input_size, per_partition, bias, per_partition, tp_rank, tp_size)
         self.output_size = output_size
 
-    def weight_loader(
-        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None = None
+    def load_tensor(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None
     ) -> None:
         if shard_id is not None:
             raise ValueError(f"{type(self).__name__} is not fused, got shard_id={shard_id!r}")
@@ -234,20 +173,27 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = list(output_sizes)
         super().__init__(input_size, sum(output_sizes), bias, tp_rank, tp_size)
 
-    def weight_loader(
-        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None = None
+    def output_partition_sizes(self) -> list[int]:
+        return [size // self.tp_size for size in self.output_sizes]
+
+    def shard_index(self, shard_id: str | int | None) -> int:
+        if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
+            raise ValueError(
+                f"shard_id must be an int in [0, {len(self.output_sizes)}), got {shard_id!r}"
+            )
+        return shard_id
+
+    def load_tensor(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None
     ) -> None:
         if shard_id is None:
             # Pre-fused checkpoint: split it into the logical shards and load each one.
             offset = 0
             for index, size in enumerate(self.output_sizes):
-                self.weight_loader(param, loaded_weight.narrow(0, offset, size), index)
+                self.load_tensor(param, loaded_weight.narrow(0, offset, size), index)
                 offset += size
             return
-        if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
-            raise ValueError(
-                f"shard_id must be an int in [0, {len(self.output_sizes)}), got {shard_id!r}"
-            )
+        shard_id = self.shard_index(shard_id)
         size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         shard = loaded_weight.narrow(0, self.tp_rank * size, size)
@@ -294,16 +240,24 @@ class QKVParallelLinear(ColumnParallelLinear):
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def weight_loader(
-        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None = None
+    def output_partition_sizes(self) -> list[int]:
+        return [self.q_size, self.kv_size, self.kv_size]
+
+    def shard_index(self, shard_id: str | int | None) -> int:
+        if shard_id not in ("q", "k", "v"):
+            raise ValueError(f"shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
+        return ("q", "k", "v").index(shard_id)
+
+    def load_tensor(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None
     ) -> None:
         if shard_id is None:
             # Pre-fused checkpoint: rows are [all q heads | all k heads | all v heads].
             q_rows = self.total_num_heads * self.head_dim
             kv_rows = self.total_num_kv_heads * self.head_dim
-            self.weight_loader(param, loaded_weight.narrow(0, 0, q_rows), "q")
-            self.weight_loader(param, loaded_weight.narrow(0, q_rows, kv_rows), "k")
-            self.weight_loader(param, loaded_weight.narrow(0, q_rows + kv_rows, kv_rows), "v")
+            self.load_tensor(param, loaded_weight.narrow(0, 0, q_rows), "q")
+            self.load_tensor(param, loaded_weight.narrow(0, q_rows, kv_rows), "k")
+            self.load_tensor(param, loaded_weight.narrow(0, q_rows + kv_rows, kv_rows), "v")
             return
         if shard_id == "q":
             offset, size, source_index = 0, self.q_size, self.tp_rank
@@ -338,8 +292,8 @@ class RowParallelLinear(LinearBase):
         super().__init__(per_partition, output_size, bias, output_size, tp_rank, tp_size)
         self.input_size = input_size
 
-    def weight_loader(
-        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None = None
+    def load_tensor(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None
     ) -> None:
         if shard_id is not None:
             raise ValueError(f"{type(self).__name__} is not fused, got shard_id={shard_id!r}")
@@ -354,6 +308,4 @@ class RowParallelLinear(LinearBase):
             # NOTE: the partial sums need an all-reduce over the tensor-parallel group, which
             # pagoda.distributed does not provide yet; returning a partial sum would be silently wrong.
             raise NotImplementedError("RowParallelLinear with tp_size > 1 needs an all-reduce")
-        if self.matmul is not None:
-            return self.matmul(x)
-        return F.linear(x, self.weight, self.bias)
+        return self.method.apply(self, x)

@@ -18,7 +18,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from pagoda.layers.activation import get_gated_activation
-from pagoda.layers.linear import ReplicatedLinear, copy_checked
+from pagoda.layers.linear import ReplicatedLinear
+from pagoda.layers.loading import copy_checked
 
 _EXPERT_PARTS = ("gate", "up", "down")
 

@@ -24,8 +24,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from pagoda.layers.sampling_state import RequestSamplingState
 from pagoda.sampling_params import SamplingType
-from pagoda.worker.sampling_state import RequestSamplingState
 
 # exponential_() may return exactly 0; probs / 0 would turn a masked token (prob 0) into NaN and
 # an allowed one into inf, so q is clamped to the smallest normal float.

@@ -8,7 +8,7 @@ through the same path as safetensors. Nothing here is quantized at run time: eve
 dequantized to float32 on the way in and cast to the model's dtype on copy.
 
 The header is parsed here rather than with `gguf.GGUFReader`, which builds a numpy view per
-metadata field and takes ~4 s on SmolLM2's 49k-token vocabulary (~0.25 s here). Tensor data
+metadata field, far too slow for a 49k-token vocabulary on the cold-start path. Tensor data
 is read through a memory map and dequantized with `gguf.quants.dequantize`, one tensor at a time.
 """
 
@@ -19,7 +19,7 @@ import mmap
 import re
 import struct
 import warnings
-from collections.abc import Callable, Container, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -451,7 +451,7 @@ def gguf_hf_config(path: str | Path) -> Any:
     if spec.extra_config is not None:
         kwargs.update(spec.extra_config(gguf_file))
     if spec.config_class == "LlamaConfig":
-        # transformers' config classes import torch (and LlamaConfig its model zoo, ~3.5 s here);
+        # transformers' config classes import torch (and LlamaConfig its model zoo, seconds);
         # the API server, which reads this config before forking the engine core, never needs
         # either. Llama's remaining fields are its defaults, set explicitly.
         return GGUFLlamaConfig(**{**_LLAMA_DEFAULTS, **kwargs})
@@ -600,7 +600,7 @@ def dequantize_tensor(data: np.ndarray, info: GGUFTensorInfo) -> torch.Tensor:
     import torch
 
     if info.qtype in _COMPILED_DEQUANTIZE and len(info.shape) == 2 and info.shape[-1] % 32 == 0:
-        from pagoda.worker.cpu_decoder import dequantize as compiled_dequantize
+        from pagoda.cpu.matrix import dequantize as compiled_dequantize
 
         compiled = compiled_dequantize(
             GGUFMatrix(info.qtype, data.reshape(info.shape[0], -1), info.shape[-1])
@@ -629,21 +629,20 @@ def dequantize_tensor(data: np.ndarray, info: GGUFTensorInfo) -> torch.Tensor:
 
 
 def iterate_gguf_weights(
-    path: str | Path, skip: Container[str] = ()
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(hf_name, float32 tensor)` for every weight of the GGUF file whose HF name is not in
-    `skip`, in file order, with a "Dequantizing GGUF" progress bar. One tensor is dequantized at a
-    time; the file is memory-mapped.
+    path: str | Path, stored: bool = False
+) -> Iterator[tuple[str, torch.Tensor | GGUFMatrix]]:
+    """Yield `(hf_name, weight)` for every weight of the GGUF file, in file order, with a
+    progress bar; the file is memory-mapped and one tensor is decoded at a time.
 
-    Llama q/k weights are un-permuted back to the HF layout (`unpermute_rotary_rows`).
+    Weights are float32 tensors; with `stored`, every 2-D weight is a `GGUFMatrix` instead, its
+    blocks undecoded (for the layers' weight methods to keep as they are, or widen themselves).
+    Llama q/k weights are un-permuted back to the HF layout either way (`unpermute_rotary_rows`).
 
     Raises:
         ValueError: as `gguf_hf_config`, a tensor with no HF name, or a type gguf cannot dequantize.
     """
     gguf_file = read_gguf(path)
     spec = _architecture(gguf_file)
-    num_heads = int(_required(gguf_file, "attention.head_count"))
-    num_kv_heads = int(gguf_file.arch_value("attention.head_count_kv") or num_heads)
     # Map every name first, so a file we cannot load fails before minutes of dequantizing.
     hf_names: dict[str, str] = {}
     for name in gguf_file.tensors:
@@ -654,24 +653,59 @@ def iterate_gguf_weights(
                 f"architecture {gguf_file.architecture!r}"
             )
         hf_names[name] = hf_name
-    # The map stays open until the generator is finished or collected; closing it by hand could
-    # fail while a caller still holds a tensor view (F32 data is copied, so none should remain).
-    with gguf_file.path.open("rb") as handle:
-        data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    wanted = [
-        (name, info) for name, info in gguf_file.tensors.items() if hf_names[name] not in skip
-    ]
-    for name, info in tqdm(wanted, desc="Dequantizing GGUF", unit="tensor"):
+    data = _map(gguf_file)
+    description = "Loading GGUF" if stored else "Dequantizing GGUF"
+    for name, info in tqdm(gguf_file.tensors.items(), desc=description, unit="tensor"):
+        hf_name = hf_names[name]
+        if stored and len(info.shape) == 2:
+            yield hf_name, _stored_matrix(gguf_file, spec, data, info, hf_name)
+            continue
         raw = np.frombuffer(data, dtype=np.uint8, count=info.nbytes, offset=info.offset)
         tensor = dequantize_tensor(raw, info)
-        hf_name = hf_names[name]
-        if spec.permute_qk and ".self_attn.q_proj." in hf_name:
-            tensor = unpermute_rotary_rows(tensor, num_heads)
-        elif spec.permute_qk and ".self_attn.k_proj." in hf_name:
-            tensor = unpermute_rotary_rows(tensor, num_kv_heads)
+        heads = _permuted_heads(gguf_file, spec, hf_name)
+        if heads is not None:
+            tensor = unpermute_rotary_rows(tensor, heads)
         if spec.norm_offset and hf_name.endswith("norm.weight"):
             tensor -= spec.norm_offset
         yield hf_name, tensor
+
+
+def _map(gguf_file: GGUFFile) -> mmap.mmap:
+    # The map stays open while an array views it; closing it by hand could fail while a caller
+    # still holds a view (F32 data is copied when decoded, stored matrices keep their view).
+    with gguf_file.path.open("rb") as handle:
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _permuted_heads(gguf_file: GGUFFile, spec: _GGUFArchitecture, hf_name: str) -> int | None:
+    """The head count whose rotary rows llama.cpp permuted in this tensor (None: not permuted)."""
+    if not spec.permute_qk:
+        return None
+    num_heads = int(_required(gguf_file, "attention.head_count"))
+    if ".self_attn.q_proj." in hf_name:
+        return num_heads
+    if ".self_attn.k_proj." in hf_name:
+        return int(gguf_file.arch_value("attention.head_count_kv") or num_heads)
+    return None
+
+
+def _stored_matrix(
+    gguf_file: GGUFFile,
+    spec: _GGUFArchitecture,
+    data: mmap.mmap,
+    info: GGUFTensorInfo,
+    hf_name: str,
+) -> GGUFMatrix:
+    out_features, in_features = info.shape
+    raw = np.frombuffer(data, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+    rows = raw.reshape(out_features, -1)  # [out, row_bytes]
+    heads = _permuted_heads(gguf_file, spec, hf_name)
+    if heads is not None:
+        # Blocks run along the input features, so whole rows reorder without decoding, in the
+        # row order of `unpermute_rotary_rows`: [H, D/2, 2, bytes] -> [H, 2, D/2, bytes].
+        pairs = rows.reshape(heads, out_features // heads // 2, 2, rows.shape[1])
+        rows = np.ascontiguousarray(pairs.transpose(0, 2, 1, 3)).reshape(out_features, -1)
+    return GGUFMatrix(info.qtype, rows, in_features)
 
 
 def find_gguf_file(path: str | Path) -> Path:
@@ -708,6 +742,12 @@ class GGUFMatrix:
     rows: np.ndarray  # [out_features, row_bytes] uint8
     in_features: int
 
+    def dequantize(self) -> torch.Tensor:
+        """The float32 values [out_features, in_features]."""
+        shape = (self.rows.shape[0], self.in_features)
+        info = GGUFTensorInfo("", shape, self.qtype, 0, self.rows.size)
+        return dequantize_tensor(np.ascontiguousarray(self.rows).reshape(-1), info)
+
 
 def gguf_matrix_types(path: str | Path) -> dict[str, GGMLQuantizationType]:
     """The storage type of every 2-D weight of the GGUF file, by Hugging Face name (from the
@@ -720,40 +760,3 @@ def gguf_matrix_types(path: str | Path) -> dict[str, GGMLQuantizationType]:
         if hf_name is not None and len(info.shape) == 2:
             types[hf_name] = info.qtype
     return types
-
-
-def gguf_matrices(path: str | Path) -> dict[str, GGUFMatrix]:
-    """Every 2-D weight of the GGUF file by Hugging Face name, in its stored encoding.
-
-    Blocks run along the input features, so whole rows can be reordered without decoding: Llama
-    q/k rows are un-permuted (as `iterate_gguf_weights` does after decoding; these are copies),
-    every other matrix is a read-only view of a memory map that stays open while it is referenced.
-
-    Raises:
-        ValueError: as `iterate_gguf_weights`.
-    """
-    gguf_file = read_gguf(path)
-    spec = _architecture(gguf_file)
-    num_heads = int(_required(gguf_file, "attention.head_count"))
-    num_kv_heads = int(gguf_file.arch_value("attention.head_count_kv") or num_heads)
-    with gguf_file.path.open("rb") as handle:
-        data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    matrices: dict[str, GGUFMatrix] = {}
-    for name, info in gguf_file.tensors.items():
-        hf_name = _hf_name(name, spec)
-        if hf_name is None or len(info.shape) != 2:
-            continue
-        out_features, in_features = info.shape
-        raw = np.frombuffer(data, dtype=np.uint8, count=info.nbytes, offset=info.offset)
-        rows = raw.reshape(out_features, -1)  # [out, row_bytes]
-        heads = None
-        if spec.permute_qk and ".self_attn.q_proj." in hf_name:
-            heads = num_heads
-        elif spec.permute_qk and ".self_attn.k_proj." in hf_name:
-            heads = num_kv_heads
-        if heads is not None:
-            # The row order of `unpermute_rotary_rows`: [H, D/2, 2, bytes] -> [H, 2, D/2, bytes].
-            pairs = rows.reshape(heads, out_features // heads // 2, 2, rows.shape[1])
-            rows = np.ascontiguousarray(pairs.transpose(0, 2, 1, 3)).reshape(out_features, -1)
-        matrices[hf_name] = GGUFMatrix(info.qtype, rows, in_features)
-    return matrices

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from pagoda.layers.linear import default_weight_loader
+from pagoda.layers.loading import default_weight_loader
 
 DEFAULT_ROPE_THETA = 10000.0
 

@@ -13,22 +13,25 @@ import itertools
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import cast
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 
 from pagoda.attention.backend import AttentionBackend, StepLayout
-from pagoda.attention.torch_backend import TorchAttentionBackend
+from pagoda.attention.registry import create_backend
 from pagoda.config import DEFAULT_CPU_KV_CACHE_SPACE_GIB, EngineConfig
-from pagoda.engine.scheduler import SchedulerOutput
+from pagoda.cpu.decoder import MAX_DECODE_TOKENS, CPUDecoder
+from pagoda.engine.plan import ModelRunnerOutput, SchedulerOutput
 from pagoda.forward_context import ForwardContext, set_forward_context
 from pagoda.layers.attention import Attention
 from pagoda.layers.sampler import Sampler, SamplingMetadata
+from pagoda.layers.sampling_state import RequestSamplingState
 from pagoda.models.utils import CausalLM
-from pagoda.worker.cpu_decoder import MAX_DECODE_TOKENS, CPUDecoder
-from pagoda.worker.sampling_state import RequestSamplingState
+
+if TYPE_CHECKING:
+    from pagoda.loader.weight_plan import WeightPlan
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +46,6 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
-@dataclass(slots=True)
-class ModelRunnerOutput:
-    """Sampled tokens of one step, by request id, and their logprobs when requested."""
-
-    sampled_token_ids: dict[str, int]
-    logprobs: dict[str, tuple[list[int], list[float], int]] | None = None
-
-
 class ModelRunner:
     """Runs the model over the paged KV cache for the plans the scheduler makes."""
 
@@ -61,67 +56,49 @@ class ModelRunner:
         self.device = config.device_config.device
         self.dtype = self.model_config.dtype
         self.block_size = self.cache_config.block_size
-        self.backend = backend or TorchAttentionBackend()
+        self.backend = backend or create_backend(
+            config.device_config.attention_backend, self.device.type
+        )
         self.sampler = Sampler()
         self.states: dict[str, RequestSamplingState] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.model: CausalLM | None = None
-        # The whole-step C decoder (pagoda.worker.cpu_decoder), for small all-decode steps on CPU.
+        # The whole-step C decoder (pagoda.cpu.decoder), for small all-decode steps on CPU.
         self.cpu_decoder: CPUDecoder | None = None
 
-    def load_model(self, weights: Iterable[tuple[str, torch.Tensor]] | None = None) -> None:
+    def load_model(self, weights: Iterable[tuple[str, Any]] | None = None) -> None:
+        """Build the model under the weight plan, load its weights (from the configured
+        checkpoint unless `weights` is given), process them, and set up the C decoder."""
         from pagoda.loader.model_loader import build_model, load_weights
+        from pagoda.loader.weight_plan import decide_weight_plan, process_weights
 
         start = time.perf_counter()
-        weights_file = self.model_config.weights_file
-        gguf_file = None
-        if weights is None and weights_file is not None and weights_file.suffix == ".gguf":
-            gguf_file = weights_file
-        half_weights = self.model_config.weight_dtype == torch.float16 and self.device.type == "cpu"
-        module = build_model(self.model_config.hf_config, dtype=self.dtype, device=self.device)
-        # GGUF blocks the block GEMM multiplies as they are: never dequantized nor copied.
-        skipped: set[str] = set()
-        unloaded: set[str] = set()
-        if half_weights and gguf_file is not None:
-            from pagoda.worker.cpu_decoder import block_served_weights
-
-            skipped, unloaded = block_served_weights(module, gguf_file)
+        plan = decide_weight_plan(self.model_config, self.device)
+        if weights is not None and plan.feeds_stored_matrices:
+            plan = replace(plan, linear_method="float16")  # given tensors, not the file's blocks
+        self.weight_plan = plan
+        with plan.constructing():
+            module = build_model(self.model_config.hf_config, dtype=self.dtype, device=self.device)
         if weights is None:
-            if gguf_file is not None:
-                from pagoda.loader.gguf import iterate_gguf_weights
-
-                weights = iterate_gguf_weights(gguf_file, skip=skipped)
-            else:
-                from pagoda.loader.safetensors import iterate_safetensors
-
-                weights = iterate_safetensors(self.model_config.model_path)
-        load_weights(module, weights, str(self.model_config.model_path), allow_missing=unloaded)
-        self.model = cast(CausalLM, module)
+            weights = self._checkpoint_weights(plan)
+        load_weights(module, weights, str(self.model_config.model_path))
+        # Counted before processing, which frees the float copies of packed weights.
         num_params = sum(p.numel() for p in module.parameters())
-        weight_note = ""
-        if half_weights:
-            from pagoda.layers.linear import pack_half_weights
-            from pagoda.worker.cpu_decoder import attach_block_weights, build_cpu_decoder
-
-            # Before packing, which frees the float32 weights the decoder copies from.
-            self.cpu_decoder = build_cpu_decoder(module, gguf_file, self._checkpoint_half_dtype())
-            if self.cpu_decoder is not None and attach_block_weights(module, self.cpu_decoder):
-                weight_note = " (linear weights as GGUF blocks"
-            # The weights left unloaded must all be served from the blocks now, or a layer would
-            # multiply uninitialised memory.
-            layers = dict(module.named_modules())
-            orphans = sorted(
-                name
-                for name in unloaded
-                if getattr(layers[name.removesuffix(".weight")], "matmul", None) is None
+        process_weights(module)
+        self.model = cast(CausalLM, module)
+        if plan.linear_method != "float" and plan.decoder_reason is not None:
+            logger.info(
+                "Decode steps run in PyTorch: the C decoder does not support %s",
+                plan.decoder_reason,
             )
-            if orphans:
-                raise RuntimeError(f"no block GEMM for the unloaded GGUF weights {orphans}")
-            if pack_half_weights(module):
-                weight_note += ", and" if weight_note else " (linear weights"
-                weight_note += " float16 in fbgemm"
-            weight_note += ", C decoder for decode steps)" if self.cpu_decoder else ")"
+        elif plan.uses_cpu_decoder and plan.linear_method != "float":
+            from pagoda.cpu.build import cpu_library
+            from pagoda.cpu.decoder import CPUDecoder
+
+            library = cpu_library()
+            assert library is not None, "the weight plan checked the CPU kernels"
+            self.cpu_decoder = CPUDecoder(library, module)
         self.attention_layers = sorted(
             (m for m in module.modules() if isinstance(m, Attention)),
             key=lambda m: m.layer_idx,
@@ -134,15 +111,19 @@ class ModelRunner:
             self.load_seconds,
             num_params / 1e6,
             str(self.dtype).removeprefix("torch."),
-            weight_note,
+            plan.describe(module),
             self.device,
         )
 
-    def _checkpoint_half_dtype(self) -> torch.dtype:
-        hf_config = self.model_config.hf_config
-        config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-        bfloat16 = str(config_dtype).removeprefix("torch.") == "bfloat16"
-        return torch.bfloat16 if bfloat16 else torch.float16
+    def _checkpoint_weights(self, plan: WeightPlan) -> Iterable[tuple[str, Any]]:
+        weights_file = self.model_config.weights_file
+        if weights_file is not None and weights_file.suffix == ".gguf":
+            from pagoda.loader.gguf import iterate_gguf_weights
+
+            return iterate_gguf_weights(weights_file, stored=plan.feeds_stored_matrices)
+        from pagoda.loader.safetensors import iterate_safetensors
+
+        return iterate_safetensors(self.model_config.model_path)
 
     def kv_bytes_per_block(self) -> int:
         element_size = torch.empty((), dtype=self.dtype).element_size()

@@ -11,8 +11,8 @@ import os
 import torch
 
 from pagoda.config import EngineConfig
-from pagoda.engine.scheduler import SchedulerOutput
-from pagoda.worker.model_runner import ModelRunner, ModelRunnerOutput
+from pagoda.engine.plan import ModelRunnerOutput, SchedulerOutput
+from pagoda.worker.model_runner import ModelRunner
 
 
 class Worker:

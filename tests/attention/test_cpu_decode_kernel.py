@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagoda.attention.cpu_kernels import paged_decode_attention, paged_decode_kernel
-from pagoda.layers.attention import attend
+from pagoda.attention.reference import attend
+from pagoda.cpu.paged_decode import paged_decode_attention, paged_decode_kernel
 
 kernel = paged_decode_kernel()
 pytestmark = pytest.mark.skipif(kernel is None, reason="no C compiler to build the CPU kernel")

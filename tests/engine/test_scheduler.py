@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pagoda.config import CacheConfig, SchedulerConfig
+from pagoda.engine.plan import SchedulerOutput
 from pagoda.engine.request import Request, RequestStatus
-from pagoda.engine.scheduler import Scheduler, SchedulerOutput
+from pagoda.engine.scheduler import Scheduler
 from pagoda.sampling_params import SamplingParams
 
 BLOCK = 4

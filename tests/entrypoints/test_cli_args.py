@@ -22,11 +22,11 @@ from pagoda.entrypoints.cli.main import build_parser, main
 from pagoda.entrypoints.cli.serve import (
     EnvValueError,
     ServeArgumentError,
-    engine_args_from_namespace,
     env_defaults,
     make_serve_parser,
     validate_serve_args,
 )
+from pagoda.entrypoints.launch import engine_args_from_namespace
 
 SEED_NAMES = {name for names in envs.FLAG_ENV_ALIASES.values() for name in names}
 
@@ -348,6 +348,18 @@ def test_engine_args_from_namespace_builds_server_engine_args() -> None:
 def test_engine_args_from_default_namespace_keeps_engine_defaults() -> None:
     engine_args = engine_args_from_namespace(parse_serve())
     assert engine_args == EngineArgs(usage_context="server")
+
+
+def test_attention_backend_flag_reaches_engine_args() -> None:
+    args = parse_serve("--attention-backend", "torch_sdpa")
+    assert engine_args_from_namespace(args).attention_backend == "torch_sdpa"
+    assert engine_args_from_namespace(parse_serve()).attention_backend is None
+
+
+def test_unknown_attention_backend_is_refused_naming_the_field() -> None:
+    engine_args = engine_args_from_namespace(parse_serve("--attention-backend", "flash_magic"))
+    with pytest.raises(ValueError, match="attention_backend must be one of .*'flash_magic'"):
+        engine_args.create_engine_config()
 
 
 def test_tensor_parallel_above_one_is_refused_before_loading(

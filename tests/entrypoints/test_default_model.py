@@ -87,26 +87,25 @@ def test_default_model_answers_the_capital_of_france(llm: LLM) -> None:
 def test_default_dtype_packs_half_weights_and_keeps_the_greedy_tokens(
     llm: LLM, llm_auto: LLM
 ) -> None:
-    from pagoda.kernels.build import cpu_library
-    from pagoda.layers.linear import LinearBase, half_weight_matmul_available
-    from pagoda.worker.cpu_decoder import BlockWeight
+    from pagoda.cpu.matrix import block_gemm_available
+    from pagoda.layers.linear import LinearBase
+    from pagoda.layers.quantization.half import half_weight_matmul_available
 
-    config = llm_auto.llm_engine.model_config
     runner = llm_auto.llm_engine.engine_core.executor.worker.model_runner
     assert runner.model is not None
     linears = [m for m in runner.model.modules() if isinstance(m, LinearBase)]
     if half_weight_matmul_available():
-        assert config.weight_dtype == torch.float16
-        assert all(m.matmul is not None for m in linears)
-        library = cpu_library()
-        if library is not None and library.pagoda_block_gemm_available():
+        assert runner.weight_plan.linear_method != "float"
+        assert all(m.method.kind in ("float16", "gguf-blocks") for m in linears)
+        if block_gemm_available():
             # The file's Q4_1 blocks serve prefill as they are: no float copy of any matrix.
-            assert all(isinstance(m.matmul, BlockWeight) for m in linears)
+            assert all(m.method.kind == "gguf-blocks" for m in linears)
             assert all(m.weight.numel() == 0 for m in linears)
-            assert isinstance(runner.model.lm_head.matmul, BlockWeight)
+            assert runner.model.lm_head.method.kind == "gguf-blocks"
     else:
-        assert config.weight_dtype is None
-    assert llm.llm_engine.model_config.weight_dtype is None
+        assert runner.weight_plan.linear_method == "float"
+    exact_runner = llm.llm_engine.engine_core.executor.worker.model_runner
+    assert exact_runner.weight_plan.linear_method == "float"
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     exact = llm.generate(PROMPTS, params, use_tqdm=False)
     packed = llm_auto.generate(PROMPTS, params, use_tqdm=False)

@@ -1,4 +1,5 @@
-"""fbgemm float16-weight linears: what `pack_half_weights` computes, and which models get it."""
+"""fbgemm float16-weight linears: what the float16 weight method computes, and which models get
+it (the weight plan)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,10 @@ from torch.nn import functional as F
 
 from pagoda.config import EngineArgs
 from pagoda.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from pagoda.layers.linear import (
-    MergedColumnParallelLinear,
-    RowParallelLinear,
-    half_weight_matmul_available,
-    pack_half_weights,
-)
+from pagoda.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from pagoda.layers.quantization.base import linear_methods
+from pagoda.layers.quantization.half import HalfLinearMethod, half_weight_matmul_available
+from pagoda.loader.weight_plan import decide_weight_plan, process_weights
 from tests.tiny_llama import make_tiny_llama
 
 pytestmark = pytest.mark.skipif(
@@ -36,13 +35,15 @@ class _Tiny(nn.Module):
 
 def test_packed_layers_compute_with_float16_rounded_weights() -> None:
     torch.manual_seed(0)
-    model = _Tiny()
+    with linear_methods(lambda layer: HalfLinearMethod()):
+        model = _Tiny()
     for param in model.parameters():
         param.data.normal_()
     up_w, up_b = model.up.weight.detach().clone(), model.up.bias.detach().clone()
     down_w = model.down.weight.detach().clone()
     head_w = model.head.weight.detach().clone()
-    assert pack_half_weights(model) == 3
+    process_weights(model)
+    assert [m.method.kind for m in (model.up, model.down, model.head)] == ["float16"] * 3
     x = torch.randn(5, 24)
     hidden = torch.randn(5, 80)
     # fbgemm rounds the weights (not the bias, nor the activations) to float16.
@@ -57,8 +58,10 @@ def test_packed_layers_compute_with_float16_rounded_weights() -> None:
 
 def test_weight_dtype_follows_the_checkpoint_and_an_explicit_dtype(tmp_path) -> None:  # type: ignore[no-untyped-def]
     fp32_dir = make_tiny_llama(tmp_path / "fp32")
+    cpu = torch.device("cpu")
     config = EngineArgs(model=str(fp32_dir), device="cpu").create_engine_config()
-    assert config.model_config.weight_dtype is None  # a float32 checkpoint stays exact
+    # A float32 checkpoint stays exact.
+    assert decide_weight_plan(config.model_config, cpu).linear_method == "float"
 
     # The same files with the config saying bfloat16, as a bf16 checkpoint's does.
     bf16_dir = make_tiny_llama(tmp_path / "bf16")
@@ -68,6 +71,7 @@ def test_weight_dtype_follows_the_checkpoint_and_an_explicit_dtype(tmp_path) -> 
     config_file.write_text(json.dumps(fields))
     auto = EngineArgs(model=str(bf16_dir), device="cpu").create_engine_config()
     assert auto.model_config.dtype == torch.float32
-    assert auto.model_config.weight_dtype == torch.float16
+    assert decide_weight_plan(auto.model_config, cpu).linear_method == "float16"
     explicit = EngineArgs(model=str(bf16_dir), device="cpu", dtype="float32")
-    assert explicit.create_engine_config().model_config.weight_dtype is None
+    explicit_plan = decide_weight_plan(explicit.create_engine_config().model_config, cpu)
+    assert explicit_plan.linear_method == "float"

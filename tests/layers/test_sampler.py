@@ -14,8 +14,8 @@ from pagoda.layers.sampler import (
     apply_logits_processors,
     apply_temperature_and_truncation,
 )
+from pagoda.layers.sampling_state import RequestSamplingState
 from pagoda.sampling_params import SamplingParams
-from pagoda.worker.sampling_state import RequestSamplingState
 
 CPU = torch.device("cpu")
 

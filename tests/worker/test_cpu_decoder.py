@@ -1,4 +1,4 @@
-"""The whole-step C decoder (`pagoda.worker.cpu_decoder`) against PyTorch.
+"""The whole-step C decoder (`pagoda.cpu.decoder`) and the kernels' matmuls against PyTorch.
 
 Its matmul is checked format by format against `x @ W.T` on the dequantized weights; the whole step
 end to end, through `LLM`, against the float32 PyTorch path on tiny checkpoints whose weights are
@@ -20,15 +20,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pagoda import LLM, SamplingParams
-from pagoda.kernels.build import cpu_library
-from pagoda.layers.linear import half_weight_matmul_available
+from pagoda.cpu.block_gemm import block_linear
+from pagoda.cpu.build import cpu_library
+from pagoda.cpu.decoder import MAX_DECODE_TOKENS, unsupported_reason
+from pagoda.cpu.matrix import linear
+from pagoda.layers.quantization.half import half_weight_matmul_available
 from pagoda.loader.gguf import GGUFMatrix
-from pagoda.worker.cpu_decoder import (
-    MAX_DECODE_TOKENS,
-    block_linear,
-    linear,
-    unsupported_reason,
-)
 from tests.models.tiny_families_a import make_tiny_checkpoint
 from tests.tiny_llama import make_tiny_llama
 
@@ -89,7 +86,6 @@ def test_gguf_block_layers_skip_float_copies_and_match_float32(tmp_path: Path, q
     import transformers
 
     from pagoda.layers.linear import LinearBase
-    from pagoda.worker.cpu_decoder import BlockWeight
     from tests.loader.test_gguf import hf_llama_to_gguf
 
     model_dir = make_tiny_llama(tmp_path / "hf")
@@ -100,10 +96,10 @@ def test_gguf_block_layers_skip_float_copies_and_match_float32(tmp_path: Path, q
     model: Any = fast.llm_engine.engine_core.executor.worker.model_runner.model
     layers = [m for m in model.modules() if isinstance(m, LinearBase)]
     # Every layer multiplies the file's blocks; no float copy of its weight was made.
-    assert layers and all(isinstance(m.matmul, BlockWeight) for m in layers)
+    assert layers and all(m.method.kind == "gguf-blocks" for m in layers)
     assert all(m.weight.numel() == 0 for m in layers)
     # The F16 output matrix is not a block type: fbgemm packs it as before.
-    assert model.lm_head.matmul is not None and not isinstance(model.lm_head.matmul, BlockWeight)
+    assert model.lm_head.method.kind == "float16"
     prompt = " ".join(PROMPTS * 4)  # dozens of tokens: the block GEMM's float32 path
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3)
     (want,), (have,) = (llm.generate([prompt], params, use_tqdm=False) for llm in (exact, fast))
@@ -196,21 +192,16 @@ def test_models_the_decoder_cannot_run_keep_pytorch(tmp_path: Path) -> None:
     assert len(_generate(llm, PROMPTS[:1])[0].token_ids) == 12
 
 
-def test_gguf_files_with_other_block_types_keep_pytorch(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_gguf_files_with_other_block_types_keep_pytorch(tmp_path: Path) -> None:
     import transformers
 
-    from pagoda.models.llama import LlamaForCausalLM
-    from pagoda.worker.cpu_decoder import build_cpu_decoder
+    from pagoda.loader.weight_plan import decoder_unsupported_reason
     from tests.loader.test_gguf import write_gguf
 
     blocks = gguf.quants.quantize(np.ones((4, 64), dtype=np.float32), Q.Q5_0)
     path = write_gguf(tmp_path / "q5.gguf", "llama", {}, [("blk.0.attn_q.weight", blocks, Q.Q5_0)])
     config = transformers.LlamaConfig(
         vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2,
+        num_attention_heads=4, num_key_value_heads=2, architectures=["LlamaForCausalLM"],
     )  # fmt: skip
-    with caplog.at_level("INFO", logger="pagoda.worker.cpu_decoder"):
-        assert build_cpu_decoder(LlamaForCausalLM(config), path, torch.float16) is None
-    assert "GGUF matrices stored as Q5_0" in caplog.text
+    assert decoder_unsupported_reason(config, path) == "GGUF matrices stored as Q5_0"

@@ -1,6 +1,7 @@
 """The `pagoda` command: `serve` a model over an OpenAI API, or `chat` / `complete` against one.
 
-`pagoda serve` lives in `serve.py` (flags, environment configuration, start-up). `chat` and
+`pagoda serve` lives in `serve.py` (parser, environment configuration), `serve_flags.py`
+(its flags) and `pagoda/entrypoints/launch.py` (the engine core's start). `chat` and
 `complete` are clients, like vLLM's: they talk to a running server through the official `openai`
 client, pick the first model it lists unless `--model` names one, and print tokens as they stream
 in. `bench` (throughput, latency, serve) lives in `pagoda/benchmarks/`. Each subcommand registers

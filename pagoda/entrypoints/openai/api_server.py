@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -29,10 +29,8 @@ from fastapi.responses import JSONResponse, Response
 
 import pagoda
 from pagoda.engine.async_llm import AsyncLLM
+from pagoda.entrypoints.launch import StartedEngineCore, start_engine_core
 from pagoda.tokenizer import load_chat_template
-
-if TYPE_CHECKING:
-    from pagoda.entrypoints.cli.serve import StartedEngineCore
 
 logger = logging.getLogger(__name__)
 
@@ -191,9 +189,7 @@ def served_model_names(args: argparse.Namespace, engine: AsyncLLM) -> list[str]:
 def run_server(args: argparse.Namespace, started: StartedEngineCore | None = None) -> None:
     """Load the model (in an engine-core process unless PAGODA_ENABLE_MULTIPROCESSING=0), then
     serve HTTP until SIGINT/SIGTERM. `started`: the engine core `pagoda serve` already forked
-    (`pagoda.entrypoints.cli.serve.start_engine_core`); without it, it is started here."""
-    from pagoda.entrypoints.cli.serve import start_engine_core
-
+    (`pagoda.entrypoints.launch.start_engine_core`); without it, it is started here."""
     start = time.perf_counter()
     if started is None:
         started = start_engine_core(args)

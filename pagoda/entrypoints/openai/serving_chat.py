@@ -102,7 +102,9 @@ class OpenAIServingChat(OpenAIServing):
             token_ids = self.tokenizer.encode(
                 prompt_text, add_special_tokens=request.add_special_tokens
             )
-            token_ids = self.truncate_prompt(token_ids, request.truncate_prompt_tokens)
+            token_ids = self.input_processor.truncate_prompt(
+                token_ids, request.truncate_prompt_tokens
+            )
             self.check_prompt_tokens(token_ids, param="messages")
             max_tokens = request.max_completion_tokens
             if max_tokens is None:

@@ -109,7 +109,9 @@ class OpenAIServingCompletion(OpenAIServing):
                 token_ids = list(item)
                 self.check_prompt_tokens(token_ids)
                 text = str(self.tokenizer.decode(token_ids))
-            truncated = self.truncate_prompt(token_ids, request.truncate_prompt_tokens)
+            truncated = self.input_processor.truncate_prompt(
+                token_ids, request.truncate_prompt_tokens
+            )
             if len(truncated) < len(token_ids):
                 # The text (echoed, logged) must be what the model actually sees.
                 token_ids, text = truncated, str(self.tokenizer.decode(truncated))

@@ -1,8 +1,9 @@
 """The shared base of the OpenAI serving classes: errors, model check, request ids, sampling.
 
 Every endpoint that reaches the engine goes through `OpenAIServing`: it refuses unknown models,
-picks the request id, validates prompt token ids and turns a request into `SamplingParams` (with
-the model's generation_config defaults and the context-length check). All of this happens before
+picks the request id, validates prompt token ids (with the engine's own checks,
+`pagoda.engine.input_processor`) and turns a request into `SamplingParams` (with the model's
+generation_config defaults and the context-length check). All of this happens before
 anything is queued, so a bad request fails atomically with a 400 and a request with several
 prompts never starts half of them. `run_until_disconnected` aborts a non-streaming request whose
 client went away; a stream is aborted when its response generator is closed.
@@ -21,6 +22,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from pagoda.engine.async_llm import EngineDeadError
+from pagoda.engine.input_processor import InputProcessor
 from pagoda.entrypoints.openai.protocol import (
     ErrorInfo,
     ErrorResponse,
@@ -145,6 +147,8 @@ class OpenAIServing:
         self.vocab_size: int = engine.model_config.vocab_size
         self.max_logprobs: int = engine.model_config.max_logprobs
         self.tokenizer = engine.get_tokenizer()
+        # The engine's own prompt truncation and checks, run up front to answer a 400.
+        self.input_processor: InputProcessor = engine.input_processor
         self.default_sampling, self.max_new_tokens = _generation_defaults(
             engine.model_config.generation_config or {}
         )
@@ -198,28 +202,15 @@ class OpenAIServing:
         if self.request_logger is not None:
             self.request_logger.log_request(request_id, prompt, token_ids, params)
 
-    def truncate_prompt(
-        self, token_ids: list[int], truncate_prompt_tokens: int | None
-    ) -> list[int]:
-        """Keep the last k prompt tokens (k = -1: the model's context length).
-
-        An invalid k (0 or below -1) is left alone here for SamplingParams to report.
-        """
-        k = truncate_prompt_tokens
-        if k is None or k == 0 or k < -1:
-            return token_ids
-        return token_ids[-(self.max_model_len if k == -1 else k) :]
-
     def check_prompt_tokens(self, token_ids: list[int], param: str = "prompt") -> None:
-        """The engine's own prompt checks, run up front (same messages)."""
-        if not token_ids:
-            raise ServingError("The decoder prompt cannot be empty", param=param)
-        for token_id in token_ids:
-            if not 0 <= token_id < self.vocab_size:
-                raise ServingError(
-                    f"Token id {token_id} is out of vocabulary (size {self.vocab_size})",
-                    param=param,
-                )
+        """The engine's prompt checks as a 400 naming `param`.
+
+        The length is left to `to_sampling_params`, whose message counts the completion too.
+        """
+        try:
+            self.input_processor.check_prompt_tokens(token_ids, check_length=False)
+        except ValueError as exc:
+            raise ServingError(str(exc), param=param) from exc
 
     def to_sampling_params(
         self,

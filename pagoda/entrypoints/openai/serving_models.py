@@ -24,10 +24,6 @@ class OpenAIServingModels:
         # A card's `created` is when the server started serving it, stable across calls.
         self.created = int(time.time())
 
-    def is_served(self, model: str | None) -> bool:
-        """Whether `model` names this engine (None or "" means the default, so yes)."""
-        return not model or model in self.served_model_names
-
     async def show_available_models(self) -> ModelList:
         model_config = self.engine.model_config
         cards = [

@@ -84,13 +84,11 @@ class OpenAIServingTokenization(OpenAIServing):
         """The text of a list of token ids (special tokens kept, as vLLM does)."""
         try:
             self.check_model(request.model)
-            for token_id in request.tokens:
-                if not 0 <= token_id < self.vocab_size:
-                    raise ServingError(
-                        f"Token id {token_id} is out of vocabulary (size {self.vocab_size})",
-                        param="tokens",
-                    )
         except ServingError as exc:
             return self.error_response_for(exc)
+        try:
+            self.input_processor.check_token_ids_in_vocab(request.tokens)
+        except ValueError as exc:
+            return self.error_response_for(ServingError(str(exc), param="tokens"))
         text = str(self.tokenizer.decode(request.tokens))
         return JSONResponse(DetokenizeResponse(prompt=text).model_dump())

@@ -9,7 +9,7 @@
  * for a last chunk of 16 or 8 tokens, twelve AVX2 accumulators each. Widening costs about one
  * operation per weight against T multiply-adds, so for T in the hundreds the FMA units run near
  * their peak, as in a float32 GEMM on pre-packed weights, without the packing at load (fbgemm's
- * took ~1 s of a 2 s load for the default model) or its float16 copy of every matrix. Below 8
+ * was half of the default model's load) or its float16 copy of every matrix. Below 8
  * tokens the decoder's int16 matmul is faster and takes over.
  *
  * Several matrices that share the input (q/k/v, gate/up) are one call: their tiles are split

@@ -1,9 +1,8 @@
-"""The paged decode-attention kernel for CPUs (`pagoda/kernels/csrc/paged_decode.c`).
+"""The paged decode-attention kernel for CPUs (`csrc/paged_decode.c`), bound with ctypes.
 
-PyTorch has no paged attention for CPUs, and composing one from its operators means gathering every
-request's context into a padded batch per layer (a copy as large as the context, twice). The kernel
-reads K and V in place through the block tables instead. It is compiled on first use with the other
-CPU kernels (`pagoda.kernels.build`); without them the backend keeps its pure-PyTorch path.
+One query token per request attends over its context, reading K and V in place through the block
+tables. It is compiled on first use with the other CPU kernels (`pagoda.cpu.build`); the
+`CPU_ATTN` attention backend (`pagoda.attention.cpu_backend`) calls it.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from pagoda.kernels.build import cpu_library
+from pagoda.cpu.build import cpu_library
 
 _SYMBOL = "pagoda_paged_decode_attention_f32"
 

@@ -1,0 +1,225 @@
+"""Whole-step CPU decoder for Llama-shaped models: one C call per decode step.
+
+A decode step on CPU computes a handful of tokens, so it is bound by reading the weights and by
+Python dispatching some 30 small operators per layer, each paying OpenMP's fork-join. The C kernel
+(`csrc/llama_decode.c`) runs every layer of the step in one call and reads the weights in their
+checkpoint encoding: GGUF's Q4_0/Q4_1/Q8_0 blocks as stored, bfloat16/float16 safetensors weights
+as they were. It takes each layer's matrices from that layer's weight method
+(`LinearMethod.decoder_matrices`), so the decoder, the block GEMM and the loader share one copy.
+
+The model runner uses it for steps that are all decodes, at most `MAX_DECODE_TOKENS` of them, when
+the weight plan (`pagoda.loader.weight_plan`) says so: `dtype="auto"` on CPU with 16-bit weight
+storage and a model `unsupported_reason` accepts. Prefill and large decode batches, which are
+compute-bound, stay on PyTorch. The KV cache is shared: both paths read and write the same blocks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pagoda.cpu.matrix import Matrix, block_matrix, float_pointer, i64, ptr, tensor_matrix
+
+# Above this many decodes per step fbgemm's blocked float16 GEMM and batched PyTorch attention
+# catch up with the decoder's matrix-vector products (docs/performance.md, item 6).
+MAX_DECODE_TOKENS = 4
+
+_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        *((name, Matrix) for name in _PROJECTIONS),
+        ("attn_norm", ptr),
+        ("ffn_norm", ptr),
+        ("kv_cache", ptr),
+        ("window", i64),
+        ("scale", ctypes.c_float),
+    ]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        *(
+            (name, i64)
+            for name in (
+                "num_layers",
+                "hidden",
+                "num_heads",
+                "num_kv_heads",
+                "head_dim",
+                "rotary_dim",
+                "intermediate",
+                "vocab",
+                "cache_blocks",
+                "block_size",
+            )
+        ),
+        ("eps", ctypes.c_float),
+        ("cos", ptr),
+        ("sin", ptr),
+        ("final_norm", ptr),
+        ("embed", Matrix),
+        ("lm_head", Matrix),
+        ("layers", ctypes.POINTER(_Layer)),
+    ]
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why the C decoder cannot run `model` (None: it can): Llama-shaped only, one rank, RMSNorm,
+    SiLU-gated MLP, Neox rotary from one table, no soft-capping, q/k norms or embedding scale."""
+    from pagoda.layers.activation import SiluAndMul
+    from pagoda.layers.norm import RMSNorm
+    from pagoda.layers.rotary import RotaryEmbedding
+    from pagoda.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
+
+    if not isinstance(model, LlamaForCausalLM):
+        return f"{type(model).__name__} is not a Llama-shaped model"
+    inner = model.model
+    rotary = inner.rotary_emb
+    if model.final_logit_softcap is not None or inner.embed_scale is not None:
+        return "logit soft-capping or embedding scale"
+    if model.lm_head.tp_size != 1:
+        return "tensor parallelism"
+    if type(rotary) is not RotaryEmbedding or not rotary.is_neox_style:
+        return "rotary embedding other than Neox style"
+    if type(inner.norm) is not RMSNorm:
+        return f"{type(inner.norm).__name__}"
+    for layer in inner.layers:
+        assert isinstance(layer, LlamaDecoderLayer)
+        attention = layer.self_attn
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if layer.sandwich_norms or any(type(norm) is not RMSNorm for norm in norms):
+            return "norms other than pre-norm RMSNorm"
+        if not isinstance(layer.mlp, LlamaMLP) or not isinstance(layer.mlp.act_fn, SiluAndMul):
+            return "feed-forward other than a SiLU-gated MLP"
+        if attention.q_norm is not None or attention.attn.logit_softcap is not None:
+            return "q/k norms or attention soft-capping"
+        if attention.rotary_emb is not rotary:
+            return "rotary tables that differ by layer"
+    return None
+
+
+class CPUDecoder:
+    """The C decoder bound to one loaded model; `bind_kv_caches`, then `decode` per step.
+
+    Build it once the model's weights are loaded and processed: it reads every linear layer's
+    matrices from its weight method, and the embedding table as stored when the checkpoint is GGUF.
+    """
+
+    def __init__(self, library: ctypes.CDLL, model: nn.Module) -> None:
+        self._step = library.pagoda_llama_decode_step
+        self._step.argtypes = [ctypes.POINTER(_Model), i64, *([ptr] * 4), i64, ptr, ptr]
+        self._step.restype = ctypes.c_int
+        self._keep: list[Any] = []
+        keep = self._keep
+        causal_lm: Any = model
+        inner = causal_lm.model
+        first = inner.layers[0]
+        self.vocab = int(causal_lm.lm_head.num_embeddings)
+        self.num_layers = len(inner.layers)
+        layers = (_Layer * self.num_layers)()
+        for index, layer in enumerate(inner.layers):
+            attention, mlp = layer.self_attn, layer.mlp
+            matrices = [
+                *_matrices_of(attention.qkv_proj, keep),
+                *_matrices_of(attention.o_proj, keep),
+                *_matrices_of(mlp.gate_up_proj, keep),
+                *_matrices_of(mlp.down_proj, keep),
+            ]
+            names = ("q", "k", "v", "o", "gate", "up", "down")
+            for name, matrix in zip(names, matrices, strict=True):
+                setattr(layers[index], name, matrix)
+            layers[index].attn_norm = float_pointer(layer.input_layernorm.weight, keep)
+            layers[index].ffn_norm = float_pointer(layer.post_attention_layernorm.weight, keep)
+            layers[index].window = attention.attn.sliding_window or 0
+            layers[index].scale = attention.attn.scale
+        self._layers = layers
+        embedding = inner.embed_tokens.weight
+        stored_embedding = getattr(embedding, "stored_matrix", None)
+        embed = (
+            block_matrix(stored_embedding, None, keep, interleave=False)
+            if stored_embedding is not None
+            else tensor_matrix(embedding, None, keep)
+        )
+        (lm_head,) = _matrices_of(causal_lm.lm_head, keep)
+        lm_head.rows = self.vocab
+        rotary = inner.rotary_emb
+        qkv = first.self_attn.qkv_proj
+        self._model = _Model(
+            num_layers=self.num_layers,
+            hidden=embedding.shape[1],
+            num_heads=qkv.num_heads,
+            num_kv_heads=qkv.num_kv_heads,
+            head_dim=first.self_attn.head_dim,
+            rotary_dim=rotary.rotary_dim,
+            intermediate=first.mlp.down_proj.input_size_per_partition,
+            vocab=self.vocab,
+            eps=inner.norm.variance_epsilon,
+            cos=float_pointer(rotary.cos_cache, keep),
+            sin=float_pointer(rotary.sin_cache, keep),
+            final_norm=float_pointer(inner.norm.weight, keep),
+            embed=embed,
+            lm_head=lm_head,
+            layers=layers,
+        )
+        # The caches whose addresses the layers hold (kept alive here); None until bound.
+        self._caches: list[torch.Tensor] | None = None
+
+    @property
+    def bound(self) -> bool:
+        """Whether `bind_kv_caches` has run, so `decode` may be called."""
+        return self._caches is not None
+
+    def bind_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
+        """Point every layer at its cache `[2, cache_blocks, block_size, Hkv, D]` (float32)."""
+        if len(kv_caches) != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} KV caches, got {len(kv_caches)}")
+        for layer, cache in zip(self._layers, kv_caches):
+            if cache.dtype != torch.float32 or not cache.is_contiguous():
+                raise ValueError("the C decoder needs contiguous float32 KV caches")
+            layer.kv_cache = cache.data_ptr()
+        self._model.cache_blocks = kv_caches[0].shape[1]
+        self._model.block_size = kv_caches[0].shape[2]
+        self._caches = kv_caches
+
+    def decode(
+        self,
+        token_ids: np.ndarray,
+        positions: np.ndarray,
+        slot_mapping: np.ndarray,
+        block_tables: np.ndarray,
+        context_lens: np.ndarray,
+    ) -> torch.Tensor:
+        """Logits [T, vocab] of one decode step of T requests (int64 arrays: [T] each, and
+        block_tables [T, max_blocks] padded with any valid block)."""
+        arrays = [
+            np.ascontiguousarray(a, dtype=np.int64)
+            for a in (token_ids, positions, slot_mapping, block_tables, context_lens)
+        ]
+        token_ids, positions, slot_mapping, block_tables, context_lens = arrays
+        num_tokens = token_ids.shape[0]
+        logits = torch.empty((num_tokens, self.vocab), dtype=torch.float32)
+        status = self._step(
+            ctypes.byref(self._model),
+            num_tokens,
+            token_ids.ctypes.data,
+            positions.ctypes.data,
+            slot_mapping.ctypes.data,
+            block_tables.ctypes.data,
+            block_tables.shape[1],
+            context_lens.ctypes.data,
+            logits.data_ptr(),
+        )
+        if status != 0:
+            raise MemoryError("the C decoder could not allocate its scratch memory")
+        return logits
+
+
+def _matrices_of(layer: nn.Module, keep: list[Any]) -> list[Matrix]:
+    method: Any = layer.method
+    return method.decoder_matrices(layer, keep)

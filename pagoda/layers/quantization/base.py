@@ -1,0 +1,133 @@
+"""The weight-method interface, and the construction scope that picks a method for each layer.
+
+A model is built inside `linear_methods(plan.create_method)`; every `LinearBase` and
+`ParallelLMHead` constructed in that scope asks `create_linear_method(self)` for its method, so
+model files never thread a method through their constructors. Outside any scope a layer gets the
+unquantized method (float weights, `F.linear`), which is what layer unit tests use.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from pagoda.cpu.matrix import Matrix
+
+
+class WeightedLayer(Protocol):
+    """What a weight method reads of its layer (a `LinearBase` or a `ParallelLMHead`)."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def output_partition_sizes(self) -> list[int]: ...
+
+    def shard_index(self, shard_id: str | int | None) -> int: ...
+
+
+class LinearMethod(ABC):
+    """How one linear layer stores its weight and computes `x @ W.T + b`.
+
+    The layer calls `create_weights` once from its constructor, routes stored (non-tensor)
+    checkpoint data to `load_stored`, and calls `apply` in its forward; the model loader calls
+    `process_weights_after_loading` once every parameter is loaded.
+    """
+
+    # What the layer multiplies by once processed ("float", "float16", "gguf-blocks").
+    kind: str = "float"
+
+    def create_weights(
+        self, layer: nn.Module, input_size: int, output_size: int, bias_size: int | None
+    ) -> None:
+        """Register `layer.weight` [output_size, input_size] and `layer.bias` (None: no bias)."""
+        layer.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        if bias_size is None:
+            layer.register_parameter("bias", None)
+        else:
+            layer.bias = nn.Parameter(torch.empty(bias_size), requires_grad=False)
+
+    def load_stored(
+        self, layer: WeightedLayer, param: nn.Parameter, stored: Any, shard_id: str | int | None
+    ) -> None:
+        """Take a weight in its stored encoding (a GGUF block matrix) for shard `shard_id`.
+
+        Raises:
+            ValueError: this method only takes tensors.
+        """
+        raise ValueError(f"{type(self).__name__} takes checkpoint tensors, not stored blocks")
+
+    def process_weights_after_loading(self, layer: WeightedLayer) -> None:  # noqa: B027 - optional
+        """Turn the loaded parameters into the form `apply` multiplies by (once)."""
+
+    @abstractmethod
+    def apply(self, layer: WeightedLayer, x: torch.Tensor) -> torch.Tensor:
+        """`x [..., in] @ W.T + b` -> [..., out]."""
+
+    def decoder_matrices(self, layer: WeightedLayer, keep: list[Any]) -> list[Matrix]:
+        """The weight as the C decoder's matrices, one per output shard (q/k/v, gate/up), each
+        with its bias; the arrays they point into are appended to `keep`.
+
+        Raises:
+            ValueError: this method keeps nothing the decoder can read.
+        """
+        raise ValueError(f"{type(self).__name__} keeps no weights for the C decoder")
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    """Float weights in the model's dtype, multiplied by `F.linear`: GPUs, `--dtype float32`,
+    float32 checkpoints, layer unit tests. Nothing to process after loading."""
+
+    kind = "float"
+
+    def apply(self, layer: WeightedLayer, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight, layer.bias)
+
+
+def release_float_weights(layer: WeightedLayer) -> None:
+    """Free the float weight (and bias) a method no longer multiplies by; a weight tied to the
+    embedding table stays, since lookups still need it."""
+    if getattr(layer, "tied", False):
+        return
+    layer.weight.data = torch.empty(0)
+    if layer.bias is not None:
+        layer.bias.data = torch.empty(0)
+
+
+def split_bias(layer: WeightedLayer, sizes: list[int]) -> list[torch.Tensor | None]:
+    """The layer's bias cut like its output shards (None for each when it has no bias)."""
+    bias = layer.bias
+    if bias is None or bias.numel() == 0:
+        return [None] * len(sizes)
+    return list(bias.detach().split(sizes))
+
+
+_MethodFactory = Callable[[nn.Module], LinearMethod]
+# NOTE: construction-scoped, like torch's default dtype and device: set only by `linear_methods`
+# around building a model, and read only by layer constructors.
+_factory: _MethodFactory | None = None
+
+
+@contextmanager
+def linear_methods(factory: _MethodFactory) -> Iterator[None]:
+    """Layers constructed inside the block get their method from `factory(layer)`."""
+    global _factory
+    previous = _factory
+    _factory = factory
+    try:
+        yield
+    finally:
+        _factory = previous
+
+
+def create_linear_method(layer: nn.Module) -> LinearMethod:
+    """The method for a layer under construction: the scope's choice, else unquantized."""
+    if _factory is not None:
+        return _factory(layer)
+    return UnquantizedLinearMethod()

@@ -1,0 +1,104 @@
+"""GGUF weights kept as stored: the block GEMM multiplies Q8_0/Q4_0/Q4_1 blocks in place.
+
+The GGUF loader hands a linear layer each of its checkpoint matrices undecoded (one per output
+shard: q/k/v, gate/up). After loading, the method rewrites block matrices four rows at a time
+(a copy of the same size the kernels read faster) and, when every shard is in a block format and
+the block GEMM runs on this CPU, multiplies them as they are: no float copy of the weight is
+ever made. A layer with a shard in another format (an F16 output matrix, say) is widened to
+float32 and packed float16 by fbgemm instead. Either way the stored matrices stay, for the C
+decoder, which reads the very same bytes in decode steps.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from pagoda.layers.quantization.base import (
+    LinearMethod,
+    WeightedLayer,
+    release_float_weights,
+    split_bias,
+)
+from pagoda.layers.quantization.half import HalfLinearMethod
+
+if TYPE_CHECKING:
+    from pagoda.cpu.block_gemm import BlockWeight
+    from pagoda.cpu.matrix import Matrix
+
+
+class GGUFLinearMethod(LinearMethod):
+    """A layer whose checkpoint matrices arrive as GGUF block matrices.
+
+    Args:
+        block_gemm: multiply block-format layers with the block GEMM (False: fbgemm for all).
+    """
+
+    def __init__(self, block_gemm: bool) -> None:
+        self.block_gemm = block_gemm
+        self._stored: dict[int, Any] = {}
+        self._matrices: list[Matrix] = []
+        self._keep: list[Any] = []
+        self._block_weight: BlockWeight | None = None
+        self._fallback: HalfLinearMethod | None = None
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return "gguf-blocks" if self._block_weight is not None else "float16"
+
+    def load_stored(
+        self, layer: WeightedLayer, param: nn.Parameter, stored: Any, shard_id: str | int | None
+    ) -> None:
+        if param is not layer.weight:
+            raise ValueError("only a weight matrix can arrive as stored blocks")
+        self._stored[layer.shard_index(shard_id)] = stored
+
+    def process_weights_after_loading(self, layer: WeightedLayer) -> None:
+        from pagoda.cpu.block_gemm import BlockWeight
+        from pagoda.cpu.build import cpu_library
+        from pagoda.cpu.matrix import BLOCK_FORMATS_ALL, block_matrix
+
+        sizes = layer.output_partition_sizes()
+        stored: list[Any] = [self._stored.get(index) for index in range(len(sizes))]
+        table = getattr(layer.weight, "stored_matrix", None)
+        if table is not None and not self._stored:
+            # An LM head loads like the embedding table (and may be it, tied): widened for its
+            # float weight, and kept as stored on the parameter.
+            stored = [table]
+        if any(matrix is None for matrix in stored):
+            raise ValueError(f"{type(layer).__name__}: the GGUF method got no stored matrix")
+        biases = split_bias(layer, sizes)
+        self._matrices = [
+            block_matrix(matrix, bias, self._keep) for matrix, bias in zip(stored, biases)
+        ]
+        for matrix, size in zip(self._matrices, sizes):
+            matrix.rows = min(matrix.rows, size)  # a checkpoint's rows beyond this rank's unread
+        library = cpu_library()
+        if (
+            self.block_gemm
+            and library is not None
+            and all(matrix.format in BLOCK_FORMATS_ALL for matrix in self._matrices)
+        ):
+            self._block_weight = BlockWeight(library, self._matrices, self._keep)
+            release_float_weights(layer)
+        else:
+            offset = 0
+            for index, size in enumerate(sizes):
+                if index in self._stored:  # not widened by the loader yet
+                    layer.weight.data.narrow(0, offset, size).copy_(stored[index].dequantize())
+                offset += size
+            self._fallback = HalfLinearMethod()
+            self._fallback.process_weights_after_loading(layer)
+        self._stored.clear()
+
+    def apply(self, layer: WeightedLayer, x: torch.Tensor) -> torch.Tensor:
+        if self._block_weight is not None:
+            return self._block_weight(x)
+        assert self._fallback is not None, "process_weights_after_loading() first"
+        return self._fallback.apply(layer, x)
+
+    def decoder_matrices(self, layer: WeightedLayer, keep: list[Any]) -> list[Matrix]:
+        keep.append(self._keep)
+        return list(self._matrices)

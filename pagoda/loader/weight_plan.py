@@ -1,0 +1,180 @@
+"""The weight plan: how a model's linear weights are stored and multiplied, decided once.
+
+From the configuration and the checkpoint (and, for the C decoder, the model's shape), before the
+model is built, `decide_weight_plan` chooses:
+
+- the **linear method** every linear layer and the LM head gets at construction
+  (`pagoda.layers.quantization`): `float` (the compute dtype, `F.linear`), `float16` (fbgemm's
+  packed copy on CPUs, when `dtype="auto"` meets a checkpoint of at most 16-bit weights, so
+  float16 loses (almost) nothing the checkpoint had; `--dtype float32` keeps exact float32), or
+  `gguf` (a GGUF file's matrices handed to the layers as stored: the block GEMM multiplies
+  Q8_0/Q4_0/Q4_1 blocks in place, other formats are packed float16);
+- whether the **C decoder** runs small decode steps (`pagoda.cpu.decoder`), and if not, why;
+- what the loader feeds the layers (`feeds_stored_matrices`).
+
+The model runner builds the model under `plan.constructing()`, loads, calls
+`process_weights(model)`, and logs `plan.describe(model)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from pagoda.config import ModelConfig
+    from pagoda.layers.quantization.base import LinearMethod
+
+
+@dataclass(frozen=True, slots=True)
+class WeightPlan:
+    """Which weight method the linear layers get, whether the C decoder runs, and why."""
+
+    linear_method: str  # "float", "float16" or "gguf"
+    reason: str  # why that method, for the log
+    decoder_reason: str | None = None  # why the C decoder does not run; None: it does
+    # The dtype the decoder reads a non-GGUF checkpoint's weights in (its own bfloat16/float16).
+    decoder_dtype: torch.dtype | None = None
+    block_gemm: bool = False  # the "gguf" method multiplies block layers with the block GEMM
+
+    @property
+    def uses_cpu_decoder(self) -> bool:
+        return self.decoder_reason is None
+
+    @property
+    def feeds_stored_matrices(self) -> bool:
+        """Whether the GGUF loader hands 2-D weights over undecoded (the `gguf` method)."""
+        return self.linear_method == "gguf"
+
+    def create_method(self, layer: nn.Module) -> LinearMethod:
+        """The weight method of a linear layer (or LM head) under construction."""
+        from pagoda.layers.quantization.base import UnquantizedLinearMethod
+        from pagoda.layers.quantization.gguf import GGUFLinearMethod
+        from pagoda.layers.quantization.half import HalfLinearMethod
+
+        if self.linear_method == "gguf":
+            return GGUFLinearMethod(block_gemm=self.block_gemm)
+        if self.linear_method == "float16":
+            return HalfLinearMethod(self.decoder_dtype if self.uses_cpu_decoder else None)
+        return UnquantizedLinearMethod()
+
+    @contextmanager
+    def constructing(self) -> Iterator[None]:
+        """Layers built inside the block get this plan's methods."""
+        from pagoda.layers.quantization.base import linear_methods
+
+        with linear_methods(self.create_method):
+            yield
+
+    def describe(self, model: nn.Module) -> str:
+        """The log line's note on the weights: what the layers ended up multiplying by."""
+        kinds = {layer.method.kind for layer in _linear_layers(model)}
+        parts = []
+        if "gguf-blocks" in kinds:
+            parts.append("as GGUF blocks")
+        if "float16" in kinds:
+            parts.append("float16 in fbgemm")
+        if not parts:
+            return ""
+        note = " (linear weights " + ", and ".join(parts)
+        return note + (", C decoder for decode steps)" if self.uses_cpu_decoder else ")")
+
+
+def _linear_layers(model: nn.Module) -> list[Any]:
+    return [module for module in model.modules() if hasattr(module, "method")]
+
+
+def process_weights(model: nn.Module) -> None:
+    """Run every layer's `process_weights_after_loading` once its parameters are loaded.
+
+    fbgemm packs on one core and releases the GIL, as do the C repacks: a thread per core, the
+    largest layer (the LM head) first so that the last one to finish is small.
+    """
+    layers = _linear_layers(model)
+    layers.sort(key=lambda layer: layer.weight.numel(), reverse=True)
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        list(pool.map(lambda layer: layer.method.process_weights_after_loading(layer), layers))
+
+
+def decide_weight_plan(model_config: ModelConfig, device: torch.device) -> WeightPlan:
+    """The plan for `model_config` on `device` (reads the GGUF header, never the weights)."""
+    from pagoda.layers.quantization.half import half_weight_matmul_available
+
+    if device.type != "cpu":
+        return WeightPlan("float", f"{model_config.dtype_name} weights on {device.type}")
+    if model_config.requested_dtype != "auto" or model_config.dtype_name != "float32":
+        return WeightPlan("float", f"--dtype {model_config.requested_dtype} keeps exact weights")
+    if not half_weight_matmul_available():
+        return WeightPlan("float", "this torch build has no fbgemm float16 linear")
+    gguf_file = _gguf_file(model_config)
+    if gguf_file is not None:
+        from pagoda.loader.gguf import gguf_matrices_are_half_precision
+
+        if not gguf_matrices_are_half_precision(gguf_file):
+            return WeightPlan("float", "the GGUF file holds float32 matrices")
+    elif _config_dtype(model_config.hf_config) not in ("float16", "bfloat16"):
+        return WeightPlan("float", "a float32 checkpoint")
+    decoder_reason = decoder_unsupported_reason(model_config.hf_config, gguf_file)
+    if gguf_file is not None and decoder_reason is None:
+        from pagoda.cpu.matrix import block_gemm_available
+
+        return WeightPlan(
+            "gguf",
+            "the GGUF file's matrices as stored",
+            block_gemm=block_gemm_available(),
+        )
+    bfloat16 = _config_dtype(model_config.hf_config) == "bfloat16"
+    return WeightPlan(
+        "float16",
+        "16-bit checkpoint weights under float32 compute",
+        decoder_reason=decoder_reason,
+        decoder_dtype=torch.bfloat16 if bfloat16 else torch.float16,
+    )
+
+
+def _gguf_file(model_config: ModelConfig) -> Path | None:
+    weights_file = model_config.weights_file
+    if weights_file is not None and weights_file.suffix == ".gguf":
+        return weights_file
+    return None
+
+
+def _config_dtype(hf_config: Any) -> str | None:
+    value = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    return None if value is None else str(value).removeprefix("torch.")
+
+
+def decoder_unsupported_reason(hf_config: Any, gguf_file: Path | None) -> str | None:
+    """Why the C decoder cannot run the model of `hf_config` from `gguf_file` (a GGUF checkpoint,
+    or None for another), None when it can."""
+    from pagoda.cpu.build import cpu_library
+    from pagoda.cpu.decoder import unsupported_reason
+    from pagoda.cpu.matrix import gguf_format
+    from pagoda.models.registry import resolve_model_class
+
+    # The shape check reads the built layers; on the meta device they cost no memory.
+    with torch.device("meta"):
+        probe = resolve_model_class(hf_config)(hf_config)
+    reason = unsupported_reason(probe)
+    if reason is None and gguf_file is not None:
+        from pagoda.loader.gguf import gguf_matrix_types
+
+        # K-quants and the rest would have to be decoded into a second, float16 copy: slower to
+        # start and twice the memory, so such files keep the PyTorch path.
+        other = {
+            qtype.name
+            for qtype in gguf_matrix_types(gguf_file).values()
+            if gguf_format(qtype) is None
+        }
+        if other:
+            reason = f"GGUF matrices stored as {', '.join(sorted(other))}"
+    if reason is None and cpu_library() is None:
+        reason = "a build without the compiled CPU kernels"
+    return reason
