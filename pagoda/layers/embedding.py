@@ -111,6 +111,19 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.tied = False
         self.method: LinearMethod = create_linear_method(self)
 
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: Any, shard_id: str | int | None = None
+    ) -> None:
+        """As the embedding's, but a head that is not tied hands a weight in its stored encoding
+        to its weight method, which keeps it as it is (GGUF blocks: no float copy is made)."""
+        if isinstance(loaded_weight, torch.Tensor):
+            super().weight_loader(param, loaded_weight, shard_id)
+        elif param is self.weight:
+            self.shard_index(shard_id)
+            self.method.load_stored(self, param, loaded_weight, shard_id)
+        else:
+            raise ValueError("only the head's weight can arrive as stored blocks")
+
     def output_partition_sizes(self) -> list[int]:
         """The head's rows on this rank, as one shard (the linear layers' interface)."""
         return [self.num_embeddings_per_partition]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -143,100 +143,118 @@ class SamplingMetadata:
         """
         params = [state.params for state in states]
         is_greedy = [p.sampling_type == SamplingType.GREEDY for p in params]
-        all_greedy = all(is_greedy)
-        all_random = not any(is_greedy)
-
-        def row_tensor(values: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
-
-        greedy_rows = temperature = min_p = top_k = top_p = None
-        generators: dict[int, torch.Generator] = {}
-        if not all_greedy:
-            # Greedy rows divide by 1.0; their random draw is computed and then discarded.
-            temperature = row_tensor(
-                [1.0 if g else p.temperature for g, p in zip(is_greedy, params)], torch.float32
-            )
-            if not all_random:
-                greedy_rows = torch.tensor(is_greedy, dtype=torch.bool, device=device)
-            if any(p.min_p > 0.0 for p in params):
-                min_p = row_tensor([p.min_p for p in params], torch.float32)
-            if any(0 < p.top_k < vocab_size for p in params):
-                top_k = row_tensor(
-                    [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params],
-                    torch.int64,
-                )
-            if any(p.top_p < 1.0 for p in params):
-                top_p = row_tensor([p.top_p for p in params], torch.float32)
-            for row, state in enumerate(states):
-                if state.generator is not None and not is_greedy[row]:
-                    generators[row] = state.generator
-
         requested = [p.logprobs for p in params if p.logprobs is not None]
         max_num_logprobs = None
         if requested:
             max_num_logprobs = vocab_size if -1 in requested else min(max(requested), vocab_size)
-
-        allowed_rows: list[int] = []
-        allowed, min_tokens, bias, output_penalty = _Pairs(), _Pairs(), _Pairs(), _Pairs()
-        repetition_rows: list[int] = []
-        repetition_tokens: list[torch.Tensor] = []
-        repetition_values: list[float] = []
-        for row, (state, p) in enumerate(zip(states, params)):
-            if p.allowed_token_ids:
-                allowed.add(len(allowed_rows), p.allowed_token_ids)
-                allowed_rows.append(row)
-            if state.min_tokens_pending:
-                blocked = [t for t in state.min_tokens_blocked_ids() if 0 <= t < vocab_size]
-                min_tokens.add(row, blocked)
-            if p.logit_bias:
-                bias.add(row, list(p.logit_bias.keys()), list(p.logit_bias.values()))
-            if p.repetition_penalty != 1.0 and state.prompt_unique_token_ids is not None:
-                new_in_output = torch.tensor(state.output_tokens_not_in_prompt, dtype=torch.int64)
-                repetition_rows.append(row)
-                repetition_tokens.append(torch.cat([state.prompt_unique_token_ids, new_in_output]))
-                repetition_values.append(p.repetition_penalty)
-            if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
-                # Frequency and presence combine into one subtraction per (row, token) pair.
-                counts = state.output_token_counts
-                output_penalty.add(
-                    row,
-                    list(counts.keys()),
-                    [p.frequency_penalty * c + p.presence_penalty for c in counts.values()],
-                )
-
-        repetition_index = repetition_penalties = None
-        if repetition_rows:
-            # Prompt and output-only tokens are disjoint, so each (row, token) appears once.
-            lengths = torch.tensor([len(t) for t in repetition_tokens])
-            repetition_index = TokenIndex(
-                rows=torch.tensor(repetition_rows).repeat_interleave(lengths).to(device),
-                token_ids=torch.cat(repetition_tokens).to(device),
-            )  # [N]
-            repetition_penalties = (
-                torch.tensor(repetition_values).repeat_interleave(lengths).to(device)
-            )  # [N]
-
         return cls(
             num_rows=len(states),
-            all_greedy=all_greedy,
-            all_random=all_random,
-            greedy_rows=greedy_rows,
-            temperature=temperature,
-            min_p=min_p,
-            top_k=top_k,
-            top_p=top_p,
-            generators=generators,
+            all_greedy=all(is_greedy),
+            all_random=not any(is_greedy),
             max_num_logprobs=max_num_logprobs,
-            allowed_rows=row_tensor(allowed_rows, torch.int64) if allowed_rows else None,
-            allowed_index=allowed.index(device),
-            min_tokens_index=min_tokens.index(device),
-            logit_bias_index=bias.index(device),
-            logit_bias_values=bias.value_tensor(device),
-            repetition_index=repetition_index,
-            repetition_penalties=repetition_penalties,
-            output_penalty_index=output_penalty.index(device),
-            output_penalties=output_penalty.value_tensor(device),
+            **_random_sampling_fields(states, is_greedy, vocab_size, device),
+            **_token_feature_fields(states, vocab_size, device),
         )
+
+
+def _random_sampling_fields(
+    states: list[RequestSamplingState],
+    is_greedy: list[bool],
+    vocab_size: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Per-row temperature, min-p, top-k, top-p and generators; all None when every row is
+    greedy, and each one None when no row uses it."""
+    fields: dict[str, Any] = dict.fromkeys(
+        ("greedy_rows", "temperature", "min_p", "top_k", "top_p")
+    )
+    fields["generators"] = {}
+    if all(is_greedy):
+        return fields
+    params = [state.params for state in states]
+
+    def row_tensor(values: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    # Greedy rows divide by 1.0; their random draw is computed and then discarded.
+    fields["temperature"] = row_tensor(
+        [1.0 if g else p.temperature for g, p in zip(is_greedy, params)], torch.float32
+    )
+    if any(is_greedy):
+        fields["greedy_rows"] = torch.tensor(is_greedy, dtype=torch.bool, device=device)
+    if any(p.min_p > 0.0 for p in params):
+        fields["min_p"] = row_tensor([p.min_p for p in params], torch.float32)
+    if any(0 < p.top_k < vocab_size for p in params):
+        fields["top_k"] = row_tensor(
+            [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params], torch.int64
+        )
+    if any(p.top_p < 1.0 for p in params):
+        fields["top_p"] = row_tensor([p.top_p for p in params], torch.float32)
+    fields["generators"] = {
+        row: state.generator
+        for row, state in enumerate(states)
+        if state.generator is not None and not is_greedy[row]
+    }
+    return fields
+
+
+def _token_feature_fields(
+    states: list[RequestSamplingState], vocab_size: int, device: torch.device
+) -> dict[str, Any]:
+    """The sparse per-token inputs: allowed ids, min_tokens' blocked ids, logit bias and the
+    penalties, as (row, token id) pairs with their values."""
+    allowed_rows: list[int] = []
+    allowed, min_tokens, bias, output_penalty = _Pairs(), _Pairs(), _Pairs(), _Pairs()
+    repetition_rows: list[int] = []
+    repetition_tokens: list[torch.Tensor] = []
+    repetition_values: list[float] = []
+    for row, state in enumerate(states):
+        p = state.params
+        if p.allowed_token_ids:
+            allowed.add(len(allowed_rows), p.allowed_token_ids)
+            allowed_rows.append(row)
+        if state.min_tokens_pending:
+            blocked = [t for t in state.min_tokens_blocked_ids() if 0 <= t < vocab_size]
+            min_tokens.add(row, blocked)
+        if p.logit_bias:
+            bias.add(row, list(p.logit_bias.keys()), list(p.logit_bias.values()))
+        if p.repetition_penalty != 1.0 and state.prompt_unique_token_ids is not None:
+            new_in_output = torch.tensor(state.output_tokens_not_in_prompt, dtype=torch.int64)
+            repetition_rows.append(row)
+            repetition_tokens.append(torch.cat([state.prompt_unique_token_ids, new_in_output]))
+            repetition_values.append(p.repetition_penalty)
+        if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
+            # Frequency and presence combine into one subtraction per (row, token) pair.
+            counts = state.output_token_counts
+            output_penalty.add(
+                row,
+                list(counts.keys()),
+                [p.frequency_penalty * c + p.presence_penalty for c in counts.values()],
+            )
+    repetition_index = repetition_penalties = None
+    if repetition_rows:
+        # Prompt and output-only tokens are disjoint, so each (row, token) appears once.
+        lengths = torch.tensor([len(t) for t in repetition_tokens])
+        repetition_index = TokenIndex(
+            rows=torch.tensor(repetition_rows).repeat_interleave(lengths).to(device),
+            token_ids=torch.cat(repetition_tokens).to(device),
+        )  # [N]
+        repetition_penalties = (
+            torch.tensor(repetition_values).repeat_interleave(lengths).to(device)
+        )  # [N]
+    return {
+        "allowed_rows": (
+            torch.tensor(allowed_rows, dtype=torch.int64, device=device) if allowed_rows else None
+        ),
+        "allowed_index": allowed.index(device),
+        "min_tokens_index": min_tokens.index(device),
+        "logit_bias_index": bias.index(device),
+        "logit_bias_values": bias.value_tensor(device),
+        "repetition_index": repetition_index,
+        "repetition_penalties": repetition_penalties,
+        "output_penalty_index": output_penalty.index(device),
+        "output_penalties": output_penalty.value_tensor(device),
+    }
 
 
 def apply_logits_processors(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:

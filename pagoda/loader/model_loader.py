@@ -2,14 +2,16 @@
 
 The worker calls `load_model` once at start-up (or `build_model` then `load_weights`, when it must
 look at the model before choosing what to load). It picks the class from the config's
-`architectures`, constructs it directly in the target dtype and device, streams `(hf_name, tensor)`
-pairs into `model.load_weights` (from safetensors by default; a GGUF reader passes its own), and
-refuses to return a model with any parameter left unloaded that was not left out on purpose.
+`architectures`, constructs it directly in the target dtype and device, streams `(hf_name, weight)`
+pairs into `model.load_weights` (from safetensors by default; a GGUF reader passes its own),
+refuses a model with any parameter left unloaded, and then lets every layer's weight method
+process what it loaded, once (`process_weights`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterable
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
@@ -44,6 +46,7 @@ def load_model(
     if weights is None:
         weights = iterate_safetensors(model_dir)
     load_weights(model, weights, str(model_dir))
+    process_weights(model)
     return model
 
 
@@ -59,31 +62,35 @@ def build_model(hf_config: Any, dtype: torch.dtype, device: torch.device) -> nn.
     return model.eval()
 
 
-def load_weights(
-    model: nn.Module,
-    weights: Iterable[tuple[str, torch.Tensor]],
-    source: str,
-    allow_missing: Container[str] = (),
-) -> None:
-    """Load `(hf_name, tensor)` pairs into `model` and check that every parameter got a value.
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, Any]], source: str) -> None:
+    """Load `(hf_name, weight)` pairs into `model` and check that every parameter got a value.
+
+    A weight is a tensor, or a matrix in its stored encoding (a GGUF file's blocks) that the
+    layer's weight method takes as it is.
 
     Args:
         source: where the weights come from, for the error message.
-        allow_missing: parameter names left unloaded on purpose (served another way, e.g. by the
-            block GEMM straight from a GGUF file's blocks).
 
     Raises:
         ValueError: a checkpoint tensor with no matching parameter, or one that does not fit.
         RuntimeError: parameters the checkpoint did not provide (all of them named).
     """
     loaded = cast(CausalLM, model).load_weights(weights)
-    missing = sorted(
-        name
-        for name, _ in model.named_parameters()
-        if name not in loaded and name not in allow_missing
-    )
+    missing = sorted(name for name, _ in model.named_parameters() if name not in loaded)
     if missing:
         raise RuntimeError(
             f"checkpoint in {source} did not provide {len(missing)} parameter(s) of "
             f"{type(model).__name__}: {', '.join(missing)}"
         )
+
+
+def process_weights(model: nn.Module) -> None:
+    """Run every layer's `process_weights_after_loading` once its parameters are loaded.
+
+    fbgemm packs on one core and releases the GIL, as do the C repacks: a thread per core, the
+    largest layer (the LM head) first so that the last one to finish is small.
+    """
+    layers: list[Any] = [module for module in model.modules() if hasattr(module, "method")]
+    layers.sort(key=lambda layer: layer.weight.numel(), reverse=True)
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        list(pool.map(lambda layer: layer.method.process_weights_after_loading(layer), layers))

@@ -12,14 +12,13 @@ model is built, `decide_weight_plan` chooses:
 - whether the **C decoder** runs small decode steps (`pagoda.cpu.decoder`), and if not, why;
 - what the loader feeds the layers (`feeds_stored_matrices`).
 
-The model runner builds the model under `plan.constructing()`, loads, calls
-`process_weights(model)`, and logs `plan.describe(model)`.
+The model runner builds the model under `plan.constructing()`, loads and processes its weights
+(`pagoda.loader.model_loader`), and logs `plan.describe(model)`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,18 +90,6 @@ def _linear_layers(model: nn.Module) -> list[Any]:
     return [module for module in model.modules() if hasattr(module, "method")]
 
 
-def process_weights(model: nn.Module) -> None:
-    """Run every layer's `process_weights_after_loading` once its parameters are loaded.
-
-    fbgemm packs on one core and releases the GIL, as do the C repacks: a thread per core, the
-    largest layer (the LM head) first so that the last one to finish is small.
-    """
-    layers = _linear_layers(model)
-    layers.sort(key=lambda layer: layer.weight.numel(), reverse=True)
-    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        list(pool.map(lambda layer: layer.method.process_weights_after_loading(layer), layers))
-
-
 def decide_weight_plan(model_config: ModelConfig, device: torch.device) -> WeightPlan:
     """The plan for `model_config` on `device` (reads the GGUF header, never the weights)."""
     from pagoda.layers.quantization.half import half_weight_matmul_available
@@ -159,8 +146,10 @@ def decoder_unsupported_reason(hf_config: Any, gguf_file: Path | None) -> str | 
     from pagoda.cpu.matrix import gguf_format
     from pagoda.models.registry import resolve_model_class
 
-    # The shape check reads the built layers; on the meta device they cost no memory.
-    with torch.device("meta"):
+    # The shape check reads built layers. A probe built on the CPU costs no memory: its weights
+    # are never written, so their pages are never touched (the meta device would cost a second
+    # of start-up importing torch's meta kernels).
+    with torch.device("cpu"):
         probe = resolve_model_class(hf_config)(hf_config)
     reason = unsupported_reason(probe)
     if reason is None and gguf_file is not None:

@@ -13,7 +13,6 @@ import itertools
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -67,21 +66,18 @@ class ModelRunner:
         # The whole-step C decoder (pagoda.cpu.decoder), for small all-decode steps on CPU.
         self.cpu_decoder: CPUDecoder | None = None
 
-    def load_model(self, weights: Iterable[tuple[str, Any]] | None = None) -> None:
-        """Build the model under the weight plan, load its weights (from the configured
-        checkpoint unless `weights` is given), process them, and set up the C decoder."""
-        from pagoda.loader.model_loader import build_model, load_weights
-        from pagoda.loader.weight_plan import decide_weight_plan, process_weights
+    def load_model(self) -> None:
+        """Build the model under the weight plan, load the checkpoint's weights, process them,
+        and set up the C decoder where the plan says so."""
+        from pagoda.loader.model_loader import build_model, load_weights, process_weights
+        from pagoda.loader.weight_plan import decide_weight_plan
 
         start = time.perf_counter()
         plan = decide_weight_plan(self.model_config, self.device)
-        if weights is not None and plan.feeds_stored_matrices:
-            plan = replace(plan, linear_method="float16")  # given tensors, not the file's blocks
         self.weight_plan = plan
         with plan.constructing():
             module = build_model(self.model_config.hf_config, dtype=self.dtype, device=self.device)
-        if weights is None:
-            weights = self._checkpoint_weights(plan)
+        weights = self._checkpoint_weights(plan)
         load_weights(module, weights, str(self.model_config.model_path))
         # Counted before processing, which frees the float copies of packed weights.
         num_params = sum(p.numel() for p in module.parameters())

@@ -15,7 +15,8 @@ from pagoda.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagoda.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from pagoda.layers.quantization.base import linear_methods
 from pagoda.layers.quantization.half import HalfLinearMethod, half_weight_matmul_available
-from pagoda.loader.weight_plan import decide_weight_plan, process_weights
+from pagoda.loader.model_loader import process_weights
+from pagoda.loader.weight_plan import decide_weight_plan
 from tests.tiny_llama import make_tiny_llama
 
 pytestmark = pytest.mark.skipif(
