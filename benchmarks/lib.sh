@@ -139,12 +139,14 @@ record_machine() {
     echo "date: $(date -Iseconds)"
     echo "host: $(uname -srm)"
     echo "cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -n1), $(nproc) CPUs"
-    echo "cpu flags of note: $(grep -o -w -E 'avx2|avx512f|avx512_bf16|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+    echo "cpu flags of note: $(grep -o -w -E 'avx2|fma|avx512f|avx512bw|avx512_vnni|avx512_bf16|avx_vnni|amx_tile|amx_bf16|amx_int8' /proc/cpuinfo | sort -u | tr '\n' ' ')"
     echo "memory: $(free -g | awk '/^Mem:/ {print $2 " GiB"}')"
     echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
     if [ -n "${PAGODA_VENV:-}" ]; then
       echo "pagoda: $("$PAGODA_VENV/bin/pagoda" --version 2>/dev/null)," \
         "torch $("$PAGODA_VENV/bin/python" -c 'import torch; print(torch.__version__)' 2>/dev/null)"
+      echo "pagoda env:"
+      "$PAGODA_VENV/bin/pagoda" env 2>/dev/null | sed 's/^/  /'
     fi
     [ -x "$PEERS/venv-vllm/bin/vllm" ] && echo "vllm: $("$PEERS/venv-vllm/bin/vllm" --version 2>/dev/null | tail -n1)"
     [ -f "$PEERS/llama.cpp-src/SOURCE_COMMIT.txt" ] && echo "llama.cpp: $(cat "$PEERS/llama.cpp-src/SOURCE_COMMIT.txt")"

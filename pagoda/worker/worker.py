@@ -6,6 +6,7 @@ to workers, in-process or (later) across processes.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -13,6 +14,8 @@ import torch
 from pagoda.config import EngineConfig
 from pagoda.engine.plan import ModelRunnerOutput, SchedulerOutput
 from pagoda.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
 
 
 class Worker:
@@ -30,6 +33,13 @@ class Worker:
                     f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
                 )
             torch.cuda.set_device(self.device)
+        else:
+            from pagoda.cpu.features import cpu_features
+
+            # What chooses the CPU paths, once per engine (`pagoda env` says more).
+            logger.info(
+                "CPU: %s, %d torch threads", cpu_features().describe(), torch.get_num_threads()
+            )
         # Unseeded sampling draws from the default generator: seeding it makes a whole run
         # reproducible for a given engine seed, as with vLLM's --seed.
         torch.manual_seed(config.model_config.seed)

@@ -4,7 +4,8 @@
 (its flags) and `pagoda/entrypoints/launch.py` (the engine core's start). `chat` and
 `complete` are clients, like vLLM's: they talk to a running server through the official `openai`
 client, pick the first model it lists unless `--model` names one, and print tokens as they stream
-in. `bench` (throughput, latency, serve) lives in `pagoda/benchmarks/`. Each subcommand registers
+in. `bench` (throughput, latency, serve) lives in `pagoda/benchmarks/`, `env` (the machine's CPU
+features and the paths Pagoda takes on it) in `env.py`. Each subcommand registers
 a parser and a `func(args) -> int`.
 """
 
@@ -94,8 +95,10 @@ def build_parser() -> PagodaArgumentParser:
     complete.set_defaults(func=_client_command(_complete))
 
     from pagoda.benchmarks.cli import add_bench_parser  # flags only: imports nothing heavy
+    from pagoda.entrypoints.cli.env import add_env_parser
 
     add_bench_parser(sub)
+    add_env_parser(sub)
     return parser
 
 
