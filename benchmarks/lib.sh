@@ -83,17 +83,21 @@ start_engine() {
         --host 127.0.0.1 --port "$ENGINE_PORT" --max-model-len 2048 --disable-log-requests \
         $PAGODA_ARGS "$@" > "$out" 2>&1 &
       ;;
-    vllm)
+    vllm|vllm_fp32)
+      # vllm runs in bfloat16, vllm_fp32 in float32: the anchor is whichever is faster on the
+      # machine (bf16 where the CPU has bf16 units, float32 on AVX2-only CPUs).
+      local dtype=bfloat16
+      [ "$engine" = vllm_fp32 ] && dtype=float32
       env "${VLLM_ENV[@]}" "$PEERS/venv-vllm/bin/vllm" serve "$VLLM_MODEL" \
         --served-model-name "$SERVED_NAME" --host 127.0.0.1 --port "$ENGINE_PORT" \
-        --dtype bfloat16 --max-model-len 2048 "$@" > "$out" 2>&1 &
+        --dtype "$dtype" --max-model-len 2048 "$@" > "$out" 2>&1 &
       ;;
     llamacpp)
       "$PEERS/llama.cpp-src/build/bin/llama-server" -m "$GGUF_MODEL" --alias "$SERVED_NAME" \
         --host 127.0.0.1 --port "$ENGINE_PORT" -t 2 -np "$slots" -c $(( slots * 1024 )) \
         "$@" > "$out" 2>&1 &
       ;;
-    *) echo "unknown engine: $engine (pagoda, vllm, llamacpp)" >&2; return 2 ;;
+    *) echo "unknown engine: $engine (pagoda, vllm, vllm_fp32, llamacpp)" >&2; return 2 ;;
   esac
   ENGINE_PID=$!
 }

@@ -20,6 +20,7 @@ from pathlib import Path
 ENGINES = {
     "pagoda": "Pagoda",
     "vllm": "vLLM-CPU",
+    "vllm_fp32": "vLLM-CPU (float32)",
     "llamacpp": "llama.cpp server",
     "hf": "HF transformers (batch 16)",
 }

@@ -4,8 +4,10 @@
 # at concurrency 1 (8 requests), 16 (64) and 64 (128). Each engine is started afresh for each
 # level and stopped before the next engine starts.
 #
-# Usage: PEERS=... PAGODA_VENV=... bash benchmarks/workload_a.sh [pagoda] [vllm] [llamacpp]
-#        (no engine named: all three). LEVELS="16:64" runs one level; ISL / OSL change the shape.
+# Usage: PEERS=... PAGODA_VENV=... bash benchmarks/workload_a.sh [pagoda] [vllm] [vllm_fp32] [llamacpp]
+#        (no engine named: all four; vllm is vLLM-CPU in bfloat16, vllm_fp32 in float32, and the
+#        faster of the two is the anchor on this machine). LEVELS="16:64" runs one level; ISL / OSL
+#        change the shape.
 # Results: $RUN_DIR/a-<engine>-c<concurrency>.json (vLLM's keys) and .txt (the result block).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -13,7 +15,7 @@ LEVELS=${LEVELS:-"1:8 16:64 64:128"}
 ISL=${ISL:-256}
 OSL=${OSL:-128}
 engines=("$@")
-[ ${#engines[@]} -eq 0 ] && engines=(pagoda vllm llamacpp)
+[ ${#engines[@]} -eq 0 ] && engines=(pagoda vllm vllm_fp32 llamacpp)
 
 record_machine
 status=0
