@@ -77,6 +77,14 @@ ENVIRONMENT_VARIABLES: tuple[EnvVar, ...] = (
         "and the whole-step decoder for Llama-shaped models.",
     ),
     EnvVar(
+        "PAGODA_CPU_BF16_MATMUL",
+        "bool or auto",
+        "auto",
+        "Batched steps (prefill, more than a few decodes) multiply in bfloat16 under dtype auto "
+        "on CPU: auto where the CPU has bfloat16 units (AVX512-BF16, AMX), 1 everywhere, 0 never "
+        "(the exact float32 products).",
+    ),
+    EnvVar(
         "PAGODA_ATTENTION_BACKEND",
         "str",
         "",
@@ -220,6 +228,14 @@ def cpu_kvcache_space() -> float | None:
 def cpu_kernels() -> bool:
     """PAGODA_CPU_KERNELS: whether the compiled CPU kernels may be used (default True)."""
     return get_bool("PAGODA_CPU_KERNELS", True)
+
+
+def cpu_bf16_matmul() -> bool | None:
+    """PAGODA_CPU_BF16_MATMUL: True or False when set, None for auto (unset or "auto")."""
+    value = get_str("PAGODA_CPU_BF16_MATMUL")
+    if value is None or value.strip().lower() == "auto":
+        return None
+    return get_bool("PAGODA_CPU_BF16_MATMUL", False)
 
 
 def attention_backend() -> str | None:

@@ -6,6 +6,11 @@ steps. On a machine with a GPU, `device="auto"` would pick CUDA and half precisi
 whole session runs with CUDA hidden (`CUDA_VISIBLE_DEVICES=""`, which Pagoda's device probe and the
 servers the tests start both honour), and only the tests marked `gpu` (tests/engine/test_cuda.py,
 the sampler's CUDA test) see the GPUs again; they skip, with the reason, where there are none.
+
+For the same reason the suite runs the exact float32 products on every CPU
+(`PAGODA_CPU_BF16_MATMUL=0`, unless the environment already says otherwise): on CPUs with bfloat16
+units `dtype="auto"` would multiply batched steps in bfloat16. The bfloat16 path has tests of its
+own, with the tolerance they state (`tests/layers/test_bf16_batched.py`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ def pytest_configure(config: pytest.Config) -> None:
         # NVML only), so the gpu tests' skip conditions and in-process CUDA see them.
         torch.cuda.is_available()
     os.environ[_VISIBLE] = ""
+    os.environ.setdefault("PAGODA_CPU_BF16_MATMUL", "0")
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,9 @@ model is built, `decide_weight_plan` chooses:
   float16 loses (almost) nothing the checkpoint had; `--dtype float32` keeps exact float32), or
   `gguf` (a GGUF file's matrices handed to the layers as stored: the block GEMM multiplies
   Q8_0/Q4_0/Q4_1 blocks in place, other formats are packed float16);
+- the **batched dtype**: bfloat16 for steps of many tokens (prefill, large decode batches) where
+  the CPU has bfloat16 units (AVX512-BF16, AMX; `pagoda.cpu.features`), or as
+  PAGODA_CPU_BF16_MATMUL says; None keeps the exact float32 products;
 - whether the **C decoder** runs small decode steps (`pagoda.cpu.decoder`), and if not, why;
 - what the loader feeds the layers (`feeds_stored_matrices`).
 
@@ -42,6 +45,8 @@ class WeightPlan:
     # The dtype the decoder reads a non-GGUF checkpoint's weights in (its own bfloat16/float16).
     decoder_dtype: torch.dtype | None = None
     block_gemm: bool = False  # the "gguf" method multiplies block layers with the block GEMM
+    # The dtype of steps of many tokens (bfloat16 on CPUs with bf16 units); None: float32.
+    batched_dtype: torch.dtype | None = None
 
     @property
     def uses_cpu_decoder(self) -> bool:
@@ -59,9 +64,10 @@ class WeightPlan:
         from pagoda.layers.quantization.half import HalfLinearMethod
 
         if self.linear_method == "gguf":
-            return GGUFLinearMethod(block_gemm=self.block_gemm)
+            return GGUFLinearMethod(self.block_gemm, self.batched_dtype)
         if self.linear_method == "float16":
-            return HalfLinearMethod(self.decoder_dtype if self.uses_cpu_decoder else None)
+            decoder_dtype = self.decoder_dtype if self.uses_cpu_decoder else None
+            return HalfLinearMethod(decoder_dtype, self.batched_dtype)
         return UnquantizedLinearMethod()
 
     @contextmanager
@@ -83,6 +89,8 @@ class WeightPlan:
         if not parts:
             return ""
         note = " (linear weights " + ", and ".join(parts)
+        if self.batched_dtype is not None:
+            note += f", {str(self.batched_dtype).removeprefix('torch.')} for batched steps"
         return note + (", C decoder for decode steps)" if self.uses_cpu_decoder else ")")
 
 
@@ -109,6 +117,7 @@ def decide_weight_plan(model_config: ModelConfig, device: torch.device) -> Weigh
     elif _config_dtype(model_config.hf_config) not in ("float16", "bfloat16"):
         return WeightPlan("float", "a float32 checkpoint")
     decoder_reason = decoder_unsupported_reason(model_config.hf_config, gguf_file)
+    batched_dtype = batched_matmul_dtype()
     if gguf_file is not None and decoder_reason is None:
         from pagoda.cpu.matrix import block_gemm_available
 
@@ -116,6 +125,7 @@ def decide_weight_plan(model_config: ModelConfig, device: torch.device) -> Weigh
             "gguf",
             "the GGUF file's matrices as stored",
             block_gemm=block_gemm_available(),
+            batched_dtype=batched_dtype,
         )
     bfloat16 = _config_dtype(model_config.hf_config) == "bfloat16"
     return WeightPlan(
@@ -123,7 +133,19 @@ def decide_weight_plan(model_config: ModelConfig, device: torch.device) -> Weigh
         "16-bit checkpoint weights under float32 compute",
         decoder_reason=decoder_reason,
         decoder_dtype=torch.bfloat16 if bfloat16 else torch.float16,
+        batched_dtype=batched_dtype,
     )
+
+
+def batched_matmul_dtype() -> torch.dtype | None:
+    """bfloat16 where the CPU multiplies it on units of its own (AVX512-BF16, AMX), or where
+    PAGODA_CPU_BF16_MATMUL=1 asks; None (exact float32) elsewhere or with =0."""
+    from pagoda import envs
+    from pagoda.cpu.features import cpu_features
+
+    requested = envs.cpu_bf16_matmul()
+    wanted = cpu_features().bf16_matmul if requested is None else requested
+    return torch.bfloat16 if wanted else None
 
 
 def _gguf_file(model_config: ModelConfig) -> Path | None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pagoda.layers.quantization.base import (
+    BatchedCopy,
     LinearMethod,
     WeightedLayer,
     release_float_weights,
@@ -34,10 +35,14 @@ class GGUFLinearMethod(LinearMethod):
 
     Args:
         block_gemm: multiply block-format layers with the block GEMM (False: fbgemm for all).
+        batched_dtype: multiply steps of many tokens in this dtype (`BatchedCopy`, widened from
+            the blocks once); None: the block GEMM (or fbgemm) for every step.
     """
 
-    def __init__(self, block_gemm: bool) -> None:
+    def __init__(self, block_gemm: bool, batched_dtype: torch.dtype | None = None) -> None:
         self.block_gemm = block_gemm
+        self.batched_dtype = batched_dtype
+        self._batched: BatchedCopy | None = None
         self._stored: dict[int, Any] = {}
         self._matrices: list[Matrix] = []
         self._keep: list[Any] = []
@@ -75,6 +80,8 @@ class GGUFLinearMethod(LinearMethod):
         ]
         for matrix, size in zip(self._matrices, sizes):
             matrix.rows = min(matrix.rows, size)  # a checkpoint's rows beyond this rank's unread
+        if self.batched_dtype is not None:
+            self._batched = self._batched_copy(layer, stored)
         library = cpu_library()
         if (
             self.block_gemm
@@ -93,7 +100,16 @@ class GGUFLinearMethod(LinearMethod):
             self._fallback.process_weights_after_loading(layer)
         self._stored.clear()
 
+    def _batched_copy(self, layer: WeightedLayer, stored: list[Any]) -> BatchedCopy:
+        assert self.batched_dtype is not None
+        if not self._stored:  # an LM head: its float weight was widened by the loader
+            return BatchedCopy(layer.weight, layer.bias, self.batched_dtype)
+        weight = torch.cat([matrix.dequantize() for matrix in stored])  # [out, in] float32
+        return BatchedCopy(weight, layer.bias, self.batched_dtype)
+
     def apply(self, layer: WeightedLayer, x: torch.Tensor) -> torch.Tensor:
+        if self._batched is not None and self._batched.applies(x):
+            return self._batched(x)
         if self._block_weight is not None:
             return self._block_weight(x)
         assert self._fallback is not None, "process_weights_after_loading() first"

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pagoda.layers.quantization.base import (
+    BatchedCopy,
     LinearMethod,
     WeightedLayer,
     release_float_weights,
@@ -36,12 +37,18 @@ class HalfLinearMethod(LinearMethod):
     Args:
         decoder_dtype: also keep the weight in this dtype (the checkpoint's bfloat16 or float16,
             so no value changes) for the C decoder, which reads it in place; None keeps none.
+        batched_dtype: multiply steps of many tokens in this dtype (`BatchedCopy`); None: always
+            fbgemm.
     """
 
     kind = "float16"
 
-    def __init__(self, decoder_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, decoder_dtype: torch.dtype | None = None, batched_dtype: torch.dtype | None = None
+    ) -> None:
         self.decoder_dtype = decoder_dtype
+        self.batched_dtype = batched_dtype
+        self._batched: BatchedCopy | None = None
         self._packed: torch.Tensor | None = None
         self._decoder_weight: torch.Tensor | None = None
         self._decoder_bias: torch.Tensor | None = None
@@ -56,9 +63,20 @@ class HalfLinearMethod(LinearMethod):
         if self.decoder_dtype is not None:
             self._decoder_weight = weight.detach().to(self.decoder_dtype).contiguous()
             self._decoder_bias = None if bias is None else bias.detach().float().clone()
+        if self.batched_dtype is not None:
+            # The decoder's copy, when it is in the same dtype, holds the same values: one copy.
+            source: torch.Tensor = weight
+            if (
+                self._decoder_weight is not None
+                and self._decoder_weight.dtype == self.batched_dtype
+            ):
+                source = self._decoder_weight
+            self._batched = BatchedCopy(source, bias, self.batched_dtype)
         release_float_weights(layer)
 
     def apply(self, layer: WeightedLayer, x: torch.Tensor) -> torch.Tensor:
+        if self._batched is not None and self._batched.applies(x):
+            return self._batched(x)
         return torch.ops.quantized.linear_dynamic_fp16(x.contiguous(), self._packed)
 
     def decoder_matrices(self, layer: WeightedLayer, keep: list[Any]) -> list[Matrix]:

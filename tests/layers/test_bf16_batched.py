@@ -1,0 +1,116 @@
+"""Batched steps in bfloat16 on CPUs with bfloat16 units: when the plan takes the path, what the
+layers compute on it, and how far the default model's outputs move (the tolerance it states).
+
+The rest of the suite runs the exact float32 products (`tests/conftest.py` sets
+PAGODA_CPU_BF16_MATMUL=0); these tests set the variable themselves. bfloat16 matrix multiplies
+run on every x86 CPU (emulated where there are no bf16 units, only slower), so every test here
+runs on every machine.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from torch.nn import functional as F
+
+import pagoda.cpu.features as features_module
+from pagoda import LLM, SamplingParams
+from pagoda.cpu.build import cpu_library
+from pagoda.cpu.features import CPUFeatures
+from pagoda.layers.linear import MergedColumnParallelLinear
+from pagoda.layers.quantization.base import BatchedCopy, linear_methods
+from pagoda.layers.quantization.gguf import GGUFLinearMethod
+from pagoda.layers.quantization.half import half_weight_matmul_available
+from pagoda.loader.gguf import GGUFMatrix
+from pagoda.loader.weight_plan import batched_matmul_dtype
+
+ZEN3 = CPUFeatures("AMD EPYC", frozenset({"avx2", "fma"}))
+ZEN4 = CPUFeatures("AMD EPYC", frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16"}))
+SAPPHIRE_RAPIDS = CPUFeatures("Xeon", frozenset({"avx2", "fma", "amx_tile", "amx_bf16"}))
+
+
+@pytest.mark.parametrize(
+    ("cpu", "setting", "expected"),
+    [
+        (ZEN3, None, None),
+        (ZEN4, None, torch.bfloat16),
+        (SAPPHIRE_RAPIDS, "auto", torch.bfloat16),
+        (ZEN3, "1", torch.bfloat16),
+        (ZEN4, "0", None),
+    ],
+    ids=["avx2-auto", "avx512-bf16-auto", "amx-auto", "avx2-forced-on", "avx512-bf16-forced-off"],
+)
+def test_batched_steps_are_bf16_only_where_the_cpu_has_bf16_units_unless_told(
+    monkeypatch: pytest.MonkeyPatch,
+    cpu: CPUFeatures,
+    setting: str | None,
+    expected: torch.dtype | None,
+) -> None:
+    monkeypatch.setattr(features_module, "cpu_features", lambda: cpu)
+    if setting is None:
+        monkeypatch.delenv("PAGODA_CPU_BF16_MATMUL", raising=False)
+    else:
+        monkeypatch.setenv("PAGODA_CPU_BF16_MATMUL", setting)
+    assert batched_matmul_dtype() == expected
+
+
+def test_a_bad_setting_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAGODA_CPU_BF16_MATMUL", "sometimes")
+    with pytest.raises(ValueError, match="PAGODA_CPU_BF16_MATMUL"):
+        batched_matmul_dtype()
+
+
+@pytest.mark.skipif(cpu_library() is None, reason="needs the compiled CPU kernels (a C compiler)")
+def test_a_gguf_layer_multiplies_many_tokens_in_bf16_and_few_on_its_blocks() -> None:
+    generator = np.random.default_rng(0)
+    shapes = [(40, 64), (24, 64)]  # gate and up
+    weights = [generator.standard_normal(shape).astype(np.float32) for shape in shapes]
+    blocks = [gguf.quants.quantize(w, Q.Q8_0) for w in weights]
+    dequantized = torch.cat([torch.from_numpy(gguf.quants.dequantize(b, Q.Q8_0)) for b in blocks])
+    with linear_methods(lambda layer: GGUFLinearMethod(True, torch.bfloat16)):
+        layer = MergedColumnParallelLinear(64, [40, 24], bias=False)
+    for shard, stored in enumerate(blocks):
+        layer.weight_loader(layer.weight, GGUFMatrix(Q.Q8_0, stored, 64), shard)
+    layer.method.process_weights_after_loading(layer)
+    many = torch.randn(BatchedCopy.MIN_TOKENS * 2, 64)
+    # The same bfloat16 product oneDNN computes for these rounded inputs.
+    want = F.linear(many.bfloat16(), dequantized.bfloat16()).float()
+    torch.testing.assert_close(layer(many), want, rtol=0, atol=0)
+    # Within bfloat16's rounding of the float32 product: 8 bits of mantissa on each input.
+    torch.testing.assert_close(layer(many), many @ dequantized.T, rtol=2e-2, atol=5e-2)
+    few = torch.randn(2, 64)  # below MIN_TOKENS: the blocks (int16 activations), not bfloat16
+    torch.testing.assert_close(layer(few), few @ dequantized.T, rtol=1e-4, atol=2e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not half_weight_matmul_available(), reason="this torch build has no fbgemm")
+def test_the_default_model_on_bf16_batched_steps_keeps_the_first_tokens_and_logprobs_near(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The tolerance of the bfloat16 path: on the parity prompts the token sampled from the
+    prefill (the step that runs in bfloat16) is float32's, and every top-5 logprob of it is
+    within 0.1 nats of float32's."""
+    prompts = [
+        "The capital of Germany is",
+        "def fibonacci(n):",
+        "Once upon a time, in a small village by the sea,",
+    ]
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
+    exact = LLM(dtype="float32").generate(prompts, params, use_tqdm=False)
+    monkeypatch.setenv("PAGODA_CPU_BF16_MATMUL", "1")
+    fast_llm = LLM()
+    runner = fast_llm.llm_engine.engine_core.executor.worker.model_runner
+    assert runner.weight_plan.batched_dtype == torch.bfloat16
+    assert runner.model is not None
+    assert "bfloat16 for batched steps" in runner.weight_plan.describe(runner.model)
+    fast = fast_llm.generate(prompts, params, use_tqdm=False)
+    for want, have in zip(exact, fast):
+        assert have.outputs[0].token_ids == want.outputs[0].token_ids
+        assert want.outputs[0].logprobs is not None and have.outputs[0].logprobs is not None
+        want_step, have_step = want.outputs[0].logprobs[0], have.outputs[0].logprobs[0]
+        for token_id, entry in want_step.items():
+            if token_id in have_step:
+                assert have_step[token_id].logprob == pytest.approx(entry.logprob, abs=0.1)
