@@ -79,8 +79,10 @@ def test_a_gguf_layer_multiplies_many_tokens_in_bf16_and_few_on_its_blocks() -> 
     # The same bfloat16 product oneDNN computes for these rounded inputs.
     want = F.linear(many.bfloat16(), dequantized.bfloat16()).float()
     torch.testing.assert_close(layer(many), want, rtol=0, atol=0)
-    # Within bfloat16's rounding of the float32 product: 8 bits of mantissa on each input.
-    torch.testing.assert_close(layer(many), many @ dequantized.T, rtol=2e-2, atol=5e-2)
+    # Within bfloat16's rounding of the float32 product (8 bits of mantissa on each input): the
+    # largest error under 1% of the largest output.
+    exact = many @ dequantized.T
+    assert (layer(many) - exact).abs().max() < 0.01 * exact.abs().max()
     few = torch.randn(2, 64)  # below MIN_TOKENS: the blocks (int16 activations), not bfloat16
     torch.testing.assert_close(layer(few), few @ dequantized.T, rtol=1e-4, atol=2e-3)
 
@@ -97,9 +99,14 @@ def test_the_default_model_on_bf16_batched_steps_keeps_the_first_tokens_and_logp
         "The capital of Germany is",
         "def fibonacci(n):",
         "Once upon a time, in a small village by the sea,",
+        "Numbers in order: 0 1 2 3 4 5 6 7 8 9 10 11 12",
     ]
     params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
-    exact = LLM(dtype="float32").generate(prompts, params, use_tqdm=False)
+    exact_llm = LLM(dtype="float32")
+    # The prompts prefill in one step, which is large enough for the bfloat16 path.
+    tokenizer = exact_llm.get_tokenizer()
+    assert sum(len(tokenizer.encode(p)) for p in prompts) >= BatchedCopy.MIN_TOKENS
+    exact = exact_llm.generate(prompts, params, use_tqdm=False)
     monkeypatch.setenv("PAGODA_CPU_BF16_MATMUL", "1")
     fast_llm = LLM()
     runner = fast_llm.llm_engine.engine_core.executor.worker.model_runner

@@ -95,11 +95,12 @@ class BatchedCopy:
 
     On CPUs with bfloat16 units (AVX512-BF16, AMX) oneDNN multiplies bfloat16 at about twice the
     float32 rate; the activations are rounded to bfloat16, the sums kept in float32. Below
-    `MIN_TOKENS` tokens a step is bound by reading the weights, not by arithmetic, and the layer's
-    own product runs instead.
+    `MIN_TOKENS` tokens a step is bound by reading the weights, not by arithmetic: a bfloat16 copy
+    is three times the bytes of Q4_1 blocks, so the layer's own product runs instead (the
+    crossover, measured over a whole model's layers, is in docs/performance.md item 14).
     """
 
-    MIN_TOKENS = 8
+    MIN_TOKENS = 32
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         self.weight = weight.detach().to(dtype).contiguous()
