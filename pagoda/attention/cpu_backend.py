@@ -3,19 +3,16 @@
 PyTorch has no paged attention for CPUs, and composing one from its operators means gathering
 every request's context into a padded batch per layer (a copy as large as the context, twice).
 `pagoda.cpu.paged_decode` reads K and V in place through the block tables instead. Prefill chunks
-attend as in the PyTorch reference backend, whose metadata this one extends. Without the compiled
+attend as in the PyTorch reference backend, whose per-step metadata this one uses as it is. Without the compiled
 kernels (no C compiler, PAGODA_CPU_KERNELS=0) or for tensors they cannot take, decodes also run the
 reference path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 
-from pagoda.attention.backend import AttentionLayer, StepLayout
+from pagoda.attention.backend import AttentionLayer
 from pagoda.attention.torch_backend import (
     TorchAttentionBackend,
     TorchAttentionMetadata,
@@ -24,21 +21,15 @@ from pagoda.attention.torch_backend import (
 from pagoda.cpu.paged_decode import kernel_applies, paged_decode_attention, paged_decode_kernel
 
 
-@dataclass
-class CPUAttentionMetadata(TorchAttentionMetadata):
-    # The compiled decode kernel, None when it cannot be used here.
-    decode_kernel: Callable[..., None] | None = None
-
-
 class CPUAttentionBackend(TorchAttentionBackend):
-    """The reference backend with decodes on the C kernel (CPU only)."""
+    """The reference backend with decodes on the C kernel (CPU only); the step's metadata is the
+    reference's."""
 
     name = "CPU_ATTN"
 
-    def build_metadata(self, layout: StepLayout, device: torch.device) -> CPUAttentionMetadata:
-        reference = super().build_metadata(layout, device)
-        fields = {name: getattr(reference, name) for name in reference.__dataclass_fields__}
-        return CPUAttentionMetadata(**fields, decode_kernel=paged_decode_kernel())
+    def __init__(self) -> None:
+        # The compiled decode kernel, None when it cannot be used here (no compiler, disabled).
+        self.decode_kernel = paged_decode_kernel()
 
     def forward(
         self,
@@ -47,9 +38,9 @@ class CPUAttentionBackend(TorchAttentionBackend):
         k: torch.Tensor,
         v: torch.Tensor,
         kv_cache: torch.Tensor,
-        metadata: CPUAttentionMetadata,  # type: ignore[override]
+        metadata: TorchAttentionMetadata,
     ) -> torch.Tensor:
-        kernel = metadata.decode_kernel
+        kernel = self.decode_kernel
         if metadata.decode_token_index is None or kernel is None or not kernel_applies(kv_cache, q):
             return super().forward(layer, q, k, v, kv_cache, metadata)
         write_kv_cache(kv_cache, k, v, metadata.slot_mapping)

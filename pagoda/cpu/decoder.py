@@ -131,8 +131,7 @@ class CPUDecoder:
                 *_matrices_of(mlp.gate_up_proj, keep),
                 *_matrices_of(mlp.down_proj, keep),
             ]
-            names = ("q", "k", "v", "o", "gate", "up", "down")
-            for name, matrix in zip(names, matrices, strict=True):
+            for name, matrix in zip(_PROJECTIONS, matrices, strict=True):
                 setattr(layers[index], name, matrix)
             layers[index].attn_norm = float_pointer(layer.input_layernorm.weight, keep)
             layers[index].ffn_norm = float_pointer(layer.post_attention_layernorm.weight, keep)

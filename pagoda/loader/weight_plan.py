@@ -50,7 +50,8 @@ class WeightPlan:
 
     @property
     def uses_cpu_decoder(self) -> bool:
-        return self.decoder_reason is None
+        """Whether the C decoder runs decode steps (only on the CPU's 16-bit weight methods)."""
+        return self.linear_method != "float" and self.decoder_reason is None
 
     @property
     def feeds_stored_matrices(self) -> bool:

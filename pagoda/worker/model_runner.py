@@ -83,18 +83,18 @@ class ModelRunner:
         num_params = sum(p.numel() for p in module.parameters())
         process_weights(module)
         self.model = cast(CausalLM, module)
-        if plan.linear_method != "float" and plan.decoder_reason is not None:
-            logger.info(
-                "Decode steps run in PyTorch: the C decoder does not support %s",
-                plan.decoder_reason,
-            )
-        elif plan.uses_cpu_decoder and plan.linear_method != "float":
+        logger.info("Weight plan: %s weights, %s", plan.linear_method, plan.reason)
+        if plan.uses_cpu_decoder:
             from pagoda.cpu.build import cpu_library
-            from pagoda.cpu.decoder import CPUDecoder
 
             library = cpu_library()
             assert library is not None, "the weight plan checked the CPU kernels"
             self.cpu_decoder = CPUDecoder(library, module)
+        elif plan.linear_method != "float":
+            logger.info(
+                "Decode steps run in PyTorch: the C decoder does not support %s",
+                plan.decoder_reason,
+            )
         self.attention_layers = sorted(
             (m for m in module.modules() if isinstance(m, Attention)),
             key=lambda m: m.layer_idx,

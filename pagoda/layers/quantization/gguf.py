@@ -80,32 +80,32 @@ class GGUFLinearMethod(LinearMethod):
         ]
         for matrix, size in zip(self._matrices, sizes):
             matrix.rows = min(matrix.rows, size)  # a checkpoint's rows beyond this rank's unread
-        if self.batched_dtype is not None:
-            self._batched = self._batched_copy(layer, stored)
         library = cpu_library()
-        if (
+        on_blocks = (
             self.block_gemm
             and library is not None
             and all(matrix.format in BLOCK_FORMATS_ALL for matrix in self._matrices)
-        ):
+        )
+        if not on_blocks:  # widen the shards the loader handed over as stored
+            offset = 0
+            for index, size in enumerate(sizes):
+                if index in self._stored:
+                    layer.weight.data.narrow(0, offset, size).copy_(stored[index].dequantize())
+                offset += size
+        if self.batched_dtype is not None:
+            # The float weight when it holds the values (widened above, or an LM head's, which
+            # the loader widened); else the blocks widened once, for this copy only.
+            widened = not on_blocks or not self._stored
+            weight = layer.weight if widened else torch.cat([m.dequantize() for m in stored])
+            self._batched = BatchedCopy(weight, layer.bias, self.batched_dtype)
+        if on_blocks:
+            assert library is not None
             self._block_weight = BlockWeight(library, self._matrices, self._keep)
             release_float_weights(layer)
         else:
-            offset = 0
-            for index, size in enumerate(sizes):
-                if index in self._stored:  # not widened by the loader yet
-                    layer.weight.data.narrow(0, offset, size).copy_(stored[index].dequantize())
-                offset += size
             self._fallback = HalfLinearMethod()
             self._fallback.process_weights_after_loading(layer)
         self._stored.clear()
-
-    def _batched_copy(self, layer: WeightedLayer, stored: list[Any]) -> BatchedCopy:
-        assert self.batched_dtype is not None
-        if not self._stored:  # an LM head: its float weight was widened by the loader
-            return BatchedCopy(layer.weight, layer.bias, self.batched_dtype)
-        weight = torch.cat([matrix.dequantize() for matrix in stored])  # [out, in] float32
-        return BatchedCopy(weight, layer.bias, self.batched_dtype)
 
     def apply(self, layer: WeightedLayer, x: torch.Tensor) -> torch.Tensor:
         if self._batched is not None and self._batched.applies(x):
