@@ -1,7 +1,7 @@
 """Profile the engine's step loop with torch.profiler on a fixed synthetic workload.
 
     python benchmarks/profile_engine.py --num-prompts 32 --input-len 256 --output-len 32 [--model M]
-        [--quantization Q] [--steps decode|prefill|all] [--trace out.json]
+        [--quantization Q] [--kv-cache-dtype auto|bfloat16|float32] [--trace out.json]
 
 Prints the wall time of prefill and decode steps separately and the top operators by self CPU time,
 so a change to the hot path can be predicted and then checked against the same table.
@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--quantization", default=None)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--trace", default=None)
     parser.add_argument(
@@ -38,7 +39,7 @@ def main() -> None:
     from pagoda.engine.llm_engine import LLMEngine
     from pagoda.sampling_params import SamplingParams
 
-    engine_kwargs = {"dtype": args.dtype}
+    engine_kwargs = {"dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype}
     if args.model:
         engine_kwargs["model"] = args.model
     if args.quantization:

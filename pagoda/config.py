@@ -33,6 +33,9 @@ _DTYPES: dict[str, str] = {
 }
 _BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
 _HASH_ALGOS = ("sha256",)
+# vLLM's --kv-cache-dtype names that Pagoda stores (its fp8 formats are not among them), and
+# float32, which vLLM does not name: auto resolves by the device and the weight plan (ModelRunner).
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float32")
 _DEVICES = ("auto", "cpu", "cuda")
 # Keys that hold a model's context length, in the order transformers' families use them.
 _MAX_LEN_KEYS = (
@@ -92,6 +95,8 @@ class CacheConfig:
     gpu_memory_utilization: float
     kv_cache_space: float | None
     num_gpu_blocks_override: int | None
+    # "auto", "bfloat16" or "float32" (KV_CACHE_DTYPES); the engine core resolves auto.
+    cache_dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,7 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     gpu_memory_utilization: float = 0.9
     kv_cache_space: float | None = None
+    kv_cache_dtype: str = "auto"
     swap_space: float = 4.0
     num_gpu_blocks_override: int | None = None
     enforce_eager: bool = False
@@ -199,6 +205,7 @@ class EngineArgs:
             # vLLM-CPU users set the budget by environment; an explicit argument wins.
             kv_cache_space=self.kv_cache_space or envs.cpu_kvcache_space(),
             num_gpu_blocks_override=self.num_gpu_blocks_override,
+            cache_dtype=self.kv_cache_dtype,
         )
         scheduler_config = SchedulerConfig(
             max_num_seqs=self.max_num_seqs,
@@ -237,6 +244,11 @@ class EngineArgs:
             )
         if self.kv_cache_space is not None and self.kv_cache_space <= 0:
             raise ValueError(f"kv_cache_space must be > 0 GiB, got {self.kv_cache_space}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; "
+                f"got {self.kv_cache_dtype!r}"
+            )
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
         if self.num_gpu_blocks_override is not None:

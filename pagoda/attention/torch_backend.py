@@ -6,6 +6,9 @@ longest; requests that compute several tokens (prefill chunks) attend one by one
 mask offset by the tokens already in the cache (prefix-cache hits and earlier chunks). A chunk
 that is its request's whole context attends over its own k/v with SDPA's causal kernel instead.
 
+The cache may hold a narrower dtype than the model computes in (`--kv-cache-dtype bfloat16` under
+float32): rows are rounded as they are written and widened back as they are gathered.
+
 Contexts are gathered a whole block at a time (`index_select` over block ids, K and V in one call):
 copying contiguous [block_size, kv_heads, head_dim] pages is several times faster than indexing
 slot by slot, and the tail of a request's last block is masked out like padding.
@@ -129,7 +132,7 @@ class TorchAttentionBackend(AttentionBackend):
         num_kv_heads, head_dim = kv_cache.shape[-2], kv_cache.shape[-1]
         batch = metadata.decode_token_index.shape[0]
         # [2, B * nb, block_size, Hkv, D] -> K and V as [B, nb * block_size, Hkv, D]
-        pages = kv_cache.index_select(1, metadata.decode_block_table.view(-1))
+        pages = kv_cache.index_select(1, metadata.decode_block_table.view(-1)).to(q.dtype)
         pages = pages.view(2, batch, -1, num_kv_heads, head_dim)
         queries = q[metadata.decode_token_index].unsqueeze(1)  # [B, 1, H, D]
         decoded = attend(
@@ -167,7 +170,7 @@ class TorchAttentionBackend(AttentionBackend):
                 out[rows] = attend_causal(q[rows], k[rows], v[rows], layer.scale)
                 continue
             # [2, nb, block_size, Hkv, D] -> K and V as [nb * block_size, Hkv, D]
-            pages = kv_cache.index_select(1, prefill.context_blocks)
+            pages = kv_cache.index_select(1, prefill.context_blocks).to(q.dtype)
             pages = pages.view(2, -1, num_kv_heads, head_dim)
             out[rows] = attend(
                 q[rows],

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from pagoda.config import KV_CACHE_DTYPES
+
 _DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 _BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
 _DEVICES = ("auto", "cpu", "cuda")
@@ -54,6 +56,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--kv-cache-space", type=float, default=None, help="CPU KV cache budget in GiB (default: 4)"
+    )
+    group.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default=None,
+        help="(default: auto: bfloat16 on CPUs with bf16 units, else the model's dtype)",
     )
     group.add_argument(
         "--gpu-memory-utilization", type=float, default=None, help="(default: 0.9, CUDA only)"

@@ -57,6 +57,7 @@ class _Model(ctypes.Structure):
                 "vocab",
                 "cache_blocks",
                 "block_size",
+                "kv_bf16",
             )
         ),
         ("eps", ctypes.c_float),
@@ -175,13 +176,18 @@ class CPUDecoder:
         return self._caches is not None
 
     def bind_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
-        """Point every layer at its cache `[2, cache_blocks, block_size, Hkv, D]` (float32)."""
+        """Point every layer at its cache `[2, cache_blocks, block_size, Hkv, D]` (float32 or
+        bfloat16, the same for every layer)."""
         if len(kv_caches) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} KV caches, got {len(kv_caches)}")
+        dtype = kv_caches[0].dtype
         for layer, cache in zip(self._layers, kv_caches):
-            if cache.dtype != torch.float32 or not cache.is_contiguous():
-                raise ValueError("the C decoder needs contiguous float32 KV caches")
+            if cache.dtype not in (torch.float32, torch.bfloat16) or not cache.is_contiguous():
+                raise ValueError("the C decoder needs contiguous float32 or bfloat16 KV caches")
+            if cache.dtype != dtype:
+                raise ValueError("the C decoder needs one KV cache dtype for every layer")
             layer.kv_cache = cache.data_ptr()
+        self._model.kv_bf16 = int(dtype == torch.bfloat16)
         self._model.cache_blocks = kv_caches[0].shape[1]
         self._model.block_size = kv_caches[0].shape[2]
         self._caches = kv_caches

@@ -45,6 +45,22 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
+def kv_cache_dtype(requested: str, model_dtype: torch.dtype, plan: WeightPlan) -> torch.dtype:
+    """The KV cache's element type for `--kv-cache-dtype requested` (pagoda.config.KV_CACHE_DTYPES).
+
+    auto: bfloat16 where the weight plan computes batched steps in bfloat16 (a CPU with bf16 units)
+    under a float32 model, since decode attention streams the whole context every step and a
+    bfloat16 row is half the bytes; the model's dtype everywhere else, so the exact paths stay exact.
+    """
+    if requested == "bfloat16":
+        return torch.bfloat16
+    if requested == "float32":
+        return torch.float32
+    if plan.batched_dtype == torch.bfloat16 and model_dtype == torch.float32:
+        return torch.bfloat16
+    return model_dtype
+
+
 class ModelRunner:
     """Runs the model over the paged KV cache for the plans the scheduler makes."""
 
@@ -54,6 +70,8 @@ class ModelRunner:
         self.cache_config = config.cache_config
         self.device = config.device_config.device
         self.dtype = self.model_config.dtype
+        # The KV cache's element type: the model's dtype until load_model resolves "auto".
+        self.kv_dtype = self.dtype
         self.block_size = self.cache_config.block_size
         self.backend = backend or create_backend(
             config.device_config.attention_backend, self.device.type
@@ -83,6 +101,7 @@ class ModelRunner:
         num_params = sum(p.numel() for p in module.parameters())
         process_weights(module)
         self.model = cast(CausalLM, module)
+        self.kv_dtype = kv_cache_dtype(self.cache_config.cache_dtype, self.dtype, plan)
         logger.info("Weight plan: %s weights, %s", plan.linear_method, plan.reason)
         if plan.uses_cpu_decoder:
             from pagoda.cpu.build import cpu_library
@@ -122,7 +141,7 @@ class ModelRunner:
         return iterate_safetensors(self.model_config.model_path)
 
     def kv_bytes_per_block(self) -> int:
-        element_size = torch.empty((), dtype=self.dtype).element_size()
+        element_size = torch.empty((), dtype=self.kv_dtype).element_size()
         per_token = sum(2 * layer.num_kv_heads * layer.head_dim for layer in self.attention_layers)
         return per_token * element_size * self.block_size
 
@@ -168,17 +187,18 @@ class ModelRunner:
             shape = self.backend.kv_cache_shape(
                 num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim
             )
-            self.kv_caches.append(_zeros(shape, self.dtype, self.device))
+            self.kv_caches.append(_zeros(shape, self.kv_dtype, self.device))
         if self.cpu_decoder is not None:
             self.cpu_decoder.bind_kv_caches(self.kv_caches)
         tokens = num_blocks * self.block_size
         gib = num_blocks * self.kv_bytes_per_block() / _GIB
         logger.info(
-            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)",
+            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %s)",
             num_blocks,
             self.block_size,
             tokens,
             gib,
+            str(self.kv_dtype).removeprefix("torch."),
         )
 
     def _update_states(self, plan: SchedulerOutput) -> None:

@@ -86,9 +86,12 @@ def _layout(context_lens: list[int], query_lens: list[int], num_blocks: int) -> 
     ("window", "softcap"), [(None, None), (6, None), (None, 30.0)], ids=["full", "window", "cap"]
 )
 @pytest.mark.parametrize("name", [n for n in ATTENTION_BACKEND_NAMES if n != "TORCH_SDPA"])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_cpu_backends_match_the_reference_on_a_mixed_step(
-    name: str, window: int | None, softcap: float | None
+    name: str, window: int | None, softcap: float | None, cache_dtype: torch.dtype
 ) -> None:
+    """Also on a bfloat16 cache under float32 queries (`--kv-cache-dtype bfloat16`): both
+    backends write the same rounded rows and attend over the same widened values."""
     torch.manual_seed(0)
     heads, kv_heads, head_dim, num_blocks = 6, 2, 32, 24
     # Two decodes, a 5-token chunk over 7 cached tokens, a whole 9-token prompt.
@@ -102,7 +105,7 @@ def test_cpu_backends_match_the_reference_on_a_mixed_step(
         sliding_window=window,
         logit_softcap=softcap,
     )
-    cache = torch.randn(2, num_blocks + 1, BLOCK_SIZE, kv_heads, head_dim)
+    cache = torch.randn(2, num_blocks + 1, BLOCK_SIZE, kv_heads, head_dim).to(cache_dtype)
     cache[:, num_blocks] = 0  # the padding block
     q = torch.randn(tokens, heads, head_dim)
     k = torch.randn(tokens, kv_heads, head_dim)

@@ -1,5 +1,7 @@
 """The compiled CPU decode-attention kernel against the PyTorch reference `attend`, on paged caches
-with scattered block tables, grouped-query heads, sliding windows and soft-capping."""
+with scattered block tables, grouped-query heads, sliding windows and soft-capping, in float32 and
+in bfloat16 (whose rows the kernel widens as it loads them: against the reference on the same
+widened values, the tolerance is float32's)."""
 
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ def reference(q, kv_cache, tables, lengths, scale, window, softcap):  # type: ig
     for b, length in enumerate(lengths.tolist()):
         positions = torch.arange(length)
         blocks = tables[b][positions // block_size]
-        keys = kv_cache[0][blocks, positions % block_size]  # [L, Hkv, D]
-        values = kv_cache[1][blocks, positions % block_size]
+        keys = kv_cache[0][blocks, positions % block_size].float()  # [L, Hkv, D]
+        values = kv_cache[1][blocks, positions % block_size].float()
         mask = torch.ones(1, length, dtype=torch.bool)
         if window is not None:
             mask &= positions[None, :] > length - 1 - window
@@ -40,11 +42,14 @@ def reference(q, kv_cache, tables, lengths, scale, window, softcap):  # type: ig
 )
 # Blocks of 16 let the AVX2 path (head_dim a multiple of 64) score eight positions at a time.
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_kernel_matches_reference(heads, kv_heads, head_dim, window, softcap, block_size) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_reference(
+    heads, kv_heads, head_dim, window, softcap, block_size, kv_dtype
+) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     num_blocks, batch = 40, 5
     assert kernel is not None
-    kv_cache = torch.randn(2, num_blocks + 1, block_size, kv_heads, head_dim)
+    kv_cache = torch.randn(2, num_blocks + 1, block_size, kv_heads, head_dim).to(kv_dtype)
     lengths = torch.tensor([1, 3, 4, 9, 41], dtype=torch.int64)
     max_blocks = 12
     # Scattered, distinct blocks per request; unused table entries point at the last block.

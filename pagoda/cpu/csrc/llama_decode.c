@@ -14,7 +14,8 @@
  *
  * Layouts (all contiguous, row-major):
  *   matrix    rows x row_bytes: output feature n is row n, input features along the row
- *   kv_cache  [2, cache_blocks, block_size, Hkv, D], as pagoda.attention.torch_backend
+ *   kv_cache  [2, cache_blocks, block_size, Hkv, D], as pagoda.attention.torch_backend: float32,
+ *             or bfloat16 when kv_bf16 (new rows rounded to nearest even, as torch rounds)
  *   cos, sin  [max_position, rotary_dim / 2], Neox-style rotary over the first rotary_dim dims
  *   tables    [T, max_blocks] block ids; ctx_lens [T] context length including the new token
  *   logits    [T, vocab]
@@ -24,7 +25,7 @@
 typedef struct {
     pg_matrix q, k, v, o, gate, up, down;
     const float *attn_norm, *ffn_norm;
-    float *kv_cache;
+    void *kv_cache;
     int64_t window; /* 0: the whole context */
     float scale;
 } pg_layer;
@@ -32,6 +33,7 @@ typedef struct {
 typedef struct {
     int64_t num_layers, hidden, num_heads, num_kv_heads, head_dim, rotary_dim, intermediate;
     int64_t vocab, cache_blocks, block_size;
+    int64_t kv_bf16; /* the KV cache holds bfloat16, not float32 */
     float eps;
     const float *cos, *sin;
     const float *final_norm;
@@ -44,6 +46,24 @@ void pagoda_paged_decode_attention_f32(float *out, const float *q, const float *
                                        int64_t max_blocks, const int64_t *ctx_lens, int64_t B,
                                        int64_t H, int64_t Hkv, int64_t D, int64_t block_size,
                                        float scale, int64_t window, float softcap);
+void pagoda_paged_decode_attention_bf16(float *out, const float *q, const uint16_t *cache,
+                                        int64_t num_blocks, const int64_t *tables,
+                                        int64_t max_blocks, const int64_t *ctx_lens, int64_t B,
+                                        int64_t H, int64_t Hkv, int64_t D, int64_t block_size,
+                                        float scale, int64_t window, float softcap);
+
+/* x rounded to bfloat16, to nearest even, any NaN as 0x7fc0: what torch's .to(bfloat16) does, so
+ * a row the decoder writes equals the one the PyTorch path writes. */
+static void store_bf16(uint16_t *out, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t bits;
+        memcpy(&bits, x + i, sizeof bits);
+        if ((bits & 0x7fffffffu) > 0x7f800000u)
+            out[i] = 0x7fc0u;
+        else
+            out[i] = (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+    }
+}
 
 /* Row n of w as float32: a pointer into w itself for float32, else widened into buf. */
 static const float *matrix_row(const pg_matrix *w, int64_t n, float *buf) {
@@ -437,19 +457,33 @@ int pagoda_llama_decode_step(const pg_model *model, int64_t T, const int64_t *to
         float *qkv_out[3] = {q, k, v};
         matmul_group(qkv, qkv_out, 3, normed, T, 0);
 
-        float *key_cache = layer->kv_cache;
-        float *value_cache = key_cache + model->cache_blocks * model->block_size * kv_row;
+        const int64_t cache_rows = model->cache_blocks * model->block_size;
         for (int64_t t = 0; t < T; ++t) {
             const float *cos = model->cos + positions[t] * half;
             const float *sin = model->sin + positions[t] * half;
             rotate(q + t * H * D, H, D, model->rotary_dim, cos, sin);
             rotate(k + t * kv_row, Hkv, D, model->rotary_dim, cos, sin);
-            memcpy(key_cache + slots[t] * kv_row, k + t * kv_row, kv_row * sizeof(float));
-            memcpy(value_cache + slots[t] * kv_row, v + t * kv_row, kv_row * sizeof(float));
+            if (model->kv_bf16) {
+                uint16_t *key_cache = (uint16_t *)layer->kv_cache;
+                store_bf16(key_cache + slots[t] * kv_row, k + t * kv_row, kv_row);
+                store_bf16(key_cache + (cache_rows + slots[t]) * kv_row, v + t * kv_row, kv_row);
+            } else {
+                float *key_cache = (float *)layer->kv_cache;
+                memcpy(key_cache + slots[t] * kv_row, k + t * kv_row, kv_row * sizeof(float));
+                memcpy(key_cache + (cache_rows + slots[t]) * kv_row, v + t * kv_row,
+                       kv_row * sizeof(float));
+            }
         }
-        pagoda_paged_decode_attention_f32(attended, q, layer->kv_cache, model->cache_blocks,
-                                          tables, max_blocks, ctx_lens, T, H, Hkv, D,
-                                          model->block_size, layer->scale, layer->window, 0.f);
+        if (model->kv_bf16)
+            pagoda_paged_decode_attention_bf16(attended, q, (const uint16_t *)layer->kv_cache,
+                                               model->cache_blocks, tables, max_blocks, ctx_lens,
+                                               T, H, Hkv, D, model->block_size, layer->scale,
+                                               layer->window, 0.f);
+        else
+            pagoda_paged_decode_attention_f32(attended, q, (const float *)layer->kv_cache,
+                                              model->cache_blocks, tables, max_blocks, ctx_lens,
+                                              T, H, Hkv, D, model->block_size, layer->scale,
+                                              layer->window, 0.f);
         matmul(&layer->o, projected, attended, T);
         for (int64_t i = 0; i < T * E; ++i) x[i] += projected[i];
 

@@ -1,11 +1,13 @@
-/* Paged decode attention on CPU, float32.
+/* Paged decode attention on CPU: float32 arithmetic over a float32 or bfloat16 KV cache.
  *
  * One query token per request attends over that request's context, read in place from the paged
  * KV cache through its block table: no gather, no padding, each K/V row read once per kv head.
  *
  * Layouts (all contiguous):
- *   q        [B, H, D]
- *   cache    [2, num_blocks, block_size, Hkv, D]   (K then V; the engine's per-layer cache)
+ *   q        [B, H, D] float32
+ *   cache    [2, num_blocks, block_size, Hkv, D]   (K then V; the engine's per-layer cache), float32
+ *            (pagoda_paged_decode_attention_f32) or bfloat16 (_bf16: half the bytes per step, each
+ *            element widened to float32 as it is loaded)
  *   tables   [B, max_blocks] int64 block ids
  *   ctx_lens [B] int64 tokens in each request's context, the new one included
  *   out      [B, H, D]
@@ -23,31 +25,6 @@
 #include <immintrin.h>
 #define PG_ATTEND_AVX2 1
 #endif
-
-/* Rows of a paged cache are scattered (a request's blocks anywhere, its kv head a stride apart
- * within a block): the hardware prefetcher loses them at every 4 KiB page, and each row then costs
- * a DRAM round trip. Fetch the row PG_AHEAD positions on instead. */
-#define PG_AHEAD 8
-
-static inline void prefetch_row(const float *base, const int64_t *table, int64_t pos,
-                                int64_t length, int64_t block_size, int64_t row, int64_t D) {
-    if (pos >= length) return;
-    const char *p = (const char *)(base + (table[pos / block_size] * block_size +
-                                           pos % block_size) * row);
-    for (int64_t offset = 0; offset < D * (int64_t)sizeof(float); offset += 64)
-        __builtin_prefetch(p + offset);
-}
-
-/* One block of a walk over a context, block by block (one division per block, not per position):
- * the positions [*lo, *hi) of the block starting at position `first` that fall in [start, length),
- * and where that block's rows begin in `base` (row r of it at base + r * row). */
-static inline const float *block_rows(const float *base, const int64_t *table, int64_t first,
-                                      int64_t start, int64_t length, int64_t block_size,
-                                      int64_t row, int64_t *lo, int64_t *hi) {
-    *lo = first > start ? first : start;
-    *hi = first + block_size < length ? first + block_size : length;
-    return base + table[first / block_size] * block_size * row;
-}
 
 #ifdef PG_ATTEND_AVX2
 /* e^x for x <= 0 in eight lanes: x = n ln2 + r, e^r by a degree-7 polynomial (Cephes' expf
@@ -78,165 +55,39 @@ static inline __m256 sum_lanes8(const __m256 *a) {
                          _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-/* One query head qh [D] over positions [start, length) of kv head rows `keys`/`values` (row r of
- * block b at base + (b * block_size + r) * row): out [D]. D a multiple of 64, no soft-capping.
- * Scores of eight positions at a time (eight independent FMA chains, one transposed sum), the
- * softmax's exponentials eight at a time, and the weighted sum of V with 64 dims in registers. */
-static void attend_head_avx2(float *out, const float *qh, const float *keys, const float *values,
-                             const int64_t *table, int64_t start, int64_t length, int64_t D,
-                             int64_t block_size, int64_t row, float scale, float *scores) {
-    const int64_t n = length - start;
-    __m256 peak8 = _mm256_set1_ps(-INFINITY);
-    const __m256 scale8 = _mm256_set1_ps(scale);
-    for (int64_t first = start - start % block_size; first < length; first += block_size) {
-        int64_t lo, hi;
-        const float *page =
-            block_rows(keys, table, first, start, length, block_size, row, &lo, &hi);
-        int64_t pos = lo;
-        for (; pos + 8 <= hi; pos += 8) {
-            __m256 acc[8];
-            for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-            const float *k = page + (pos - first) * row;
-            for (int64_t d = 0; d < D; d += 8) {
-                const __m256 qv = _mm256_loadu_ps(qh + d);
-                for (int j = 0; j < 8; ++j)
-                    acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(k + j * row + d), qv, acc[j]);
-            }
-            prefetch_row(keys, table, pos + PG_AHEAD, length, block_size, row, D);
-            const __m256 s = _mm256_mul_ps(sum_lanes8(acc), scale8);
-            _mm256_storeu_ps(scores + (pos - start), s);
-            peak8 = _mm256_max_ps(peak8, s);
-        }
-        for (; pos < hi; ++pos) {
-            const float *k = page + (pos - first) * row;
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t d = 0; d < D; d += 8)
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(k + d), _mm256_loadu_ps(qh + d), acc);
-            __m256 one[8] = {acc, acc, acc, acc, acc, acc, acc, acc};
-            const float score = _mm256_cvtss_f32(sum_lanes8(one)) * scale;
-            scores[pos - start] = score;
-            peak8 = _mm256_max_ps(peak8, _mm256_set1_ps(score));
-        }
-    }
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(peak8), _mm256_extractf128_ps(peak8, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    const float peak = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
-    __m256 total8 = _mm256_setzero_ps();
-    int64_t t = 0;
-    for (; t + 8 <= n; t += 8) {
-        const __m256 e =
-            exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + t), _mm256_set1_ps(peak)));
-        _mm256_storeu_ps(scores + t, e);
-        total8 = _mm256_add_ps(total8, e);
-    }
-    if (t < n) { /* the tail through the same polynomial, padded with -inf (e = 0) */
-        float tail[8];
-        for (int j = 0; j < 8; ++j) tail[j] = t + j < n ? scores[t + j] - peak : -INFINITY;
-        const __m256 e = exp_nonpositive(_mm256_loadu_ps(tail));
-        _mm256_storeu_ps(tail, e);
-        for (int j = 0; t + j < n; ++j) scores[t + j] = tail[j];
-        total8 = _mm256_add_ps(total8, e);
-    }
-    __m256 totals[8] = {total8, total8, total8, total8, total8, total8, total8, total8};
-    const __m256 inv = _mm256_set1_ps(1.f / _mm256_cvtss_f32(sum_lanes8(totals)));
-    for (int64_t d0 = 0; d0 < D; d0 += 64) {
-        __m256 acc[8];
-        for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-        for (int64_t first = start - start % block_size; first < length; first += block_size) {
-            int64_t lo, hi;
-            const float *page =
-                block_rows(values + d0, table, first, start, length, block_size, row, &lo, &hi);
-            for (int64_t pos = lo; pos < hi; ++pos) {
-                const float *v = page + (pos - first) * row;
-                if (d0 == 0)
-                    prefetch_row(values, table, pos + PG_AHEAD, length, block_size, row, D);
-                const __m256 p = _mm256_set1_ps(scores[pos - start]);
-                for (int j = 0; j < 8; ++j)
-                    acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * j), acc[j]);
-            }
-        }
-        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + d0 + 8 * j, _mm256_mul_ps(acc[j], inv));
-    }
-}
 #endif
 
-void pagoda_paged_decode_attention_f32(float *out, const float *q, const float *cache,
-                                       int64_t num_blocks, const int64_t *tables,
-                                       int64_t max_blocks, const int64_t *ctx_lens, int64_t B,
-                                       int64_t H, int64_t Hkv, int64_t D, int64_t block_size,
-                                       float scale, int64_t window, float softcap) {
-    const int64_t G = H / Hkv;
-    const int64_t row = Hkv * D;
-    const float *values = cache + num_blocks * block_size * row;
+/* bfloat16 is the top half of a float32: widening is a 16-bit shift. */
+static inline float pg_bf16_to_f32(uint16_t x) {
+    union {
+        uint32_t bits;
+        float value;
+    } u = {(uint32_t)x << 16};
+    return u.value;
+}
 
-#pragma omp parallel
-    {
-        float *scores = NULL;
-        int64_t capacity = 0;
-
-        /* One item per (request, query head): a decode step of one request still has H items to
-         * share out (its Hkv kv heads alone left one of two threads idle a third of the time);
-         * the G query heads of a kv head read its rows from cache after the first. */
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < B * H; ++item) {
-            const int64_t b = item / H, qhead = item % H, h = qhead / G;
-            const int64_t length = ctx_lens[b];
-            const int64_t start = (window > 0 && length > window) ? length - window : 0;
-            const int64_t n = length - start;
-            if (n > capacity) {
-                free(scores);
-                capacity = n;
-                scores = (float *)malloc((size_t)capacity * sizeof(float));
-            }
-            const float *qh = q + (b * H + qhead) * D;
-            const int64_t *table = tables + b * max_blocks;
-            const float *key_rows = cache + h * D, *value_rows = values + h * D;
 #ifdef PG_ATTEND_AVX2
-            if (D % 64 == 0 && softcap <= 0.f) {
-                attend_head_avx2(out + (b * H + qhead) * D, qh, key_rows, value_rows, table, start,
-                                 length, D, block_size, row, scale, scores);
-                continue;
-            }
-#endif
-            float peak = -INFINITY;
-
-            for (int64_t first = start - start % block_size; first < length; first += block_size) {
-                int64_t lo, hi;
-                const float *page =
-                    block_rows(key_rows, table, first, start, length, block_size, row, &lo, &hi);
-                for (int64_t pos = lo; pos < hi; ++pos) {
-                    const float *k = page + (pos - first) * row;
-                    prefetch_row(key_rows, table, pos + PG_AHEAD, length, block_size, row, D);
-                    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-                    for (int64_t d = 0; d < D; ++d) s += qh[d] * k[d];
-                    s *= scale;
-                    if (softcap > 0.f) s = softcap * tanhf(s / softcap);
-                    scores[pos - start] = s;
-                    peak = s > peak ? s : peak;
-                }
-            }
-            float total = 0.f;
-            for (int64_t t = 0; t < n; ++t) {
-                scores[t] = expf(scores[t] - peak);
-                total += scores[t];
-            }
-            const float inv = 1.f / total;
-            float *acc = out + (b * H + qhead) * D;
-            memset(acc, 0, (size_t)D * sizeof(float));
-            for (int64_t first = start - start % block_size; first < length; first += block_size) {
-                int64_t lo, hi;
-                const float *page =
-                    block_rows(value_rows, table, first, start, length, block_size, row, &lo, &hi);
-                for (int64_t pos = lo; pos < hi; ++pos) {
-                    const float *v = page + (pos - first) * row;
-                    prefetch_row(value_rows, table, pos + PG_AHEAD, length, block_size, row, D);
-                    const float p = scores[pos - start] * inv;
-#pragma omp simd
-                    for (int64_t d = 0; d < D; ++d) acc[d] += p * v[d];
-                }
-            }
-        }
-        free(scores);
-    }
+static inline __m256 pg_load8_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
+#endif
+
+#define PG_CAT2(a, b) a##b
+#define PG_CAT(a, b) PG_CAT2(a, b)
+
+#define PG_KV float
+#define PG_NAME(name) PG_CAT(name, _f32)
+#define PG_LOAD8(p) _mm256_loadu_ps(p)
+#define PG_KV_TO_F32(x) (x)
+#include "paged_decode_body.h"
+#undef PG_KV
+#undef PG_NAME
+#undef PG_LOAD8
+#undef PG_KV_TO_F32
+
+#define PG_KV uint16_t
+#define PG_NAME(name) PG_CAT(name, _bf16)
+#define PG_LOAD8(p) pg_load8_bf16(p)
+#define PG_KV_TO_F32(x) pg_bf16_to_f32(x)
+#include "paged_decode_body.h"

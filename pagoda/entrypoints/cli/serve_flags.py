@@ -14,6 +14,7 @@ import json
 import re
 from decimal import Decimal, InvalidOperation
 
+from pagoda.config import KV_CACHE_DTYPES
 from pagoda.loader.resolve import DEFAULT_MODEL
 
 DEFAULT_HOST = "127.0.0.1"
@@ -251,6 +252,13 @@ def _add_load_cache_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="KV cache budget on CPU, in GiB (default: None -> 4)",
+    )
+    cache.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default="auto",
+        help="KV cache element type: auto -> the model's dtype, except bfloat16 on CPUs with "
+        "bfloat16 units when the model computes in float32 (half the bytes per decode step)",
     )
     cache.add_argument(
         "--num-gpu-blocks-override",
