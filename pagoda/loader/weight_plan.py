@@ -47,6 +47,9 @@ class WeightPlan:
     block_gemm: bool = False  # the "gguf" method multiplies block layers with the block GEMM
     # The dtype of steps of many tokens (bfloat16 on CPUs with bf16 units); None: float32.
     batched_dtype: torch.dtype | None = None
+    # Block layers multiply those steps with the bfloat16 block GEMM, keeping no bfloat16 copy
+    # (AVX512-BF16 without AMX: see pagoda.layers.quantization.gguf).
+    bf16_blocks: bool = False
 
     @property
     def uses_cpu_decoder(self) -> bool:
@@ -65,7 +68,7 @@ class WeightPlan:
         from pagoda.layers.quantization.half import HalfLinearMethod
 
         if self.linear_method == "gguf":
-            return GGUFLinearMethod(self.block_gemm, self.batched_dtype)
+            return GGUFLinearMethod(self.block_gemm, self.batched_dtype, self.bf16_blocks)
         if self.linear_method == "float16":
             decoder_dtype = self.decoder_dtype if self.uses_cpu_decoder else None
             return HalfLinearMethod(decoder_dtype, self.batched_dtype)
@@ -92,6 +95,8 @@ class WeightPlan:
         note = " (linear weights " + ", and ".join(parts)
         if self.batched_dtype is not None:
             note += f", {str(self.batched_dtype).removeprefix('torch.')} for batched steps"
+            if self.bf16_blocks:
+                note += " on the blocks"
         return note + (", C decoder for decode steps)" if self.uses_cpu_decoder else ")")
 
 
@@ -122,11 +127,13 @@ def decide_weight_plan(model_config: ModelConfig, device: torch.device) -> Weigh
     if gguf_file is not None and decoder_reason is None:
         from pagoda.cpu.matrix import block_gemm_available
 
+        block_gemm = block_gemm_available()
         return WeightPlan(
             "gguf",
             "the GGUF file's matrices as stored",
-            block_gemm=block_gemm_available(),
+            block_gemm=block_gemm,
             batched_dtype=batched_dtype,
+            bf16_blocks=block_gemm and batched_dtype == torch.bfloat16 and bf16_blocks_pay(),
         )
     bfloat16 = _config_dtype(model_config.hf_config) == "bfloat16"
     return WeightPlan(
@@ -147,6 +154,20 @@ def batched_matmul_dtype() -> torch.dtype | None:
     requested = envs.cpu_bf16_matmul()
     wanted = cpu_features().bf16_matmul if requested is None else requested
     return torch.bfloat16 if wanted else None
+
+
+def bf16_blocks_pay() -> bool:
+    """Whether bfloat16 batched steps should multiply GGUF blocks in place (the block GEMM's
+    AVX512-BF16 variant) rather than a bfloat16 copy: where the build has the variant and the CPU
+    no AMX (whose tiles, through oneDNN, outrun any AVX-512 kernel on a copy)."""
+    from pagoda.cpu.block_gemm import bf16_block_gemm_available
+    from pagoda.cpu.build import cpu_library
+    from pagoda.cpu.features import cpu_features
+
+    library = cpu_library()
+    if library is None or cpu_features().amx_bf16:
+        return False
+    return bf16_block_gemm_available(library)
 
 
 def _gguf_file(model_config: ModelConfig) -> Path | None:

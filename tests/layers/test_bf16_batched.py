@@ -1,5 +1,6 @@
-"""Batched steps in bfloat16 on CPUs with bfloat16 units: when the plan takes the path, what the
-layers compute on it, and how far the default model's outputs move (the tolerance it states).
+"""Batched steps in bfloat16 on CPUs with bfloat16 units: when the plan takes the path (a copy, or
+the blocks themselves on AVX512-BF16), what the layers compute on it, and how far the default
+model's outputs move (the tolerance it states).
 
 The rest of the suite runs the exact float32 products (`tests/conftest.py` sets
 PAGODA_CPU_BF16_MATMUL=0); these tests set the variable themselves. bfloat16 matrix multiplies
@@ -21,14 +22,15 @@ from torch.nn import functional as F
 
 import pagoda.cpu.features as features_module
 from pagoda import LLM, SamplingParams
+from pagoda.cpu.block_gemm import bf16_block_gemm_available, block_linear
 from pagoda.cpu.build import cpu_library
 from pagoda.cpu.features import CPUFeatures
-from pagoda.layers.linear import MergedColumnParallelLinear
+from pagoda.layers.linear import MergedColumnParallelLinear, ReplicatedLinear
 from pagoda.layers.quantization.base import BatchedCopy, linear_methods
 from pagoda.layers.quantization.gguf import GGUFLinearMethod
 from pagoda.layers.quantization.half import half_weight_matmul_available
 from pagoda.loader.gguf import GGUFMatrix
-from pagoda.loader.weight_plan import batched_matmul_dtype
+from pagoda.loader.weight_plan import batched_matmul_dtype, bf16_blocks_pay
 
 ZEN3 = CPUFeatures("AMD EPYC", frozenset({"avx2", "fma"}))
 ZEN4 = CPUFeatures("AMD EPYC", frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16"}))
@@ -157,3 +159,65 @@ def test_a_gguf_model_with_an_f16_head_runs_bf16_batched_steps_on_both_kinds_of_
     assert len(shared) >= 4  # the fifth may swap with the sixth
     for token_id in shared:
         assert have_step[token_id].logprob == pytest.approx(want_step[token_id].logprob, abs=0.05)
+
+
+bf16_gemm = pytest.mark.skipif(
+    cpu_library() is None or not bf16_block_gemm_available(cpu_library()),  # type: ignore[arg-type]
+    reason="the CPU kernels were built without AVX512-BF16 (this CPU lacks it)",
+)
+
+
+@bf16_gemm
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+# 8 tokens: one partial vector of 16; 16: one full; 17 and 41: several, the last partial. 100 rows
+# take a 96-row tile and a partial one; 42 rows are read row by row (not interleaved); 320 inputs
+# take a 256-input panel and a 64-input one.
+@pytest.mark.parametrize("tokens", [8, 16, 17, 41])
+@pytest.mark.parametrize(("rows", "cols"), [(100, 96), (42, 320)])
+def test_the_bf16_block_gemm_is_exact_on_the_bf16_rounded_values(
+    qtype: Q, tokens: int, rows: int, cols: int
+) -> None:
+    """The product of the weights and tokens each rounded to bfloat16 (nearest even), summed in
+    float32: against that product in float64, float32's summation error only."""
+    generator = np.random.default_rng(0)
+    weights = generator.standard_normal((rows, cols)).astype(np.float32)
+    blocks = gguf.quants.quantize(weights, qtype)
+    dequantized = torch.from_numpy(gguf.quants.dequantize(blocks, qtype))
+    x = torch.randn(tokens, cols)
+    bias = torch.randn(rows)
+    got = block_linear([GGUFMatrix(qtype, blocks, cols)], x, [bias], bf16=True)
+    want = x.bfloat16().double() @ dequantized.bfloat16().double().T + bias.double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # And bfloat16's rounding away from the float32 product: under 1% of the largest output.
+    exact = x @ dequantized.T + bias
+    assert (got - exact).abs().max() < 0.01 * exact.abs().max()
+
+
+@bf16_gemm
+def test_a_gguf_layer_on_bf16_blocks_keeps_no_copy() -> None:
+    generator = np.random.default_rng(1)
+    weight = generator.standard_normal((64, 64)).astype(np.float32)
+    blocks = gguf.quants.quantize(weight, Q.Q4_1)
+    dequantized = torch.from_numpy(gguf.quants.dequantize(blocks, Q.Q4_1))
+    with linear_methods(lambda layer: GGUFLinearMethod(True, torch.bfloat16, bf16_blocks=True)):
+        layer = ReplicatedLinear(64, 64, bias=False)
+    layer.weight_loader(layer.weight, GGUFMatrix(Q.Q4_1, blocks, 64))
+    layer.method.process_weights_after_loading(layer)
+    method: Any = layer.method
+    assert method._batched is None and method._block_weight.bf16
+    many = torch.randn(BatchedCopy.MIN_TOKENS * 2, 64)
+    want = many.bfloat16().double() @ dequantized.bfloat16().double().T
+    torch.testing.assert_close(layer(many).double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("cpu", "expected"), [(ZEN4, True), (SAPPHIRE_RAPIDS, False)], ids=["avx512-bf16", "amx"]
+)
+def test_bf16_blocks_replace_the_copy_on_avx512_bf16_but_not_under_amx(
+    monkeypatch: pytest.MonkeyPatch, cpu: CPUFeatures, expected: bool
+) -> None:
+    import pagoda.cpu.block_gemm as block_gemm_module
+
+    monkeypatch.setattr(features_module, "cpu_features", lambda: cpu)
+    monkeypatch.setattr(block_gemm_module, "bf16_block_gemm_available", lambda library: True)
+    assert bf16_blocks_pay() is (expected and cpu_library() is not None)
