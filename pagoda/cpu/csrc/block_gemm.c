@@ -227,15 +227,84 @@ static void pack_tokens_bf16(const float *x, int64_t T, int64_t cols, int64_t t0
     }
 }
 
-/* The widened panel w [PG_NR][PG_KC] (float32) as bfloat16 pairs wp [PG_NR][PG_KC / 2]. */
-static void round_panel_bf16(const float *w, int64_t kc, uint32_t *wp) {
-    for (int64_t r = 0; r < PG_NR; ++r)
-        for (int64_t k = 0; k < kc; k += 32) {
-            const __m512 lo = _mm512_loadu_ps(w + r * PG_KC + k);
-            const __m512 hi = _mm512_loadu_ps(w + r * PG_KC + k + 16);
-            _mm512_storeu_si512((void *)(wp + r * (PG_KC / 2) + k / 2),
-                                (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+/* One block's 32 weights as bfloat16 (to nearest even from the float32 values widen_q8_0 and
+ * widen_q4 compute, the same operations in the same order) at out, 64 bytes. A Q4 block's sixteen
+ * possible values are computed and rounded once, and its nibbles look them up (vpermw). */
+static inline void widen_q8_0_bf16(float d, const int8_t *qs, void *out) {
+    const __m512 scale = _mm512_set1_ps(d);
+    const __m512 lo = _mm512_mul_ps(
+        scale, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qs))));
+    const __m512 hi = _mm512_mul_ps(
+        scale,
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16)))));
+    _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+static inline void widen_q4_bf16(float d, float m, int with_min, const uint8_t *qs, void *out) {
+    const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 scale = _mm512_set1_ps(d);
+    const __m512 values =
+        with_min ? _mm512_add_ps(_mm512_mul_ps(scale, q), _mm512_set1_ps(m))
+                 : _mm512_mul_ps(_mm512_sub_ps(q, _mm512_set1_ps(8.f)), scale);
+    const __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(values));
+    const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)qs));
+    const __m256i low = _mm256_and_si256(bytes, _mm256_set1_epi16(0x0f));
+    const __m256i high = _mm256_srli_epi16(bytes, 4);
+    const __m512i index = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+    _mm512_storeu_si512(out, _mm512_permutexvar_epi16(index, table));
+}
+
+/* Rows n0 .. n0 + rows - 1 of w (the rest zero), inputs k0 .. k0 + kc - 1, as bfloat16 pairs
+ * wp [PG_NR][PG_KC / 2]: widen_tile_as with each block rounded as it is widened. */
+static inline __attribute__((always_inline)) void widen_tile_bf16_as(const pg_matrix *w,
+                                                                     int64_t format, int x4,
+                                                                     int64_t n0, int64_t rows,
+                                                                     int64_t k0, int64_t kc,
+                                                                     uint32_t *wp) {
+    const int64_t b0 = k0 / 32, b1 = (k0 + kc) / 32;
+    const int64_t header = block_header(format), payload = block_payload(format);
+    const int64_t span = (header + payload) * (b1 - b0) * (x4 ? 4 : 1);
+    for (int64_t i = rows; i < PG_NR; ++i)
+        memset(wp + i * (PG_KC / 2), 0, (size_t)(kc / 2) * sizeof(uint32_t));
+    for (int64_t i = 0; i < rows; ++i) {
+        if (i % 4 == 0 && i + 8 < rows) {
+            const char *ahead = (const char *)block_address_as(w, format, x4, n0 + i + 8, b0);
+            for (int64_t byte = 0; byte < span; byte += 64) _mm_prefetch(ahead + byte, _MM_HINT_T0);
         }
+        const int64_t n = n0 + i;
+        for (int64_t b = b0; b < b1; ++b) {
+            const uint8_t *start = block_address_as(w, format, x4, n, b), *scale, *minimum, *qs;
+            if (x4) {
+                const int64_t lane = n % 4;
+                scale = start + 2 * lane;
+                minimum = start + 8 + 2 * lane;
+                qs = start + 4 * header + lane * payload;
+            } else {
+                scale = start;
+                minimum = start + 2;
+                qs = start + header;
+            }
+            void *out = wp + i * (PG_KC / 2) + (b - b0) * 16;
+            if (format == PG_Q8_0)
+                widen_q8_0_bf16(read_half(scale), (const int8_t *)qs, out);
+            else if (format == PG_Q4_0)
+                widen_q4_bf16(read_half(scale), 0.f, 0, qs, out);
+            else
+                widen_q4_bf16(read_half(scale), read_half(minimum), 1, qs, out);
+        }
+    }
+}
+
+static void widen_tile_bf16(const pg_matrix *w, int64_t n0, int64_t rows, int64_t k0, int64_t kc,
+                            uint32_t *wp) {
+    switch (w->format) {
+    case PG_Q8_0: widen_tile_bf16_as(w, PG_Q8_0, 0, n0, rows, k0, kc, wp); break;
+    case PG_Q4_0: widen_tile_bf16_as(w, PG_Q4_0, 0, n0, rows, k0, kc, wp); break;
+    case PG_Q4_1: widen_tile_bf16_as(w, PG_Q4_1, 0, n0, rows, k0, kc, wp); break;
+    case PG_Q8_0_X4: widen_tile_bf16_as(w, PG_Q8_0, 1, n0, rows, k0, kc, wp); break;
+    case PG_Q4_0_X4: widen_tile_bf16_as(w, PG_Q4_0, 1, n0, rows, k0, kc, wp); break;
+    default: widen_tile_bf16_as(w, PG_Q4_1, 1, n0, rows, k0, kc, wp); break;
+    }
 }
 
 /* c (+)= wp [R rows, stride PG_KC / 2][kc / 2] . xp [kc / 2][16] for V chunks of 16 tokens
@@ -312,11 +381,10 @@ int pagoda_block_gemm_bf16(const pg_matrix *const *mats, int count, const float 
 #pragma omp for schedule(static)
         for (int64_t chunk = 0; chunk < chunks; ++chunk)
             pack_tokens_bf16(x, T, cols, chunk * PG_BF16_LANES, xp + chunk * xp_chunk);
-        float *w = (float *)aligned_alloc(64, PG_NR * PG_KC * sizeof(float));
         uint32_t *wp = (uint32_t *)aligned_alloc(64, PG_NR * (PG_KC / 2) * sizeof(uint32_t));
         const size_t c_bytes = (size_t)(chunks * PG_NR * PG_BF16_LANES) * sizeof(float);
         float *c = (float *)aligned_alloc(64, c_bytes);
-        const int ok = w != NULL && wp != NULL && c != NULL;
+        const int ok = wp != NULL && c != NULL;
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -331,8 +399,7 @@ int pagoda_block_gemm_bf16(const pg_matrix *const *mats, int count, const float 
             const int64_t rows = matrix->rows - n0 < PG_NR ? matrix->rows - n0 : PG_NR;
             for (int64_t k0 = 0; k0 < cols; k0 += PG_KC) {
                 const int64_t kc = cols - k0 < PG_KC ? cols - k0 : PG_KC;
-                widen_tile(matrix, n0, rows, k0, kc, w);
-                round_panel_bf16(w, kc, wp);
+                widen_tile_bf16(matrix, n0, rows, k0, kc, wp);
                 const int64_t c_chunk = PG_NR * PG_BF16_LANES;
                 int64_t chunk = 0;
                 for (; chunk + 2 <= chunks; chunk += 2)
@@ -358,7 +425,6 @@ int pagoda_block_gemm_bf16(const pg_matrix *const *mats, int count, const float 
                         row[r] = cc[r * PG_BF16_LANES] + (bias != NULL ? bias[r] : 0.f);
                 }
         }
-        free(w);
         free(wp);
         free(c);
     }
