@@ -41,6 +41,7 @@ def machine_report() -> dict[str, Any]:
     from pagoda.cpu.matrix import block_gemm_available
     from pagoda.cuda_probe import cuda_available
     from pagoda.layers.quantization.half import half_weight_matmul_available
+    from pagoda.loader.weight_plan import batched_matmul_dtype, bf16_blocks_pay
 
     features = cpu_features()
     library = cpu_library()
@@ -58,6 +59,9 @@ def machine_report() -> dict[str, Any]:
         "fbgemm_float16_linear": half_weight_matmul_available(),
         "cpu_kernels": getattr(library, "_name", None),
         "block_gemm": block_gemm_available(),
+        # What a GGUF model's batched steps and KV cache get here with --dtype auto.
+        "batched_dtype": str(batched_matmul_dtype() or torch.float32).removeprefix("torch."),
+        "bf16_block_gemm": bf16_blocks_pay(),
         "cuda_visible": cuda_available(),
         "attention_backend_cpu": default_backend_name("cpu"),
         "attention_backend_cuda": default_backend_name("cuda"),
@@ -79,6 +83,10 @@ def cmd_env(args: argparse.Namespace) -> int:
     print(f"  fbgemm float16 linear: {'yes' if report['fbgemm_float16_linear'] else 'no'}")
     print(f"CPU kernels: {report['cpu_kernels'] or 'unavailable (see the log for why)'}")
     print(f"  block GEMM on GGUF blocks: {'yes' if report['block_gemm'] else 'no'}")
+    where = "on the blocks" if report["bf16_block_gemm"] else "on a copy of the weights"
+    if report["batched_dtype"] == "float32":
+        where = "exact"
+    print(f"  batched steps and the KV cache (dtype auto): {report['batched_dtype']}, {where}")
     print(f"CUDA: {'a device is visible' if report['cuda_visible'] else 'no device visible'}")
     print(
         f"Attention backend by default: {report['attention_backend_cpu']} on CPU, "
