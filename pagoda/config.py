@@ -36,6 +36,14 @@ _HASH_ALGOS = ("sha256",)
 # vLLM's --kv-cache-dtype names that Pagoda stores (its fp8 formats are not among them), and
 # float32, which vLLM does not name: auto resolves by the device and the weight plan (ModelRunner).
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float32")
+# --structured-outputs-config: vLLM's keys Pagoda honours, and its backends.
+STRUCTURED_OUTPUTS_BACKENDS = ("auto", "xgrammar", "guidance")
+_STRUCTURED_OUTPUTS_KEYS = (
+    "backend",
+    "disable_fallback",
+    "disable_any_whitespace",
+    "disable_additional_properties",
+)
 _DEVICES = ("auto", "cpu", "cuda")
 # Keys that hold a model's context length, in the order transformers' families use them.
 _MAX_LEN_KEYS = (
@@ -133,6 +141,8 @@ class EngineConfig:
     scheduler_config: SchedulerConfig
     device_config: DeviceConfig
     tensor_parallel_size: int = 1
+    # --structured-outputs-config: backend and the defaults of every constrained request.
+    structured_outputs_config: dict[str, Any] = field(default_factory=lambda: {"backend": "auto"})
 
 
 @dataclass
@@ -172,6 +182,7 @@ class EngineArgs:
     attention_backend: str | None = None
     disable_log_stats: bool = False
     usage_context: Literal["llm", "server"] = "llm"
+    structured_outputs_config: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -223,6 +234,7 @@ class EngineArgs:
                 attention_backend=_resolve_attention_backend(self.attention_backend, device),
             ),
             tensor_parallel_size=self.tensor_parallel_size,
+            structured_outputs_config={"backend": "auto", **(self.structured_outputs_config or {})},
         )
 
     def _validate_scalars(self) -> None:
@@ -249,6 +261,7 @@ class EngineArgs:
                 f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; "
                 f"got {self.kv_cache_dtype!r}"
             )
+        _validate_structured_outputs_config(self.structured_outputs_config)
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
         if self.num_gpu_blocks_override is not None:
@@ -394,3 +407,25 @@ def _read_json(path: Path) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     return data if isinstance(data, dict) else {}
+
+
+def _validate_structured_outputs_config(config: dict[str, Any] | None) -> None:
+    if config is None:
+        return
+    if not isinstance(config, dict):
+        raise ValueError(f"structured_outputs_config must be a dict, got {type(config).__name__}")
+    unknown = sorted(set(config) - set(_STRUCTURED_OUTPUTS_KEYS))
+    if unknown:
+        raise ValueError(
+            f"structured_outputs_config has unsupported keys {unknown}; supported: "
+            f"{', '.join(_STRUCTURED_OUTPUTS_KEYS)}"
+        )
+    backend = config.get("backend", "auto")
+    if backend not in STRUCTURED_OUTPUTS_BACKENDS:
+        raise ValueError(
+            f"structured_outputs_config.backend must be one of "
+            f"{', '.join(STRUCTURED_OUTPUTS_BACKENDS)}; got {backend!r}"
+        )
+    for key in _STRUCTURED_OUTPUTS_KEYS[1:]:
+        if key in config and not isinstance(config[key], bool):
+            raise ValueError(f"structured_outputs_config.{key} must be true or false")

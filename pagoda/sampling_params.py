@@ -27,6 +27,75 @@ class RequestOutputKind(enum.Enum):
     FINAL_ONLY = 2
 
 
+# The kinds of constraint a StructuredOutputsParams may carry, one at a time.
+STRUCTURED_OUTPUT_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on a request's output (vLLM's `StructuredOutputsParams`): exactly one of
+
+    - `json`: a JSON schema (dict, or its JSON text) the output must validate against;
+    - `regex`: a regular expression the whole output must match;
+    - `choice`: one of these strings, exactly;
+    - `grammar`: an EBNF (GBNF) or Lark grammar of the output;
+    - `json_object`: any JSON object;
+    - `structural_tag`: refused for now (ValueError), not ignored.
+
+    The options `disable_any_whitespace` (JSON without free whitespace), `disable_additional_properties`
+    (objects limited to their schema's properties) and `whitespace_pattern` shape the JSON
+    grammars; `disable_fallback` keeps a request on the configured backend (no fallback from
+    xgrammar to guidance). Raises ValueError naming the field.
+    """
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_fallback: bool = False
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [
+            kind for kind in STRUCTURED_OUTPUT_KINDS if getattr(self, kind) not in (None, False)
+        ]
+        if not given:
+            raise ValueError(
+                "You must use one kind of structured outputs constraint but none is specified: "
+                f"set one of {', '.join(STRUCTURED_OUTPUT_KINDS)}."
+            )
+        if len(given) > 1:
+            raise ValueError(
+                "You can only use one kind of structured outputs constraint but multiple are "
+                f"specified: {given}"
+            )
+        if self.choice is not None:
+            if not isinstance(self.choice, list) or not all(
+                isinstance(c, str) for c in self.choice
+            ):
+                raise ValueError("structured_outputs.choice must be a list of strings.")
+            if not self.choice:
+                raise ValueError(f"Choice '{self.choice}' cannot be an empty list")
+        if self.grammar is not None and not self.grammar.strip():
+            raise ValueError("structured_outputs.grammar cannot be an empty grammar.")
+        if self.regex is not None and not isinstance(self.regex, str):
+            raise ValueError("structured_outputs.regex must be a string.")
+        if self.structural_tag is not None:
+            raise ValueError(
+                "structured_outputs.structural_tag is not supported yet; use json, regex, choice "
+                "or grammar."
+            )
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: one of STRUCTURED_OUTPUT_KINDS."""
+        return next(k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) not in (None, False))
+
+
 class SamplingType(enum.IntEnum):
     GREEDY = 0
     RANDOM = 1
@@ -65,11 +134,14 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     extra_args: dict[str, Any] | None = None
     # Filled by the engine from generation_config / the tokenizer, not by users.
     _all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.seed == -1:
             self.seed = None
         if self.stop is None:

@@ -9,10 +9,12 @@ queue (`AsyncLLM`, in a thread or a child process); the core alone turns them in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pagoda.config import EngineConfig
 from pagoda.engine.messages import (
@@ -22,10 +24,15 @@ from pagoda.engine.messages import (
     StopCore,
     ToCore,
 )
+from pagoda.engine.plan import SchedulerOutput
 from pagoda.engine.request import Request, RequestStatus
 from pagoda.engine.scheduler import Scheduler
 from pagoda.executor.uniproc import UniProcExecutor
 from pagoda.metrics.stats import SchedulerStats
+
+if TYPE_CHECKING:
+    from pagoda.structured_output.manager import StructuredOutputManager
+    from pagoda.structured_output.spec import GrammarSpec
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +48,57 @@ class EngineCore:
         self.executor.initialize_kv_cache(self.num_blocks)
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config, self.num_blocks)
         self.last_stats = SchedulerStats()
+        self._grammar_totals = (0.0, 0.0)
         logger.info("Engine core ready in %.2f s", time.perf_counter() - start)
 
     def add_request(self, request: EngineCoreRequest) -> None:
-        """Queue one sequence for scheduling."""
-        self.scheduler.add_request(Request.from_engine_core_request(request))
+        """Queue one sequence for scheduling (its grammar, if any, starts compiling)."""
+        core_request = Request.from_engine_core_request(request)
+        self.scheduler.add_request(core_request)
+        constraint = request.sampling_params.structured_outputs
+        if constraint is not None:
+            from pagoda.structured_output.spec import grammar_spec
+
+            manager = self._structured_output_manager(request)
+            try:
+                spec = grammar_spec(constraint)
+            except ValueError as exc:  # the API side checks first; never let it stop the core
+                spec = None
+                logger.warning("%s: %s", request.request_id, exc)
+            if spec is None:
+                self.scheduler.finish_requests([request.request_id])
+            else:
+                manager.submit(request.request_id, self._with_server_defaults(spec))
+
+    def _with_server_defaults(self, spec: GrammarSpec) -> GrammarSpec:
+        """`spec` under --structured-outputs-config's switches, which hold for every request."""
+        config = self.config.structured_outputs_config
+        return dataclasses.replace(
+            spec,
+            any_whitespace=spec.any_whitespace and not config.get("disable_any_whitespace"),
+            additional_properties=spec.additional_properties
+            and not config.get("disable_additional_properties"),
+            disable_fallback=spec.disable_fallback or bool(config.get("disable_fallback")),
+        )
+
+    def _structured_output_manager(self, request: EngineCoreRequest) -> StructuredOutputManager:
+        if self.scheduler.structured_output is None:
+            from pagoda.structured_output.manager import StructuredOutputManager
+            from pagoda.tokenizer import get_tokenizer
+
+            model_config = self.config.model_config
+            stop_ids = model_config.generation_config.get("eos_token_id") or []
+            stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
+            if request.eos_token_id is not None and request.eos_token_id not in stop_ids:
+                stop_ids.insert(0, request.eos_token_id)
+            config = self.config.structured_outputs_config
+            self.scheduler.structured_output = StructuredOutputManager(
+                lambda: get_tokenizer(model_config.tokenizer_path, model_config.revision),
+                model_config.vocab_size,
+                stop_ids,
+                config.get("backend", "auto"),
+            )
+        return self.scheduler.structured_output
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
@@ -64,11 +117,14 @@ class EngineCore:
     def step(self) -> EngineCoreOutputs:
         """Run one scheduling step; returns the outputs of requests that advanced."""
         plan = self.scheduler.schedule()
+        if plan.is_empty:
+            self._wait_for_grammars(plan)
         result = self.executor.execute_model(plan)
         outputs = self.scheduler.update_from_output(plan, result.sampled_token_ids, result.logprobs)
         kv = self.scheduler.kv_cache_manager
         stats = kv.make_prefix_cache_stats()
         num_sampled = len(result.sampled_token_ids)
+        compile_seconds, mask_seconds = self._grammar_seconds()
         self.last_stats = SchedulerStats(
             num_running_reqs=len(self.scheduler.running),
             num_waiting_reqs=len(self.scheduler.waiting),
@@ -79,8 +135,26 @@ class EngineCore:
             # Tokens that computed prompt (or recomputed) positions vs freshly generated ones.
             num_prompt_tokens=plan.num_scheduled_tokens - num_sampled,
             num_generation_tokens=num_sampled,
+            grammar_compile_seconds=compile_seconds,
+            grammar_mask_seconds=mask_seconds,
         )
         return EngineCoreOutputs(outputs=outputs, timestamp=time.monotonic())
+
+    def _grammar_seconds(self) -> tuple[float, float]:
+        """Compile and mask seconds of structured output since the previous step."""
+        manager = self.scheduler.structured_output
+        if manager is None:
+            return 0.0, 0.0
+        totals = (manager.compile_seconds, manager.mask_seconds)
+        previous = self._grammar_totals
+        self._grammar_totals = totals
+        return totals[0] - previous[0], totals[1] - previous[1]
+
+    def _wait_for_grammars(self, plan: SchedulerOutput) -> None:
+        # Nothing could run: the waiting requests wait for their grammars to compile. Yield the
+        # CPU to the compiler thread rather than spin.
+        if self.scheduler.structured_output is not None and self.scheduler.waiting:
+            time.sleep(0.002)
 
     def run_busy_loop(
         self,

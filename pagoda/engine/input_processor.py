@@ -151,6 +151,10 @@ class InputProcessor:
                 raise ValueError("allowed_token_ids contains out-of-vocab token id!")
         if params.bad_words:
             raise ValueError("bad_words is not supported yet")
+        if params.structured_outputs is not None:
+            from pagoda.structured_output.validate import check_structured_outputs
+
+            check_structured_outputs(params.structured_outputs)
 
 
 def _eos_token_id(tokenizer: Any, model_config: ModelConfig) -> int | None:

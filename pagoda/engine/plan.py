@@ -9,7 +9,7 @@ scheduler state.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pagoda.sampling_params import SamplingParams
@@ -54,6 +54,11 @@ class SchedulerOutput:
     finished_request_ids: list[str] = field(default_factory=list)
     preempted_request_ids: list[str] = field(default_factory=list)
     num_scheduled_tokens: int = 0
+    # Structured output: row i of the int32 token bitmask [len(grammar_rows), ceil(V / 32)]
+    # masks the logits of the grammar_rows[i]-th sampling request of the step (a torch tensor,
+    # typed Any to keep this module torch-free). None when no sampling request is constrained.
+    grammar_bitmask: Any = None
+    grammar_rows: list[int] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

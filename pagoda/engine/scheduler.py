@@ -6,6 +6,10 @@ are served first, then waiting ones in arrival order with their prefix-cache hit
 chunked to fit the budget. When the KV cache cannot grow a running request, the newest running
 request is preempted (its blocks freed, to be recomputed later). The scheduler owns request state
 and the KV cache manager and returns a plan (`SchedulerOutput`); it never touches tensors.
+
+Requests with structured output wait (skipped, keeping their place) until the structured-output
+manager has compiled their grammar; the plan carries the manager's token bitmask for the
+constrained requests that sample, and each sampled token advances their matcher.
 """
 
 from __future__ import annotations
@@ -13,12 +17,16 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from pagoda.config import CacheConfig, SchedulerConfig
 from pagoda.engine.kv_cache_manager import KVCacheManager
 from pagoda.engine.messages import EngineCoreOutput
 from pagoda.engine.plan import NewRequestData, ScheduledRequest, SchedulerOutput, TokenLogprobs
 from pagoda.engine.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from pagoda.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +50,10 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_since_last_plan: list[str] = []
         self.num_preemptions_total = 0
+        # Set by the engine core at its first constrained request.
+        self.structured_output: StructuredOutputManager | None = None
+        # Outputs of requests that ended without running (their grammar failed to compile).
+        self._unscheduled_outputs: list[EngineCoreOutput] = []
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
@@ -73,7 +85,9 @@ class Scheduler:
             budget -= num_new
             index += 1
 
-        # Then waiting requests, FCFS, unless this step already had to preempt.
+        # Then waiting requests, FCFS, unless this step already had to preempt. A request whose
+        # grammar is still compiling keeps its place and lets the ones behind it go first.
+        skipped: list[Request] = []
         while (
             self.waiting
             and budget > 0
@@ -81,6 +95,13 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             request = self.waiting[0]
+            ready = self._grammar_ready(request)
+            if ready is None:
+                self._finish_unconstrainable(self.waiting.popleft())
+                continue
+            if not ready:
+                skipped.append(self.waiting.popleft())
+                continue
             computed_blocks, num_computed = kv.get_computed_blocks(request)
             num_new = request.num_tokens - num_computed
             if num_new > budget:
@@ -105,7 +126,48 @@ class Scheduler:
             request.num_computed_tokens = num_computed
             self._add_to_plan(plan, request, num_new)
             budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
+        if self.structured_output is not None:
+            self._add_grammar_bitmask(plan)
         return plan
+
+    def _grammar_ready(self, request: Request) -> bool | None:
+        """Whether `request` may be scheduled as far as its grammar goes; None when its grammar
+        failed to compile."""
+        manager = self.structured_output
+        if manager is None or request.sampling_params.structured_outputs is None:
+            return True
+        if not manager.ready(request.request_id):
+            return False
+        return None if manager.error(request.request_id) is not None else True
+
+    def _finish_unconstrainable(self, request: Request) -> None:
+        """End a request whose grammar no backend compiled (the API checked it, so this is a
+        library disagreement): aborted, with the reason logged and sent with the next outputs."""
+        assert self.structured_output is not None
+        error = self.structured_output.error(request.request_id)
+        logger.warning("%s: %s", request.request_id, error)
+        request.status = RequestStatus.FINISHED_ABORTED
+        request.stop_reason = error
+        self._release(request)
+        self._unscheduled_outputs.append(
+            EngineCoreOutput(
+                request_id=request.request_id,
+                new_token_ids=[],
+                finish_reason=request.status.finish_reason,
+                stop_reason=error,
+                num_cached_tokens=0,
+            )
+        )
+
+    def _add_grammar_bitmask(self, plan: SchedulerOutput) -> None:
+        manager = self.structured_output
+        assert manager is not None
+        sampling = [s.request_id for s in plan.scheduled if s.sample]
+        rows = [i for i, r in enumerate(sampling) if manager.has_matcher(r)]
+        if rows:
+            plan.grammar_rows = rows
+            plan.grammar_bitmask = manager.bitmask([sampling[i] for i in rows])
 
     def _add_to_plan(self, plan: SchedulerOutput, request: Request, num_new: int) -> None:
         start = request.num_computed_tokens
@@ -139,7 +201,7 @@ class Scheduler:
         logprobs: dict[str, TokenLogprobs] | None = None,
     ) -> list[EngineCoreOutput]:
         """Advance the scheduled requests by what the step computed and check stop conditions."""
-        outputs: list[EngineCoreOutput] = []
+        outputs, self._unscheduled_outputs = self._unscheduled_outputs, []
         stopped: list[Request] = []
         for scheduled in plan.scheduled:
             request = self.requests.get(scheduled.request_id)
@@ -150,7 +212,14 @@ class Scheduler:
                 continue  # a prefill chunk that did not reach the end yet
             token_id = sampled_token_ids[request.request_id]
             request.append_output_token_ids([token_id])
+            grammar_done = self.structured_output is not None and self.structured_output.accept(
+                request.request_id, token_id
+            )
             if self._check_stop(request):
+                stopped.append(request)
+            elif grammar_done:
+                # The grammar is complete (what it allowed last was its end): stop, as EOS would.
+                request.status = RequestStatus.FINISHED_STOPPED
                 stopped.append(request)
             output = EngineCoreOutput(
                 request_id=request.request_id,
@@ -205,6 +274,8 @@ class Scheduler:
     def _release(self, request: Request) -> None:
         # Blocks go back in the same step, so a waiting request can use them in the next one.
         self.kv_cache_manager.free(request)
+        if self.structured_output is not None:
+            self.structured_output.remove(request.request_id)
         del self.requests[request.request_id]
         self._finished_since_last_plan.append(request.request_id)
 

@@ -30,6 +30,10 @@ class SchedulerStats:
     num_preemptions: int = 0
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
+    # Structured output in this step: seconds the compiler thread spent compiling grammars, and
+    # seconds spent filling token bitmasks (the step loop's own cost of constraints).
+    grammar_compile_seconds: float = 0.0
+    grammar_mask_seconds: float = 0.0
 
 
 class StatLogger:
@@ -55,6 +59,8 @@ class StatLogger:
         self.queries = 0
         self.hits = 0
         self.preemptions = 0
+        self.compile_seconds = 0.0
+        self.mask_seconds = 0.0
 
     def _drained(self) -> bool:
         last = self.last
@@ -80,6 +86,8 @@ class StatLogger:
         self.queries += stats.prefix_cache_queries
         self.hits += stats.prefix_cache_hits
         self.preemptions += stats.num_preemptions
+        self.compile_seconds += stats.grammar_compile_seconds
+        self.mask_seconds += stats.grammar_mask_seconds
         if now - self.window_start >= self.interval:
             self.log(now)
 
@@ -93,11 +101,17 @@ class StatLogger:
         last = self.last or SchedulerStats()
         hit_rate = 100.0 * self.hits / self.queries if self.queries else 0.0
         preemptions = f"Preemptions: {self.preemptions}, " if self.preemptions else ""
+        grammars = ""
+        if self.compile_seconds or self.mask_seconds:
+            grammars = (
+                f", Grammar compile: {1e3 * self.compile_seconds:.1f} ms, "
+                f"masks: {1e3 * self.mask_seconds:.1f} ms"
+            )
         logger.info(
             "Engine 000: Avg prompt throughput: %.1f tokens/s, "
             "Avg generation throughput: %.1f tokens/s, "
             "Running: %d reqs, Waiting: %d reqs, %sKV cache usage: %.1f%%, "
-            "Prefix cache hit rate: %.1f%%",
+            "Prefix cache hit rate: %.1f%%%s",
             self.prompt_tokens / elapsed,
             self.generation_tokens / elapsed,
             last.num_running_reqs,
@@ -105,5 +119,6 @@ class StatLogger:
             preemptions,
             100.0 * last.kv_cache_usage,
             hit_rate,
+            grammars,
         )
         self._reset(now)

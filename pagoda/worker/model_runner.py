@@ -281,6 +281,10 @@ class ModelRunner:
                 return ModelRunnerOutput(sampled_token_ids={})
             last_rows = torch.from_numpy(layout.query_start[1:][sampling] - 1).to(self.device)
             logits = self.model.compute_logits(hidden_states[last_rows]).float()  # [S, V]
+        if plan.grammar_bitmask is not None:
+            from pagoda.structured_output.backends import apply_bitmask
+
+            apply_bitmask(logits, plan.grammar_bitmask, plan.grammar_rows)
         request_ids = [plan.scheduled[i].request_id for i in sampling]
         states = [self.states[r] for r in request_ids]
         sampling_metadata = SamplingMetadata.build(states, logits.shape[-1], self.device)

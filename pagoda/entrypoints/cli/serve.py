@@ -192,6 +192,13 @@ def validate_serve_args(args: argparse.Namespace) -> None:
         )
     if args.ssl_keyfile and not args.ssl_certfile:
         raise ServeArgumentError("--ssl-keyfile needs --ssl-certfile")
+    if getattr(args, "enable_auto_tool_choice", False) and not getattr(
+        args, "tool_call_parser", None
+    ):
+        raise ServeArgumentError(
+            "--enable-auto-tool-choice needs --tool-call-parser to tell how the model writes "
+            "tool calls (hermes, llama3_json, mistral or pythonic)"
+        )
     if args.trust_remote_code:
         logger.info(
             "--trust-remote-code is accepted, but Pagoda never runs code from a model "

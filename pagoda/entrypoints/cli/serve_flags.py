@@ -23,6 +23,8 @@ UVICORN_LOG_LEVELS = ("critical", "debug", "error", "info", "trace", "warning")
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
 DEVICES = ("auto", "cpu", "cuda")
+# pagoda.entrypoints.openai.tool_parsers' names (kept here: this module imports nothing heavy).
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
 PREFIX_CACHING_HASH_ALGOS = ("sha256",)
 _SUFFIXED_INT = re.compile(r"(\d+(?:\.\d+)?)([kKmMgGtT])")
 
@@ -52,6 +54,16 @@ def _int_with_suffix(text: str) -> int:
 
 
 _int_with_suffix.__name__ = "int"
+
+
+def _json_object(text: str) -> dict[str, object]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(text)
+    return value
+
+
+_json_object.__name__ = "JSON object"
 
 
 def _port(text: str) -> int:
@@ -116,6 +128,28 @@ def _add_frontend_args(parser: argparse.ArgumentParser) -> None:
         "--trust-request-chat-template",
         action="store_true",
         help="accept a `chat_template` sent in a request (refused otherwise)",
+    )
+    group.add_argument(
+        "--structured-outputs-config",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help='structured output: \'{"backend": "auto|xgrammar|guidance"}\' (default auto: '
+        "xgrammar, then llguidance for what it rejects), and disable_fallback, "
+        "disable_any_whitespace, disable_additional_properties for every request",
+    )
+    group.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let the model decide when to call tools (`tool_choice: "auto"`); needs '
+        "--tool-call-parser",
+    )
+    group.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        default=None,
+        help="how tool calls are read from the model's output (hermes: Qwen2.5/3 and most "
+        "<tool_call> models; llama3_json; mistral; pythonic)",
     )
     for name, what in (("origins", "origins"), ("methods", "methods"), ("headers", "headers")):
         group.add_argument(

@@ -170,6 +170,8 @@ def init_app_state(app: FastAPI, engine: AsyncLLM, args: argparse.Namespace) -> 
         chat_template,
         bool(getattr(args, "trust_request_chat_template", False)),
         request_logger=request_logger,
+        enable_auto_tools=bool(getattr(args, "enable_auto_tool_choice", False)),
+        tool_parser=getattr(args, "tool_call_parser", None),
     )
     app.state.openai_serving_tokenization = OpenAIServingTokenization(
         engine,

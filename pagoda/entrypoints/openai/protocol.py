@@ -4,7 +4,9 @@ Field names, defaults and shapes follow OpenAI's API plus vLLM's extras (`top_k`
 `ignore_eos`, ...), so clients written for either work unchanged. Requests are validated here for
 shape and size (every client-controlled size has a bound); sampling values are validated once more
 by `SamplingParams`, whose messages the serving layer returns as 400s. Unknown request fields are
-accepted and ignored, as OpenAI clients send fields a server may not know.
+accepted and ignored, as OpenAI clients send fields a server may not know, except the ones in
+`REFUSED_FIELDS`: vLLM's fields that would change the output and that Pagoda does not implement
+get a 400 naming them, never a 200 that ignored them.
 """
 
 from __future__ import annotations
@@ -32,6 +34,21 @@ MAX_STOP_TOKEN_IDS = 1024
 MAX_TOP_LOGPROBS = 20
 MAX_DETOKENIZE_TOKENS = 1 << 20
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+# Request fields vLLM (or OpenAI) defines that would change the output and Pagoda does not
+# implement yet: refused by name (field -> what to say).
+REFUSED_FIELDS = {
+    "use_beam_search": "beam search is not supported yet",
+    "length_penalty": "length_penalty applies to beam search, which is not supported yet",
+    "prompt_logprobs": "prompt_logprobs is not supported yet",
+    "bad_words": "bad_words is not supported yet",
+    "logits_processors": "per-request logits processors are not supported",
+    "structural_tag": "structural_tag is not supported yet; use structured_outputs",
+    "guided_decoding_backend": "per-request backend selection is not supported; the server's "
+    "--structured-outputs-config backend applies to every request",
+    "functions": "the legacy functions field is not supported; use tools",
+    "function_call": "the legacy function_call field is not supported; use tool_choice",
+}
 
 
 def _now() -> int:
@@ -91,9 +108,29 @@ class StreamOptions(RequestModel):
     continuous_usage_stats: bool | None = False
 
 
+class JsonSchemaFormat(RequestModel):
+    """`response_format.json_schema`: OpenAI's named schema (`schema` is a Python-reserved name on
+    pydantic models, hence the alias)."""
+
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(RequestModel):
-    type: str
-    json_schema: dict[str, Any] | None = None
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_needs_one(self) -> ResponseFormat:
+        if self.type == "json_schema" and (
+            self.json_schema is None or self.json_schema.json_schema is None
+        ):
+            raise ValueError(
+                'response_format of type "json_schema" needs json_schema.schema (a JSON schema).'
+            )
+        return self
 
 
 class UsageInfo(BaseModel):
@@ -130,6 +167,14 @@ class SamplingRequest(RequestModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None
+    allowed_token_ids: list[int] | None = None
+    # Structured output: vLLM's object, and its older top-level fields.
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
 
     @field_validator("n")
     @classmethod
@@ -402,6 +447,7 @@ class DeltaMessage(BaseModel):
 
     role: str | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(

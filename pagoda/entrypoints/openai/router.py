@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagoda.entrypoints.openai.protocol import (
+    REFUSED_FIELDS,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -93,11 +94,18 @@ async def _parse(raw_request: Request, model: type[RequestT]) -> RequestT | JSON
     except ValidationError as exc:
         return validation_error_response(exc.errors(include_url=False))
     if request.model_extra:
+        for name, value in request.model_extra.items():
+            if name in REFUSED_FIELDS and value not in (None, False, _HARMLESS.get(name)):
+                return _error(f"{name}: {REFUSED_FIELDS[name]}", 400, name)
         logger.warning(
             "The following fields were present in the request but ignored: %s",
             sorted(request.model_extra),
         )
     return request
+
+
+# Values of refused fields that ask for nothing (their defaults): accepted.
+_HARMLESS: dict[str, Any] = {"length_penalty": 1.0}
 
 
 async def _serve(

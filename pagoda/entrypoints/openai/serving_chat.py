@@ -5,12 +5,21 @@ The messages are rendered with a chat template (a trusted request template, else
 already has them) and sent to the engine as one request with `n` samples. Without `max_tokens` a
 request may generate whatever still fits in the context. `render_chat_prompt` (the template choice
 and its trust rule) is shared with chat-form `/tokenize`, so both count the same tokens.
+
+Tools (as vLLM offers them): `tools` are rendered by the template (`tools=` in its context);
+`tool_choice` "none" generates text, "auto" (with --enable-auto-tool-choice and
+--tool-call-parser) reads calls out of the output with the parser, and "required" or a named
+function constrain the output with structured output to a JSON schema built from the tools'
+`parameters`, so even a small model's calls parse. Streams hold a call's text back and send
+each call as OpenAI does: its id and name first, then its arguments.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import jinja2
@@ -40,11 +49,19 @@ from pagoda.entrypoints.openai.serving_engine import (
     sse_event,
     usage_info,
 )
+from pagoda.entrypoints.openai.tool_parsers import (
+    ExtractedToolCalls,
+    ToolCall,
+    ToolParser,
+    get_tool_parser,
+)
 from pagoda.outputs import Logprob, RequestOutput, SampleLogprobs
-from pagoda.sampling_params import RequestOutputKind
+from pagoda.sampling_params import RequestOutputKind, StructuredOutputsParams
 from pagoda.tokenizer.chat_template import apply_chat_template, load_chat_template
 
-TOOLS_NOT_SUPPORTED = "tool calling is not supported yet"
+AUTO_TOOLS_DISABLED = (
+    '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
+)
 # chat_template_kwargs that would clash with the arguments we pass ourselves.
 _RESERVED_TEMPLATE_KWARGS = (
     "tokenize",
@@ -77,10 +94,16 @@ class OpenAIServingChat(OpenAIServing):
         chat_template: str | None,
         trust_request_chat_template: bool,
         request_logger: RequestLogger | None = None,
+        enable_auto_tools: bool = False,
+        tool_parser: str | None = None,
     ) -> None:
         super().__init__(engine, served_model_names, request_logger)
         self.chat_template = load_chat_template(chat_template)
         self.trust_request_chat_template = trust_request_chat_template
+        self.enable_auto_tools = enable_auto_tools
+        self.tool_parser: ToolParser | None = (
+            get_tool_parser(tool_parser) if tool_parser is not None else None
+        )
 
     async def create_chat_completion(
         self, request: ChatCompletionRequest, raw_request: Request
@@ -88,7 +111,7 @@ class OpenAIServingChat(OpenAIServing):
         """Run the request; a JSON chat completion, an SSE stream, or an OpenAI-style error."""
         try:
             self.check_model(request.model)
-            self._check_supported(request)
+            tools = self._tool_plan(request)
             prompt_text = render_chat_prompt(
                 self.tokenizer,
                 request.messages,
@@ -98,6 +121,7 @@ class OpenAIServingChat(OpenAIServing):
                 template_kwargs=request.chat_template_kwargs,
                 server_template=self.chat_template,
                 trust_request_template=self.trust_request_chat_template,
+                tools=tools.functions,
             )
             token_ids = self.tokenizer.encode(
                 prompt_text, add_special_tokens=request.add_special_tokens
@@ -118,6 +142,7 @@ class OpenAIServingChat(OpenAIServing):
                     RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY
                 ),
                 logprobs_param="top_logprobs",
+                structured_outputs=tools.constraint,
             )
         except ServingError as exc:
             return self.error_response_for(exc)
@@ -135,7 +160,9 @@ class OpenAIServingChat(OpenAIServing):
         created = int(time.time())
         if request.stream:
             return StreamingResponse(
-                self._stream(request, request_id, created, role, echo_text, token_ids, generator),
+                self._stream(
+                    request, request_id, created, role, echo_text, token_ids, generator, tools
+                ),
                 media_type="text/event-stream",
             )
         try:
@@ -144,15 +171,82 @@ class OpenAIServingChat(OpenAIServing):
             return self.error_response_for(exc)
         if final is None:
             return self.create_error_response("Client disconnected", status_code=499)
-        response = self._build_response(request, request_id, created, role, echo_text, final)
+        response = self._build_response(request, request_id, created, role, echo_text, final, tools)
         return JSONResponse(response.model_dump())
 
-    def _check_supported(self, request: ChatCompletionRequest) -> None:
-        # tool_choice "none" means "do not call tools", which is what we do: tools are ignored.
-        if request.tool_choice != "none" and (request.tools or request.tool_choice is not None):
-            param = "tools" if request.tools else "tool_choice"
-            raise ServingError(TOOLS_NOT_SUPPORTED, param=param)
-        self.check_response_format(request)
+    def _tool_plan(self, request: ChatCompletionRequest) -> ToolPlan:
+        """What the request's `tools` and `tool_choice` ask for. Raises ServingError (400)."""
+        functions = _functions_of(request.tools)
+        choice = request.tool_choice
+        if choice is None:
+            choice = "auto" if functions else "none"
+        if not functions:
+            if choice != "none":
+                raise ServingError("When using `tool_choice`, `tools` must be set.", param="tools")
+            return ToolPlan("none")
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name")
+            if choice.get("type") != "function" or not isinstance(name, str):
+                raise ServingError(
+                    'tool_choice must be "none", "auto", "required" or '
+                    '{"type": "function", "function": {"name": ...}}',
+                    param="tool_choice",
+                )
+            match = next((f for f in functions if f["name"] == name), None)
+            if match is None:
+                raise ServingError(
+                    f"tool_choice names the function {name!r}, which is not in tools.",
+                    param="tool_choice",
+                )
+            schema = match.get("parameters") or {"type": "object"}
+            return ToolPlan("named", functions, name, StructuredOutputsParams(json=schema))
+        if choice == "none":
+            return ToolPlan("none", functions)
+        if choice == "auto":
+            if not self.enable_auto_tools or self.tool_parser is None:
+                raise ServingError(AUTO_TOOLS_DISABLED, param="tool_choice")
+            return ToolPlan("auto", functions)
+        if choice == "required":
+            schema = _required_calls_schema(functions, request.parallel_tool_calls is not False)
+            return ToolPlan("required", functions, None, StructuredOutputsParams(json=schema))
+        raise ServingError(
+            f'tool_choice must be "none", "auto", "required" or a named function, got {choice!r}',
+            param="tool_choice",
+        )
+
+    def _tool_calls(
+        self, tools: ToolPlan, text: str, finish_reason: str | None, parallel: bool
+    ) -> ExtractedToolCalls:
+        """The output's content and calls under the request's tool plan."""
+        if tools.mode == "auto":
+            assert self.tool_parser is not None
+            extracted = self.tool_parser.extract(text)
+        elif tools.mode in ("required", "named") and finish_reason != "length":
+            try:
+                value = json.loads(text)
+                if tools.mode == "named":
+                    assert tools.name is not None
+                    calls = [ToolCall(tools.name, json.dumps(value, ensure_ascii=False))]
+                else:
+                    calls = [
+                        ToolCall(c["name"], json.dumps(c.get("parameters", {}), ensure_ascii=False))
+                        for c in value
+                    ]
+                extracted = ExtractedToolCalls(None, calls)
+            except (ValueError, TypeError, KeyError):
+                extracted = ExtractedToolCalls(text, [])
+        else:
+            extracted = ExtractedToolCalls(text, [])
+        if not parallel and len(extracted.calls) > 1:
+            extracted.calls = extracted.calls[:1]
+        return extracted
+
+    def _finish_reason(self, tools: ToolPlan, extracted: ExtractedToolCalls, reason: str) -> str:
+        # OpenAI: "tool_calls" when the model chose to call (auto, required); a named function
+        # forced by the request ends with "stop".
+        if extracted.calls and tools.mode in ("auto", "required"):
+            return "tool_calls"
+        return reason
 
     def _logprobs(
         self, token_ids: list[int], logprobs: SampleLogprobs | None, num_top: int
@@ -189,9 +283,11 @@ class OpenAIServingChat(OpenAIServing):
         role: str,
         echo_text: str,
         final: RequestOutput,
+        tools: ToolPlan,
     ) -> ChatCompletionResponse:
         choices = []
         num_generated_tokens = 0
+        parallel = request.parallel_tool_calls is not False
         for output in final.outputs:
             num_generated_tokens += len(output.token_ids)
             logprobs = None
@@ -199,12 +295,26 @@ class OpenAIServingChat(OpenAIServing):
                 logprobs = self._logprobs(
                     output.token_ids, output.logprobs, request.top_logprobs or 0
                 )
+            finish_reason = output.finish_reason or "stop"
+            if tools.mode == "none":
+                message = ChatMessage(role=role, content=echo_text + output.text)
+            else:
+                extracted = self._tool_calls(tools, output.text, finish_reason, parallel)
+                content = extracted.content
+                if echo_text:
+                    content = echo_text + (content or "")
+                message = ChatMessage(
+                    role=role,
+                    content=content,
+                    tool_calls=[call.to_openai() for call in extracted.calls],
+                )
+                finish_reason = self._finish_reason(tools, extracted, finish_reason)
             choices.append(
                 ChatCompletionResponseChoice(
                     index=output.index,
-                    message=ChatMessage(role=role, content=echo_text + output.text),
+                    message=message,
                     logprobs=logprobs,
-                    finish_reason=output.finish_reason or "stop",
+                    finish_reason=finish_reason,
                     stop_reason=output.stop_reason,
                 )
             )
@@ -226,8 +336,13 @@ class OpenAIServingChat(OpenAIServing):
         echo_text: str,
         prompt_token_ids: list[int],
         generator: AsyncIterator[RequestOutput],
+        tools: ToolPlan,
     ) -> AsyncIterator[str]:
         n = request.n or 1
+        parallel = request.parallel_tool_calls is not False
+        # Per choice under a tool plan: the text so far, and how much of it went out as content.
+        texts = [""] * n
+        sent = [0] * n
         num_prompt_tokens = len(prompt_token_ids)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         continuous_usage = include_usage and bool(
@@ -262,6 +377,12 @@ class OpenAIServingChat(OpenAIServing):
                         logprobs = self._logprobs(
                             sample.token_ids, sample.logprobs, request.top_logprobs or 0
                         )
+                    if tools.mode != "none":
+                        for piece in self._tool_stream(
+                            tools, sample, texts, sent, logprobs, parallel
+                        ):
+                            yield chunk(piece)
+                        continue
                     # The last piece of text and the finish reason travel in the same chunk.
                     delta = DeltaMessage(content=sample.text) if sample.text else DeltaMessage()
                     yield chunk(
@@ -289,6 +410,150 @@ class OpenAIServingChat(OpenAIServing):
             if aclose is not None:
                 await aclose()
         yield SSE_DONE
+
+    def _tool_stream(
+        self,
+        tools: ToolPlan,
+        sample: Any,
+        texts: list[str],
+        sent: list[int],
+        logprobs: ChatCompletionLogProbs | None,
+        parallel: bool,
+    ) -> list[ChatCompletionStreamChoice]:
+        """The chunks of one streamed piece under a tool plan: content as long as no call can
+        have begun, held back from a possible call's start until the output ends, then the
+        rest of the content and each call (id, type and name, then its arguments)."""
+        index = sample.index
+        texts[index] += sample.text
+        text = texts[index]
+        pieces: list[ChatCompletionStreamChoice] = []
+        if sample.finish_reason is None:
+            safe = self._streamable_prefix(tools, text)
+            if safe > sent[index]:
+                delta = DeltaMessage(content=text[sent[index] : safe])
+                sent[index] = safe
+                pieces.append(
+                    ChatCompletionStreamChoice(index=index, delta=delta, logprobs=logprobs)
+                )
+            elif logprobs is not None:
+                pieces.append(
+                    ChatCompletionStreamChoice(index=index, delta=DeltaMessage(), logprobs=logprobs)
+                )
+            return pieces
+        extracted = self._tool_calls(tools, text, sample.finish_reason, parallel)
+        content = extracted.content if extracted.calls else text
+        if content and extracted.calls and content.startswith(text[: sent[index]]):
+            content = content[sent[index] :]
+        elif not extracted.calls:
+            content = text[sent[index] :]
+        if content:
+            pieces.append(
+                ChatCompletionStreamChoice(index=index, delta=DeltaMessage(content=content))
+            )
+        for position, call in enumerate(extracted.calls):
+            opening = {
+                "index": position,
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": ""},
+            }
+            pieces.append(
+                ChatCompletionStreamChoice(index=index, delta=DeltaMessage(tool_calls=[opening]))
+            )
+            arguments = {"index": position, "function": {"arguments": call.arguments}}
+            pieces.append(
+                ChatCompletionStreamChoice(index=index, delta=DeltaMessage(tool_calls=[arguments]))
+            )
+        pieces.append(
+            ChatCompletionStreamChoice(
+                index=index,
+                delta=DeltaMessage(),
+                logprobs=logprobs,
+                finish_reason=self._finish_reason(tools, extracted, sample.finish_reason),
+                stop_reason=sample.stop_reason,
+            )
+        )
+        return pieces
+
+    def _streamable_prefix(self, tools: ToolPlan, text: str) -> int:
+        """How much of `text` may go out as content now: all of it unless a call may have
+        begun (or a marker may be forming at its end); none under required / named."""
+        if tools.mode != "auto":
+            return 0
+        assert self.tool_parser is not None
+        markers = self.tool_parser.start_markers
+        if self.tool_parser.name in ("llama3_json", "pythonic"):
+            # The whole output is the calls when it begins like one.
+            stripped = text.lstrip()
+            if not stripped or any(
+                m.startswith(stripped[: len(m)]) or stripped.startswith(m) for m in markers
+            ):
+                return 0
+            return len(text)
+        cut = len(text)
+        for marker in markers:
+            found = text.find(marker)
+            if found >= 0:
+                cut = min(cut, found)
+            for size in range(len(marker) - 1, 0, -1):  # a marker's beginning at the end
+                if text.endswith(marker[:size]):
+                    cut = min(cut, len(text) - size)
+                    break
+        return cut
+
+
+@dataclass(slots=True)
+class ToolPlan:
+    """How a request uses tools: `mode` is none, auto, required or named (`name`);
+    `functions` go to the template; `constraint` forces the calls' JSON (required, named)."""
+
+    mode: str
+    functions: list[dict[str, Any]] | None = None
+    name: str | None = None
+    constraint: StructuredOutputsParams | None = None
+
+
+def _functions_of(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The `function` objects of OpenAI `tools`. Raises ServingError for a malformed tool."""
+    functions = []
+    for position, tool in enumerate(tools or []):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if (
+            tool.get("type", "function") != "function"
+            or not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+        ):
+            raise ServingError(
+                f'tools[{position}] must be {{"type": "function", "function": {{"name": ...}}}}',
+                param="tools",
+            )
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise ServingError(
+                f"tools[{position}].function.parameters must be a JSON schema", param="tools"
+            )
+        functions.append(function)
+    return functions
+
+
+def _required_calls_schema(functions: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
+    """A JSON array of one or more calls `{"name": ..., "parameters": {...}}` of `functions`."""
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "enum": [function["name"]]},
+                "parameters": function.get("parameters") or {"type": "object"},
+            },
+            "required": ["name", "parameters"],
+            "additionalProperties": False,
+        }
+        for function in functions
+    ]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    if not parallel:
+        schema["maxItems"] = 1
+    return schema
 
 
 def _rank(logprob: Logprob) -> float:
@@ -320,10 +585,14 @@ def render_chat_prompt(
     template_kwargs: dict[str, Any] | None,
     server_template: str | None,
     trust_request_template: bool,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """Render messages with the request's (if trusted), the server's or the tokenizer's
-    template. Raises ServingError for an untrusted request template or a rendering error."""
+    template, with `tools` (OpenAI's tool objects) in its context. Raises ServingError for an
+    untrusted request template or a rendering error."""
     kwargs = dict(template_kwargs or {})
+    if tools:
+        kwargs["tools"] = [{"type": "function", "function": function} for function in tools]
     nested_template = kwargs.pop("chat_template", None)
     if request_template is not None or nested_template is not None:
         if not trust_request_template:

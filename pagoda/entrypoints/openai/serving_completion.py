@@ -86,7 +86,6 @@ class OpenAIServingCompletion(OpenAIServing):
             raise ServingError("best_of is not supported", param="best_of")
         if request.suffix is not None:
             raise ServingError("suffix is not currently supported", param="suffix")
-        self.check_response_format(request)
 
     def _prepare_prompts(
         self, request: CompletionRequest, kind: RequestOutputKind

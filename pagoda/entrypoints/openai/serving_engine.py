@@ -30,7 +30,8 @@ from pagoda.entrypoints.openai.protocol import (
     UsageInfo,
 )
 from pagoda.outputs import Logprob
-from pagoda.sampling_params import RequestOutputKind, SamplingParams
+from pagoda.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+from pagoda.structured_output.validate import check_structured_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -181,15 +182,55 @@ class OpenAIServing:
                 f"The model `{model}` does not exist.", 404, "NotFoundError", param="model"
             )
 
-    def check_response_format(self, request: SamplingRequest) -> None:
-        """Only plain text until structured output exists; refusing beats ignoring a schema."""
+    def structured_outputs_of(self, request: SamplingRequest) -> StructuredOutputsParams | None:
+        """The request's output constraint from whichever field asked for one: OpenAI's
+        `response_format`, vLLM's `structured_outputs`, or its older `guided_*` fields (one of
+        them at most). Checked here, so an invalid schema, regex or grammar is a 400 naming the
+        field it came in, with the grammar library's reason."""
+        sources: list[tuple[str, str, dict[str, Any]]] = []  # (param, name in messages, fields)
         response_format = request.response_format
-        if response_format is not None and response_format.type != "text":
-            raise ServingError(
-                f"response_format type {response_format.type!r} is not supported yet "
-                '(structured output is not implemented); only {"type": "text"} is.',
-                param="response_format",
+        if response_format is not None and response_format.type == "json_object":
+            sources.append(("response_format", "response_format", {"json_object": True}))
+        elif response_format is not None and response_format.type == "json_schema":
+            assert response_format.json_schema is not None
+            schema = response_format.json_schema.json_schema
+            sources.append(
+                ("response_format", "response_format.json_schema.schema", {"json": schema})
             )
+        if request.structured_outputs is not None:
+            sources.append(
+                ("structured_outputs", "structured_outputs", dict(request.structured_outputs))
+            )
+        for kind in ("json", "regex", "choice", "grammar"):
+            value = getattr(request, f"guided_{kind}")
+            if value is not None:
+                fields: dict[str, Any] = {kind: value}
+                if request.guided_whitespace_pattern is not None:
+                    fields["whitespace_pattern"] = request.guided_whitespace_pattern
+                sources.append((f"guided_{kind}", f"guided_{kind}", fields))
+        if not sources:
+            return None
+        if len(sources) > 1:
+            names = ", ".join(param for param, _, _ in sources)
+            raise ServingError(
+                f"Only one structured output constraint may be given; got {names}.",
+                param=sources[1][0],
+            )
+        param, name, fields = sources[0]
+        try:
+            params = StructuredOutputsParams(**fields)
+        except TypeError as exc:  # a key StructuredOutputsParams does not have
+            raise ServingError(f"{param}: {exc}", param=param) from None
+        except ValueError as exc:
+            raise ServingError(str(exc), param=param) from None
+        try:
+            check_structured_outputs(params)
+        except ValueError as exc:
+            message = str(exc)
+            if param != "structured_outputs":
+                message = message.replace(f"structured_outputs.{params.kind}", name)
+            raise ServingError(message, param=param) from None
+        return params
 
     def base_request_id(self, raw_request: Request, body_request_id: str | None = None) -> str:
         """The client's `X-Request-Id` header, else the body's `request_id`, else a random id."""
@@ -221,6 +262,7 @@ class OpenAIServing:
         logprobs: int | None,
         output_kind: RequestOutputKind,
         logprobs_param: str = "logprobs",
+        structured_outputs: StructuredOutputsParams | None = None,
     ) -> SamplingParams:
         """Build and validate the request's SamplingParams for a prompt of `prompt_len` tokens.
 
@@ -242,6 +284,14 @@ class OpenAIServing:
             return given if given is not None else self.default_sampling.get(name, _FALLBACKS[name])
 
         self._check_logprobs(logprobs, logprobs_param)
+        requested = self.structured_outputs_of(request)
+        if structured_outputs is not None and requested is not None:
+            raise ServingError(
+                'tool_choice "required" or a named function constrains the output itself; it '
+                "cannot be combined with response_format or structured_outputs.",
+                param="tool_choice",
+            )
+        structured_outputs = structured_outputs or requested
         try:
             params = SamplingParams(
                 n=1 if request.n is None else request.n,
@@ -265,6 +315,8 @@ class OpenAIServing:
                 top_k=value("top_k"),
                 min_p=value("min_p"),
                 repetition_penalty=value("repetition_penalty"),
+                allowed_token_ids=request.allowed_token_ids,
+                structured_outputs=structured_outputs,
             )
         except (ValueError, TypeError) as exc:
             # SamplingParams' messages start with the field they are about ("top_p must be...").

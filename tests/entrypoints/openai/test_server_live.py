@@ -257,10 +257,12 @@ def test_chat_feature_errors_and_non_json_body(server: RemoteServer) -> None:
         headers=auth(),
     )
     assert response.status_code == 200
+    # A response format nobody defines is refused; json_object is structured output's.
     response = httpx.post(
-        url, json={"messages": messages, "response_format": {"type": "json_object"}}, headers=auth()
+        url, json={"messages": messages, "response_format": {"type": "yaml"}}, headers=auth()
     )
     assert response.status_code == 400
+    assert response.json()["error"]["param"] == "response_format.type"
     response = httpx.post(
         url, content=b"{not json", headers={**auth(), "Content-Type": "application/json"}
     )

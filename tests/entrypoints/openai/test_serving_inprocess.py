@@ -516,7 +516,16 @@ def test_client_disconnect_aborts_the_request(run, app, engine, stream) -> None:
             "Stream options can only be defined when `stream=True`.",
             None,
         ),
-        ({"response_format": {"type": "json_object"}}, "not supported yet", "response_format"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "nope"}},
+                }
+            },
+            "response_format.json_schema.schema is invalid",
+            "response_format",
+        ),
         (
             {"prompt": "x " * 200},
             "This model's maximum context length is 128 tokens. However, you requested",
@@ -547,13 +556,13 @@ def test_context_overflow_message_counts_prompt_and_completion(run, app) -> None
     [
         (
             {"tools": [{"type": "function", "function": {"name": "f"}}]},
-            "tool calling is not supported yet",
-            "tools",
+            '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser',
+            "tool_choice",
         ),
-        ({"tool_choice": "auto"}, "tool calling is not supported yet", "tool_choice"),
+        ({"tool_choice": "auto"}, "When using `tool_choice`, `tools` must be set.", "tools"),
         (
             {"response_format": {"type": "json_schema", "json_schema": {}}},
-            "not supported yet",
+            'response_format of type "json_schema" needs json_schema.schema',
             "response_format",
         ),
         (

@@ -1,0 +1,175 @@
+"""Structured output through a live `pagoda serve` and the official `openai` client: OpenAI's
+`response_format` (and `chat.completions.parse` with a pydantic model), vLLM's
+`structured_outputs` and `guided_*` fields, streaming, the 400s of invalid constraints, and the
+fields Pagoda refuses rather than ignores."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+from tests.server import RemoteServer
+
+pytestmark = pytest.mark.slow
+
+CITY = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 30},
+        "country": {"type": "string", "maxLength": 30},
+    },
+    "required": ["city", "country"],
+    "additionalProperties": False,
+}
+
+
+class Capital(BaseModel):
+    city: str = Field(max_length=30)
+    country: str = Field(max_length=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteServer]:
+    remote = RemoteServer(
+        ["--max-model-len", "1024"], log_path=tmp_path_factory.mktemp("log") / "server.log"
+    )
+    yield remote
+    assert remote.stop() == 0, remote.log_tail()
+
+
+@pytest.fixture(scope="module")
+def client(server: RemoteServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+ASK = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
+
+
+def test_parse_returns_the_pydantic_object(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.parse(
+        model="", messages=ASK, response_format=Capital, temperature=0, max_tokens=60
+    )
+    parsed = completion.choices[0].message.parsed
+    assert isinstance(parsed, Capital)
+    assert completion.choices[0].finish_reason == "stop"
+
+
+def test_json_schema_and_json_object_response_formats(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(
+        model="",
+        messages=ASK,
+        temperature=0,
+        max_tokens=60,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "capital", "schema": CITY, "strict": True},
+        },
+    )
+    jsonschema.validate(json.loads(response.choices[0].message.content or ""), CITY)
+    response = client.chat.completions.create(
+        model="",
+        messages=ASK,
+        temperature=0,
+        max_tokens=60,
+        response_format={"type": "json_object"},
+    )
+    assert isinstance(json.loads(response.choices[0].message.content or ""), dict)
+
+
+def test_vllm_fields_on_completions_choice_regex_grammar(client: openai.OpenAI) -> None:
+    choice = client.completions.create(
+        model="",
+        prompt="Is water wet? Answer:",
+        temperature=0,
+        max_tokens=10,
+        extra_body={"structured_outputs": {"choice": ["yes", "no"]}},
+    )
+    assert choice.choices[0].text in ("yes", "no")
+    regex = client.completions.create(
+        model="",
+        prompt="The year is",
+        temperature=0,
+        max_tokens=10,
+        extra_body={"guided_regex": r"[12][0-9]{3}"},
+    )
+    assert re.fullmatch(r"[12][0-9]{3}", regex.choices[0].text)
+    grammar = client.completions.create(
+        model="",
+        prompt="A colour:",
+        temperature=0,
+        max_tokens=10,
+        extra_body={"guided_grammar": 'root ::= "red" | "green" | "blue"'},
+    )
+    assert grammar.choices[0].text in ("red", "green", "blue")
+    guided = client.chat.completions.create(
+        model="",
+        messages=[{"role": "user", "content": "Pick a side"}],
+        temperature=0,
+        max_tokens=10,
+        extra_body={"guided_choice": ["left", "right"]},
+    )
+    assert guided.choices[0].message.content in ("left", "right")
+
+
+def test_streamed_json_parses_when_joined(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="",
+        messages=ASK,
+        temperature=0,
+        max_tokens=60,
+        stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": CITY}},
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    jsonschema.validate(json.loads(text), CITY)
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "message"),
+    [
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "nope"}},
+                }
+            },
+            "response_format",
+            "response_format.json_schema.schema is invalid",
+        ),
+        ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type", ""),
+        ({"structured_outputs": {"regex": "(a"}}, "structured_outputs", "regex is invalid"),
+        ({"structured_outputs": {"pattern": "a"}}, "structured_outputs", "pattern"),
+        ({"guided_json": "{not json"}, "guided_json", "guided_json is not valid JSON"),
+        (
+            {"guided_choice": ["a"], "structured_outputs": {"regex": "a"}},
+            "guided_choice",
+            "Only one structured output constraint",
+        ),
+        ({"use_beam_search": True}, "use_beam_search", "beam search is not supported"),
+        ({"prompt_logprobs": 1}, "prompt_logprobs", "prompt_logprobs is not supported"),
+        ({"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend", "per-request"),
+    ],
+)
+def test_bad_constraints_and_refused_fields_are_400s_naming_the_field(
+    server: RemoteServer, body: dict[str, object], param: str, message: str
+) -> None:
+    request = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, **body}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=request, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert message in error["message"]
+    # The server still answers the next request.
+    ok = httpx.post(
+        f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60
+    )
+    assert ok.status_code == 200
