@@ -58,6 +58,9 @@ class StructuredOutputsParams:
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
     whitespace_pattern: str | None = None
+    # Set by the server's reasoning parser, not by users: the token that ends the reasoning.
+    # The constraint applies from the token after it (the reasoning itself is free).
+    _reasoning_end_token_id: int | None = None
 
     def __post_init__(self) -> None:
         given = [

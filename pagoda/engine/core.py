@@ -68,7 +68,11 @@ class EngineCore:
             if spec is None:
                 self.scheduler.finish_requests([request.request_id])
             else:
-                manager.submit(request.request_id, self._with_server_defaults(spec))
+                manager.submit(
+                    request.request_id,
+                    self._with_server_defaults(spec),
+                    constraint._reasoning_end_token_id,
+                )
 
     def _with_server_defaults(self, spec: GrammarSpec) -> GrammarSpec:
         """`spec` under --structured-outputs-config's switches, which hold for every request."""

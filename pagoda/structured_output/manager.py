@@ -6,7 +6,9 @@ requests with the same spec share the future); the scheduler leaves the request 
 one row per constrained request that samples in the step, all in one tensor the model runner
 applies before sampling; `accept` advances a request's matcher by its sampled token and says when
 its grammar is complete. Preemption needs no rollback: a preempted request keeps its output
-tokens, and its matcher has accepted exactly those.
+tokens, and its matcher has accepted exactly those. A request of a reasoning model may be
+constrained only after its reasoning: until the token that ends it is sampled, the request has
+no bitmask row and its tokens do not advance the matcher.
 """
 
 from __future__ import annotations
@@ -71,14 +73,21 @@ class StructuredOutputManager:
         self._compiled: dict[GrammarSpec, Future[tuple[Any, Any]]] = {}
         self._pending: dict[str, Future[tuple[Any, Any]]] = {}
         self._matchers: dict[str, Matcher] = {}
+        # Requests still reasoning: the token whose sampling starts their constraint.
+        self._reasoning_until: dict[str, int] = {}
         # Per-step figures for the stats: seconds spent compiling and filling masks.
         self.compile_seconds = 0.0
         self.mask_seconds = 0.0
 
     # --- compilation ------------------------------------------------------------------------
 
-    def submit(self, request_id: str, spec: GrammarSpec) -> None:
-        """Start compiling `spec` for `request_id` (or share a compile already made)."""
+    def submit(
+        self, request_id: str, spec: GrammarSpec, reasoning_end_token_id: int | None = None
+    ) -> None:
+        """Start compiling `spec` for `request_id` (or share a compile already made); with
+        `reasoning_end_token_id`, the constraint starts after that token."""
+        if reasoning_end_token_id is not None:
+            self._reasoning_until[request_id] = reasoning_end_token_id
         with self._lock:
             future = self._compiled.get(spec)
             if future is None:
@@ -148,11 +157,12 @@ class StructuredOutputManager:
     # --- steps ------------------------------------------------------------------------------
 
     def has_matcher(self, request_id: str) -> bool:
-        return request_id in self._matchers
+        """Whether `request_id`'s next token is constrained (compiled, and past any reasoning)."""
+        return request_id in self._matchers and request_id not in self._reasoning_until
 
     def bitmask(self, request_ids: list[str]) -> torch.Tensor | None:
         """The bitmask rows of `request_ids` (in order), or None when none is constrained."""
-        matchers = [self._matchers.get(r) for r in request_ids]
+        matchers = [self._matchers.get(r) if self.has_matcher(r) else None for r in request_ids]
         if all(m is None for m in matchers):
             return None
         start = time.perf_counter()
@@ -171,6 +181,11 @@ class StructuredOutputManager:
         an unconstrained one does, on EOS (whose text is not output), even under ignore_eos.
         A token the grammar refuses also ends the request.
         """
+        end = self._reasoning_until.get(request_id)
+        if end is not None:
+            if token_id == end:
+                del self._reasoning_until[request_id]
+            return False
         matcher = self._matchers.get(request_id)
         if matcher is None:
             return False
@@ -181,6 +196,7 @@ class StructuredOutputManager:
 
     def remove(self, request_id: str) -> None:
         self._pending.pop(request_id, None)
+        self._reasoning_until.pop(request_id, None)
         self._matchers.pop(request_id, None)
 
     def shutdown(self) -> None:

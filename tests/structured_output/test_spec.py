@@ -103,3 +103,34 @@ def test_the_install_has_xgrammar_without_triton() -> None:
     """`make install` installs xgrammar with --no-deps: its wheel would pull triton (~1 GB)."""
     assert importlib.util.find_spec("xgrammar") is not None
     assert importlib.util.find_spec("triton") is None
+
+
+def test_both_bitmask_paths_mask_the_same_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    import torch
+
+    from pagoda.structured_output.backends import allocate_bitmask, apply_bitmask
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 100)
+    bitmask = allocate_bitmask(2, 100)
+    bitmask[0, 0] = 0b1011  # row 1 of the logits: tokens 0, 1, 3 (and 32..99) allowed
+    bitmask[1, 1] = 0  # row 3: tokens 32..63 masked
+    rows = [1, 3]
+    fast = logits.clone()
+    apply_bitmask(fast, bitmask, rows)
+    real_import = builtins.__import__
+
+    def no_xgrammar(name: str, *args: object, **kwargs: object) -> object:
+        if name == "xgrammar":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", no_xgrammar)
+    plain = logits.clone()
+    apply_bitmask(plain, bitmask, rows)
+    assert torch.equal(fast, plain)
+    assert torch.isinf(plain[1, 2]) and torch.isinf(plain[1, 31]) and not torch.isinf(plain[1, 3])
+    assert torch.isinf(plain[3, 32:64]).all() and not torch.isinf(plain[3, :32]).any()
+    assert torch.equal(plain[[0, 2, 4]], logits[[0, 2, 4]])

@@ -25,6 +25,7 @@ BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
 DEVICES = ("auto", "cpu", "cuda")
 # pagoda.entrypoints.openai.tool_parsers' names (kept here: this module imports nothing heavy).
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
+REASONING_PARSERS = ("deepseek_r1", "qwen3")  # pagoda.entrypoints.openai.reasoning_parsers
 PREFIX_CACHING_HASH_ALGOS = ("sha256",)
 _SUFFIXED_INT = re.compile(r"(\d+(?:\.\d+)?)([kKmMgGtT])")
 
@@ -137,6 +138,13 @@ def _add_frontend_args(parser: argparse.ArgumentParser) -> None:
         help='structured output: \'{"backend": "auto|xgrammar|guidance"}\' (default auto: '
         "xgrammar, then llguidance for what it rejects), and disable_fallback, "
         "disable_any_whitespace, disable_additional_properties for every request",
+    )
+    group.add_argument(
+        "--reasoning-parser",
+        choices=REASONING_PARSERS,
+        default=None,
+        help="split a reasoning model's <think>...</think> into message.reasoning_content "
+        "(structured output then applies to the answer only)",
     )
     group.add_argument(
         "--enable-auto-tool-choice",

@@ -172,6 +172,7 @@ def init_app_state(app: FastAPI, engine: AsyncLLM, args: argparse.Namespace) -> 
         request_logger=request_logger,
         enable_auto_tools=bool(getattr(args, "enable_auto_tool_choice", False)),
         tool_parser=getattr(args, "tool_call_parser", None),
+        reasoning_parser=getattr(args, "reasoning_parser", None),
     )
     app.state.openai_serving_tokenization = OpenAIServingTokenization(
         engine,

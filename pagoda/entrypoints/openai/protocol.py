@@ -420,6 +420,8 @@ class ChatCompletionLogProbs(BaseModel):
 class ChatMessage(BaseModel):
     role: str
     content: str | None = None
+    # With --reasoning-parser: the model's thinking, apart from its answer (vLLM's field).
+    reasoning_content: str | None = None
     refusal: str | None = None
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
 
@@ -447,6 +449,7 @@ class DeltaMessage(BaseModel):
 
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
 
     @model_serializer(mode="wrap")

@@ -39,6 +39,7 @@ from pagoda.entrypoints.openai.protocol import (
     ChatMessageParam,
     DeltaMessage,
 )
+from pagoda.entrypoints.openai.reasoning_parsers import ReasoningParser, get_reasoning_parser
 from pagoda.entrypoints.openai.serving_engine import (
     SSE_DONE,
     OpenAIServing,
@@ -96,6 +97,7 @@ class OpenAIServingChat(OpenAIServing):
         request_logger: RequestLogger | None = None,
         enable_auto_tools: bool = False,
         tool_parser: str | None = None,
+        reasoning_parser: str | None = None,
     ) -> None:
         super().__init__(engine, served_model_names, request_logger)
         self.chat_template = load_chat_template(chat_template)
@@ -103,6 +105,9 @@ class OpenAIServingChat(OpenAIServing):
         self.enable_auto_tools = enable_auto_tools
         self.tool_parser: ToolParser | None = (
             get_tool_parser(tool_parser) if tool_parser is not None else None
+        )
+        self.reasoning_parser: ReasoningParser | None = (
+            get_reasoning_parser(reasoning_parser) if reasoning_parser is not None else None
         )
 
     async def create_chat_completion(
@@ -144,6 +149,7 @@ class OpenAIServingChat(OpenAIServing):
                 logprobs_param="top_logprobs",
                 structured_outputs=tools.constraint,
             )
+            self._constrain_after_reasoning(params, prompt_text)
         except ServingError as exc:
             return self.error_response_for(exc)
 
@@ -173,6 +179,25 @@ class OpenAIServingChat(OpenAIServing):
             return self.create_error_response("Client disconnected", status_code=499)
         response = self._build_response(request, request_id, created, role, echo_text, final, tools)
         return JSONResponse(response.model_dump())
+
+    def _constrain_after_reasoning(self, params: Any, prompt_text: str) -> None:
+        """With a reasoning parser, a constraint starts after `</think>` (when the prompt has not
+        closed the reasoning already and the tokenizer has it as one token)."""
+        constraint = params.structured_outputs
+        parser = self.reasoning_parser
+        if constraint is None or parser is None or parser.reasoning_ended(prompt_text):
+            return
+        end = self.tokenizer.convert_tokens_to_ids("</think>")
+        unknown = getattr(self.tokenizer, "unk_token_id", None)
+        if isinstance(end, int) and end != unknown:
+            constraint._reasoning_end_token_id = end
+
+    def _split_reasoning(self, text: str) -> tuple[str | None, str]:
+        """(reasoning, answer) of an output under the reasoning parser (none: all answer)."""
+        if self.reasoning_parser is None:
+            return None, text
+        reasoning, content = self.reasoning_parser.split(text)
+        return reasoning, content or ""
 
     def _tool_plan(self, request: ChatCompletionRequest) -> ToolPlan:
         """What the request's `tools` and `tool_choice` ask for. Raises ServingError (400)."""
@@ -296,16 +321,23 @@ class OpenAIServingChat(OpenAIServing):
                     output.token_ids, output.logprobs, request.top_logprobs or 0
                 )
             finish_reason = output.finish_reason or "stop"
+            reasoning, answer = self._split_reasoning(output.text)
             if tools.mode == "none":
-                message = ChatMessage(role=role, content=echo_text + output.text)
+                text = echo_text + answer
+                message = ChatMessage(
+                    role=role,
+                    content=text if text or reasoning is None else None,
+                    reasoning_content=reasoning,
+                )
             else:
-                extracted = self._tool_calls(tools, output.text, finish_reason, parallel)
+                extracted = self._tool_calls(tools, answer, finish_reason, parallel)
                 content = extracted.content
                 if echo_text:
                     content = echo_text + (content or "")
                 message = ChatMessage(
                     role=role,
                     content=content,
+                    reasoning_content=reasoning,
                     tool_calls=[call.to_openai() for call in extracted.calls],
                 )
                 finish_reason = self._finish_reason(tools, extracted, finish_reason)
@@ -343,6 +375,10 @@ class OpenAIServingChat(OpenAIServing):
         # Per choice under a tool plan: the text so far, and how much of it went out as content.
         texts = [""] * n
         sent = [0] * n
+        # Under a reasoning parser: each choice's whole output and how much of its reasoning
+        # and answer went out.
+        outputs = [""] * n
+        split_sent = [(0, 0)] * n
         num_prompt_tokens = len(prompt_token_ids)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         continuous_usage = include_usage and bool(
@@ -377,6 +413,18 @@ class OpenAIServingChat(OpenAIServing):
                         logprobs = self._logprobs(
                             sample.token_ids, sample.logprobs, request.top_logprobs or 0
                         )
+                    reasoning_delta = None
+                    if self.reasoning_parser is not None:
+                        outputs[sample.index] += sample.text
+                        reasoning_delta, answer_delta, split_sent[sample.index] = (
+                            self.reasoning_parser.stream_parts(
+                                outputs[sample.index], split_sent[sample.index]
+                            )
+                        )
+                        sample = _with_text(sample, answer_delta)
+                        if reasoning_delta:
+                            delta = DeltaMessage(reasoning_content=reasoning_delta)
+                            yield chunk(ChatCompletionStreamChoice(index=sample.index, delta=delta))
                     if tools.mode != "none":
                         for piece in self._tool_stream(
                             tools, sample, texts, sent, logprobs, parallel
@@ -554,6 +602,15 @@ def _required_calls_schema(functions: list[dict[str, Any]], parallel: bool) -> d
     if not parallel:
         schema["maxItems"] = 1
     return schema
+
+
+def _with_text(sample: Any, text: str) -> Any:
+    """`sample` (a streamed CompletionOutput delta) with its text replaced."""
+    import copy
+
+    replaced = copy.copy(sample)
+    replaced.text = text
+    return replaced
 
 
 def _rank(logprob: Logprob) -> float:

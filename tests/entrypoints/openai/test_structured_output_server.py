@@ -173,3 +173,37 @@ def test_bad_constraints_and_refused_fields_are_400s_naming_the_field(
         f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60
     )
     assert ok.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def reasoning_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteServer]:
+    remote = RemoteServer(
+        ["--max-model-len", "512", "--reasoning-parser", "deepseek_r1"],
+        log_path=tmp_path_factory.mktemp("log") / "server.log",
+    )
+    yield remote
+    assert remote.stop() == 0, remote.log_tail()
+
+
+def test_reasoning_content_is_split_from_the_answer(reasoning_server: RemoteServer) -> None:
+    """--reasoning-parser deepseek_r1: the thinking goes to reasoning_content, streamed or not.
+    (The output is forced by a regex: this small model does not think aloud by itself.)"""
+    client = openai.OpenAI(base_url=f"{reasoning_server.url}/v1", api_key="x", max_retries=0)
+    kwargs: dict[str, object] = {
+        "model": "",
+        "messages": [{"role": "user", "content": "Capital of France?"}],
+        "temperature": 0,
+        "max_tokens": 40,
+        "extra_body": {"structured_outputs": {"regex": r"Paris is in France\.</think>Paris"}},
+    }
+    response = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+    message = response.choices[0].message
+    assert message.reasoning_content == "Paris is in France."  # type: ignore[attr-defined]
+    assert message.content == "Paris"
+    stream = client.chat.completions.create(stream=True, **kwargs)  # type: ignore[call-overload]
+    reasoning, content = "", ""
+    for chunk in stream:
+        for choice in chunk.choices:
+            reasoning += getattr(choice.delta, "reasoning_content", None) or ""
+            content += choice.delta.content or ""
+    assert (reasoning, content) == ("Paris is in France.", "Paris")
