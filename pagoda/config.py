@@ -36,6 +36,7 @@ _HASH_ALGOS = ("sha256",)
 # vLLM's --kv-cache-dtype names that Pagoda stores (its fp8 formats are not among them), and
 # float32, which vLLM does not name: auto resolves by the device and the weight plan (ModelRunner).
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float32")
+SCHEDULING_POLICIES = ("fcfs", "priority")
 # --structured-outputs-config: vLLM's keys Pagoda honours, and its backends.
 STRUCTURED_OUTPUTS_BACKENDS = ("auto", "xgrammar", "guidance")
 _STRUCTURED_OUTPUTS_KEYS = (
@@ -115,6 +116,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     enable_chunked_prefill: bool
     max_model_len: int
+    # "fcfs" (arrival order) or "priority" (lower `priority` first, then arrival).
+    policy: str = "fcfs"
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     prefix_caching_hash_algo: str = "sha256"
     enable_chunked_prefill: bool = True
+    scheduling_policy: str = "fcfs"
     gpu_memory_utilization: float = 0.9
     kv_cache_space: float | None = None
     kv_cache_dtype: str = "auto"
@@ -223,6 +227,7 @@ class EngineArgs:
             max_num_batched_tokens=max_num_batched_tokens,
             enable_chunked_prefill=self.enable_chunked_prefill,
             max_model_len=max_model_len,
+            policy=self.scheduling_policy,
         )
         return EngineConfig(
             model_config=model_config,
@@ -262,6 +267,11 @@ class EngineArgs:
                 f"got {self.kv_cache_dtype!r}"
             )
         _validate_structured_outputs_config(self.structured_outputs_config)
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(
+                f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; "
+                f"got {self.scheduling_policy!r}"
+            )
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
         if self.num_gpu_blocks_override is not None:

@@ -37,8 +37,11 @@ class ProcessedInput:
 class InputProcessor:
     """Tokenizes and validates requests before they reach the engine core."""
 
-    def __init__(self, model_config: ModelConfig, tokenizer: Any) -> None:
+    def __init__(
+        self, model_config: ModelConfig, tokenizer: Any, scheduling_policy: str = "fcfs"
+    ) -> None:
         self.model_config = model_config
+        self.scheduling_policy = scheduling_policy
         self.tokenizer = tokenizer
         self.max_model_len = model_config.max_model_len
         self.vocab_size = model_config.vocab_size
@@ -68,6 +71,11 @@ class InputProcessor:
         priority: int = 0,
     ) -> ProcessedInput:
         """Tokenize and validate; raises ValueError naming the offending field."""
+        if priority != 0 and self.scheduling_policy != "priority":
+            raise ValueError(
+                f"priority {priority} needs priority scheduling, which is not enabled "
+                "(--scheduling-policy priority)"
+            )
         text, token_ids = self.tokenize(prompt)
         params = params.clone()
         token_ids = self.truncate_prompt(token_ids, params.truncate_prompt_tokens)

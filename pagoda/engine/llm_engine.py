@@ -55,7 +55,9 @@ class EngineFrontend:
                     self.core_process.shutdown()
                     raise
             self.tokenizer = tokenizer.result()
-        self.input_processor = InputProcessor(self.model_config, self.tokenizer)
+        self.input_processor = InputProcessor(
+            self.model_config, self.tokenizer, config.scheduler_config.policy
+        )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stat_logger = StatLogger() if log_stats else None
 

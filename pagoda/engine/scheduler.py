@@ -57,7 +57,35 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request, front: bool = False) -> None:
+        """Put `request` in the waiting queue: at the back (or, preempted, the front) under
+        fcfs; under the priority policy, after every request of lower or equal
+        (priority, arrival) and before the rest."""
+        if self.config.policy != "priority":
+            if front:
+                self.waiting.appendleft(request)
+            else:
+                self.waiting.append(request)
+            return
+        key = (request.priority, request.arrival_time)
+        for position, queued in enumerate(self.waiting):
+            if (queued.priority, queued.arrival_time) > key:
+                self.waiting.insert(position, request)
+                return
         self.waiting.append(request)
+
+    def _preemption_victim(self, start: int) -> Request:
+        """The running request to preempt, among those not yet planned this step (running[start:],
+        the one being planned first): the newest under fcfs; under the priority policy the lowest
+        priority (largest value), the newest among equals."""
+        if self.config.policy != "priority":
+            return self.running.pop()
+        candidates = self.running[start:]
+        victim = max(reversed(candidates), key=lambda r: (r.priority, r.arrival_time))
+        self.running.remove(victim)
+        return victim
 
     def schedule(self) -> SchedulerOutput:
         """Build the plan of the next step and reserve KV blocks for it."""
@@ -66,14 +94,15 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         kv = self.kv_cache_manager
 
-        # Running requests first, in admission order; the newest is the first to be preempted.
+        # Running requests first, in admission order; the newest (or, under the priority policy,
+        # the lowest priority) is the first to be preempted.
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             scheduled = True
             while kv.allocate_slots(request, num_new) is None:
-                victim = self.running.pop()
+                victim = self._preemption_victim(index)
                 self._preempt(victim)
                 plan.preempted_request_ids.append(victim.request_id)
                 if victim is request:
@@ -191,7 +220,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions_total += 1
-        self.waiting.appendleft(request)
+        self._enqueue(request, front=True)
         logger.debug("Preempted %s", request.request_id)
 
     def update_from_output(

@@ -18,6 +18,7 @@ def make_scheduler(
     prefix_caching: bool = True,
     chunked: bool = True,
     max_model_len: int = 256,
+    policy: str = "fcfs",
 ) -> Scheduler:
     return Scheduler(
         SchedulerConfig(
@@ -25,6 +26,7 @@ def make_scheduler(
             max_num_batched_tokens=budget,
             enable_chunked_prefill=chunked,
             max_model_len=max_model_len,
+            policy=policy,
         ),
         CacheConfig(
             block_size=BLOCK,
@@ -38,9 +40,11 @@ def make_scheduler(
     )
 
 
-def make_request(request_id: str, prompt: list[int], max_tokens: int = 8, **kw) -> Request:
+def make_request(
+    request_id: str, prompt: list[int], max_tokens: int = 8, priority: int = 0, **kw
+) -> Request:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
-    return Request(request_id, prompt, params, eos_token_id=0)
+    return Request(request_id, prompt, params, eos_token_id=0, priority=priority)
 
 
 def run_step(scheduler: Scheduler, next_token: int = 7) -> SchedulerOutput:
@@ -209,3 +213,33 @@ def test_abort_frees_blocks_and_reports_to_the_runner() -> None:
     assert scheduler.kv_cache_manager.num_free_blocks == 64
     assert not scheduler.waiting and not scheduler.running
     assert sorted(scheduler.schedule().finished_request_ids) == ["a", "w"]
+
+
+def test_the_priority_policy_admits_lower_priority_values_first() -> None:
+    scheduler = make_scheduler(budget=8, policy="priority", prefix_caching=False)
+    for request_id, priority in (("late", 5), ("urgent", -1), ("normal", 0), ("urgent2", -1)):
+        scheduler.add_request(make_request(request_id, [1, 2, 3, 4], priority=priority))
+    assert [r.request_id for r in scheduler.waiting] == ["urgent", "urgent2", "normal", "late"]
+    plan = run_step(scheduler)  # 8 tokens: the two urgent prompts
+    assert list(tokens_by_request(plan)) == ["urgent", "urgent2"]
+    # Under fcfs the same arrivals run in arrival order.
+    fcfs = make_scheduler(budget=8, prefix_caching=False)
+    for request_id, priority in (("late", 5), ("urgent", -1)):
+        fcfs.add_request(make_request(request_id, [1, 2, 3, 4], priority=priority))
+    assert list(tokens_by_request(run_step(fcfs))) == ["late", "urgent"]
+
+
+def test_the_priority_policy_preempts_the_lowest_priority_first() -> None:
+    # 5 blocks of 4 tokens; three requests of 4 prompt tokens each need a second block after
+    # their first sampled token, so growing them preempts one: the lowest priority, though it
+    # is not the newest.
+    scheduler = make_scheduler(num_blocks=5, budget=64, policy="priority", prefix_caching=False)
+    scheduler.add_request(make_request("low", [1, 2, 3, 4], priority=9, max_tokens=8))
+    scheduler.add_request(make_request("high", [5, 6, 7, 8], priority=0, max_tokens=8))
+    scheduler.add_request(make_request("mid", [9, 10, 11, 12], priority=3, max_tokens=8))
+    run_step(scheduler)
+    preempted: list[str] = []
+    for _ in range(3):
+        preempted += run_step(scheduler).preempted_request_ids
+    assert preempted and preempted[0] == "low"
+    assert scheduler.requests["low"].status == RequestStatus.PREEMPTED

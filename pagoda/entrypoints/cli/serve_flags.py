@@ -14,7 +14,7 @@ import json
 import re
 from decimal import Decimal, InvalidOperation
 
-from pagoda.config import KV_CACHE_DTYPES
+from pagoda.config import KV_CACHE_DTYPES, SCHEDULING_POLICIES
 from pagoda.loader.resolve import DEFAULT_MODEL
 
 DEFAULT_HOST = "127.0.0.1"
@@ -182,13 +182,13 @@ def _add_frontend_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--enable-log-requests",
         action="store_true",
-        help="log every request (the default; kept for vLLM compatibility)",
+        help="log every request: its id, sampling parameters and prompt (up to --max-log-len); "
+        "off by default, as in vLLM",
     )
     group.add_argument(
         "--disable-log-requests",
         action="store_true",
-        help="do not log requests (by default each request is logged: id, sampling "
-        "parameters, prompt up to --max-log-len)",
+        help="[deprecated, as in vLLM] requests are not logged unless --enable-log-requests",
     )
     group.add_argument(
         "--max-log-len",
@@ -336,6 +336,13 @@ def _add_scheduler_parallel_device_args(parser: argparse.ArgumentParser) -> None
         default=None,
         help="tokens per step, all requests together; accepts 2k / 2K "
         "(default: None -> 2048, at most max-num-seqs x max-model-len)",
+    )
+    scheduler.add_argument(
+        "--scheduling-policy",
+        choices=SCHEDULING_POLICIES,
+        default="fcfs",
+        help="fcfs: in arrival order; priority: lower `priority` (a request field) first, then "
+        "arrival, and preemption takes the lowest priority first",
     )
     scheduler.add_argument(
         "--enable-chunked-prefill",

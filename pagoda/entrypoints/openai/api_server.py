@@ -154,8 +154,11 @@ def init_app_state(app: FastAPI, engine: AsyncLLM, args: argparse.Namespace) -> 
 
     served = served_model_names(args, engine)
     chat_template = load_chat_template(getattr(args, "chat_template", None))
-    # Requests are logged unless --disable-log-requests (prompts cut at --max-log-len).
-    log_requests = not bool(getattr(args, "disable_log_requests", False))
+    # vLLM's default: requests (with their prompts, cut at --max-log-len) are logged only with
+    # --enable-log-requests; --disable-log-requests is accepted and changes nothing.
+    log_requests = bool(getattr(args, "enable_log_requests", False)) and not bool(
+        getattr(args, "disable_log_requests", False)
+    )
     request_logger = RequestLogger(getattr(args, "max_log_len", None)) if log_requests else None
     app.state.engine = engine
     app.state.served_model_names = served

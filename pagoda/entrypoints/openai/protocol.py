@@ -168,6 +168,8 @@ class SamplingRequest(RequestModel):
     spaces_between_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None
     allowed_token_ids: list[int] | None = None
+    # vLLM's: lower runs first under --scheduling-policy priority (refused otherwise unless 0).
+    priority: int = Field(default=0, ge=_INT64_MIN, le=_INT64_MAX)
     # Structured output: vLLM's object, and its older top-level fields.
     structured_outputs: dict[str, Any] | None = None
     guided_json: str | dict[str, Any] | None = None

@@ -8,7 +8,7 @@ find their serving objects on `app.state` (set by the app factory).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from http import HTTPStatus
 from typing import Any, TypeVar
 
@@ -89,6 +89,10 @@ async def _parse(raw_request: Request, model: type[RequestT]) -> RequestT | JSON
         body = await raw_request.json()
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
         return _error(f"Invalid JSON body: {exc}")
+    except RecursionError:  # nested deeper than the parser's stack
+        return _error(f"Invalid JSON body: nested deeper than {MAX_JSON_DEPTH} levels")
+    if _depth_exceeds(body, MAX_JSON_DEPTH):
+        return _error(f"Invalid JSON body: nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         request = model.model_validate(body)
     except ValidationError as exc:
@@ -102,6 +106,29 @@ async def _parse(raw_request: Request, model: type[RequestT]) -> RequestT | JSON
             sorted(request.model_extra),
         )
     return request
+
+
+# The deepest JSON body accepted: far beyond any real request (a tool schema nests a dozen
+# levels), well before Python's recursion limit in the parser and the validators.
+MAX_JSON_DEPTH = 64
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether `value` (parsed JSON) nests lists and objects more than `limit` deep."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children: Iterable[Any]
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 # Values of refused fields that ask for nothing (their defaults): accepted.

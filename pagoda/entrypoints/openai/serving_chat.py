@@ -116,6 +116,7 @@ class OpenAIServingChat(OpenAIServing):
         """Run the request; a JSON chat completion, an SSE stream, or an OpenAI-style error."""
         try:
             self.check_model(request.model)
+            self.check_priority(request)
             tools = self._tool_plan(request)
             prompt_text = render_chat_prompt(
                 self.tokenizer,
@@ -156,7 +157,10 @@ class OpenAIServingChat(OpenAIServing):
         request_id = f"chatcmpl-{self.base_request_id(raw_request, request.request_id)}"
         self.log_request(request_id, prompt_text, token_ids, params)
         generator = self.engine.generate(
-            {"prompt_token_ids": token_ids, "prompt": prompt_text}, params, request_id
+            {"prompt_token_ids": token_ids, "prompt": prompt_text},
+            params,
+            request_id,
+            priority=request.priority,
         )
         # With a generation prompt the model answers as the assistant; otherwise it continues
         # the last message, in that message's role.

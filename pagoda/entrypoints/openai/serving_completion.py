@@ -54,6 +54,7 @@ class OpenAIServingCompletion(OpenAIServing):
         """Run the request; a JSON completion, an SSE stream, or an OpenAI-style error."""
         try:
             self.check_model(request.model)
+            self.check_priority(request)
             self._check_supported(request)
             kind = RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY
             prompts = self._prepare_prompts(request, kind)
@@ -65,7 +66,11 @@ class OpenAIServingCompletion(OpenAIServing):
             engine_id = f"{request_id}-{index}"
             self.log_request(engine_id, prompt.text, prompt.token_ids, prompt.params)
             engine_prompt = {"prompt_token_ids": prompt.token_ids, "prompt": prompt.text}
-            generators.append(self.engine.generate(engine_prompt, prompt.params, engine_id))
+            generators.append(
+                self.engine.generate(
+                    engine_prompt, prompt.params, engine_id, priority=request.priority
+                )
+            )
         created = int(time.time())
         if request.stream:
             return StreamingResponse(

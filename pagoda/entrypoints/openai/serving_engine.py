@@ -175,6 +175,15 @@ class OpenAIServing:
             error.message, error.err_type, error.status_code, error.param
         )
 
+    def check_priority(self, request: SamplingRequest) -> None:
+        """A 400 for a `priority` the scheduler would not honour (fcfs with priority != 0)."""
+        if request.priority != 0 and self.input_processor.scheduling_policy != "priority":
+            raise ServingError(
+                f"priority {request.priority} needs priority scheduling, which is not enabled "
+                "(--scheduling-policy priority)",
+                param="priority",
+            )
+
     def check_model(self, model: str | None) -> None:
         """Raise a 404 ServingError unless `model` is a served name (None or "" = the default)."""
         if model and model not in self.served_model_names:

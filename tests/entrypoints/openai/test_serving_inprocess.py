@@ -511,6 +511,7 @@ def test_client_disconnect_aborts_the_request(run, app, engine, stream) -> None:
         ({"logprobs": -1}, "`logprobs` must be a positive value.", "logprobs"),
         ({"seed": 2**64}, "less than or equal to", "seed"),
         ({"logit_bias": {"99999": 5}}, "out-of-vocab token ids", "logit_bias"),
+        ({"priority": 3}, "needs priority scheduling", "priority"),
         (
             {"stream_options": {"include_usage": True}},
             "Stream options can only be defined when `stream=True`.",
@@ -615,6 +616,12 @@ def test_tool_choice_none_ignores_tools_and_unknown_fields_are_ignored(run, app)
 
 def test_bodies_that_are_not_json_objects_get_openai_400s(run, app) -> None:
     assert_error(post(run, app, "/v1/completions", b"{not json"), 400, "Invalid JSON")
+    # Nested past the parser's recursion limit, and past Pagoda's own bound of 64 levels.
+    for depth in (10_000, 65):
+        deep = b'{"prompt": "x", "extra": ' + b"[" * depth + b"]" * depth + b"}"
+        assert_error(post(run, app, "/v1/completions", deep), 400, "nested deeper than 64")
+    shallow = b'{"prompt": "x", "max_tokens": 1, "extra": ' + b"[" * 60 + b"]" * 60 + b"}"
+    assert post(run, app, "/v1/completions", shallow).status_code == 200
     assert_error(post(run, app, "/v1/chat/completions", b"[1, 2]"), 400, "valid dictionary")
     nan = post(
         run,
