@@ -168,6 +168,19 @@ def _add_frontend_args(parser: argparse.ArgumentParser) -> None:
             help=f"CORS: allowed {what}, a JSON list such as '[\"*\"]'",
         )
     group.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    for flag, default, what in (
+        ("--max-request-body-bytes", 32 * 1024 * 1024, "a request body (larger: 413)"),
+        ("--max-request-header-bytes", 32 * 1024, "all request headers together (more: 431)"),
+        ("--max-request-headers", 100, "request headers (more: 431)"),
+    ):
+        group.add_argument(
+            flag,
+            type=int,
+            default=default,
+            help=f"at most this many bytes of {what}"
+            if "bytes" in flag
+            else f"at most this many {what}",
+        )
     group.add_argument(
         "--root-path", default=None, help="path prefix when served behind a path-routing proxy"
     )

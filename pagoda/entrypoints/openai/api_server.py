@@ -89,6 +89,21 @@ def build_app(args: argparse.Namespace) -> FastAPI:
                 return _unauthorized()
             return await call_next(request)
 
+    from pagoda.entrypoints.openai.edge_limits import (
+        DEFAULT_MAX_BODY_BYTES,
+        DEFAULT_MAX_HEADER_BYTES,
+        DEFAULT_MAX_HEADERS,
+        EdgeLimits,
+    )
+
+    # Outside authentication (added after it): limits hold before any key is checked.
+    app.add_middleware(
+        EdgeLimits,
+        max_header_bytes=getattr(args, "max_request_header_bytes", None)
+        or DEFAULT_MAX_HEADER_BYTES,
+        max_headers=getattr(args, "max_request_headers", None) or DEFAULT_MAX_HEADERS,
+        max_body_bytes=getattr(args, "max_request_body_bytes", None) or DEFAULT_MAX_BODY_BYTES,
+    )
     app.add_middleware(
         CORSMiddleware,
         allow_origins=_json_list(getattr(args, "allowed_origins", None)),

@@ -1,0 +1,112 @@
+"""Hard limits at the HTTP edge, before any route runs: header size and count, body size.
+
+A pure ASGI middleware (it sees the request before FastAPI parses anything): more headers than
+`max_headers`, or more than `max_header_bytes` of them together, is a 431; a `Content-Length`
+above `max_body_bytes` is a 413, and so is a body that streams past the limit without one (the
+route then sees the request end there, and the client gets the 413). Both carry OpenAI's error
+body. The defaults (`pagoda serve --max-request-header-bytes / --max-request-headers /
+--max-request-body-bytes`) are far above what a client sends: a 1M-token prompt is ~5 MB.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+DEFAULT_MAX_HEADER_BYTES = 32 * 1024
+DEFAULT_MAX_HEADERS = 100
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+async def _send_error(send: Send, status: int, message: str, kind: str) -> None:
+    body = json.dumps(
+        {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class EdgeLimits:
+    """Wraps an ASGI app with the limits above (HTTP requests only)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        max_headers: int = DEFAULT_MAX_HEADERS,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ) -> None:
+        self.app = app
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = scope.get("headers") or []
+        size = sum(len(name) + len(value) for name, value in headers)
+        if len(headers) > self.max_headers or size > self.max_header_bytes:
+            await _send_error(
+                send,
+                431,
+                f"Request headers too large: {len(headers)} headers, {size} bytes (at most "
+                f"{self.max_headers} headers and {self.max_header_bytes} bytes)",
+                "RequestHeaderFieldsTooLarge",
+            )
+            return
+        for name, value in headers:
+            if name.lower() == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared > self.max_body_bytes:
+                    await _send_error(send, 413, self._too_large(declared), "PayloadTooLarge")
+                    return
+        received = 0
+        exceeded = False
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    exceeded = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if exceeded and not started:
+                return  # the 413 below answers instead
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        await self.app(scope, limited_receive, tracking_send)
+        if exceeded and not started:
+            await _send_error(send, 413, self._too_large(received), "PayloadTooLarge")
+
+    def _too_large(self, size: int) -> str:
+        return f"Request body too large: {size} bytes (at most {self.max_body_bytes})"
