@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 
 from pagoda.config import EngineConfig
@@ -58,6 +59,9 @@ class AsyncLLM(EngineFrontend):
         super().__init__(config, log_stats, core_process)
         self._commands: queue.Queue[ToCore] = queue.Queue()
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        # Admission control (`pagoda serve --max-queued-requests`): None admits everything.
+        self.max_queued_requests: int | None = None
+        self._finish_times: deque[float] = deque(maxlen=4096)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._dead: BaseException | None = None
@@ -89,6 +93,24 @@ class AsyncLLM(EngineFrontend):
     async def check_health(self) -> None:
         if self._dead is not None:
             raise EngineDeadError("engine core is dead") from self._dead
+
+    def admission_delay(self) -> float | None:
+        """None when a new request may be admitted; else the seconds after which one likely may
+        (the requests queued beyond `max_queued_requests`, at the rate requests finished over the
+        last 30 s; 1 to 120 s). Requests beyond `max_num_seqs` in flight count as queued."""
+        limit = self.max_queued_requests
+        if limit is None:
+            return None
+        queued = len(self._queues) - self.config.scheduler_config.max_num_seqs
+        if queued < limit:
+            return None
+        now = time.monotonic()
+        while self._finish_times and self._finish_times[0] < now - 30.0:
+            self._finish_times.popleft()
+        if len(self._finish_times) < 2:
+            return 5.0
+        rate = len(self._finish_times) / max(now - self._finish_times[0], 1e-3)
+        return min(120.0, max(1.0, (queued - limit + 1) / rate))
 
     async def generate(
         self,
@@ -131,7 +153,9 @@ class AsyncLLM(EngineFrontend):
                 yield item
         finally:
             self._queues.pop(request_id, None)
-            if not finished:
+            if finished:
+                self._finish_times.append(time.monotonic())
+            else:
                 self._abort([request_id])
 
     async def abort(self, request_id: str | list[str]) -> None:

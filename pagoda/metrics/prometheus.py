@@ -118,6 +118,14 @@ class PrometheusMetrics:
         self.num_requests_running = gauge(
             "pagoda:num_requests_running", "Requests in the running batch."
         ).labels(model_name)
+        # Requests the server refused at admission, by reason ("overload": the queue was full).
+        self.requests_rejected = Counter(
+            "pagoda:requests_rejected",
+            "Requests refused at admission (429) because the waiting queue was full.",
+            labelnames=["model_name", "reason"],
+            registry=registry,
+        )
+        self._model_name = model_name
         self.num_requests_waiting = gauge(
             "pagoda:num_requests_waiting",
             "Requests waiting to be scheduled, preempted ones included.",

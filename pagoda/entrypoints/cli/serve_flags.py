@@ -168,6 +168,14 @@ def _add_frontend_args(parser: argparse.ArgumentParser) -> None:
             help=f"CORS: allowed {what}, a JSON list such as '[\"*\"]'",
         )
     group.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    group.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=None,
+        help="admission control: with this many requests waiting beyond --max-num-seqs, new "
+        "ones get a 429 with Retry-After (the queue's drain time at the current finish rate) "
+        "and count in pagoda:requests_rejected_total (default: None -> no bound)",
+    )
     for flag, default, what in (
         ("--max-request-body-bytes", 32 * 1024 * 1024, "a request body (larger: 413)"),
         ("--max-request-header-bytes", 32 * 1024, "all request headers together (more: 431)"),

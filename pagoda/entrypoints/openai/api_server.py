@@ -178,6 +178,7 @@ def init_app_state(app: FastAPI, engine: AsyncLLM, args: argparse.Namespace) -> 
     app.state.engine = engine
     app.state.served_model_names = served
     app.state.metrics = engine.enable_metrics(served[0])
+    engine.max_queued_requests = getattr(args, "max_queued_requests", None)
     app.state.openai_serving_models = OpenAIServingModels(engine, served)
     app.state.openai_serving_completion = OpenAIServingCompletion(
         engine, served, request_logger=request_logger

@@ -4,7 +4,8 @@ A pure ASGI middleware (it sees the request before FastAPI parses anything): mor
 `max_headers`, or more than `max_header_bytes` of them together, is a 431; a `Content-Length`
 above `max_body_bytes` is a 413, and so is a body that streams past the limit without one (the
 route then sees the request end there, and the client gets the 413). Both carry OpenAI's error
-body. The defaults (`pagoda serve --max-request-header-bytes / --max-request-headers /
+body. (No `Connection: close`: closing while the client may still be sending its request
+resets the connection before it reads the answer.) The defaults (`pagoda serve --max-request-header-bytes / --max-request-headers /
 --max-request-body-bytes`) are far above what a client sends: a 1M-token prompt is ~5 MB.
 """
 
@@ -36,7 +37,6 @@ async def _send_error(send: Send, status: int, message: str, kind: str) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
             ],
         }
     )

@@ -70,12 +70,14 @@ class ServingError(Exception):
         status_code: int = 400,
         err_type: str = "BadRequestError",
         param: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.status_code = status_code
         self.err_type = err_type
         self.param = param
+        self.headers = headers
 
 
 def error_body(
@@ -164,15 +166,33 @@ class OpenAIServing:
         err_type: str = "BadRequestError",
         status_code: int = 400,
         param: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> JSONResponse:
         """An OpenAI-style error body (`{"error": {...}}`) with the given status."""
         body = error_body(message, err_type, status_code, param)
-        return JSONResponse(body.model_dump(), status_code=status_code)
+        return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
 
     def error_response_for(self, exc: BaseException) -> JSONResponse:
         error = error_for_exception(exc)
         return self.create_error_response(
-            error.message, error.err_type, error.status_code, error.param
+            error.message, error.err_type, error.status_code, error.param, error.headers
+        )
+
+    def check_admission(self) -> None:
+        """A 429 with `Retry-After` when the engine's queue is full (--max-queued-requests)."""
+        delay_of = getattr(self.engine, "admission_delay", None)
+        delay = delay_of() if delay_of is not None else None
+        if delay is None:
+            return
+        metrics = getattr(self.engine, "metrics", None)
+        if metrics is not None:
+            metrics.requests_rejected.labels(metrics._model_name, "overload").inc()
+        raise ServingError(
+            "The server is overloaded: its queue of waiting requests is full. Retry after "
+            f"{delay:.0f} s.",
+            429,
+            "RateLimitError",
+            headers={"Retry-After": str(max(1, round(delay)))},
         )
 
     def check_priority(self, request: SamplingRequest) -> None:

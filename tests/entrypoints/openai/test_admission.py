@@ -1,0 +1,49 @@
+"""Admission control on a live server: beyond `--max-queued-requests` waiting requests, new ones
+get a 429 at once with `Retry-After`, counted in /metrics; every admitted request completes."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.server import RemoteServer
+
+pytestmark = pytest.mark.slow
+
+
+def test_overload_is_refused_with_retry_after_and_admitted_requests_finish(tmp_path: Any) -> None:
+    server = RemoteServer(
+        ["--max-model-len", "256", "--max-num-seqs", "2", "--max-queued-requests", "1"],
+        log_path=tmp_path / "server.log",
+    )
+    try:
+        body = {"prompt": "Count to one hundred:", "max_tokens": 48, "ignore_eos": True}
+
+        def post(_: int) -> httpx.Response:
+            return httpx.post(f"{server.url}/v1/completions", json=body, timeout=300)
+
+        with ThreadPoolExecutor(10) as pool:
+            responses = list(pool.map(post, range(10)))
+        refused = [r for r in responses if r.status_code == 429]
+        admitted = [r for r in responses if r.status_code == 200]
+        assert refused and admitted and len(refused) + len(admitted) == 10
+        for response in refused:
+            assert int(response.headers["retry-after"]) >= 1
+            error = response.json()["error"]
+            assert error["code"] == 429 and "overloaded" in error["message"]
+        for response in admitted:
+            assert len(response.json()["choices"][0]["text"]) > 0
+        metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+        line = next(
+            line
+            for line in metrics.splitlines()
+            if line.startswith("pagoda:requests_rejected_total{") and 'reason="overload"' in line
+        )
+        assert float(line.rsplit(" ", 1)[1]) == len(refused)
+        # Once the queue drains, requests are admitted again.
+        assert post(0).status_code == 200
+    finally:
+        assert server.stop() == 0, server.log_tail()
