@@ -37,6 +37,9 @@ class RemoteServer:
     ) -> None:
         self.port = port or free_port()
         command = [sys.executable, "-m", "pagoda.entrypoints.cli.main", "serve", *args]
+        if "--graceful-shutdown-timeout" not in args:
+            # Within stop()'s 30 s wait even if a test leaves a request running.
+            command += ["--graceful-shutdown-timeout", "10"]
         if port is None:
             command += ["--host", "127.0.0.1", "--port", str(self.port)]
         full_env = {**os.environ, "PAGODA_KV_CACHE_SPACE": "0.25", **(env or {})}

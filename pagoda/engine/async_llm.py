@@ -41,6 +41,10 @@ from pagoda.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+class EngineShutdownError(RuntimeError):
+    """A request ended because the server is shutting down (its grace period ran out)."""
+
+
 class AsyncLLM(EngineFrontend):
     """Asyncio front of the engine: `generate()` yields partial outputs as tokens arrive."""
 
@@ -147,6 +151,9 @@ class AsyncLLM(EngineFrontend):
         try:
             while not finished:
                 item = await outputs.get()
+                if isinstance(item, EngineShutdownError):
+                    finished = True  # aborted already
+                    raise item
                 if isinstance(item, BaseException):
                     raise EngineDeadError("engine core is dead") from item
                 finished = item.finished
@@ -157,6 +164,13 @@ class AsyncLLM(EngineFrontend):
                 self._finish_times.append(time.monotonic())
             else:
                 self._abort([request_id])
+
+    def stop_all(self, reason: str = "the server is shutting down") -> None:
+        """End every request in flight: each is aborted in the core and its `generate` raises
+        EngineShutdownError (call on the event loop's thread)."""
+        for request_id, outputs in list(self._queues.items()):
+            self._abort([request_id])
+            outputs.put_nowait(EngineShutdownError(reason))
 
     async def abort(self, request_id: str | list[str]) -> None:
         """Abort requests by their ids; their KV blocks are freed."""

@@ -169,6 +169,14 @@ def _add_frontend_args(parser: argparse.ArgumentParser) -> None:
         )
     group.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     group.add_argument(
+        "--graceful-shutdown-timeout",
+        type=float,
+        default=50.0,
+        help="after SIGTERM/SIGINT, seconds requests in flight get to finish before each is "
+        "ended with a final error (new requests and /health get 503 meanwhile; a second signal "
+        "exits at once); fits the shipped Kubernetes terminationGracePeriodSeconds of 60",
+    )
+    group.add_argument(
         "--max-queued-requests",
         type=int,
         default=None,

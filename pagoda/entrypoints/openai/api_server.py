@@ -9,6 +9,7 @@ in-flight responses end, and the engine thread is stopped.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import gc
 import hashlib
@@ -63,6 +64,24 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     app.include_router(build_router())
     install_error_handlers(app)
     _add_operational_routes(app)
+
+    @app.middleware("http")
+    async def refuse_while_draining(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        # After SIGTERM / SIGINT: in-flight requests finish, new ones are turned away.
+        if getattr(request.app.state, "draining", False) and request.url.path.startswith(
+            _PROTECTED_PREFIXES
+        ):
+            from pagoda.entrypoints.openai.serving_engine import error_body
+
+            body = error_body("The server is shutting down.", "ServiceUnavailableError", 503)
+            return JSONResponse(
+                body.model_dump(),
+                status_code=503,
+                headers={"Retry-After": "5", "Connection": "close"},
+            )
+        return await call_next(request)
 
     api_key = getattr(args, "api_key", None)
     api_keys = api_key if isinstance(api_key, list) else ([api_key] if api_key else [])
@@ -138,7 +157,11 @@ def _add_operational_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(raw_request: Request) -> Response:
         engine: AsyncLLM | None = getattr(raw_request.app.state, "engine", None)
-        if engine is None or not engine.is_alive():
+        if (
+            engine is None
+            or not engine.is_alive()
+            or getattr(raw_request.app.state, "draining", False)
+        ):
             return Response(status_code=503)
         return Response(status_code=200)
 
@@ -242,6 +265,7 @@ def run_server(args: argparse.Namespace, started: StartedEngineCore | None = Non
         app.state.served_model_names[0],
         time.perf_counter() - start,
     )
+    grace = float(getattr(args, "graceful_shutdown_timeout", None) or 50.0)
     config = uvicorn.Config(
         app,
         host=host,
@@ -250,10 +274,12 @@ def run_server(args: argparse.Namespace, started: StartedEngineCore | None = Non
         ssl_keyfile=getattr(args, "ssl_keyfile", None),
         ssl_certfile=getattr(args, "ssl_certfile", None),
         timeout_keep_alive=5,
-        timeout_graceful_shutdown=10,
+        # uvicorn's own limit only backs ours up: at the grace period the open requests are
+        # ended with a final error (see _GracefulServer), so nothing is ever cut mid-body.
+        timeout_graceful_shutdown=int(grace) + 5,
     )
     try:
-        _GracefulServer(config).run()
+        _GracefulServer(config, app, engine, grace).run()
     finally:
         engine.shutdown()
 
@@ -265,6 +291,33 @@ class _GracefulServer(uvicorn.Server):
     of SIGTERM (exit -15) even though everything was closed properly; orchestrators and tests
     read that as a crash.
     """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, engine: Any, grace: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._engine = engine
+        self._grace = grace
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        """The first signal starts the drain: /health and new requests answer 503, requests in
+        flight get `grace` seconds to finish, then each ends with a final error (a stream with
+        an error event and [DONE], others with a 503). A second signal exits at once."""
+        if not self.should_exit and self._loop is not None:
+            self._app.state.draining = True
+            logger.info(
+                "Draining: %d requests in flight get up to %.0f s to finish",
+                len(getattr(self._engine, "_queues", {})),
+                self._grace,
+            )
+            self._loop.call_soon_threadsafe(
+                self._loop.call_later, self._grace, self._engine.stop_all
+            )
+        super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

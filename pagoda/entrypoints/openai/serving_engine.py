@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from pagoda.engine.async_llm import EngineDeadError
+from pagoda.engine.async_llm import EngineDeadError, EngineShutdownError
 from pagoda.engine.input_processor import InputProcessor
 from pagoda.entrypoints.openai.protocol import (
     ErrorInfo,
@@ -97,6 +97,8 @@ def error_for_exception(exc: BaseException) -> ServingError:
         return exc
     if isinstance(exc, EngineDeadError):
         return ServingError(str(exc), 500, "InternalServerError")
+    if isinstance(exc, EngineShutdownError):
+        return ServingError(str(exc), 503, "ServiceUnavailableError")
     # The engine and SamplingParams raise ValueError (TypeError for a few type checks) for input
     # they refuse; the message is written for the user.
     if isinstance(exc, ValueError | TypeError):
