@@ -4,8 +4,9 @@ A pure ASGI middleware (it sees the request before FastAPI parses anything): mor
 `max_headers`, or more than `max_header_bytes` of them together, is a 431; a `Content-Length`
 above `max_body_bytes` is a 413, and so is a body that streams past the limit without one (the
 route then sees the request end there, and the client gets the 413). Both carry OpenAI's error
-body. (No `Connection: close`: closing while the client may still be sending its request
-resets the connection before it reads the answer.) The defaults (`pagoda serve --max-request-header-bytes / --max-request-headers /
+body. A refused request's body is read (up to the limit) before the answer, and the connection is
+not closed on purpose: a socket closed with unread bytes is reset by the kernel, and the client
+may lose the answer. The defaults (`pagoda serve --max-request-header-bytes / --max-request-headers /
 --max-request-body-bytes`) are far above what a client sends: a 1M-token prompt is ~5 MB.
 """
 
@@ -65,6 +66,7 @@ class EdgeLimits:
         headers = scope.get("headers") or []
         size = sum(len(name) + len(value) for name, value in headers)
         if len(headers) > self.max_headers or size > self.max_header_bytes:
+            await self._drain(receive)
             await _send_error(
                 send,
                 431,
@@ -107,6 +109,19 @@ class EdgeLimits:
         await self.app(scope, limited_receive, tracking_send)
         if exceeded and not started:
             await _send_error(send, 413, self._too_large(received), "PayloadTooLarge")
+
+    async def _drain(self, receive: Receive) -> None:
+        """Read the request's body (up to the body limit) before answering without it: a
+        server that closes a socket with unread bytes makes the kernel reset the connection,
+        and the client may lose the answer."""
+        received = 0
+        while received <= self.max_body_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            received += len(message.get("body", b""))
+            if not message.get("more_body"):
+                return
 
     def _too_large(self, size: int) -> str:
         return f"Request body too large: {size} bytes (at most {self.max_body_bytes})"
