@@ -169,6 +169,11 @@ def _add_frontend_args(parser: argparse.ArgumentParser) -> None:
         )
     group.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     group.add_argument(
+        "--disable-fastapi-docs",
+        action="store_true",
+        help="serve no /docs, /redoc or /openapi.json (with --api-key they need the key)",
+    )
+    group.add_argument(
         "--graceful-shutdown-timeout",
         type=float,
         default=50.0,

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 _EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Routes that touch the model need the key; operational probes stay open.
 _PROTECTED_PREFIXES = ("/v1", "/tokenize", "/detokenize")
+# With an API key the API's documentation needs it too (it lists every route and field).
+_DOCS_PREFIXES = ("/docs", "/redoc", "/openapi.json")
 
 
 def _unauthorized() -> JSONResponse:
@@ -58,7 +60,15 @@ def _key_digests(api_keys: list[str]) -> list[bytes]:
 
 def build_app(args: argparse.Namespace) -> FastAPI:
     """The FastAPI app, without an engine: `init_app_state` attaches one."""
-    app = FastAPI(root_path=getattr(args, "root_path", None) or "", lifespan=_lifespan)
+    # --disable-fastapi-docs (vLLM's flag): no /docs, /redoc or /openapi.json at all.
+    no_docs = bool(getattr(args, "disable_fastapi_docs", False))
+    app = FastAPI(
+        root_path=getattr(args, "root_path", None) or "",
+        lifespan=_lifespan,
+        docs_url=None if no_docs else "/docs",
+        redoc_url=None if no_docs else "/redoc",
+        openapi_url=None if no_docs else "/openapi.json",
+    )
     from pagoda.entrypoints.openai.router import build_router, install_error_handlers
 
     app.include_router(build_router())
@@ -96,7 +106,8 @@ def build_app(args: argparse.Namespace) -> FastAPI:
             root_path = request.scope.get("root_path") or ""
             if root_path and path.startswith(root_path):
                 path = path[len(root_path) :]
-            if request.method == "OPTIONS" or not path.startswith(_PROTECTED_PREFIXES):
+            guarded = path.startswith(_PROTECTED_PREFIXES) or path.startswith(_DOCS_PREFIXES)
+            if request.method == "OPTIONS" or not guarded:
                 return await call_next(request)
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             given = hashlib.sha256(token.strip().encode()).digest()

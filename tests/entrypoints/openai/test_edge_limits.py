@@ -74,3 +74,20 @@ def test_a_live_server_refuses_a_64_kb_header(tmp_path: Any) -> None:
         assert ok.status_code == 200
     finally:
         assert server.stop() == 0, server.log_tail()
+
+
+@pytest.mark.parametrize("disabled", [False, True])
+def test_disable_fastapi_docs_removes_the_api_documentation(disabled: bool) -> None:
+    import argparse
+
+    from pagoda.entrypoints.openai.api_server import build_app
+
+    app = build_app(argparse.Namespace(disable_fastapi_docs=disabled))
+
+    async def get(path: str) -> int:
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return (await client.get(path)).status_code
+
+    for path in ("/docs", "/openapi.json"):
+        assert asyncio.run(get(path)) == (404 if disabled else 200)

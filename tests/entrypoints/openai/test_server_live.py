@@ -282,6 +282,10 @@ def test_api_key_guards_model_routes_but_not_probes(server: RemoteServer) -> Non
         assert missing.json()["error"]["message"] == "Unauthorized"
     for path in ("/health", "/ping", "/version", "/metrics"):
         assert httpx.get(f"{server.url}{path}").status_code == 200
+    # The API's documentation lists every route: behind the key too.
+    for path in ("/docs", "/openapi.json"):
+        assert httpx.get(f"{server.url}{path}").status_code == 401
+        assert httpx.get(f"{server.url}{path}", headers=auth()).status_code == 200
     assert httpx.get(f"{server.url}/version").json()["version"]
 
 
