@@ -35,6 +35,22 @@ void pagoda_matmul_joined(const pg_matrix *const *mats, int count, const float *
 #define PG_CHUNK 24  /* tokens per chunk: three vectors */
 #define PG_FEW_TOKENS 8 /* below this many tokens, the decoder's matmul is faster */
 
+/* The PG_NR-row tiles of `count` (1 to 8) block matrices sharing their inputs: matrix m's tiles
+ * are [tiles[m], tiles[m + 1]) and its outputs the columns [columns[m], columns[m + 1]). Returns
+ * -1 unless every matrix is in a block format with the same multiple of 32 inputs. */
+static int plan_tiles(const pg_matrix *const *mats, int count, int64_t tiles[9],
+                      int64_t columns[9]) {
+    if (count < 1 || count > 8) return -1;
+    const int64_t cols = mats[0]->cols;
+    for (int m = 0; m < count; ++m) {
+        if (!is_block_format(mats[m]->format) || mats[m]->cols != cols || cols % 32 != 0)
+            return -1;
+        tiles[m + 1] = tiles[m] + (mats[m]->rows + PG_NR - 1) / PG_NR;
+        columns[m + 1] = columns[m] + mats[m]->rows;
+    }
+    return 0;
+}
+
 /* In-register transpose of an 8 x 8 float tile. */
 static inline void transpose8(__m256 r[8]) {
     const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
@@ -273,17 +289,8 @@ static inline __attribute__((always_inline)) void widen_tile_bf16_as(const pg_ma
         }
         const int64_t n = n0 + i;
         for (int64_t b = b0; b < b1; ++b) {
-            const uint8_t *start = block_address_as(w, format, x4, n, b), *scale, *minimum, *qs;
-            if (x4) {
-                const int64_t lane = n % 4;
-                scale = start + 2 * lane;
-                minimum = start + 8 + 2 * lane;
-                qs = start + 4 * header + lane * payload;
-            } else {
-                scale = start;
-                minimum = start + 2;
-                qs = start + header;
-            }
+            const uint8_t *scale, *minimum, *qs;
+            block_parts_as(w, format, x4, n, b, &scale, &minimum, &qs);
             void *out = wp + i * (PG_KC / 2) + (b - b0) * 16;
             if (format == PG_Q8_0)
                 widen_q8_0_bf16(read_half(scale), (const int8_t *)qs, out);
@@ -358,15 +365,9 @@ int pagoda_block_gemm_bf16(const pg_matrix *const *mats, int count, const float 
     (void)mats, (void)count, (void)x, (void)T, (void)out;
     return -1;
 #else
-    if (count < 1 || count > 8) return -1;
-    const int64_t cols = mats[0]->cols;
     int64_t tiles[9] = {0}, columns[9] = {0};
-    for (int m = 0; m < count; ++m) {
-        if (!is_block_format(mats[m]->format) || mats[m]->cols != cols || cols % 32 != 0)
-            return -1;
-        tiles[m + 1] = tiles[m] + (mats[m]->rows + PG_NR - 1) / PG_NR;
-        columns[m + 1] = columns[m] + mats[m]->rows;
-    }
+    if (plan_tiles(mats, count, tiles, columns) != 0) return -1;
+    const int64_t cols = mats[0]->cols;
     if (T < PG_FEW_TOKENS) {
         pagoda_matmul_joined(mats, count, x, T, out);
         return 0;
@@ -451,15 +452,9 @@ int pagoda_block_gemm(const pg_matrix *const *mats, int count, const float *x, i
     (void)mats, (void)count, (void)x, (void)T, (void)out;
     return -1;
 #else
-    if (count < 1 || count > 8) return -1;
-    const int64_t cols = mats[0]->cols;
     int64_t tiles[9] = {0}, columns[9] = {0};
-    for (int m = 0; m < count; ++m) {
-        if (!is_block_format(mats[m]->format) || mats[m]->cols != cols || cols % 32 != 0)
-            return -1;
-        tiles[m + 1] = tiles[m] + (mats[m]->rows + PG_NR - 1) / PG_NR;
-        columns[m + 1] = columns[m] + mats[m]->rows;
-    }
+    if (plan_tiles(mats, count, tiles, columns) != 0) return -1;
+    const int64_t cols = mats[0]->cols;
     if (T < PG_FEW_TOKENS) {
         pagoda_matmul_joined(mats, count, x, T, out);
         return 0;

@@ -130,24 +130,32 @@ static inline const uint8_t *block_address_as(const pg_matrix *w, int64_t format
     return w->data + n * w->row_bytes + b * block;
 }
 
+/* Where block b of row n keeps its float16 scale, its float16 minimum (Q4_1) and its payload. */
+static inline __attribute__((always_inline)) void block_parts_as(
+    const pg_matrix *w, int64_t format, int x4, int64_t n, int64_t b, const uint8_t **scale,
+    const uint8_t **minimum, const uint8_t **qs) {
+    const int64_t header = block_header(format), payload = block_payload(format);
+    const uint8_t *start = block_address_as(w, format, x4, n, b);
+    if (x4) {
+        const int64_t lane = n % 4;
+        *scale = start + 2 * lane;
+        *minimum = start + 8 + 2 * lane;
+        *qs = start + 4 * header + lane * payload;
+    } else {
+        *scale = start;
+        *minimum = start + 2;
+        *qs = start + header;
+    }
+}
+
 /* Block b of row n of a matrix in `format` (Q8_0, Q4_0 or Q4_1; interleaved if `x4`), widened to
  * 32 floats. Inlined with constant format and x4 where speed matters. */
 static inline __attribute__((always_inline)) void widen_block_as(const pg_matrix *w,
                                                                  int64_t format, int x4,
                                                                  int64_t n, int64_t b,
                                                                  float *out) {
-    const int64_t header = block_header(format), payload = block_payload(format);
-    const uint8_t *start = block_address_as(w, format, x4, n, b), *scale, *minimum, *qs;
-    if (x4) {
-        const int64_t lane = n % 4;
-        scale = start + 2 * lane;
-        minimum = start + 8 + 2 * lane;
-        qs = start + 4 * header + lane * payload;
-    } else {
-        scale = start;
-        minimum = start + 2;
-        qs = start + header;
-    }
+    const uint8_t *scale, *minimum, *qs;
+    block_parts_as(w, format, x4, n, b, &scale, &minimum, &qs);
     if (format == PG_Q8_0)
         widen_q8_0(read_half(scale), (const int8_t *)qs, out);
     else if (format == PG_Q4_0)

@@ -16,6 +16,7 @@ each call as OpenAI does: its id and name first, then its arguments.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import AsyncIterator
@@ -611,8 +612,6 @@ def _required_calls_schema(functions: list[dict[str, Any]], parallel: bool) -> d
 
 def _with_text(sample: Any, text: str) -> Any:
     """`sample` (a streamed CompletionOutput delta) with its text replaced."""
-    import copy
-
     replaced = copy.copy(sample)
     replaced.text = text
     return replaced

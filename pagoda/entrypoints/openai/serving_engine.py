@@ -248,6 +248,9 @@ class OpenAIServing:
                 param=sources[1][0],
             )
         param, name, fields = sources[0]
+        internal = sorted(key for key in fields if key.startswith("_"))
+        if internal:  # the engine's own fields (set by the reasoning parser), not the client's
+            raise ServingError(f"{param}: unknown field {internal[0]!r}", param=param)
         try:
             params = StructuredOutputsParams(**fields)
         except TypeError as exc:  # a key StructuredOutputsParams does not have

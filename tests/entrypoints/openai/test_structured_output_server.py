@@ -148,6 +148,11 @@ def test_streamed_json_parses_when_joined(client: openai.OpenAI) -> None:
         ({"response_format": {"type": "yaml"}}, "response_format.type", ""),
         ({"structured_outputs": {"regex": "(a"}}, "structured_outputs", "regex is invalid"),
         ({"structured_outputs": {"pattern": "a"}}, "structured_outputs", "pattern"),
+        (
+            {"structured_outputs": {"regex": "a", "_reasoning_end_token_id": 5}},
+            "structured_outputs",
+            "_reasoning_end_token_id",
+        ),
         ({"guided_json": "{not json"}, "guided_json", "guided_json is not valid JSON"),
         (
             {"guided_choice": ["a"], "structured_outputs": {"regex": "a"}},
