@@ -257,6 +257,13 @@ class OpenAIServing:
             raise ServingError(f"{param}: {exc}", param=param) from None
         except ValueError as exc:
             raise ServingError(str(exc), param=param) from None
+        config = getattr(getattr(self.engine, "config", None), "structured_outputs_config", None)
+        if params.whitespace_pattern is not None and (config or {}).get("backend") == "xgrammar":
+            raise ServingError(
+                f"{param}: whitespace_pattern needs the guidance (or auto) structured outputs "
+                "backend; this server runs xgrammar only",
+                param=param,
+            )
         try:
             check_structured_outputs(params)
         except ValueError as exc:

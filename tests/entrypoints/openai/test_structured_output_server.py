@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import jsonschema
@@ -212,3 +213,29 @@ def test_reasoning_content_is_split_from_the_answer(reasoning_server: RemoteServ
             reasoning += getattr(choice.delta, "reasoning_content", None) or ""
             content += choice.delta.content or ""
     assert (reasoning, content) == ("Paris is in France.", "Paris")
+
+
+def test_an_xgrammar_only_server_refuses_what_only_guidance_compiles(tmp_path: Path) -> None:
+    """whitespace_pattern is llguidance's: with the backend pinned to xgrammar it is a 400, not
+    a request the engine aborts."""
+    remote = RemoteServer(
+        ["--max-model-len", "512", "--structured-outputs-config", '{"backend": "xgrammar"}'],
+        log_path=tmp_path / "server.log",
+    )
+    try:
+        request = {
+            "prompt": "JSON:",
+            "max_tokens": 20,
+            "guided_json": {"type": "object"},
+            "guided_whitespace_pattern": "[ ]?",
+        }
+        response = httpx.post(f"{remote.url}/v1/completions", json=request, timeout=60)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "guided_json" and "whitespace_pattern" in error["message"]
+        del request["guided_whitespace_pattern"]
+        response = httpx.post(f"{remote.url}/v1/completions", json=request, timeout=60)
+        assert response.status_code == 200
+        assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    finally:
+        assert remote.stop() == 0, remote.log_tail()
