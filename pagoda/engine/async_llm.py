@@ -65,7 +65,14 @@ class AsyncLLM(EngineFrontend):
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         # Admission control (`pagoda serve --max-queued-requests`): None admits everything.
         self.max_queued_requests: int | None = None
+        # ... and `--max-queued-prompt-tokens`: prompt tokens admitted and not yet prefilled.
+        self.max_queued_prompt_tokens: int | None = None
         self._finish_times: deque[float] = deque(maxlen=4096)
+        # core request id -> prompt tokens, until the request's first token (its prefill done).
+        self._pending_prefill: dict[str, int] = {}
+        self._pending_tokens = 0
+        # (time, prompt tokens) of each prefill that completed, for the token drain rate.
+        self._prefill_times: deque[tuple[float, int]] = deque(maxlen=4096)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._dead: BaseException | None = None
@@ -98,23 +105,40 @@ class AsyncLLM(EngineFrontend):
         if self._dead is not None:
             raise EngineDeadError("engine core is dead") from self._dead
 
-    def admission_delay(self) -> float | None:
-        """None when a new request may be admitted; else the seconds after which one likely may
-        (the requests queued beyond `max_queued_requests`, at the rate requests finished over the
-        last 30 s; 1 to 120 s). Requests beyond `max_num_seqs` in flight count as queued."""
-        limit = self.max_queued_requests
-        if limit is None:
-            return None
-        queued = len(self._queues) - self.config.scheduler_config.max_num_seqs
-        if queued < limit:
-            return None
+    def admission_delay(self, num_prompt_tokens: int = 0) -> tuple[float, str] | None:
+        """None when a new request (of `num_prompt_tokens`) may be admitted; else the seconds
+        after which one likely may (1 to 120 s) and which bound is full ("requests" or
+        "prompt_tokens").
+
+        The request bound counts the requests queued beyond `max_queued_requests` (those beyond
+        `max_num_seqs` in flight), drained at the rate requests finished over the last 30 s. The
+        token bound counts the prompt tokens admitted and not yet prefilled, drained at the rate
+        prompts were prefilled over the last 30 s; a request is always admitted when nothing is
+        pending, so one long prompt never waits for itself."""
         now = time.monotonic()
-        while self._finish_times and self._finish_times[0] < now - 30.0:
-            self._finish_times.popleft()
-        if len(self._finish_times) < 2:
-            return 5.0
-        rate = len(self._finish_times) / max(now - self._finish_times[0], 1e-3)
-        return min(120.0, max(1.0, (queued - limit + 1) / rate))
+        limit = self.max_queued_requests
+        if limit is not None:
+            queued = len(self._queues) - self.config.scheduler_config.max_num_seqs
+            if queued >= limit:
+                times = self._finish_times
+                while times and times[0] < now - 30.0:
+                    times.popleft()
+                if len(times) < 2:
+                    return 5.0, "requests"
+                rate = len(times) / max(now - times[0], 1e-3)
+                return min(120.0, max(1.0, (queued - limit + 1) / rate)), "requests"
+        token_limit = self.max_queued_prompt_tokens
+        pending = self._pending_tokens
+        if token_limit is not None and pending > 0 and pending + num_prompt_tokens > token_limit:
+            prefills = self._prefill_times
+            while prefills and prefills[0][0] < now - 30.0:
+                prefills.popleft()
+            if len(prefills) < 2:
+                return 5.0, "prompt_tokens"
+            rate = sum(n for _, n in prefills) / max(now - prefills[0][0], 1e-3)
+            excess = pending + num_prompt_tokens - token_limit
+            return min(120.0, max(1.0, excess / max(rate, 1e-3))), "prompt_tokens"
+        return None
 
     async def generate(
         self,
@@ -141,6 +165,9 @@ class AsyncLLM(EngineFrontend):
         self.output_processor.add_request(
             request_id, processed.prompt, processed.prompt_token_ids, processed.params
         )
+        for request in processed.core_requests:
+            self._pending_prefill[request.request_id] = len(processed.prompt_token_ids)
+            self._pending_tokens += len(processed.prompt_token_ids)
         if self._tracker is not None:
             now = time.monotonic()
             for request in processed.core_requests:
@@ -160,6 +187,8 @@ class AsyncLLM(EngineFrontend):
                 yield item
         finally:
             self._queues.pop(request_id, None)
+            for request in processed.core_requests:
+                self._pending_tokens -= self._pending_prefill.pop(request.request_id, 0)
             if finished:
                 self._finish_times.append(time.monotonic())
             else:
@@ -241,6 +270,13 @@ class AsyncLLM(EngineFrontend):
                 loop.call_soon_threadsafe(self._fail_all, exc)
 
     def _on_outputs(self, outputs: EngineCoreOutputs, stats: SchedulerStats) -> None:
+        if self._pending_prefill:
+            now = time.monotonic()
+            for core_output in outputs.outputs:
+                tokens = self._pending_prefill.pop(core_output.request_id, None)
+                if tokens is not None:
+                    self._pending_tokens -= tokens
+                    self._prefill_times.append((now, tokens))
         if self._tracker is not None:
             self._record_metrics(outputs, stats)
         processed = self.output_processor.process_outputs(outputs.outputs)

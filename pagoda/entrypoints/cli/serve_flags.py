@@ -189,6 +189,15 @@ def _add_frontend_args(parser: argparse.ArgumentParser) -> None:
         "ones get a 429 with Retry-After (the queue's drain time at the current finish rate) "
         "and count in pagoda:requests_rejected_total (default: None -> no bound)",
     )
+    group.add_argument(
+        "--max-queued-prompt-tokens",
+        type=int,
+        default=None,
+        help="admission control: a request that would take the prompt tokens admitted and not "
+        "yet prefilled beyond this gets a 429 with Retry-After (their drain time at the current "
+        "prefill rate); one request is always admitted when none is pending "
+        "(default: None -> no bound)",
+    )
     for flag, default, what in (
         ("--max-request-body-bytes", 32 * 1024 * 1024, "a request body (larger: 413)"),
         ("--max-request-header-bytes", 32 * 1024, "all request headers together (more: 431)"),

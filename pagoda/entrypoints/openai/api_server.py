@@ -69,10 +69,15 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         redoc_url=None if no_docs else "/redoc",
         openapi_url=None if no_docs else "/openapi.json",
     )
-    from pagoda.entrypoints.openai.router import build_router, install_error_handlers
+    from pagoda.entrypoints.openai.router import (
+        build_router,
+        install_error_handlers,
+        install_openapi,
+    )
 
     app.include_router(build_router())
     install_error_handlers(app)
+    install_openapi(app)
     _add_operational_routes(app)
 
     @app.middleware("http")
@@ -165,7 +170,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def _add_operational_routes(app: FastAPI) -> None:
-    @app.get("/health")
+    health_responses: dict[int | str, dict[str, Any]] = {
+        200: {"description": "The engine serves"},
+        503: {"description": "The engine failed or the server is shutting down"},
+    }
+
+    @app.get("/health", responses=health_responses, response_class=Response)
     async def health(raw_request: Request) -> Response:
         engine: AsyncLLM | None = getattr(raw_request.app.state, "engine", None)
         if (
@@ -176,15 +186,32 @@ def _add_operational_routes(app: FastAPI) -> None:
             return Response(status_code=503)
         return Response(status_code=200)
 
-    @app.api_route("/ping", methods=["GET", "POST"])
+    @app.get("/ping", responses=health_responses, response_class=Response, operation_id="ping_get")
     async def ping(raw_request: Request) -> Response:
+        return await health(raw_request)
+
+    @app.post(
+        "/ping", responses=health_responses, response_class=Response, operation_id="ping_post"
+    )
+    async def ping_post(raw_request: Request) -> Response:
         return await health(raw_request)
 
     @app.get("/version")
     async def version() -> JSONResponse:
         return JSONResponse({"version": pagoda.__version__})
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus exposition (text format 0.0.4, or OpenMetrics when "
+                "the Accept header asks for it)",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+            404: {"description": "Metrics are not recorded"},
+        },
+    )
     async def metrics(raw_request: Request) -> Response:
         prometheus = getattr(raw_request.app.state, "metrics", None)
         if prometheus is None:
@@ -213,6 +240,7 @@ def init_app_state(app: FastAPI, engine: AsyncLLM, args: argparse.Namespace) -> 
     app.state.served_model_names = served
     app.state.metrics = engine.enable_metrics(served[0])
     engine.max_queued_requests = getattr(args, "max_queued_requests", None)
+    engine.max_queued_prompt_tokens = getattr(args, "max_queued_prompt_tokens", None)
     app.state.openai_serving_models = OpenAIServingModels(engine, served)
     app.state.openai_serving_completion = OpenAIServingCompletion(
         engine, served, request_logger=request_logger
@@ -328,6 +356,14 @@ class _GracefulServer(uvicorn.Server):
             self._loop.call_soon_threadsafe(
                 self._loop.call_later, self._grace, self._engine.stop_all
             )
+        elif self.should_exit:
+            # uvicorn forces only on a second SIGINT; Pagoda on either (an orchestrator's
+            # second SIGTERM, or SIGINT after SIGTERM). Streams still get their final event if
+            # the loop runs once more; the process does not wait for them.
+            logger.info("Second signal: exiting now")
+            self.force_exit = True
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._engine.stop_all)
         super().handle_exit(sig, frame)
 
     @contextlib.contextmanager

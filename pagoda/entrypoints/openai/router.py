@@ -2,7 +2,9 @@
 
 Handlers take only the raw `Request`: they parse the JSON body themselves, so a malformed body or
 a field of the wrong type gets OpenAI's error shape with a 400 (never FastAPI's default 422), and
-find their serving objects on `app.state` (set by the app factory).
+find their serving objects on `app.state` (set by the app factory). The request and response
+models are still declared on each route (`_documented`, `install_openapi`), so `/openapi.json`
+describes every body and `/docs` shows the fields.
 """
 
 from __future__ import annotations
@@ -14,16 +16,27 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from pagoda.entrypoints.openai.protocol import (
     REFUSED_FIELDS,
     ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
     CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
     DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelList,
     TokenizeRequest,
+    TokenizeResponse,
 )
 from pagoda.entrypoints.openai.serving_engine import error_body
 
@@ -84,15 +97,18 @@ def validation_error_response(errors: list[Any]) -> JSONResponse:
     return _error(message, 400, param)
 
 
-async def _parse(raw_request: Request, model: type[RequestT]) -> RequestT | JSONResponse:
+async def _parse(raw_request: Request, model: type[RequestT]) -> RequestT | Response:
     try:
         body = await raw_request.json()
+    except ClientDisconnect:  # hung up before sending the whole body: nobody to answer
+        return Response(status_code=499)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
         return _error(f"Invalid JSON body: {exc}")
     except RecursionError:  # nested deeper than the parser's stack
         return _error(f"Invalid JSON body: nested deeper than {MAX_JSON_DEPTH} levels")
-    if _depth_exceeds(body, MAX_JSON_DEPTH):
-        return _error(f"Invalid JSON body: nested deeper than {MAX_JSON_DEPTH} levels")
+    problem = _body_problem(body, MAX_JSON_DEPTH)
+    if problem is not None:
+        return _error(f"Invalid JSON body: {problem}")
     try:
         request = model.model_validate(body)
     except ValidationError as exc:
@@ -113,22 +129,31 @@ async def _parse(raw_request: Request, model: type[RequestT]) -> RequestT | JSON
 MAX_JSON_DEPTH = 64
 
 
-def _depth_exceeds(value: Any, limit: int) -> bool:
-    """Whether `value` (parsed JSON) nests lists and objects more than `limit` deep."""
+def _body_problem(value: Any, limit: int) -> str | None:
+    """What makes parsed JSON unacceptable, or None: nesting of lists and objects more than
+    `limit` deep, or a string (value or key) with a lone UTF-16 surrogate (JSON's `\\ud800`
+    escape parses to one; it is not text, and the tokenizer cannot encode it)."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
         children: Iterable[Any]
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    return "a string holds a lone UTF-16 surrogate, which is not valid text"
+            continue
         if isinstance(item, dict):
-            children = item.values()
+            children = [*item.keys(), *item.values()]
         elif isinstance(item, list):
             children = item
         else:
             continue
         if depth > limit:
-            return True
+            return f"nested deeper than {limit} levels"
         stack.extend((child, depth + 1) for child in children)
-    return False
+    return None
 
 
 # Values of refused fields that ask for nothing (their defaults): accepted.
@@ -142,7 +167,7 @@ async def _serve(
     call: Callable[[Any, RequestT, Request], Awaitable[Response]],
 ) -> Response:
     parsed = await _parse(raw_request, model)
-    if isinstance(parsed, JSONResponse):
+    if isinstance(parsed, Response):
         return parsed
     serving = getattr(raw_request.app.state, state_attr, None)
     if serving is None:
@@ -154,11 +179,95 @@ async def _serve(
         return _error(str(exc) or type(exc).__name__, 500)
 
 
+# The statuses a route answers with an OpenAI error body, and when.
+_ERROR_STATUSES = {
+    400: "Invalid request: malformed JSON, a field of the wrong type or out of range, a refused "
+    "field, or a prompt longer than the context",
+    401: "Missing or wrong API key (when the server has one)",
+    404: "Unknown model",
+    413: "Request body larger than --max-request-body-bytes",
+    429: "Overloaded (--max-queued-requests / --max-queued-prompt-tokens); see Retry-After",
+    431: "Request headers beyond --max-request-headers / --max-request-header-bytes",
+    500: "Engine failure",
+    503: "Shutting down; see Retry-After",
+}
+
+# Request models of the routes: put in the OpenAPI components by `install_openapi`.
+_REQUEST_MODELS: list[type[BaseModel]] = [
+    CompletionRequest,
+    ChatCompletionRequest,
+    TokenizeRequest,
+    DetokenizeRequest,
+]
+
+# The stream chunk models, named in the streaming routes' descriptions.
+_STREAM_MODELS: list[type[BaseModel]] = [CompletionStreamResponse, ChatCompletionStreamResponse]
+
+
+def _documented(
+    request_model: type[BaseModel] | None,
+    response_model: type[BaseModel],
+    stream_model: type[BaseModel] | None = None,
+    errors: Iterable[int] = (400, 401, 404, 413, 429, 431, 500, 503),
+) -> dict[str, Any]:
+    """Route keywords that document the body the handler parses itself and what it returns."""
+    ok: dict[str, Any] = {"model": response_model, "description": "Successful response"}
+    if stream_model is not None:
+        ok["description"] = (
+            f"`stream: false`: a {response_model.__name__}. `stream: true`: server-sent events, "
+            f"each `data: <{stream_model.__name__} JSON>`, ending with `data: [DONE]`"
+        )
+        ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+    responses: dict[int | str, dict[str, Any]] = {200: ok}
+    for status in errors:
+        responses[status] = {"model": ErrorResponse, "description": _ERROR_STATUSES[status]}
+    extra: dict[str, Any] = {}
+    if request_model is not None:
+        ref = {"$ref": f"#/components/schemas/{request_model.__name__}"}
+        extra["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref}}}
+    return {"response_model": None, "responses": responses, "openapi_extra": extra}
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Make `app.openapi()` carry the request models' schemas, which the routes reference but
+    FastAPI does not see (the handlers parse bodies themselves)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(
+            title="Pagoda OpenAI-compatible API",
+            version=_version(),
+            description="OpenAI's completions, chat completions and models routes with vLLM's "
+            "extra fields, plus tokenization, health and Prometheus metrics.",
+            routes=app.routes,
+        )
+        _, defs = models_json_schema(
+            [(model, "validation") for model in _REQUEST_MODELS]
+            + [(model, "serialization") for model in _STREAM_MODELS],
+            ref_template="#/components/schemas/{model}",
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, definition in defs.get("$defs", {}).items():
+            # A response part FastAPI already put there (same model) keeps FastAPI's rendering.
+            components.setdefault(name, definition)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _version() -> str:
+    import pagoda
+
+    return pagoda.__version__
+
+
 def build_router() -> APIRouter:
     """The OpenAI-compatible routes; serving objects come from `app.state`."""
     router = APIRouter()
 
-    @router.get("/v1/models", response_model=None)
+    @router.get("/v1/models", **_documented(None, ModelList, errors=(401, 404)))
     async def show_available_models(raw_request: Request) -> Response:
         serving = getattr(raw_request.app.state, "openai_serving_models", None)
         if serving is None:
@@ -166,7 +275,10 @@ def build_router() -> APIRouter:
         models = await serving.show_available_models()
         return JSONResponse(models.model_dump())
 
-    @router.post("/v1/completions", response_model=None)
+    @router.post(
+        "/v1/completions",
+        **_documented(CompletionRequest, CompletionResponse, CompletionStreamResponse),
+    )
     async def create_completion(raw_request: Request) -> Response:
         return await _serve(
             raw_request,
@@ -175,7 +287,10 @@ def build_router() -> APIRouter:
             lambda serving, request, raw: serving.create_completion(request, raw),
         )
 
-    @router.post("/v1/chat/completions", response_model=None)
+    @router.post(
+        "/v1/chat/completions",
+        **_documented(ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse),
+    )
     async def create_chat_completion(raw_request: Request) -> Response:
         return await _serve(
             raw_request,
@@ -184,7 +299,11 @@ def build_router() -> APIRouter:
             lambda serving, request, raw: serving.create_chat_completion(request, raw),
         )
 
-    @router.post("/tokenize", response_model=None)
+    tokenizer_errors = (400, 401, 404, 413, 431, 500, 503)
+
+    @router.post(
+        "/tokenize", **_documented(TokenizeRequest, TokenizeResponse, errors=tokenizer_errors)
+    )
     async def tokenize(raw_request: Request) -> Response:
         return await _serve(
             raw_request,
@@ -193,7 +312,9 @@ def build_router() -> APIRouter:
             lambda serving, request, raw: serving.create_tokenize(request, raw),
         )
 
-    @router.post("/detokenize", response_model=None)
+    @router.post(
+        "/detokenize", **_documented(DetokenizeRequest, DetokenizeResponse, errors=tokenizer_errors)
+    )
     async def detokenize(raw_request: Request) -> Response:
         return await _serve(
             raw_request,

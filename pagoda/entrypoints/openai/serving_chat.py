@@ -138,6 +138,7 @@ class OpenAIServingChat(OpenAIServing):
                 token_ids, request.truncate_prompt_tokens
             )
             self.check_prompt_tokens(token_ids, param="messages")
+            self.check_admission(len(token_ids) * (request.n or 1))
             max_tokens = request.max_completion_tokens
             if max_tokens is None:
                 max_tokens = request.max_tokens

@@ -59,6 +59,7 @@ class OpenAIServingCompletion(OpenAIServing):
             self._check_supported(request)
             kind = RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY
             prompts = self._prepare_prompts(request, kind)
+            self.check_admission(sum(len(p.token_ids) for p in prompts) * (request.n or 1))
         except ServingError as exc:
             return self.error_response_for(exc)
         request_id = f"cmpl-{self.base_request_id(raw_request, request.request_id)}"

@@ -180,18 +180,21 @@ class OpenAIServing:
             error.message, error.err_type, error.status_code, error.param, error.headers
         )
 
-    def check_admission(self) -> None:
-        """A 429 with `Retry-After` when the engine's queue is full (--max-queued-requests)."""
+    def check_admission(self, num_prompt_tokens: int = 0) -> None:
+        """A 429 with `Retry-After` when the engine's queue is full: too many requests waiting
+        (--max-queued-requests) or, with this request's `num_prompt_tokens`, too many prompt
+        tokens waiting for prefill (--max-queued-prompt-tokens)."""
         delay_of = getattr(self.engine, "admission_delay", None)
-        delay = delay_of() if delay_of is not None else None
-        if delay is None:
+        refusal = delay_of(num_prompt_tokens) if delay_of is not None else None
+        if refusal is None:
             return
+        delay, bound = refusal
         metrics = getattr(self.engine, "metrics", None)
         if metrics is not None:
             metrics.requests_rejected.labels(metrics._model_name, "overload").inc()
+        what = "requests" if bound == "requests" else "prompt tokens waiting for prefill"
         raise ServingError(
-            "The server is overloaded: its queue of waiting requests is full. Retry after "
-            f"{delay:.0f} s.",
+            f"The server is overloaded: its queue of {what} is full. Retry after {delay:.0f} s.",
             429,
             "RateLimitError",
             headers={"Retry-After": str(max(1, round(delay)))},

@@ -47,3 +47,35 @@ def test_overload_is_refused_with_retry_after_and_admitted_requests_finish(tmp_p
         assert post(0).status_code == 200
     finally:
         assert server.stop() == 0, server.log_tail()
+
+
+def test_prompt_token_bound_refuses_with_retry_after_and_admits_a_lone_long_prompt(
+    tmp_path: Any,
+) -> None:
+    server = RemoteServer(
+        ["--max-model-len", "512", "--max-num-seqs", "1", "--max-queued-prompt-tokens", "100"],
+        log_path=tmp_path / "server.log",
+    )
+    try:
+        # About 60 prompt tokens each: with one running and one pending, a third does not fit.
+        prompt = "Name a colour of the rainbow, then a fruit of that colour. " * 5
+        body = {"prompt": prompt, "max_tokens": 24, "ignore_eos": True}
+
+        def post(_: int) -> httpx.Response:
+            return httpx.post(f"{server.url}/v1/completions", json=body, timeout=300)
+
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(post, range(8)))
+        refused = [r for r in responses if r.status_code == 429]
+        admitted = [r for r in responses if r.status_code == 200]
+        assert refused and admitted and len(refused) + len(admitted) == 8
+        for response in refused:
+            assert int(response.headers["retry-after"]) >= 1
+            assert "prompt tokens" in response.json()["error"]["message"]
+        # Nothing pending: a prompt longer than the bound is still admitted.
+        long_body = {"prompt": prompt * 3, "max_tokens": 4}
+        response = httpx.post(f"{server.url}/v1/completions", json=long_body, timeout=300)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["prompt_tokens"] > 100
+    finally:
+        assert server.stop() == 0, server.log_tail()
