@@ -82,9 +82,12 @@ class AsyncLLM(EngineFrontend):
         # core request id -> [prompt tokens, generated tokens], for per-request metrics.
         self._token_counts: dict[str, list[int]] = {}
 
-    def enable_metrics(self, model_name: str) -> PrometheusMetrics:
-        """Record Prometheus metrics (labelled with `model_name`) from now on."""
-        self.metrics = PrometheusMetrics(model_name, max_model_len=self.model_config.max_model_len)
+    def enable_metrics(self, model_name: str, vllm_names: bool = True) -> PrometheusMetrics:
+        """Record Prometheus metrics (labelled with `model_name`) from now on; `vllm_names`
+        exposes each under vLLM's name too."""
+        self.metrics = PrometheusMetrics(
+            model_name, max_model_len=self.model_config.max_model_len, vllm_names=vllm_names
+        )
         self._tracker = RequestTracker(self.metrics)
         return self.metrics
 
@@ -191,6 +194,13 @@ class AsyncLLM(EngineFrontend):
                 self._pending_tokens -= self._pending_prefill.pop(request.request_id, 0)
             if finished:
                 self._finish_times.append(time.monotonic())
+                if self.metrics is not None:
+                    max_tokens = processed.params.max_tokens
+                    if max_tokens is None:
+                        max_tokens = self.model_config.max_model_len - len(
+                            processed.prompt_token_ids
+                        )
+                    self.metrics.record_params(processed.params.n, max_tokens)
             else:
                 self._abort([request_id])
 
@@ -299,7 +309,12 @@ class AsyncLLM(EngineFrontend):
             if counts is None:
                 continue
             counts[1] += len(output.new_token_ids)
-            self._tracker.on_tokens(output.request_id, len(output.new_token_ids), outputs.timestamp)
+            self._tracker.on_tokens(
+                output.request_id,
+                len(output.new_token_ids),
+                outputs.timestamp,
+                queue_seconds=output.queue_seconds,
+            )
             if output.finish_reason is not None:
                 self._track_finished([output.request_id], output.finish_reason)
 

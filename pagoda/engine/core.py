@@ -132,6 +132,7 @@ class EngineCore:
         self.last_stats = SchedulerStats(
             num_running_reqs=len(self.scheduler.running),
             num_waiting_reqs=len(self.scheduler.waiting),
+            num_deferred_reqs=self.scheduler.num_deferred,
             kv_cache_usage=kv.usage,
             prefix_cache_queries=stats.queries,
             prefix_cache_hits=stats.hits,

@@ -84,7 +84,8 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     "abort"; None while the request runs. `stop_reason` is the stop token id that ended it (None
     for EOS). `new_logprobs` has one entry per new token: the token ids with the sampled one first
     and then the top-k, their logprobs, and the rank of the sampled token. `num_cached_tokens` is
-    the number of prompt tokens served from the prefix cache.
+    the number of prompt tokens served from the prefix cache. `queue_seconds` comes with the
+    first token: how long the request waited before it was first scheduled.
     """
 
     request_id: str
@@ -93,6 +94,9 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     stop_reason: int | str | None = None
     new_logprobs: list[tuple[list[int], list[float], int]] | None = None
     num_cached_tokens: int = 0
+    # On a request's first token only: seconds from its arrival to its first scheduling (the
+    # queue phase of vLLM's request_queue_time_seconds); the API side times the other phases.
+    queue_seconds: float | None = None
 
     @property
     def finished(self) -> bool:

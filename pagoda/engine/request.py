@@ -69,6 +69,8 @@ class Request:
         # Prefix-cache hits when the request was first admitted (-1: not yet admitted).
         self.num_cached_tokens = -1
         self.num_preemptions = 0
+        # Seconds from arrival to the first scheduling; set when first admitted.
+        self.queue_seconds: float | None = None
         self.block_hashes: list[bytes] = []
         max_tokens = sampling_params.max_tokens
         self.max_tokens: int = max_tokens if max_tokens is not None else 1 << 62

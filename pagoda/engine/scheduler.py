@@ -15,6 +15,7 @@ constrained requests that sample, and each sampled token advances their matcher.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -50,6 +51,8 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_since_last_plan: list[str] = []
         self.num_preemptions_total = 0
+        # Waiting requests the last schedule() passed over because their grammar was compiling.
+        self.num_deferred = 0
         # Set by the engine core at its first constrained request.
         self.structured_output: StructuredOutputManager | None = None
         # Outputs of requests that ended without running (their grammar failed to compile).
@@ -143,6 +146,7 @@ class Scheduler:
             self.running.append(request)
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_computed
+                request.queue_seconds = max(time.monotonic() - request.arrival_time, 0.0)
                 plan.new_requests.append(
                     NewRequestData(
                         request.request_id,
@@ -156,6 +160,7 @@ class Scheduler:
             self._add_to_plan(plan, request, num_new)
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
+        self.num_deferred = len(skipped)
         if self.structured_output is not None:
             self._add_grammar_bitmask(plan)
         return plan
@@ -259,6 +264,8 @@ class Scheduler:
             )
             if logprobs is not None and request.request_id in logprobs:
                 output.new_logprobs = [logprobs[request.request_id]]
+            if request.num_output_tokens == 1:
+                output.queue_seconds = request.queue_seconds
             outputs.append(output)
         if stopped:
             stopped_set = set(map(id, stopped))

@@ -7,6 +7,12 @@ when the request arrived and when it last produced tokens, and forwards the inte
 
     arrival ──TTFT──► first token batch ──ITL──► next batch ──ITL──► ... ──► finished
     └──────────────────────────────── e2e ─────────────────────────────────────┘
+    arrival ─queue─► scheduled ─prefill─► first token ──────decode──────────────► finished
+                     └──────────────────── inference ───────────────────────────┘
+
+The queue phase is the engine core's (it reports `queue_seconds` with a request's first token);
+the others follow from it. The phases and the request's mean time per output token are
+observed when it finishes, as in vLLM.
 
 Today a step samples one token per request, but a step that hands a request several tokens at once
 (speculative decoding) is one engine iteration, so inter-token latency is observed once per token
@@ -33,6 +39,9 @@ class _RequestTimes:
     arrival_time: float
     # When the request's latest token batch arrived; None until its first one.
     last_token_time: float | None = None
+    first_token_time: float | None = None
+    # Seconds from arrival to the first scheduling, as the core reported it.
+    queue_seconds: float | None = None
 
 
 class RequestTracker:
@@ -62,8 +71,15 @@ class RequestTracker:
         """
         self._requests[request_id] = _RequestTimes(arrival_time)
 
-    def on_tokens(self, request_id: str, num_new_tokens: int, now: float) -> None:
-        """Record that `request_id` received `num_new_tokens` tokens at time `now`.
+    def on_tokens(
+        self,
+        request_id: str,
+        num_new_tokens: int,
+        now: float,
+        queue_seconds: float | None = None,
+    ) -> None:
+        """Record that `request_id` received `num_new_tokens` tokens at time `now`
+        (`queue_seconds`: the core's queue time, sent with the first token).
 
         The first batch observes the time to first token; each later one observes the latency
         since the previous batch. A batch with no tokens (e.g. the final output of an aborted
@@ -73,6 +89,8 @@ class RequestTracker:
         if times is None or num_new_tokens <= 0:
             return
         if times.last_token_time is None:
+            times.first_token_time = now
+            times.queue_seconds = queue_seconds
             self.metrics.record_first_token(_elapsed(times.arrival_time, now))
         else:
             self.metrics.record_inter_token(_elapsed(times.last_token_time, now))
@@ -100,6 +118,24 @@ class RequestTracker:
             _elapsed(times.arrival_time, now),
             num_prompt_tokens,
             num_generation_tokens,
+        )
+        first = times.first_token_time
+        if first is None:
+            return  # never produced a token: it had no prefill or decode phase
+        queue = times.queue_seconds
+        if queue is None:  # not reported (an older core): count the whole TTFT as prefill
+            queue = 0.0
+        queue = min(max(queue, 0.0), _elapsed(times.arrival_time, first))
+        scheduled = times.arrival_time + queue
+        decode = _elapsed(first, now)
+        self.metrics.record_phases(
+            queue_s=queue,
+            prefill_s=_elapsed(scheduled, first),
+            decode_s=decode,
+            inference_s=_elapsed(scheduled, now),
+            time_per_output_token_s=(
+                decode / (num_generation_tokens - 1) if num_generation_tokens > 1 else None
+            ),
         )
 
     def discard(self, request_id: str) -> None:

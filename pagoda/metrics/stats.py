@@ -24,6 +24,9 @@ class SchedulerStats:
 
     num_running_reqs: int = 0
     num_waiting_reqs: int = 0
+    # Of the waiting ones, those passed over for a reason other than capacity (a grammar still
+    # compiling): vLLM's num_requests_waiting_by_reason{reason="deferred"}.
+    num_deferred_reqs: int = 0
     kv_cache_usage: float = 0.0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0

@@ -261,3 +261,10 @@ def test_control_without_upstream_keepalive_connections_are_not_reused(
     finally:
         nginx.process.terminate()
         nginx.process.wait(timeout=30)
+
+
+def test_metrics_are_not_exposed_through_nginx(proxy: Nginx, pagoda: Upstream) -> None:
+    assert httpx.get(f"{pagoda.url}/metrics", timeout=10).status_code == 200
+    for path in ("/metrics", "/metrics/", "/metrics?x=1"):
+        assert httpx.get(f"{proxy.url}{path}", timeout=10).status_code == 404
+    assert httpx.get(f"{proxy.url}/health", timeout=10).status_code == 200

@@ -132,9 +132,24 @@ def test_render_exposes_each_metric_with_model_name_and_type(
 def test_render_uses_classic_text_format_unless_openmetrics_is_asked_for() -> None:
     metrics = PrometheusMetrics(MODEL)
     assert metrics.render()[1] == "text/plain; version=0.0.4; charset=utf-8"
-    body, content_type = metrics.render("application/openmetrics-text; version=1.0.0")
+    body, content_type = metrics.render(
+        "application/openmetrics-text; version=1.0.0; escaping=allow-utf-8"
+    )
     assert content_type.startswith("application/openmetrics-text")
     assert body.decode().endswith("# EOF\n")
+    assert 'pagoda:num_requests_running{model_name="' in body.decode()
+
+
+def test_a_scraper_that_would_get_escaped_names_gets_the_classic_format() -> None:
+    # Prometheus 2.x's Accept header: OpenMetrics there would turn pagoda:x into pagoda_x.
+    accept = (
+        "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+        "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+    )
+    body, content_type = PrometheusMetrics(MODEL).render(accept)
+    assert content_type == "text/plain; version=0.0.4; charset=utf-8"
+    assert 'pagoda:num_requests_running{model_name="' in body.decode()
+    assert "pagoda_num_requests_running" not in body.decode()
 
 
 def test_fresh_metrics_are_zero_and_every_finish_reason_is_present() -> None:

@@ -190,6 +190,13 @@ def _add_frontend_args(parser: argparse.ArgumentParser) -> None:
         "and count in pagoda:requests_rejected_total (default: None -> no bound)",
     )
     group.add_argument(
+        "--vllm-metric-names",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help='also expose every /metrics series under vLLM\'s name (vllm:..., with engine="0") '
+        "so dashboards and alerts built for vLLM work unchanged (default: on)",
+    )
+    group.add_argument(
         "--max-queued-prompt-tokens",
         type=int,
         default=None,

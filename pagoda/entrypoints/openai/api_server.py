@@ -139,6 +139,18 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         max_headers=getattr(args, "max_request_headers", None) or DEFAULT_MAX_HEADERS,
         max_body_bytes=getattr(args, "max_request_body_bytes", None) or DEFAULT_MAX_BODY_BYTES,
     )
+    from pagoda.metrics.http import HttpMetricsMiddleware, route_paths
+
+    known: frozenset[str] = frozenset()
+
+    def routes() -> frozenset[str]:
+        nonlocal known
+        if not known:
+            known = route_paths(app.routes)
+        return known
+
+    # Outermost but for CORS: every answer is counted, the edge limits' 413 / 431 included.
+    app.add_middleware(HttpMetricsMiddleware, routes=routes)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=_json_list(getattr(args, "allowed_origins", None)),
@@ -238,7 +250,9 @@ def init_app_state(app: FastAPI, engine: AsyncLLM, args: argparse.Namespace) -> 
     request_logger = RequestLogger(getattr(args, "max_log_len", None)) if log_requests else None
     app.state.engine = engine
     app.state.served_model_names = served
-    app.state.metrics = engine.enable_metrics(served[0])
+    app.state.metrics = engine.enable_metrics(
+        served[0], vllm_names=getattr(args, "vllm_metric_names", True)
+    )
     engine.max_queued_requests = getattr(args, "max_queued_requests", None)
     engine.max_queued_prompt_tokens = getattr(args, "max_queued_prompt_tokens", None)
     app.state.openai_serving_models = OpenAIServingModels(engine, served)
