@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator
 
@@ -39,6 +40,25 @@ from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+class _Reservation:
+    """A request's place in the admission counts between `generate()` and its registration."""
+
+    __slots__ = ("engine", "tokens", "released")
+
+    def __init__(self, engine: AsyncLLM, tokens: int) -> None:
+        self.engine = engine
+        self.tokens = tokens
+        self.released = False
+        engine._reserved_requests += 1
+        engine._pending_tokens += tokens
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.engine._reserved_requests -= 1
+            self.engine._pending_tokens -= self.tokens
 
 
 class EngineShutdownError(RuntimeError):
@@ -71,6 +91,8 @@ class AsyncLLM(EngineFrontend):
         # core request id -> prompt tokens, until the request's first token (its prefill done).
         self._pending_prefill: dict[str, int] = {}
         self._pending_tokens = 0
+        # Requests handed out by generate() and not yet registered (see _Reservation).
+        self._reserved_requests = 0
         # (time, prompt tokens) of each prefill that completed, for the token drain rate.
         self._prefill_times: deque[tuple[float, int]] = deque(maxlen=4096)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -121,7 +143,11 @@ class AsyncLLM(EngineFrontend):
         now = time.monotonic()
         limit = self.max_queued_requests
         if limit is not None:
-            queued = len(self._queues) - self.config.scheduler_config.max_num_seqs
+            queued = (
+                len(self._queues)
+                + self._reserved_requests
+                - self.config.scheduler_config.max_num_seqs
+            )
             if queued >= limit:
                 times = self._finish_times
                 while times and times[0] < now - 30.0:
@@ -143,7 +169,7 @@ class AsyncLLM(EngineFrontend):
             return min(120.0, max(1.0, excess / max(rate, 1e-3))), "prompt_tokens"
         return None
 
-    async def generate(
+    def generate(
         self,
         prompt: PromptType,
         sampling_params: SamplingParams,
@@ -154,9 +180,29 @@ class AsyncLLM(EngineFrontend):
         """Yield `RequestOutput`s for one request until it finishes.
 
         Raises ValueError for invalid input (before anything is queued) and EngineDeadError if the
-        engine core has failed.
+        engine core has failed, when iterated. The request counts against admission control
+        (`admission_delay`) from this call on, not only once iterated: requests admitted in the
+        same event-loop turn must see each other. The reservation ends when the request is
+        registered, or when the iterator is dropped without ever being iterated.
         """
-        await self.check_health()
+        tokens = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+        reservation = _Reservation(self, len(tokens) * sampling_params.n if tokens else 0)
+        iterator = self._generate(prompt, sampling_params, request_id, priority, reservation)
+        weakref.finalize(iterator, reservation.release)
+        return iterator
+
+    async def _generate(
+        self,
+        prompt: PromptType,
+        sampling_params: SamplingParams,
+        request_id: str,
+        priority: int,
+        reservation: _Reservation,
+    ) -> AsyncIterator[RequestOutput]:
+        try:
+            await self.check_health()
+        finally:
+            reservation.release()
         self._ensure_started()
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")

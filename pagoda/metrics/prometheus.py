@@ -143,7 +143,7 @@ class PrometheusMetrics:
             "Requests refused at admission (429) because the waiting queue was full.",
             ["model_name", "reason"],
         )
-        self._model_name = model_name
+        self.requests_rejected.labels(model_name, "overload")  # at 0 from the start
         self.num_requests_waiting = gauge(
             "pagoda:num_requests_waiting",
             "Requests waiting to be scheduled, preempted ones included.",

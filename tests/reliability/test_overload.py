@@ -3,6 +3,7 @@ get a 429 at once with `Retry-After`, counted in /metrics; every admitted reques
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -12,6 +13,15 @@ import pytest
 from tests.server import RemoteServer
 
 pytestmark = pytest.mark.slow
+
+
+async def burst(url: str, body: dict[str, Any], count: int) -> list[httpx.Response]:
+    """`count` requests sent at once, on as many connections."""
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        return list(
+            await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(count)))
+        )
 
 
 def test_overload_is_refused_with_retry_after_and_admitted_requests_finish(tmp_path: Any) -> None:
@@ -25,11 +35,13 @@ def test_overload_is_refused_with_retry_after_and_admitted_requests_finish(tmp_p
         def post(_: int) -> httpx.Response:
             return httpx.post(f"{server.url}/v1/completions", json=body, timeout=300)
 
-        with ThreadPoolExecutor(10) as pool:
-            responses = list(pool.map(post, range(10)))
+        responses = asyncio.run(burst(server.url, body, 30))
         refused = [r for r in responses if r.status_code == 429]
         admitted = [r for r in responses if r.status_code == 200]
-        assert refused and admitted and len(refused) + len(admitted) == 10
+        assert refused and admitted and len(refused) + len(admitted) == 30
+        # The burst arrives in one go: 2 running + 1 queued, give or take one that finished
+        # meanwhile. Requests admitted in the same event-loop turn count against each other.
+        assert len(admitted) <= 4, len(admitted)
         for response in refused:
             assert int(response.headers["retry-after"]) >= 1
             error = response.json()["error"]

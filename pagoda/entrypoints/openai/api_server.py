@@ -128,8 +128,13 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         DEFAULT_MAX_BODY_BYTES,
         DEFAULT_MAX_HEADER_BYTES,
         DEFAULT_MAX_HEADERS,
+        AdmissionGate,
         EdgeLimits,
     )
+
+    max_body = getattr(args, "max_request_body_bytes", None) or DEFAULT_MAX_BODY_BYTES
+    # Overload refusals before any parsing (inside the edge limits, outside authentication).
+    app.add_middleware(AdmissionGate, max_body_bytes=max_body)
 
     # Outside authentication (added after it): limits hold before any key is checked.
     app.add_middleware(
@@ -137,7 +142,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         max_header_bytes=getattr(args, "max_request_header_bytes", None)
         or DEFAULT_MAX_HEADER_BYTES,
         max_headers=getattr(args, "max_request_headers", None) or DEFAULT_MAX_HEADERS,
-        max_body_bytes=getattr(args, "max_request_body_bytes", None) or DEFAULT_MAX_BODY_BYTES,
+        max_body_bytes=max_body,
     )
     from pagoda.metrics.http import HttpMetricsMiddleware, route_paths
 

@@ -27,7 +27,9 @@ DEFAULT_MAX_HEADERS = 100
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
-async def _send_error(send: Send, status: int, message: str, kind: str) -> None:
+async def _send_error(
+    send: Send, status: int, message: str, kind: str, headers: dict[str, str] | None = None
+) -> None:
     body = json.dumps(
         {"error": {"message": message, "type": kind, "param": None, "code": status}}
     ).encode()
@@ -38,6 +40,7 @@ async def _send_error(send: Send, status: int, message: str, kind: str) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
+                *((name.encode(), value.encode()) for name, value in (headers or {}).items()),
             ],
         }
     )
@@ -111,17 +114,71 @@ class EdgeLimits:
             await _send_error(send, 413, self._too_large(received), "PayloadTooLarge")
 
     async def _drain(self, receive: Receive) -> None:
-        """Read the request's body (up to the body limit) before answering without it: a
-        server that closes a socket with unread bytes makes the kernel reset the connection,
-        and the client may lose the answer."""
-        received = 0
-        while received <= self.max_body_bytes:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            received += len(message.get("body", b""))
-            if not message.get("more_body"):
-                return
+        await drain_body(receive, self.max_body_bytes)
 
     def _too_large(self, size: int) -> str:
         return f"Request body too large: {size} bytes (at most {self.max_body_bytes})"
+
+
+# The routes that queue work in the engine: the ones admission control guards.
+_GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+class AdmissionGate:
+    """Refuses generation requests with a 429 (and `Retry-After`) before their body is parsed
+    while the engine's queue is full (`AsyncLLM.admission_delay`), so that shedding load costs
+    no JSON parsing, validation or tokenization: under overload the event loop has little CPU to
+    spare. The serving layer checks again with the request's prompt tokens (the token bound);
+    this gate only catches what it can decide without the body. It runs before the API-key check,
+    so under overload a request without a key gets the 429 rather than a 401."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            path = scope.get("path", "")
+            root = scope.get("root_path") or ""
+            if root and path.startswith(root):
+                path = path[len(root) :]
+            if path in _GENERATION_PATHS:
+                state = getattr(scope.get("app"), "state", None)
+                engine = getattr(state, "engine", None)
+                delay_of = getattr(engine, "admission_delay", None)
+                refusal = delay_of(0) if delay_of is not None else None
+                if refusal is not None:
+                    await self._refuse(state, refusal, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+    async def _refuse(
+        self, state: Any, refusal: tuple[float, str], receive: Receive, send: Send
+    ) -> None:
+        delay, bound = refusal
+        metrics = getattr(state, "metrics", None)
+        if metrics is not None:
+            metrics.requests_rejected.labels(metrics.model_name, "overload").inc()
+        await drain_body(receive, self.max_body_bytes)
+        what = "requests" if bound == "requests" else "prompt tokens waiting for prefill"
+        await _send_error(
+            send,
+            429,
+            f"The server is overloaded: its queue of {what} is full. Retry after {delay:.0f} s.",
+            "RateLimitError",
+            {"retry-after": str(max(1, round(delay)))},
+        )
+
+
+async def drain_body(receive: Receive, limit: int) -> None:
+    """Read a request's body (up to `limit` bytes) before answering without it: a server that
+    closes a socket with unread bytes makes the kernel reset the connection, and the client may
+    lose the answer."""
+    received = 0
+    while received <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        received += len(message.get("body", b""))
+        if not message.get("more_body"):
+            return

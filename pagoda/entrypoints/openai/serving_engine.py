@@ -191,7 +191,7 @@ class OpenAIServing:
         delay, bound = refusal
         metrics = getattr(self.engine, "metrics", None)
         if metrics is not None:
-            metrics.requests_rejected.labels(metrics._model_name, "overload").inc()
+            metrics.requests_rejected.labels(metrics.model_name, "overload").inc()
         what = "requests" if bound == "requests" else "prompt tokens waiting for prefill"
         raise ServingError(
             f"The server is overloaded: its queue of {what} is full. Retry after {delay:.0f} s.",
