@@ -285,10 +285,9 @@ class EngineArgs:
             raise ValueError(f"max_logprobs must be >= -1, got {self.max_logprobs}")
         if self.device not in _DEVICES:
             raise ValueError(f"device must be one of {', '.join(_DEVICES)}; got {self.device!r}")
-        if self.tensor_parallel_size != 1:
+        if self.tensor_parallel_size < 1:
             raise ValueError(
-                f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet; "
-                "only 1 is supported."
+                f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}"
             )
         if self.usage_context not in ("llm", "server"):
             raise ValueError(f"usage_context must be 'llm' or 'server', got {self.usage_context!r}")

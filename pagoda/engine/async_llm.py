@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from pagoda.config import EngineConfig
 from pagoda.engine.core_process import CoreProcess, EngineDeadError
@@ -98,6 +98,8 @@ class AsyncLLM(EngineFrontend):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._dead: BaseException | None = None
+        # Called on the event loop once the engine core has failed (the server exits).
+        self.on_dead: list[Callable[[BaseException], None]] = []
         self._shut_down = False
         self.metrics: PrometheusMetrics | None = None
         self._tracker: RequestTracker | None = None
@@ -367,6 +369,8 @@ class AsyncLLM(EngineFrontend):
     def _fail_all(self, exc: BaseException) -> None:
         for waiter in self._queues.values():
             waiter.put_nowait(exc)
+        for callback in self.on_dead:
+            callback(exc)
 
     def shutdown(self) -> None:
         """Stop the engine core, its thread or its process (idempotent)."""

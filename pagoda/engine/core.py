@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import queue
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ from pagoda.executor.uniproc import UniProcExecutor
 from pagoda.metrics.stats import SchedulerStats
 
 if TYPE_CHECKING:
+    from pagoda.executor.multiproc import MultiprocExecutor
     from pagoda.structured_output.manager import StructuredOutputManager
     from pagoda.structured_output.spec import GrammarSpec
 
@@ -43,13 +45,27 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         start = time.perf_counter()
         self.config = config
-        self.executor = UniProcExecutor(config)
+        self.executor: UniProcExecutor | MultiprocExecutor
+        if config.tensor_parallel_size > 1:
+            from pagoda.executor.multiproc import MultiprocExecutor
+
+            self.executor = MultiprocExecutor(config)
+            # The worker processes end with the core (or at exit), whoever drops it.
+            self._finalizer = weakref.finalize(self, self.executor.shutdown)
+        else:
+            self.executor = UniProcExecutor(config)
         self.num_blocks = self.executor.determine_num_blocks()
         self.executor.initialize_kv_cache(self.num_blocks)
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config, self.num_blocks)
         self.last_stats = SchedulerStats()
         self._grammar_totals = (0.0, 0.0)
         logger.info("Engine core ready in %.2f s", time.perf_counter() - start)
+
+    def shutdown(self) -> None:
+        """Stop the executor's worker processes, if it has any (idempotent)."""
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()
 
     def add_request(self, request: EngineCoreRequest) -> None:
         """Queue one sequence for scheduling (its grammar, if any, starts compiling)."""

@@ -223,3 +223,5 @@ def run_core(config: EngineConfig, commands_in: BinaryIO, outputs: BinaryIO) -> 
         with contextlib.suppress(OSError):
             send(CoreFailed(message=f"{type(exc).__name__}: {exc}"))
         return 1
+    finally:
+        core.shutdown()

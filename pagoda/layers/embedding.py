@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pagoda.distributed.parallel_state import all_gather, all_reduce
 from pagoda.layers.loading import copy_checked
 from pagoda.layers.quantization.base import LinearMethod, create_linear_method
 
@@ -70,11 +71,14 @@ class VocabParallelEmbedding(nn.Module):
         param.data[num_rows:].zero_()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.tp_size > 1:
-            # NOTE: ids outside this rank's block would be masked to zero vectors and the ranks'
-            # results summed; that all-reduce lives in pagoda.distributed, which is not built yet.
-            raise NotImplementedError("VocabParallelEmbedding with tp_size > 1 needs an all-reduce")
-        return F.embedding(input_ids, self.weight)  # [T, hidden]
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)  # [T, hidden]
+        # Ids outside this rank's block look up row 0 and are zeroed; the ranks' sum is the table.
+        outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)
+        local = torch.where(outside, 0, input_ids - self.vocab_start)
+        embedded = F.embedding(local, self.weight)
+        embedded.masked_fill_(outside.unsqueeze(-1), 0.0)
+        return all_reduce(embedded)  # [T, hidden]
 
     def extra_repr(self) -> str:
         return (
@@ -149,10 +153,9 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits `[N, vocab]` for hidden states `[N, hidden]`, padding rows removed."""
-        if self.tp_size > 1:
-            # NOTE: each rank holds a vocabulary block; gathering them needs pagoda.distributed.
-            raise NotImplementedError("ParallelLMHead with tp_size > 1 needs an all-gather")
-        logits = self.method.apply(self, hidden_states)  # [N, padded vocab]
+        logits = self.method.apply(self, hidden_states)  # [N, vocab block]
+        # Every rank's block, in rank order: the padded vocabulary on every rank.
+        logits = all_gather(logits, dim=-1)  # [N, padded vocab]
         return logits[:, : self.num_embeddings]  # [N, vocab]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,8 @@ needs to know which kind of layer a parameter belongs to.
 
 Sharding follows Megatron: a column-parallel layer splits its output features over ranks, a
 row-parallel one its input features (its outputs are partial sums that an all-reduce completes).
-Only tp_size=1 runs today; the loaders already slice honestly for tp_size > 1, and the forward passes
-that would need a collective refuse to run rather than return a wrong answer.
+With tp_size > 1 a row-parallel layer's forward completes the sum with
+`pagoda.distributed.parallel_state.all_reduce` (the bias added once, after it).
 
 How a layer stores its weight and computes its product is its weight method
 (`pagoda.layers.quantization`), chosen when the layer is constructed: float weights and
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagoda.distributed.parallel_state import all_reduce
 from pagoda.layers.loading import copy_checked, default_weight_loader
 from pagoda.layers.quantization.base import LinearMethod, create_linear_method
 
@@ -304,8 +305,14 @@ class RowParallelLinear(LinearBase):
         copy_checked(param.data, loaded_weight.narrow(1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp_size > 1:
-            # NOTE: the partial sums need an all-reduce over the tensor-parallel group, which
-            # pagoda.distributed does not provide yet; returning a partial sum would be silently wrong.
-            raise NotImplementedError("RowParallelLinear with tp_size > 1 needs an all-reduce")
-        return self.method.apply(self, x)
+        if self.tp_size == 1:
+            return self.method.apply(self, x)
+        # Each rank's product over its input slice is a partial sum; the bias is added once,
+        # after the sum.
+        bias, self.bias = self.bias, None
+        try:
+            out = self.method.apply(self, x)
+        finally:
+            self.bias = bias
+        out = all_reduce(out)
+        return out if bias is None else out + bias

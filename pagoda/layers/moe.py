@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pagoda.distributed.parallel_state import all_reduce
 from pagoda.layers.activation import get_gated_activation
 from pagoda.layers.linear import ReplicatedLinear
 from pagoda.layers.loading import copy_checked
@@ -67,7 +68,10 @@ class FusedMoE(nn.Module):
     over its top-k experts of `weight * down(act(gate(x)) * up(x))`.
 
     With tensor parallelism every rank holds every expert, with its intermediate size split as in a
-    dense MLP (gate/up by rows, down by columns); the outputs are then partial sums.
+    dense MLP (gate/up by rows, down by columns); the outputs are partial sums that one all-reduce
+    completes. Chosen over splitting the experts between ranks: every rank does the same share of
+    every token's work whatever the router picks (expert splitting idles the ranks whose experts
+    were not chosen and needs an all-to-all), and it is the same sharding as the dense layers.
 
     Shard ids of `weight_loader` are `"<expert>.gate"`, `"<expert>.up"` and `"<expert>.down"`; a
     checkpoint that already stacks the experts (`[E, 2I, H]`, `[E, H, I]`) loads with None.
@@ -149,10 +153,6 @@ class FusedMoE(nn.Module):
             raise ValueError(f"shard_id {shard_id!r} does not fit this parameter")
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        if self.tp_size > 1:
-            # NOTE: each rank's sum is partial over the intermediate size; completing it needs an
-            # all-reduce from pagoda.distributed, which does not exist yet.
-            raise NotImplementedError("FusedMoE with tp_size > 1 needs an all-reduce")
         weights, expert_ids = select_experts(router_logits, self.top_k, self.renormalize)
         flat_expert_ids = expert_ids.flatten()  # [T*k]
         # Sort the (token, slot) pairs by expert, so each expert reads one contiguous run of them.
@@ -173,7 +173,8 @@ class FusedMoE(nn.Module):
             x = x * sorted_weights[start : start + count, None]  # [n, H]
             output.index_add_(0, rows, x.to(output.dtype))
             start += count
-        return output
+        # Under tensor parallelism each rank's sum is partial over the intermediate size.
+        return all_reduce(output)
 
     def extra_repr(self) -> str:
         return (

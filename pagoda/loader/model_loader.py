@@ -50,15 +50,23 @@ def load_model(
     return model
 
 
-def build_model(hf_config: Any, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """The model for `hf_config`, constructed on `device` in `dtype`, in eval mode, weights unset.
+def build_model(
+    hf_config: Any,
+    dtype: torch.dtype,
+    device: torch.device,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+) -> nn.Module:
+    """The model for `hf_config`, constructed on `device` in `dtype`, in eval mode, weights unset;
+    with `tp_size` > 1, tensor-parallel rank `tp_rank`'s shard of it.
 
     Raises:
-        ValueError: unsupported architecture.
+        ValueError: unsupported architecture, or a shape tensor parallelism cannot split (the
+            message names the dimension and tp_size).
     """
     model_class = resolve_model_class(hf_config)
     with set_default_torch_dtype(dtype), torch.device(device):
-        model = model_class(hf_config)
+        model = model_class(hf_config, tp_rank=tp_rank, tp_size=tp_size)
     return model.eval()
 
 

@@ -104,10 +104,18 @@ def _linear_layers(model: nn.Module) -> list[Any]:
     return [module for module in model.modules() if hasattr(module, "method")]
 
 
-def decide_weight_plan(model_config: ModelConfig, device: torch.device) -> WeightPlan:
+def decide_weight_plan(
+    model_config: ModelConfig, device: torch.device, tensor_parallel_size: int = 1
+) -> WeightPlan:
     """The plan for `model_config` on `device` (reads the GGUF header, never the weights)."""
     from pagoda.layers.quantization.half import half_weight_matmul_available
 
+    if tensor_parallel_size > 1:
+        # NOTE: the shards are cut from float tensors (a GGUF file's blocks dequantized); the
+        # packed and block weight methods, and the C decoder, hold whole matrices.
+        return WeightPlan(
+            "float", f"tensor parallelism over {tensor_parallel_size} ranks shards float weights"
+        )
     if device.type != "cpu":
         return WeightPlan("float", f"{model_config.dtype_name} weights on {device.type}")
     if model_config.requested_dtype != "auto" or model_config.dtype_name != "float32":

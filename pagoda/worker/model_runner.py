@@ -64,8 +64,13 @@ def kv_cache_dtype(requested: str, model_dtype: torch.dtype, plan: WeightPlan) -
 class ModelRunner:
     """Runs the model over the paged KV cache for the plans the scheduler makes."""
 
-    def __init__(self, config: EngineConfig, backend: AttentionBackend | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, backend: AttentionBackend | None = None, rank: int = 0
+    ) -> None:
         self.config = config
+        # This runner's tensor-parallel rank (of config.tensor_parallel_size).
+        self.rank = rank
+        self.tp_size = config.tensor_parallel_size
         self.model_config = config.model_config
         self.cache_config = config.cache_config
         self.device = config.device_config.device
@@ -91,10 +96,16 @@ class ModelRunner:
         from pagoda.loader.weight_plan import decide_weight_plan
 
         start = time.perf_counter()
-        plan = decide_weight_plan(self.model_config, self.device)
+        plan = decide_weight_plan(self.model_config, self.device, self.tp_size)
         self.weight_plan = plan
         with plan.constructing():
-            module = build_model(self.model_config.hf_config, dtype=self.dtype, device=self.device)
+            module = build_model(
+                self.model_config.hf_config,
+                dtype=self.dtype,
+                device=self.device,
+                tp_rank=self.rank,
+                tp_size=self.tp_size,
+            )
         weights = self._checkpoint_weights(plan)
         load_weights(module, weights, str(self.model_config.model_path))
         # Counted before processing, which frees the float copies of packed weights.

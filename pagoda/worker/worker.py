@@ -1,4 +1,4 @@
-"""Worker: one device's share of the engine (the whole model until tensor parallelism lands).
+"""Worker: one device's share of the engine (the whole model, or one tensor-parallel rank's shard).
 
 It sets up the device and the random seed, then delegates to its model runner; executors talk
 to workers, in-process or (later) across processes.
@@ -21,8 +21,11 @@ logger = logging.getLogger(__name__)
 class Worker:
     """Owns one device and the model runner on it."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, rank: int = 0) -> None:
+        """`rank`: this worker's tensor-parallel rank; its process has joined the group
+        (`pagoda.distributed.parallel_state.init_tensor_parallel`) when the size is > 1."""
         self.config = config
+        self.rank = rank
         self.device = config.device_config.device
         if self.device.type == "cuda":
             # The configuration chose CUDA from NVML's device count (without initialising CUDA);
@@ -43,7 +46,7 @@ class Worker:
         # Unseeded sampling draws from the default generator: seeding it makes a whole run
         # reproducible for a given engine seed, as with vLLM's --seed.
         torch.manual_seed(config.model_config.seed)
-        self.model_runner = ModelRunner(config)
+        self.model_runner = ModelRunner(config, rank=rank)
 
     def load_model(self) -> None:
         self.model_runner.load_model()

@@ -362,7 +362,7 @@ def test_unknown_attention_backend_is_refused_naming_the_field() -> None:
         engine_args.create_engine_config()
 
 
-def test_tensor_parallel_above_one_is_refused_before_loading(
+def test_tensor_parallel_on_cuda_is_refused_before_loading(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     started: list[argparse.Namespace] = []
@@ -370,11 +370,12 @@ def test_tensor_parallel_above_one_is_refused_before_loading(
         "pagoda.entrypoints.openai.api_server.run_server",
         lambda args, engine: started.append(args),
     )
-    assert main(["serve", "--tensor-parallel-size", "2"]) == 2
-    assert "pagoda serve: error: --tensor-parallel-size 2 is not supported yet" in (
+    assert main(["serve", "--tensor-parallel-size", "2", "--device", "cuda"]) == 2
+    assert "pagoda serve: error: --tensor-parallel-size 2 runs on CPU (gloo) for now" in (
         capsys.readouterr().err
     )
     assert started == []
+    validate_serve_args(parse_serve("-tp", "2"))  # on CPU it is served
     with pytest.raises(ServeArgumentError, match="must be >= 1"):
         validate_serve_args(parse_serve("-tp", "0"))
 
@@ -385,7 +386,7 @@ def test_cmd_serve_hands_the_whole_namespace_to_run_server(
     started: list[argparse.Namespace] = []
     monkeypatch.setattr(
         "pagoda.entrypoints.openai.api_server.run_server",
-        lambda args, engine: started.append(args),
+        lambda args, engine: started.append(args) or 0,
     )
     # No model behind "tiny/model": the engine start is replaced too.
     monkeypatch.setattr("pagoda.entrypoints.cli.serve.start_engine_core", lambda args: None)

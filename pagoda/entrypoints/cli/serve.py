@@ -185,10 +185,10 @@ def validate_serve_args(args: argparse.Namespace) -> None:
     tensor_parallel_size = args.tensor_parallel_size
     if tensor_parallel_size < 1:
         raise ServeArgumentError(f"--tensor-parallel-size must be >= 1, got {tensor_parallel_size}")
-    if tensor_parallel_size > 1:
+    if tensor_parallel_size > 1 and getattr(args, "device", None) not in (None, "auto", "cpu"):
         raise ServeArgumentError(
-            f"--tensor-parallel-size {tensor_parallel_size} is not supported yet: Pagoda runs "
-            "a model on one device for now. Use --tensor-parallel-size 1."
+            f"--tensor-parallel-size {tensor_parallel_size} runs on CPU (gloo) for now; "
+            f"--device {args.device} would need NCCL, which Pagoda does not set up yet"
         )
     if args.ssl_keyfile and not args.ssl_certfile:
         raise ServeArgumentError("--ssl-keyfile needs --ssl-certfile")
@@ -219,5 +219,4 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if started is not None and started.core_process is not None:
             started.core_process.shutdown()
         raise
-    run_server(args, started)
-    return 0
+    return run_server(args, started)

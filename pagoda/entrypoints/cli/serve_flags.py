@@ -406,7 +406,9 @@ def _add_scheduler_parallel_device_args(parser: argparse.ArgumentParser) -> None
         "-tp",
         type=int,
         default=1,
-        help="number of tensor-parallel ranks (only 1 is supported yet)",
+        help="number of tensor-parallel ranks: rank 0 in the engine process, the others in "
+        "worker processes on this machine, gloo on 127.0.0.1, the CPU's threads split between "
+        "them (CPU only for now; float weights, a GGUF file's blocks dequantized)",
     )
     device = parser.add_argument_group("DeviceConfig", "Where the model runs.")
     device.add_argument(

@@ -289,9 +289,10 @@ def served_model_names(args: argparse.Namespace, engine: AsyncLLM) -> list[str]:
     return [engine.model_config.model]
 
 
-def run_server(args: argparse.Namespace, started: StartedEngineCore | None = None) -> None:
+def run_server(args: argparse.Namespace, started: StartedEngineCore | None = None) -> int:
     """Load the model (in an engine-core process unless PAGODA_ENABLE_MULTIPROCESSING=0), then
-    serve HTTP until SIGINT/SIGTERM. `started`: the engine core `pagoda serve` already forked
+    serve HTTP until SIGINT/SIGTERM (exit status 0) or until the engine core fails (1).
+    `started`: the engine core `pagoda serve` already forked
     (`pagoda.entrypoints.launch.start_engine_core`); without it, it is started here."""
     start = time.perf_counter()
     if started is None:
@@ -336,10 +337,16 @@ def run_server(args: argparse.Namespace, started: StartedEngineCore | None = Non
         # ended with a final error (see _GracefulServer), so nothing is ever cut mid-body.
         timeout_graceful_shutdown=int(grace) + 5,
     )
+    server = _GracefulServer(config, app, engine, grace)
+    engine.on_dead.append(server.engine_failed)
     try:
-        _GracefulServer(config, app, engine, grace).run()
+        server.run()
     finally:
         engine.shutdown()
+    if server.failure is not None:
+        logger.error("Exiting: the engine core failed (%s)", server.failure)
+        return 1
+    return 0
 
 
 class _GracefulServer(uvicorn.Server):
@@ -356,10 +363,21 @@ class _GracefulServer(uvicorn.Server):
         self._engine = engine
         self._grace = grace
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.failure: BaseException | None = None
 
     async def serve(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    def engine_failed(self, exc: BaseException) -> None:
+        """The engine core died: /health is 503 already; give the requests in flight two
+        seconds to get their 500, then exit with status 1 (as vLLM does) so an orchestrator restarts
+        the server instead of routing to a dead one."""
+        if self.failure is None:
+            self.failure = exc
+            logger.error("Engine core failed: %s; the server stops", exc)
+            if self._loop is not None:
+                self._loop.call_later(2.0, setattr, self, "should_exit", True)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         """The first signal starts the drain: /health and new requests answer 503, requests in
