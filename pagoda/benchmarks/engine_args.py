@@ -69,6 +69,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-gpu-blocks-override", type=int, default=None)
     group.add_argument("--enforce-eager", action="store_true", default=None)
     group.add_argument("--device", choices=_DEVICES, default=None, help="(default: auto)")
+    group.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=None,
+        help="tensor-parallel ranks, in processes on this machine (default: 1)",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
