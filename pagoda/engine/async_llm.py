@@ -20,6 +20,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from pagoda.config import EngineConfig
 from pagoda.engine.core_process import CoreProcess, EngineDeadError
@@ -38,6 +39,9 @@ from pagoda.metrics.request_tracker import RequestTracker
 from pagoda.metrics.stats import SchedulerStats
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagoda.engine.data_parallel import DataParallelCores
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +77,7 @@ class AsyncLLM(EngineFrontend):
         config: EngineConfig,
         log_stats: bool = True,
         multiprocess: bool = False,
-        core_process: CoreProcess | None = None,
+        core_process: CoreProcess | DataParallelCores | None = None,
     ) -> None:
         """`multiprocess`: run the engine core in a child process; `core_process`: one already
         forked for `config` (`pagoda serve` forks it before importing the API server)."""

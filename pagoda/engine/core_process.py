@@ -71,8 +71,9 @@ def _read_frame(stream: BinaryIO) -> bytes | None:
 class CoreProcess:
     """The server's handle on the engine-core child process."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, threads: int | None = None) -> None:
         """Fork the engine core for `config`; returns at once (`wait_ready` waits for the model).
+        `threads`: the child's torch threads (default: torch's, one per core).
 
         Call it before this process starts threads or runs torch operations: a forked child gets
         only the calling thread, and OpenMP's pool must first start in the child.
@@ -92,7 +93,7 @@ class CoreProcess:
                 # file under a blocked reader waits for it forever); os._exit closes both.
                 commands_in = os.fdopen(to_child_read, "rb")
                 outputs = os.fdopen(from_child_write, "wb")
-                status = run_core(config, commands_in, outputs)
+                status = run_core(config, commands_in, outputs, threads)
             except BaseException:  # noqa: BLE001 - reported, then the child exits
                 logger.exception("Engine core process failed")
             finally:
@@ -189,9 +190,16 @@ def _read_commands(stream: BinaryIO, commands: queue.Queue[ToCore]) -> None:
         commands.put(StopCore())
 
 
-def run_core(config: EngineConfig, commands_in: BinaryIO, outputs: BinaryIO) -> int:
+def run_core(
+    config: EngineConfig, commands_in: BinaryIO, outputs: BinaryIO, threads: int | None = None
+) -> int:
     """Child side: load the engine core, then step until told to stop. Returns the exit status."""
     import gc
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
     encoder = msgspec.msgpack.Encoder()
 

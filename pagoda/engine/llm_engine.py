@@ -21,6 +21,7 @@ from pagoda.tokenizer import get_tokenizer
 
 if TYPE_CHECKING:
     from pagoda.engine.core import EngineCore
+    from pagoda.engine.data_parallel import DataParallelCores
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,10 @@ class EngineFrontend:
     an engine core, in this process or a child (AsyncLLM), and the periodic stats line."""
 
     def __init__(
-        self, config: EngineConfig, log_stats: bool = True, core_process: CoreProcess | None = None
+        self,
+        config: EngineConfig,
+        log_stats: bool = True,
+        core_process: CoreProcess | DataParallelCores | None = None,
     ) -> None:
         """`core_process`: the engine core, already started in a child process for `config`
         (`pagoda.engine.core_process`); without one, it is built here, in this process."""

@@ -18,6 +18,7 @@ from pagoda import envs
 if TYPE_CHECKING:
     from pagoda.config import EngineArgs, EngineConfig
     from pagoda.engine.core_process import CoreProcess
+    from pagoda.engine.data_parallel import DataParallelCores
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -26,7 +27,7 @@ class StartedEngineCore:
     already forked for it (`pagoda.engine.core_process.CoreProcess`)."""
 
     config: EngineConfig
-    core_process: CoreProcess | None
+    core_process: CoreProcess | DataParallelCores | None
     log_stats: bool
 
 
@@ -61,5 +62,13 @@ def start_engine_core(args: argparse.Namespace) -> StartedEngineCore:
 
     engine_args = engine_args_from_namespace(args)
     config = engine_args.create_engine_config()
-    core_process = CoreProcess(config) if envs.enable_multiprocessing() else None
+    core_process: CoreProcess | DataParallelCores | None = None
+    if config.data_parallel_size > 1:
+        if not envs.enable_multiprocessing():
+            raise ValueError("--data-parallel-size > 1 needs the engine-core processes")
+        from pagoda.engine.data_parallel import DataParallelCores
+
+        core_process = DataParallelCores(config, config.data_parallel_size)
+    elif envs.enable_multiprocessing():
+        core_process = CoreProcess(config)
     return StartedEngineCore(config, core_process, log_stats=not engine_args.disable_log_stats)

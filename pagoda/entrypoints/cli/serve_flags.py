@@ -410,6 +410,15 @@ def _add_scheduler_parallel_device_args(parser: argparse.ArgumentParser) -> None
         "worker processes on this machine, gloo on 127.0.0.1, the CPU's threads split between "
         "them (CPU only for now; float weights, a GGUF file's blocks dequantized)",
     )
+    parallel.add_argument(
+        "--data-parallel-size",
+        "-dp",
+        type=int,
+        default=1,
+        help="engine cores behind this server, each a process with its own copy of the model, "
+        "KV cache and scheduler, the CPU's threads split between them; requests go to the "
+        "engine that has their prompt prefix cached, else to the least loaded",
+    )
     device = parser.add_argument_group("DeviceConfig", "Where the model runs.")
     device.add_argument(
         "--device",
