@@ -83,7 +83,9 @@ def test_same_tokens_with_and_without_the_engine_process(model_dir: Path, tmp_pa
     assert texts[0] == texts[1]
 
 
-def test_dead_engine_process_fails_health_and_requests_and_the_server_exits_1(model_dir: Path, tmp_path: Path) -> None:
+def test_dead_engine_process_fails_health_and_requests_and_the_server_exits_1(
+    model_dir: Path, tmp_path: Path
+) -> None:
     server = _serve(model_dir, tmp_path, "1")
     try:
         assert _complete(server).status_code == 200
