@@ -99,6 +99,13 @@ ENVIRONMENT_VARIABLES: tuple[EnvVar, ...] = (
         "VLLM_ENABLE_V1_MULTIPROCESSING); 0 runs it on a thread of the server process.",
     ),
     EnvVar(
+        "PAGODA_DP_ROUTING",
+        "str",
+        "prefix",
+        "How `--data-parallel-size` routes requests: `prefix` (the engine that has the prompt's "
+        "prefix, else the least loaded) or `round_robin` (for comparison).",
+    ),
+    EnvVar(
         "PAGODA_CACHE_ROOT",
         "path",
         "~/.cache/pagoda",
@@ -241,6 +248,14 @@ def cpu_bf16_matmul() -> bool | None:
 def attention_backend() -> str | None:
     """PAGODA_ATTENTION_BACKEND: the attention backend's name, None when unset (by device)."""
     return get_str("PAGODA_ATTENTION_BACKEND")
+
+
+def dp_routing() -> str:
+    """PAGODA_DP_ROUTING: "prefix" (default) or "round_robin"; raises ValueError otherwise."""
+    value = (get_str("PAGODA_DP_ROUTING") or "prefix").lower()
+    if value not in ("prefix", "round_robin"):
+        raise ValueError(f"PAGODA_DP_ROUTING must be prefix or round_robin, got {value!r}")
+    return value
 
 
 def enable_multiprocessing() -> bool:

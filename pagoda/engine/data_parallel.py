@@ -55,7 +55,11 @@ class Router:
     """Chooses an engine per request and keeps each engine's load (see the module docstring).
     Not thread-safe: `DataParallelCores` calls it under its lock."""
 
-    def __init__(self, num_engines: int, block_size: int, max_num_seqs: int) -> None:
+    def __init__(
+        self, num_engines: int, block_size: int, max_num_seqs: int, policy: str = "prefix"
+    ) -> None:
+        self.policy = policy  # "prefix", or "round_robin" for comparison (PAGODA_DP_ROUTING)
+        self._next = 0
         self.loads = [_Load() for _ in range(num_engines)]
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
@@ -74,6 +78,11 @@ class Router:
     def route(self, requests: list[EngineCoreRequest]) -> int:
         """The engine for one request's sequences (all of its n), now counted in its load."""
         loads = self.loads
+        if self.policy == "round_robin":
+            engine = self._next
+            self._next = (self._next + 1) % len(loads)
+            self._count(requests, engine)
+            return engine
         least = min(range(len(loads)), key=lambda i: (loads[i].tokens, loads[i].requests))
         engine = least
         key = self._prefix_key(requests[0].prompt_token_ids)
@@ -86,13 +95,16 @@ class Router:
             self._prefixes.move_to_end(key)
             while len(self._prefixes) > MAX_PREFIXES:
                 self._prefixes.popitem(last=False)
+        self._count(requests, engine)
+        return engine
+
+    def _count(self, requests: list[EngineCoreRequest], engine: int) -> None:
         for request in requests:
             tokens = len(request.prompt_token_ids) + (request.sampling_params.max_tokens or 0)
             self.owner[request.request_id] = (engine, tokens)
-            loads[engine].requests += 1
-            loads[engine].tokens += tokens
+            self.loads[engine].requests += 1
+            self.loads[engine].tokens += tokens
         self.routed[engine] += 1
-        return engine
 
     def on_output(self, request_id: str, num_new_tokens: int, finished: bool) -> None:
         """A sequence produced tokens (or finished): its engine's load shrinks accordingly."""
@@ -124,8 +136,13 @@ class DataParallelCores:
         threads = max(1, (os.cpu_count() or 1) // size)
         self.config = config
         self.cores = [CoreProcess(config, threads=threads) for _ in range(size)]
+        from pagoda import envs
+
         self.router = Router(
-            size, config.cache_config.block_size, config.scheduler_config.max_num_seqs
+            size,
+            config.cache_config.block_size,
+            config.scheduler_config.max_num_seqs,
+            envs.dp_routing(),
         )
         self._last_stats = [SchedulerStats() for _ in range(size)]
         self._lock = threading.Lock()

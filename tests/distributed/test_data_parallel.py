@@ -109,3 +109,9 @@ def test_dp2_server_uses_both_engines_and_serves_one_engines_text(tmp_path: Path
         assert server.stop() == 0, server.log_tail()
     time.sleep(1)
     assert not [pid for pid in cores if alive(pid)]
+
+
+def test_round_robin_for_comparison_ignores_prefixes() -> None:
+    router = Router(2, block_size=16, max_num_seqs=8, policy="round_robin")
+    shared = list(range(64))
+    assert [router.route([request(f"r{i}", shared)]) for i in range(4)] == [0, 1, 0, 1]
