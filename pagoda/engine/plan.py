@@ -9,10 +9,11 @@ scheduler state.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from pagoda.sampling_params import SamplingParams
+# A runtime import (torch-free): msgspec resolves the annotations when the tensor-parallel
+# executor sends plans to its workers (pagoda.executor.multiproc).
+from pagoda.sampling_params import SamplingParams
 
 # The top logprobs of one sampled token: token ids (the sampled one first, then the top k), their
 # logprobs, and the sampled token's 1-based rank.

@@ -10,7 +10,8 @@ threads are divided between the ranks.
 Workers are fresh interpreters (`python -m pagoda.executor.multiproc`), not forks: the driver has
 already run torch (a forked OpenMP pool hangs) and a multiprocessing "spawn" would re-import the
 user's main script. Each connects back to the driver over an authenticated loopback connection
-(multiprocessing.connection; plans travel pickled). A worker that fails or dies makes the next
+(multiprocessing.connection); each step's plan travels msgpack-encoded (msgspec: the plan's
+dataclasses as they are, the grammar bitmask as raw bytes), not pickled. A worker that fails or dies makes the next
 step raise (its connection closes, or the collective errors) instead of hanging: the engine core
 then fails loudly. Workers exit when the driver's end of their connection closes, so nothing
 outlives the engine.
@@ -29,6 +30,8 @@ import time
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
 
+import msgspec
+import numpy as np
 import torch
 
 from pagoda.config import EngineConfig
@@ -46,6 +49,27 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _encode_tensor(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        array = obj.contiguous().numpy()
+        return {"dtype": str(array.dtype), "shape": list(array.shape), "data": array.tobytes()}
+    raise NotImplementedError(f"cannot send a {type(obj).__name__} in a plan")
+
+
+_PLAN_ENCODER = msgspec.msgpack.Encoder(enc_hook=_encode_tensor)
+_PLAN_DECODER = msgspec.msgpack.Decoder(SchedulerOutput)
+
+
+def decode_plan(payload: bytes) -> SchedulerOutput:
+    """A plan from `_PLAN_ENCODER`, its grammar bitmask a tensor again."""
+    plan = _PLAN_DECODER.decode(payload)
+    mask = plan.grammar_bitmask
+    if isinstance(mask, dict):
+        array = np.frombuffer(mask["data"], dtype=mask["dtype"]).reshape(mask["shape"])
+        plan.grammar_bitmask = torch.from_numpy(array.copy())
+    return plan
 
 
 def threads_per_rank(tp_size: int) -> int:
@@ -73,7 +97,7 @@ def _worker_main(address: tuple[str, int], authkey: bytes) -> None:
             except EOFError:  # the driver is gone
                 return
             if op == "execute_model":
-                worker.execute_model(arg)
+                worker.execute_model(decode_plan(arg))
             elif op == "determine_num_blocks":
                 conn.send(("ok", worker.determine_num_blocks()))
             elif op == "initialize_kv_cache":
@@ -186,7 +210,7 @@ class MultiprocExecutor:
                     f"a tensor-parallel worker (pid {process.pid}) exited with code "
                     f"{process.returncode}"
                 )
-        self._broadcast("execute_model", plan)
+        self._broadcast("execute_model", _PLAN_ENCODER.encode(plan))
         return self.worker.execute_model(plan)
 
     def shutdown(self) -> None:

@@ -89,3 +89,27 @@ def test_threads_are_split_between_ranks() -> None:
     assert threads_per_rank(2) == max(1, torch.get_num_threads() // 2)
     assert threads_per_rank(64) == 1
     assert sys.executable
+
+
+def test_constrained_sampling_under_two_ranks(tmp_path: Path) -> None:
+    # The plan's grammar bitmask reaches the worker (msgpack, raw bytes) and masks the same way.
+    from pagoda.sampling_params import StructuredOutputsParams
+
+    make_tiny_llama(tmp_path)
+    params = SamplingParams(
+        temperature=0,
+        max_tokens=20,
+        structured_outputs=StructuredOutputsParams(choice=["yes please", "no thanks"]),
+    )
+    texts = []
+    for tp in (1, 2):
+        llm = LLM(model=str(tmp_path), tensor_parallel_size=tp, max_model_len=128)
+        try:
+            results = llm.generate(PROMPTS, params, use_tqdm=False)
+            texts.append([r.outputs[0].text for r in results])
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+    assert texts[0] == texts[1]
+    assert set(texts[1]) <= {"yes please", "no thanks"}
