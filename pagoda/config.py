@@ -144,10 +144,17 @@ class EngineConfig:
     scheduler_config: SchedulerConfig
     device_config: DeviceConfig
     tensor_parallel_size: int = 1
+    # Pipeline stages (each of tensor_parallel_size ranks); ranks = tp * pp.
+    pipeline_parallel_size: int = 1
     # Engine cores behind one API server (pagoda.engine.data_parallel); each one holds the model.
     data_parallel_size: int = 1
     # --structured-outputs-config: backend and the defaults of every constrained request.
     structured_outputs_config: dict[str, Any] = field(default_factory=lambda: {"backend": "auto"})
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the model: tensor_parallel_size x pipeline_parallel_size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 @dataclass
@@ -184,6 +191,7 @@ class EngineArgs:
     max_logprobs: int = 20
     generation_config: str = "auto"
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     device: str = "auto"
     attention_backend: str | None = None
@@ -242,6 +250,7 @@ class EngineArgs:
                 attention_backend=_resolve_attention_backend(self.attention_backend, device),
             ),
             tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
             data_parallel_size=self.data_parallel_size,
             structured_outputs_config={"backend": "auto", **(self.structured_outputs_config or {})},
         )
@@ -293,6 +302,10 @@ class EngineArgs:
             raise ValueError(
                 f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}"
             )
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(
+                f"pipeline_parallel_size must be at least 1, got {self.pipeline_parallel_size}"
+            )
         if self.data_parallel_size < 1:
             raise ValueError(
                 f"data_parallel_size must be at least 1, got {self.data_parallel_size}"
@@ -302,9 +315,11 @@ class EngineArgs:
                 "data_parallel_size > 1 is for the server (pagoda serve --data-parallel-size N); "
                 "LLM runs one engine"
             )
-        if self.data_parallel_size > 1 and self.tensor_parallel_size > 1:
+        if self.data_parallel_size > 1 and (
+            self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1
+        ):
             raise ValueError(
-                "data_parallel_size and tensor_parallel_size > 1 together are not supported yet"
+                "data_parallel_size > 1 with tensor or pipeline parallelism is not supported yet"
             )
         if self.usage_context not in ("llm", "server"):
             raise ValueError(f"usage_context must be 'llm' or 'server', got {self.usage_context!r}")

@@ -76,6 +76,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="tensor-parallel ranks, in processes on this machine (default: 1)",
     )
+    group.add_argument(
+        "--pipeline-parallel-size",
+        "-pp",
+        type=int,
+        default=None,
+        help="pipeline stages, in processes on this machine (default: 1)",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

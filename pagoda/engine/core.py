@@ -46,7 +46,7 @@ class EngineCore:
         start = time.perf_counter()
         self.config = config
         self.executor: UniProcExecutor | MultiprocExecutor
-        if config.tensor_parallel_size > 1:
+        if config.world_size > 1:
             from pagoda.executor.multiproc import MultiprocExecutor
 
             self.executor = MultiprocExecutor(config)

@@ -1,5 +1,7 @@
-"""Tensor-parallel executor on one machine: rank 0 in the engine-core process, ranks 1..N-1 in
-worker processes it spawns (`--distributed-executor-backend mp`, the default for N > 1).
+"""Tensor- and pipeline-parallel executor on one machine: rank 0 in the engine-core process,
+ranks 1..N-1 in worker processes it spawns (`--distributed-executor-backend mp`, the default for
+N > 1). With pipeline stages, rank 0 is the first stage and the last stage's first rank sends the
+step's sampled tokens back to it.
 
 Every rank builds its shard of the model (`Worker(config, rank)`) and joins a gloo process group
 on 127.0.0.1; each step the driver sends the plan down a pipe to every worker and then runs it
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 
 from pagoda.config import EngineConfig
-from pagoda.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
+from pagoda.distributed.parallel_state import destroy_tensor_parallel, init_parallel
 from pagoda.engine.plan import ModelRunnerOutput, SchedulerOutput
 from pagoda.worker.worker import Worker
 
@@ -60,6 +62,15 @@ def _encode_tensor(obj: Any) -> Any:
 
 _PLAN_ENCODER = msgspec.msgpack.Encoder(enc_hook=_encode_tensor)
 _PLAN_DECODER = msgspec.msgpack.Decoder(SchedulerOutput)
+
+
+_OUTPUT_ENCODER = msgspec.msgpack.Encoder()
+_OUTPUT_DECODER = msgspec.msgpack.Decoder(ModelRunnerOutput)
+
+
+def _result_rank(config: EngineConfig) -> int:
+    """The rank whose sampled tokens are the step's: the last stage's first rank."""
+    return (config.pipeline_parallel_size - 1) * config.tensor_parallel_size
 
 
 def decode_plan(payload: bytes) -> SchedulerOutput:
@@ -87,7 +98,9 @@ def _worker_main(address: tuple[str, int], authkey: bytes) -> None:
     config, rank, init_method, threads = conn.recv()
     torch.set_num_threads(threads)
     try:
-        init_tensor_parallel(rank, config.tensor_parallel_size, init_method)
+        init_parallel(rank, config.tensor_parallel_size, config.pipeline_parallel_size, init_method)
+        # The first rank of the last stage sends each step's sampled tokens to the driver.
+        reports = config.pipeline_parallel_size > 1 and rank == _result_rank(config)
         worker = Worker(config, rank)
         worker.load_model()
         conn.send(("ready", os.getpid()))
@@ -97,7 +110,9 @@ def _worker_main(address: tuple[str, int], authkey: bytes) -> None:
             except EOFError:  # the driver is gone
                 return
             if op == "execute_model":
-                worker.execute_model(decode_plan(arg))
+                output = worker.execute_model(decode_plan(arg))
+                if reports:
+                    conn.send_bytes(_OUTPUT_ENCODER.encode(output))
             elif op == "determine_num_blocks":
                 conn.send(("ok", worker.determine_num_blocks()))
             elif op == "initialize_kv_cache":
@@ -114,10 +129,11 @@ def _worker_main(address: tuple[str, int], authkey: bytes) -> None:
 
 
 class MultiprocExecutor:
-    """Drives `config.tensor_parallel_size` ranks: this process is rank 0."""
+    """Drives `config.world_size` ranks (tensor x pipeline parallel): this process is rank 0."""
 
     def __init__(self, config: EngineConfig) -> None:
-        size = config.tensor_parallel_size
+        size = config.world_size
+        self._result_rank = _result_rank(config) if config.pipeline_parallel_size > 1 else 0
         if config.device_config.device.type != "cpu":
             raise ValueError(
                 "tensor_parallel_size > 1 runs on CPU (gloo) for now; on CUDA it needs NCCL, "
@@ -153,7 +169,9 @@ class MultiprocExecutor:
             listener.close()
         try:
             torch.set_num_threads(threads)
-            init_tensor_parallel(0, size, init_method)
+            init_parallel(
+                0, config.tensor_parallel_size, config.pipeline_parallel_size, init_method
+            )
             self.worker = Worker(config, 0)
             self.worker.load_model()
             for rank, conn in enumerate(self._conns, start=1):
@@ -211,7 +229,16 @@ class MultiprocExecutor:
                     f"{process.returncode}"
                 )
         self._broadcast("execute_model", _PLAN_ENCODER.encode(plan))
-        return self.worker.execute_model(plan)
+        output = self.worker.execute_model(plan)
+        if self._result_rank == 0:
+            return output
+        # Pipeline parallelism: the last stage sampled.
+        conn = self._conns[self._result_rank - 1]
+        try:
+            payload = conn.recv_bytes()
+        except (EOFError, OSError) as exc:
+            raise WorkerFailedError(f"parallel rank {self._result_rank} exited") from exc
+        return _OUTPUT_DECODER.decode(payload)
 
     def shutdown(self) -> None:
         """Stop the workers and leave the group (idempotent)."""

@@ -56,17 +56,30 @@ def build_model(
     device: torch.device,
     tp_rank: int = 0,
     tp_size: int = 1,
+    pp_rank: int = 0,
+    pp_size: int = 1,
 ) -> nn.Module:
     """The model for `hf_config`, constructed on `device` in `dtype`, in eval mode, weights unset;
-    with `tp_size` > 1, tensor-parallel rank `tp_rank`'s shard of it.
+    with `tp_size` > 1, tensor-parallel rank `tp_rank`'s shard of it; with `pp_size` > 1, only
+    pipeline stage `pp_rank`'s layers.
 
     Raises:
-        ValueError: unsupported architecture, or a shape tensor parallelism cannot split (the
-            message names the dimension and tp_size).
+        ValueError: unsupported architecture, a shape tensor parallelism cannot split (the
+            message names the dimension and tp_size), or a family without pipeline stages.
     """
     model_class = resolve_model_class(hf_config)
+    kwargs: dict[str, int] = {"tp_rank": tp_rank, "tp_size": tp_size}
+    if pp_size > 1:
+        from pagoda.models.llama import LlamaForCausalLM
+
+        if not issubclass(model_class, LlamaForCausalLM):
+            raise ValueError(
+                f"pipeline_parallel_size > 1 is not supported for {model_class.__name__} yet "
+                "(the Llama family is: Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, Mixtral)"
+            )
+        kwargs.update(pp_rank=pp_rank, pp_size=pp_size)
     with set_default_torch_dtype(dtype), torch.device(device):
-        model = model_class(hf_config, tp_rank=tp_rank, tp_size=tp_size)
+        model = model_class(hf_config, **kwargs)
     return model.eval()
 
 
@@ -83,6 +96,9 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, Any]], source: s
         ValueError: a checkpoint tensor with no matching parameter, or one that does not fit.
         RuntimeError: parameters the checkpoint did not provide (all of them named).
     """
+    owns = getattr(model, "owns_weight", None)
+    if owns is not None:  # a pipeline stage loads its own layers only
+        weights = ((name, tensor) for name, tensor in weights if owns(name))
     loaded = cast(CausalLM, model).load_weights(weights)
     missing = sorted(name for name, _ in model.named_parameters() if name not in loaded)
     if missing:

@@ -114,7 +114,7 @@ def decide_weight_plan(
         # NOTE: the shards are cut from float tensors (a GGUF file's blocks dequantized); the
         # packed and block weight methods, and the C decoder, hold whole matrices.
         return WeightPlan(
-            "float", f"tensor parallelism over {tensor_parallel_size} ranks shards float weights"
+            "float", f"model parallelism over {tensor_parallel_size} ranks shards float weights"
         )
     if device.type != "cpu":
         return WeightPlan("float", f"{model_config.dtype_name} weights on {device.type}")

@@ -35,6 +35,31 @@ from pagoda.models.utils import (
 )
 
 
+def stage_layers(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:
+    """The layers `[start, end)` of pipeline stage `pp_rank` of `pp_size`: an even split, the
+    first stages taking one more when it does not divide.
+
+    >>> [stage_layers(10, r, 3) for r in range(3)]
+    [(0, 4), (4, 7), (7, 10)]
+    """
+    if not 0 <= pp_rank < pp_size:
+        raise ValueError(f"pp_rank must be in [0, {pp_size}), got {pp_rank}")
+    if num_layers < pp_size:
+        raise ValueError(
+            f"num_hidden_layers ({num_layers}) must be at least pipeline_parallel_size ({pp_size})"
+        )
+    base, extra = divmod(num_layers, pp_size)
+    start = pp_rank * base + min(pp_rank, extra)
+    return start, start + base + (1 if pp_rank < extra else 0)
+
+
+class MissingLayer(nn.Module):
+    """Stands where another pipeline stage holds a layer: no parameters, never called."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("this layer lives on another pipeline stage")
+
+
 class LlamaMLP(nn.Module):
     """Gated MLP: `down(act(gate(x)) * up(x))`, with gate and up fused into one matmul."""
 
@@ -231,12 +256,25 @@ class LlamaModel(nn.Module):
         tp_size: int = 1,
         *,
         scale_embeddings: bool = False,
+        pp_rank: int = 0,
+        pp_size: int = 1,
         **layer_options: Any,
     ) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(
-            hf_config.vocab_size, hf_config.hidden_size, tp_rank, tp_size
-        )
+        num_layers = hf_config.num_hidden_layers
+        # Pipeline parallelism: this stage's layers [start, end); the first stage also embeds,
+        # the last one also normalises (and holds the LM head); the others hold neither.
+        self.start_layer, self.end_layer = stage_layers(num_layers, pp_rank, pp_size)
+        self.is_first_stage = pp_rank == 0
+        self.is_last_stage = pp_rank == pp_size - 1
+        tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.embed_tokens: nn.Module
+        if self.is_first_stage or (self.is_last_stage and tied):
+            self.embed_tokens = VocabParallelEmbedding(
+                hf_config.vocab_size, hf_config.hidden_size, tp_rank, tp_size
+            )
+        else:
+            self.embed_tokens = MissingLayer()
         self.embed_scale: torch.Tensor | None
         if scale_embeddings:
             scale = torch.tensor(hf_config.hidden_size**0.5, dtype=torch.float32)
@@ -246,7 +284,6 @@ class LlamaModel(nn.Module):
         head_dim = get_head_dim(hf_config)
         rope_parameters = getattr(hf_config, "rope_parameters", None) or {}
         by_layer_type = any(isinstance(value, dict) for value in rope_parameters.values())
-        num_layers = hf_config.num_hidden_layers
         layer_types = hf_config.layer_types if by_layer_type else [None] * num_layers
         # One instance per layer type: its cos/sin tables can be large (128k positions for Llama 3.1).
         ropes = {
@@ -268,18 +305,39 @@ class LlamaModel(nn.Module):
                 tp_size,
                 **layer_options,
             )
+            if self.start_layer <= index < self.end_layer
+            else MissingLayer()
             for index in range(num_layers)
         )
         norm_class = layer_options.get("norm_class", RMSNorm)
-        self.norm = norm_class(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
+        self.norm = (
+            norm_class(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
+            if self.is_last_stage
+            else MissingLayer()
+        )
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.embed_tokens(input_ids)  # [T, hidden]
-        if self.embed_scale is not None:
-            hidden_states = hidden_states * self.embed_scale
-        residual = None
-        for layer in self.layers:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Any:
+        """The final hidden states `[T, hidden]` on the last stage; on an earlier one, the
+        `(hidden_states, residual)` to hand to the next stage, which passes them as
+        `intermediate`."""
+        residual: torch.Tensor | None
+        if intermediate is None:
+            hidden_states = self.embed_tokens(input_ids)  # [T, hidden]
+            if self.embed_scale is not None:
+                hidden_states = hidden_states * self.embed_scale
+            residual = None
+        else:
+            hidden_states, residual = intermediate
+        for layer in self.layers[self.start_layer : self.end_layer]:
             hidden_states, residual = layer(positions, hidden_states, residual)
+        if not self.is_last_stage:
+            assert residual is not None
+            return hidden_states, residual
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
@@ -294,7 +352,14 @@ class LlamaForCausalLM(nn.Module):
     layer_options: ClassVar[Mapping[str, Any]] = {}
     scale_embeddings: ClassVar[bool] = False
 
-    def __init__(self, hf_config: Any, tp_rank: int = 0, tp_size: int = 1) -> None:
+    def __init__(
+        self,
+        hf_config: Any,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        pp_rank: int = 0,
+        pp_size: int = 1,
+    ) -> None:
         super().__init__()
         self.config = hf_config
         self.model = LlamaModel(
@@ -302,20 +367,48 @@ class LlamaForCausalLM(nn.Module):
             tp_rank,
             tp_size,
             scale_embeddings=self.scale_embeddings,
+            pp_rank=pp_rank,
+            pp_size=pp_size,
             **self.layer_options,
         )
+        self.pp_size = pp_size
         self.final_logit_softcap: float | None = getattr(hf_config, "final_logit_softcapping", None)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         # A tied head is built on the meta device so it never allocates a second [vocab, hidden] table.
-        with torch.device("meta") if self.tie_word_embeddings else contextlib.nullcontext():
-            self.lm_head = ParallelLMHead(
-                hf_config.vocab_size, hf_config.hidden_size, tp_rank=tp_rank, tp_size=tp_size
-            )
-        if self.tie_word_embeddings:
-            self.lm_head.tie_weights(self.model.embed_tokens)
+        self.lm_head: Any
+        if not self.model.is_last_stage:
+            self.lm_head = MissingLayer()
+        else:
+            with torch.device("meta") if self.tie_word_embeddings else contextlib.nullcontext():
+                self.lm_head = ParallelLMHead(
+                    hf_config.vocab_size, hf_config.hidden_size, tp_rank=tp_rank, tp_size=tp_size
+                )
+            if self.tie_word_embeddings:
+                self.lm_head.tie_weights(self.model.embed_tokens)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)  # [T, hidden]
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Any:
+        return self.model(input_ids, positions, intermediate)  # [T, hidden] (see LlamaModel)
+
+    def owns_weight(self, name: str) -> bool:
+        """Whether checkpoint tensor `name` belongs to this pipeline stage."""
+        if self.pp_size == 1:
+            return True
+        model = self.model
+        if name.startswith("model.layers."):
+            index = int(name.split(".", 3)[2])
+            return model.start_layer <= index < model.end_layer
+        if name.startswith("model.embed_tokens."):
+            return not isinstance(model.embed_tokens, MissingLayer)
+        if name.startswith("model.norm."):
+            return model.is_last_stage
+        if name.startswith("lm_head."):
+            return model.is_last_stage
+        return True
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head.compute_logits(hidden_states)  # [N, vocab]

@@ -22,6 +22,7 @@ from pagoda.attention.backend import AttentionBackend, StepLayout
 from pagoda.attention.registry import create_backend
 from pagoda.config import DEFAULT_CPU_KV_CACHE_SPACE_GIB, EngineConfig
 from pagoda.cpu.decoder import MAX_DECODE_TOKENS, CPUDecoder
+from pagoda.distributed.parallel_state import receive_from_previous_stage, send_to_next_stage
 from pagoda.engine.plan import ModelRunnerOutput, SchedulerOutput
 from pagoda.forward_context import ForwardContext, set_forward_context
 from pagoda.layers.attention import Attention
@@ -68,9 +69,13 @@ class ModelRunner:
         self, config: EngineConfig, backend: AttentionBackend | None = None, rank: int = 0
     ) -> None:
         self.config = config
-        # This runner's tensor-parallel rank (of config.tensor_parallel_size).
+        # This runner's global rank: pipeline stage rank // tp_size, tensor-parallel rank % tp.
         self.rank = rank
         self.tp_size = config.tensor_parallel_size
+        self.pp_size = config.pipeline_parallel_size
+        self.tp_rank = rank % self.tp_size
+        self.pp_rank = rank // self.tp_size
+        self.is_last_stage = self.pp_rank == self.pp_size - 1
         self.model_config = config.model_config
         self.cache_config = config.cache_config
         self.device = config.device_config.device
@@ -96,15 +101,17 @@ class ModelRunner:
         from pagoda.loader.weight_plan import decide_weight_plan
 
         start = time.perf_counter()
-        plan = decide_weight_plan(self.model_config, self.device, self.tp_size)
+        plan = decide_weight_plan(self.model_config, self.device, self.config.world_size)
         self.weight_plan = plan
         with plan.constructing():
             module = build_model(
                 self.model_config.hf_config,
                 dtype=self.dtype,
                 device=self.device,
-                tp_rank=self.rank,
+                tp_rank=self.tp_rank,
                 tp_size=self.tp_size,
+                pp_rank=self.pp_rank,
+                pp_size=self.pp_size,
             )
         weights = self._checkpoint_weights(plan)
         load_weights(module, weights, str(self.model_config.model_path))
@@ -193,12 +200,14 @@ class ModelRunner:
         # the zeros come from calloc, i.e. fresh pages the kernel zeroes on first touch, so start-up
         # does not write 4 GiB; the extra block at index num_blocks is the padding block.
         self.num_blocks = num_blocks
-        self.kv_caches = []
+        # Indexed by layer: a pipeline stage holds only its layers' caches (empty elsewhere).
+        num_layers = self.attention_layers[-1].layer_idx + 1 if self.attention_layers else 0
+        self.kv_caches = [torch.empty(0, dtype=self.kv_dtype) for _ in range(num_layers)]
         for layer in self.attention_layers:
             shape = self.backend.kv_cache_shape(
                 num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim
             )
-            self.kv_caches.append(_zeros(shape, self.kv_dtype, self.device))
+            self.kv_caches[layer.layer_idx] = _zeros(shape, self.kv_dtype, self.device)
         if self.cpu_decoder is not None:
             self.cpu_decoder.bind_kv_caches(self.kv_caches)
         tokens = num_blocks * self.block_size
@@ -286,8 +295,20 @@ class ModelRunner:
             positions = torch.from_numpy(layout.positions).to(self.device)
             metadata = self.backend.build_metadata(layout, self.device)
             context = ForwardContext(self.backend, metadata, self.kv_caches)
+            intermediate = None
+            if self.pp_rank > 0:  # the previous stage's (hidden states, residual)
+                shape = (len(token_ids), self.model_config.hf_config.hidden_size)
+                received = receive_from_previous_stage([shape, shape], self.dtype)
+                intermediate = (received[0], received[1])
             with set_forward_context(context):
-                hidden_states = self.model(input_ids, positions)  # [T, hidden]
+                if self.pp_size == 1:
+                    hidden_states = self.model(input_ids, positions)  # [T, hidden]
+                else:  # a pipeline stage (the Llama family): see LlamaModel.forward
+                    stage = cast(Any, self.model)
+                    hidden_states = stage(input_ids, positions, intermediate)
+            if not self.is_last_stage:
+                send_to_next_stage(list(hidden_states))
+                return ModelRunnerOutput(sampled_token_ids={})
             if not sampling:
                 return ModelRunnerOutput(sampled_token_ids={})
             last_rows = torch.from_numpy(layout.query_start[1:][sampling] - 1).to(self.device)

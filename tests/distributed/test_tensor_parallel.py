@@ -1,5 +1,6 @@
-"""Tensor parallelism on CPU (gloo over 127.0.0.1, two ranks in two processes): greedy tokens
-under `tensor_parallel_size=2` equal the single-rank engine's on tiny random models of each
+"""Tensor and pipeline parallelism on CPU (gloo over 127.0.0.1, ranks in processes): greedy
+tokens under `tensor_parallel_size=2`, `pipeline_parallel_size=2` and both (four processes)
+equal the single-rank engine's on tiny random models of each
 family shape that shards differently (grouped-query attention, fewer KV heads than ranks,
 biases, GPT-2's fused `c_attn`, a mixture of experts, tied embeddings, Gemma 2's soft-capping),
 each rank holds about half the weights, the worker processes end with the engine, and a shape
@@ -27,8 +28,10 @@ PROMPTS = ["The quick brown fox", "Hello, world! Hello", "Numbers: 0 1 2 3"]
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
 
-def generate(path: Path, tp: int) -> list[list[int]]:
-    llm = LLM(model=str(path), tensor_parallel_size=tp, max_model_len=128)
+def generate(path: Path, tp: int, pp: int = 1) -> list[list[int]]:
+    llm = LLM(
+        model=str(path), tensor_parallel_size=tp, pipeline_parallel_size=pp, max_model_len=128
+    )
     try:
         results = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
         return [list(r.outputs[0].token_ids) for r in results]
@@ -55,6 +58,27 @@ def test_two_ranks_give_the_single_rank_tokens(tmp_path: Path, family: str) -> N
     FAMILIES[family](tmp_path)
     single = generate(tmp_path, 1)
     assert generate(tmp_path, 2) == single
+
+
+PIPELINE_FAMILIES = ["llama_gqa", "llama_tied", "qwen2_bias", "mixtral_moe", "gemma2_softcap"]
+
+
+@pytest.mark.parametrize("family", PIPELINE_FAMILIES)
+def test_two_pipeline_stages_give_the_single_rank_tokens(tmp_path: Path, family: str) -> None:
+    FAMILIES[family](tmp_path)
+    assert generate(tmp_path, 1, pp=2) == generate(tmp_path, 1)
+
+
+def test_two_by_two_ranks_give_the_single_rank_tokens(tmp_path: Path) -> None:
+    # Four processes: two stages of two tensor-parallel ranks each.
+    make_tiny_llama(tmp_path, num_layers=4)
+    assert generate(tmp_path, 2, pp=2) == generate(tmp_path, 1)
+
+
+def test_pipeline_stages_outside_the_llama_family_are_refused(tmp_path: Path) -> None:
+    make_tiny_gpt2(tmp_path)
+    with pytest.raises(Exception, match="pipeline_parallel_size > 1 is not supported for GPT2"):
+        LLM(model=str(tmp_path), pipeline_parallel_size=2, max_model_len=128)
 
 
 def test_each_rank_holds_half_the_weights_and_workers_end_with_the_engine(tmp_path: Path) -> None:

@@ -371,7 +371,7 @@ def test_tensor_parallel_on_cuda_is_refused_before_loading(
         lambda args, engine: started.append(args),
     )
     assert main(["serve", "--tensor-parallel-size", "2", "--device", "cuda"]) == 2
-    assert "pagoda serve: error: --tensor-parallel-size 2 runs on CPU (gloo) for now" in (
+    assert "pagoda serve: error: --tensor-parallel-size 2 x --pipeline-parallel-size 1 runs" in (
         capsys.readouterr().err
     )
     assert started == []

@@ -185,10 +185,17 @@ def validate_serve_args(args: argparse.Namespace) -> None:
     tensor_parallel_size = args.tensor_parallel_size
     if tensor_parallel_size < 1:
         raise ServeArgumentError(f"--tensor-parallel-size must be >= 1, got {tensor_parallel_size}")
-    if tensor_parallel_size > 1 and getattr(args, "device", None) not in (None, "auto", "cpu"):
+    pipeline_parallel_size = getattr(args, "pipeline_parallel_size", 1) or 1
+    if pipeline_parallel_size < 1:
         raise ServeArgumentError(
-            f"--tensor-parallel-size {tensor_parallel_size} runs on CPU (gloo) for now; "
-            f"--device {args.device} would need NCCL, which Pagoda does not set up yet"
+            f"--pipeline-parallel-size must be >= 1, got {pipeline_parallel_size}"
+        )
+    world = tensor_parallel_size * pipeline_parallel_size
+    if world > 1 and getattr(args, "device", None) not in (None, "auto", "cpu"):
+        raise ServeArgumentError(
+            f"--tensor-parallel-size {tensor_parallel_size} x --pipeline-parallel-size "
+            f"{pipeline_parallel_size} runs on CPU (gloo) for now; --device {args.device} would "
+            "need NCCL, which Pagoda does not set up yet"
         )
     if args.ssl_keyfile and not args.ssl_certfile:
         raise ServeArgumentError("--ssl-keyfile needs --ssl-certfile")

@@ -411,6 +411,15 @@ def _add_scheduler_parallel_device_args(parser: argparse.ArgumentParser) -> None
         "them (CPU only for now; float weights, a GGUF file's blocks dequantized)",
     )
     parallel.add_argument(
+        "--pipeline-parallel-size",
+        "-pp",
+        type=int,
+        default=1,
+        help="pipeline stages, each holding a contiguous share of the layers (and "
+        "--tensor-parallel-size ranks), in processes on this machine; one batch in flight at a "
+        "time (the Llama family; CPU only for now)",
+    )
+    parallel.add_argument(
         "--data-parallel-size",
         "-dp",
         type=int,
