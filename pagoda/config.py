@@ -146,6 +146,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     # Pipeline stages (each of tensor_parallel_size ranks); ranks = tp * pp.
     pipeline_parallel_size: int = 1
+    # Where ranks 1..N-1 run: "mp" (processes on this machine) or "ray" (Ray actors).
+    distributed_executor_backend: str = "mp"
     # Engine cores behind one API server (pagoda.engine.data_parallel); each one holds the model.
     data_parallel_size: int = 1
     # --structured-outputs-config: backend and the defaults of every constrained request.
@@ -193,6 +195,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
     device: str = "auto"
     attention_backend: str | None = None
     disable_log_stats: bool = False
@@ -252,6 +255,7 @@ class EngineArgs:
             tensor_parallel_size=self.tensor_parallel_size,
             pipeline_parallel_size=self.pipeline_parallel_size,
             data_parallel_size=self.data_parallel_size,
+            distributed_executor_backend=self.distributed_executor_backend or "mp",
             structured_outputs_config={"backend": "auto", **(self.structured_outputs_config or {})},
         )
 
@@ -305,6 +309,11 @@ class EngineArgs:
         if self.pipeline_parallel_size < 1:
             raise ValueError(
                 f"pipeline_parallel_size must be at least 1, got {self.pipeline_parallel_size}"
+            )
+        if self.distributed_executor_backend not in (None, "mp", "ray"):
+            raise ValueError(
+                "distributed_executor_backend must be mp or ray, got "
+                f"{self.distributed_executor_backend!r}"
             )
         if self.data_parallel_size < 1:
             raise ValueError(

@@ -33,6 +33,7 @@ from pagoda.metrics.stats import SchedulerStats
 
 if TYPE_CHECKING:
     from pagoda.executor.multiproc import MultiprocExecutor
+    from pagoda.executor.ray_executor import RayExecutor
     from pagoda.structured_output.manager import StructuredOutputManager
     from pagoda.structured_output.spec import GrammarSpec
 
@@ -45,11 +46,16 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         start = time.perf_counter()
         self.config = config
-        self.executor: UniProcExecutor | MultiprocExecutor
+        self.executor: UniProcExecutor | MultiprocExecutor | RayExecutor
         if config.world_size > 1:
-            from pagoda.executor.multiproc import MultiprocExecutor
+            if config.distributed_executor_backend == "ray":
+                from pagoda.executor.ray_executor import RayExecutor
 
-            self.executor = MultiprocExecutor(config)
+                self.executor = RayExecutor(config)
+            else:
+                from pagoda.executor.multiproc import MultiprocExecutor
+
+                self.executor = MultiprocExecutor(config)
             # The worker processes end with the core (or at exit), whoever drops it.
             self._finalizer = weakref.finalize(self, self.executor.shutdown)
         else:

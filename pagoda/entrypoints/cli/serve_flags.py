@@ -420,6 +420,14 @@ def _add_scheduler_parallel_device_args(parser: argparse.ArgumentParser) -> None
         "time (the Llama family; CPU only for now)",
     )
     parallel.add_argument(
+        "--distributed-executor-backend",
+        choices=["mp", "ray"],
+        default=None,
+        help="where ranks 1..N-1 of -tp x -pp run: mp (processes on this machine) or ray (Ray "
+        "actors on the cluster RAY_ADDRESS names, several machines included; pip install "
+        "'pagoda-llm[ray]') (default: None -> mp)",
+    )
+    parallel.add_argument(
         "--data-parallel-size",
         "-dp",
         type=int,
