@@ -141,3 +141,27 @@ def test_the_server_still_serves_after_the_hostile_input(server: RemoteServer) -
     assert response.json()["usage"]["completion_tokens"] == 4
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
     assert wait_idle(server.url) == (0, 0, 0)
+
+
+def test_a_large_header_arriving_in_pieces_still_gets_the_431(server: RemoteServer) -> None:
+    # h11 buffers an incomplete request head up to a limit (16 KiB by default) and answers a bare
+    # 400 beyond it; the server raises that limit so EdgeLimits' 431 (with its body) answers.
+    import time
+
+    body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"X-Padding: " + b"p" * 65536 + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        for start in range(0, len(head), 4096):
+            sock.sendall(head[start : start + 4096])
+            time.sleep(0.005)
+        sock.sendall(body)
+        received = b""
+        while b"\r\n\r\n" not in received or len(received) < 64:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 431"), received[:200]

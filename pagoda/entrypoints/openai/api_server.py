@@ -333,6 +333,14 @@ def run_server(args: argparse.Namespace, started: StartedEngineCore | None = Non
         ssl_keyfile=getattr(args, "ssl_keyfile", None),
         ssl_certfile=getattr(args, "ssl_certfile", None),
         timeout_keep_alive=5,
+        # NOTE: h11 answers a bare 400 ("Invalid HTTP request received") when a request's head
+        # arrives in pieces that together exceed this buffer (16 KiB by default), before the
+        # edge limits can answer 431 with an OpenAI body: whether a 64 KiB header got the 431 or
+        # the 400 depended on how the kernel split it. 1 MiB (at least 4x the header limit)
+        # lets every head up to it reach EdgeLimits.
+        h11_max_incomplete_event_size=max(
+            1 << 20, 4 * (getattr(args, "max_request_header_bytes", None) or 32 * 1024)
+        ),
         # uvicorn's own limit only backs ours up: at the grace period the open requests are
         # ended with a final error (see _GracefulServer), so nothing is ever cut mid-body.
         timeout_graceful_shutdown=int(grace) + 5,
