@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,7 @@ from pagoda.entrypoints.openai.serving_engine import (
 )
 from pagoda.entrypoints.openai.tool_parsers import (
     ExtractedToolCalls,
+    PartialCall,
     ToolCall,
     ToolParser,
     get_tool_parser,
@@ -382,6 +384,8 @@ class OpenAIServingChat(OpenAIServing):
         # Per choice under a tool plan: the text so far, and how much of it went out as content.
         texts = [""] * n
         sent = [0] * n
+        # Under auto: each choice's calls streamed so far, as [id, name, arguments sent].
+        streamed: list[list[list[str]]] = [[] for _ in range(n)]
         # Under a reasoning parser: each choice's whole output and how much of its reasoning
         # and answer went out.
         outputs = [""] * n
@@ -434,7 +438,7 @@ class OpenAIServingChat(OpenAIServing):
                             yield chunk(ChatCompletionStreamChoice(index=sample.index, delta=delta))
                     if tools.mode != "none":
                         for piece in self._tool_stream(
-                            tools, sample, texts, sent, logprobs, parallel
+                            tools, sample, texts, sent, logprobs, parallel, streamed
                         ):
                             yield chunk(piece)
                         continue
@@ -474,14 +478,22 @@ class OpenAIServingChat(OpenAIServing):
         sent: list[int],
         logprobs: ChatCompletionLogProbs | None,
         parallel: bool,
+        streamed: list[list[list[str]]],
     ) -> list[ChatCompletionStreamChoice]:
         """The chunks of one streamed piece under a tool plan: content as long as no call can
-        have begun, held back from a possible call's start until the output ends, then the
-        rest of the content and each call (id, type and name, then its arguments)."""
+        have begun, held back from a possible call's start; under auto with a JSON call format,
+        each call as it is written (id, type and name once the name is complete, then its
+        arguments piece by piece, as the model writes them); otherwise, when the output ends,
+        the rest of the content and each call whole."""
         index = sample.index
         texts[index] += sample.text
         text = texts[index]
         pieces: list[ChatCompletionStreamChoice] = []
+        partial = None
+        if tools.mode == "auto" and self.tool_parser is not None:
+            partial = self.tool_parser.stream_calls(text)
+        if sample.finish_reason is None and partial:
+            pieces += self._call_deltas(index, partial, streamed[index], parallel)
         if sample.finish_reason is None:
             safe = self._streamable_prefix(tools, text)
             if safe > sent[index]:
@@ -496,6 +508,27 @@ class OpenAIServingChat(OpenAIServing):
                 )
             return pieces
         extracted = self._tool_calls(tools, text, sample.finish_reason, parallel)
+        if streamed[index]:
+            # The calls went out as written: the rest of each, then any that began last; the
+            # arguments are the model's text (the non-streamed answer normalises them).
+            rest = extracted.content or ""
+            rest = rest[sent[index] :] if rest.startswith(text[: sent[index]]) else ""
+            if rest:
+                pieces.append(
+                    ChatCompletionStreamChoice(index=index, delta=DeltaMessage(content=rest))
+                )
+            pieces += self._call_deltas(index, partial or [], streamed[index], parallel)
+            pieces.append(
+                ChatCompletionStreamChoice(
+                    index=index,
+                    delta=DeltaMessage(),
+                    logprobs=logprobs,
+                    # As unstreamed: "tool_calls" when the calls parse (not when cut short).
+                    finish_reason=self._finish_reason(tools, extracted, sample.finish_reason),
+                    stop_reason=sample.stop_reason,
+                )
+            )
+            return pieces
         content = extracted.content if extracted.calls else text
         if content and extracted.calls and content.startswith(text[: sent[index]]):
             content = content[sent[index] :]
@@ -528,6 +561,43 @@ class OpenAIServingChat(OpenAIServing):
                 stop_reason=sample.stop_reason,
             )
         )
+        return pieces
+
+    def _call_deltas(
+        self,
+        index: int,
+        partial: list[PartialCall],
+        streamed: list[list[str]],
+        parallel: bool,
+    ) -> list[ChatCompletionStreamChoice]:
+        """Tool-call deltas for what `partial` adds to the calls already `streamed`
+        ([id, name, arguments sent] each, updated here)."""
+        pieces = []
+        for position, call in enumerate(partial if parallel else partial[:1]):
+            if call.name is None:
+                break  # a call's name completes before anything of it goes out
+            if position == len(streamed):
+                call_id = f"chatcmpl-tool-{uuid.uuid4().hex}"
+                streamed.append([call_id, call.name, ""])
+                opening = {
+                    "index": position,
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": ""},
+                }
+                pieces.append(
+                    ChatCompletionStreamChoice(
+                        index=index, delta=DeltaMessage(tool_calls=[opening])
+                    )
+                )
+            entry = streamed[position]
+            new = call.arguments[len(entry[2]) :]
+            if new:
+                entry[2] = call.arguments
+                delta = {"index": position, "function": {"arguments": new}}
+                pieces.append(
+                    ChatCompletionStreamChoice(index=index, delta=DeltaMessage(tool_calls=[delta]))
+                )
         return pieces
 
     def _streamable_prefix(self, tools: ToolPlan, text: str) -> int:

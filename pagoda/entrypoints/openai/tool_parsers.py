@@ -69,9 +69,114 @@ def _content_or_none(text: str) -> str | None:
     return text if text.strip() else None
 
 
+@dataclass(slots=True)
+class PartialCall:
+    """A call as far as a stream has written it: its name once the string is complete, and the
+    raw text of its arguments value so far (`arguments_done` once the value is balanced). The raw
+    text only ever grows, so a stream can send it piece by piece."""
+
+    name: str | None
+    arguments: str
+    arguments_done: bool
+
+
+def _string_end(text: str, start: int) -> int | None:
+    """The index after the JSON string that opens at `text[start]` ('"'), or None if unfinished."""
+    position = start + 1
+    while position < len(text):
+        char = text[position]
+        if char == "\\":
+            position += 2
+            continue
+        if char == '"':
+            return position + 1
+        position += 1
+    return None
+
+
+def _value_end(text: str, start: int) -> int | None:
+    """The index after the JSON value that begins at `text[start]`, or None if unfinished."""
+    if start >= len(text):
+        return None
+    if text[start] == '"':
+        return _string_end(text, start)
+    if text[start] not in "{[":
+        match = re.compile(r"[^,}\]\s]*").match(text, start)
+        end = match.end() if match else start
+        return end if end < len(text) else None  # a bare literal may still grow
+    depth, position = 0, start
+    while position < len(text):
+        char = text[position]
+        if char == '"':
+            string_end = _string_end(text, position)
+            if string_end is None:
+                return None
+            position = string_end
+            continue
+        if char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+            if depth == 0:
+                return position + 1
+        position += 1
+    return None
+
+
+def scan_call_objects(
+    text: str, argument_keys: tuple[str, ...] = ("arguments", "parameters")
+) -> list[PartialCall]:
+    """The call objects `{"name": ..., "arguments": ...}` in `text`, complete or not, in order:
+    every top-level `{` starts one, and what lies between them (tags, separators) is skipped.
+    The arguments count only once the name came first (the templates' order); a call whose
+    arguments come first is reported without them until the end."""
+    calls: list[PartialCall] = []
+    position = 0
+    while True:
+        start = text.find("{", position)
+        if start < 0:
+            return calls
+        call = PartialCall(None, "", False)
+        calls.append(call)
+        cursor = start + 1
+        while True:
+            key_match = re.compile(r'\s*,?\s*"').match(text, cursor)
+            if key_match is None:
+                break
+            key_start = key_match.end() - 1
+            key_end = _string_end(text, key_start)
+            if key_end is None:
+                return calls
+            key = text[key_start + 1 : key_end - 1]
+            colon = re.compile(r"\s*:\s*").match(text, key_end)
+            if colon is None or colon.end() >= len(text):
+                return calls
+            value_start = colon.end()
+            value_end = _value_end(text, value_start)
+            if key == "name" and text[value_start] == '"':
+                if value_end is None:
+                    return calls
+                call.name = json.loads(text[value_start:value_end])
+            elif key in argument_keys and call.name is not None:
+                call.arguments = text[value_start : value_end or len(text)]
+                call.arguments_done = value_end is not None
+            if value_end is None:
+                return calls
+            cursor = value_end
+        object_end = _value_end(text, start)
+        if object_end is None:
+            return calls
+        position = object_end
+
+
 class ToolParser:
     name = ""
     start_markers: tuple[str, ...] = ()
+
+    def stream_calls(self, text: str) -> list[PartialCall] | None:
+        """The calls begun in `text` so far, for streaming them as they are written; None when
+        this format cannot be streamed before the output ends (the calls then go out whole)."""
+        return None
 
     def extract(self, text: str) -> ExtractedToolCalls:
         try:
@@ -86,6 +191,13 @@ class ToolParser:
 class HermesToolParser(ToolParser):
     name = "hermes"
     start_markers = ("<tool_call>",)
+
+    def stream_calls(self, text: str) -> list[PartialCall] | None:
+        start = text.find("<tool_call>")
+        if start < 0:
+            return None
+        return scan_call_objects(text[start:], ("arguments",))
+
     _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
     def _extract(self, text: str) -> ExtractedToolCalls:
@@ -99,6 +211,12 @@ class HermesToolParser(ToolParser):
 class Llama3JsonToolParser(ToolParser):
     name = "llama3_json"
     start_markers = ("<|python_tag|>", "{")
+
+    def stream_calls(self, text: str) -> list[PartialCall] | None:
+        body = text.lstrip().removeprefix("<|python_tag|>").lstrip()
+        if not body.startswith("{"):
+            return None
+        return scan_call_objects(body, ("parameters", "arguments"))
 
     def _extract(self, text: str) -> ExtractedToolCalls:
         body = text.strip().removeprefix("<|python_tag|>").lstrip()
@@ -121,6 +239,12 @@ class Llama3JsonToolParser(ToolParser):
 class MistralToolParser(ToolParser):
     name = "mistral"
     start_markers = ("[TOOL_CALLS]",)
+
+    def stream_calls(self, text: str) -> list[PartialCall] | None:
+        start = text.find("[TOOL_CALLS]")
+        if start < 0 or "[ARGS]" in text[start:]:
+            return None  # the [ARGS] form goes out whole
+        return scan_call_objects(text[start + len("[TOOL_CALLS]") :], ("arguments",))
 
     def _extract(self, text: str) -> ExtractedToolCalls:
         start = text.find("[TOOL_CALLS]")

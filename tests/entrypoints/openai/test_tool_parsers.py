@@ -68,3 +68,52 @@ def test_unknown_parsers_are_refused_naming_the_known_ones() -> None:
     with pytest.raises(ValueError, match="hermes, llama3_json, mistral, pythonic"):
         get_tool_parser("nope")
     assert sorted(TOOL_PARSERS) == ["hermes", "llama3_json", "mistral", "pythonic"]
+
+
+@pytest.mark.parametrize(
+    ("parser_name", "text", "expected"),
+    [
+        (
+            "hermes",
+            'Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
+            '"tags": ["a}", {"b": "]"}], "n": 3}}\n</tool_call>\n<tool_call>{"name": "f", '
+            '"arguments": {}}</tool_call>',
+            [("get_weather", '{"city": "Paris", "tags": ["a}", {"b": "]"}], "n": 3}'), ("f", "{}")],
+        ),
+        (
+            "llama3_json",
+            '{"name": "a", "parameters": {"q": "x\\"y"}}; {"name": "b", "parameters": {"z": true}}',
+            [("a", '{"q": "x\\"y"}'), ("b", '{"z": true}')],
+        ),
+        (
+            "mistral",
+            '[TOOL_CALLS][{"name": "a", "arguments": {"q": 1}}, {"name": "b", "arguments": {}}]',
+            [("a", '{"q": 1}'), ("b", "{}")],
+        ),
+    ],
+)
+def test_streamed_calls_only_grow_and_end_as_the_whole_calls(
+    parser_name: str, text: str, expected: list[tuple[str, str]]
+) -> None:
+    # Every prefix of the output: names appear once complete, arguments only ever grow, and the
+    # last state is each call's exact arguments text, which parses like extract()'s.
+    parser = get_tool_parser(parser_name)
+    previous: list[tuple[str | None, str]] = []
+    for end in range(len(text) + 1):
+        calls = parser.stream_calls(text[:end]) or []
+        state = [(call.name, call.arguments) for call in calls]
+        for (old_name, old_args), (name, args) in zip(previous, state):
+            assert old_name is None or old_name == name
+            assert args.startswith(old_args), (end, old_args, args)
+        previous = state
+    assert previous == expected
+    extracted = parser.extract(text)
+    assert [json.loads(a) for _, a in expected] == [
+        json.loads(c.arguments) for c in extracted.calls
+    ]
+
+
+def test_formats_that_cannot_stream_say_so() -> None:
+    assert get_tool_parser("pythonic").stream_calls("[f(a=1)]") is None
+    assert get_tool_parser("mistral").stream_calls('[TOOL_CALLS]f[ARGS]{"a": 1}') is None
+    assert get_tool_parser("hermes").stream_calls("no call here") is None

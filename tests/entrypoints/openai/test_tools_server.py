@@ -217,3 +217,43 @@ def test_bad_tool_requests_are_400s(server: RemoteServer, body: dict[str, Any], 
     response = httpx.post(f"{server.url}/v1/chat/completions", json=request, timeout=60)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+def test_auto_streams_each_call_as_the_model_writes_it(client: openai.OpenAI) -> None:
+    """Under auto the call goes out while it is generated: its name as soon as it is complete,
+    then its arguments in several pieces whose concatenation is the model's arguments text."""
+    markup = (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
+        "\n</tool_call>"
+    )
+    regex = markup.replace("{", "\\{").replace("}", "\\}")
+    stream = client.chat.completions.create(
+        model="",
+        messages=ASK,
+        tools=TOOLS,
+        temperature=0,
+        max_tokens=80,
+        stream=True,
+        extra_body={"structured_outputs": {"regex": regex}},
+    )
+    name = None
+    pieces: list[str] = []
+    finish = None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        for delta in choice.delta.tool_calls or []:
+            assert delta.index == 0
+            if delta.function and delta.function.name:
+                assert name is None and not pieces  # the name first, once
+                name = delta.function.name
+                assert delta.id and delta.id.startswith("chatcmpl-tool-")
+            if delta.function and delta.function.arguments:
+                assert choice.finish_reason is None or len(pieces) > 0
+                pieces.append(delta.function.arguments)
+        finish = choice.finish_reason or finish
+    assert finish == "tool_calls" and name == "get_weather"
+    # Streamed as written, not in one piece at the end.
+    assert len(pieces) >= 3, pieces
+    assert "".join(pieces) == '{"city": "Paris", "unit": "celsius"}'
