@@ -67,25 +67,12 @@ def init_parallel(
     _group = _Group(rank % tp_size, tp_size, rank // tp_size, pp_size, tp_group)
 
 
-def init_tensor_parallel(rank: int, size: int, init_method: str, backend: str = "gloo") -> None:
-    """`init_parallel` with one pipeline stage."""
-    init_parallel(rank, size, 1, init_method, backend)
-
-
-def destroy_tensor_parallel() -> None:
+def destroy_parallel() -> None:
     """Leave the groups (idempotent)."""
     global _group
     if dist.is_initialized():
         dist.destroy_process_group()
     _group = _Group(0, 1)
-
-
-def pp_rank() -> int:
-    return _group.pp_rank
-
-
-def pp_size() -> int:
-    return _group.pp_size
 
 
 def send_to_next_stage(tensors: list[torch.Tensor]) -> None:
@@ -108,14 +95,6 @@ def receive_from_previous_stage(
     return received
 
 
-def tp_rank() -> int:
-    return _group.rank
-
-
-def tp_size() -> int:
-    return _group.size
-
-
 def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     """The sum of `tensor` over the ranks (in place where the backend allows; returned)."""
     if _group.size == 1:
@@ -135,12 +114,3 @@ def all_gather(tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(_group.size)]
     dist.all_gather(parts, tensor, group=_group.tp_group)
     return torch.cat(parts, dim=dim)
-
-
-def reduce_min(value: int) -> int:
-    """The smallest of each rank's `value` (the KV-cache block count all ranks can hold)."""
-    if _group.size * _group.pp_size == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return int(tensor.item())

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from pagoda.config import EngineConfig
-from pagoda.distributed.parallel_state import destroy_tensor_parallel, init_parallel
+from pagoda.distributed.parallel_state import destroy_parallel, init_parallel
 from pagoda.engine.plan import ModelRunnerOutput, SchedulerOutput
 from pagoda.worker.worker import Worker
 
@@ -125,7 +125,7 @@ def _worker_main(address: tuple[str, int], authkey: bytes) -> None:
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
         raise
     finally:
-        destroy_tensor_parallel()
+        destroy_parallel()
 
 
 class MultiprocExecutor:
@@ -254,7 +254,7 @@ class MultiprocExecutor:
         for conn in self._conns:
             conn.close()
         self._conns, self._processes = [], []
-        destroy_tensor_parallel()
+        destroy_parallel()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from pagoda.config import EngineConfig
-from pagoda.distributed.parallel_state import destroy_tensor_parallel, init_parallel
+from pagoda.distributed.parallel_state import destroy_parallel, init_parallel
 from pagoda.engine.plan import ModelRunnerOutput, SchedulerOutput
 from pagoda.executor.multiproc import (
     _OUTPUT_DECODER,
@@ -72,7 +72,7 @@ class _RankActor:
         return _OUTPUT_ENCODER.encode(output) if self.reports else None
 
     def leave(self) -> None:
-        destroy_tensor_parallel()
+        destroy_parallel()
 
 
 class RayExecutor:
@@ -175,6 +175,6 @@ class RayExecutor:
         if group is not None:
             self._remove_placement_group(group)
             self._group = None
-        destroy_tensor_parallel()
+        destroy_parallel()
         if self._started_ray and ray.is_initialized():
             ray.shutdown()

@@ -23,7 +23,7 @@ class Worker:
 
     def __init__(self, config: EngineConfig, rank: int = 0) -> None:
         """`rank`: this worker's tensor-parallel rank; its process has joined the group
-        (`pagoda.distributed.parallel_state.init_tensor_parallel`) when the size is > 1."""
+        (`pagoda.distributed.parallel_state.init_parallel`) when there are several ranks."""
         self.config = config
         self.rank = rank
         self.device = config.device_config.device

@@ -40,7 +40,10 @@ async def _send_error(
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
-                *((name.encode(), value.encode()) for name, value in (headers or {}).items()),
+                *(
+                    (name.lower().encode(), value.encode())
+                    for name, value in (headers or {}).items()
+                ),
             ],
         }
     )
@@ -155,19 +158,21 @@ class AdmissionGate:
     async def _refuse(
         self, state: Any, refusal: tuple[float, str], receive: Receive, send: Send
     ) -> None:
-        delay, bound = refusal
-        metrics = getattr(state, "metrics", None)
-        if metrics is not None:
-            metrics.requests_rejected.labels(metrics.model_name, "overload").inc()
+        message, headers = overload_refusal(getattr(state, "metrics", None), refusal)
         await drain_body(receive, self.max_body_bytes)
-        what = "requests" if bound == "requests" else "prompt tokens waiting for prefill"
-        await _send_error(
-            send,
-            429,
-            f"The server is overloaded: its queue of {what} is full. Retry after {delay:.0f} s.",
-            "RateLimitError",
-            {"retry-after": str(max(1, round(delay)))},
-        )
+        await _send_error(send, 429, message, "RateLimitError", headers)
+
+
+def overload_refusal(metrics: Any, refusal: tuple[float, str]) -> tuple[str, dict[str, str]]:
+    """The 429's message and headers for an `AsyncLLM.admission_delay` refusal `(seconds,
+    bound)`, counted in `metrics` (a PrometheusMetrics, or None): the gate above and the
+    serving layer's token check answer alike."""
+    delay, bound = refusal
+    if metrics is not None:
+        metrics.requests_rejected.labels(metrics.model_name, "overload").inc()
+    what = "requests" if bound == "requests" else "prompt tokens waiting for prefill"
+    message = f"The server is overloaded: its queue of {what} is full. Retry after {delay:.0f} s."
+    return message, {"Retry-After": str(max(1, round(delay)))}
 
 
 async def drain_body(receive: Receive, limit: int) -> None:

@@ -508,55 +508,33 @@ class OpenAIServingChat(OpenAIServing):
                 )
             return pieces
         extracted = self._tool_calls(tools, text, sample.finish_reason, parallel)
-        if streamed[index]:
-            # The calls went out as written: the rest of each, then any that began last; the
-            # arguments are the model's text (the non-streamed answer normalises them).
-            rest = extracted.content or ""
-            rest = rest[sent[index] :] if rest.startswith(text[: sent[index]]) else ""
-            if rest:
-                pieces.append(
-                    ChatCompletionStreamChoice(index=index, delta=DeltaMessage(content=rest))
-                )
-            pieces += self._call_deltas(index, partial or [], streamed[index], parallel)
-            pieces.append(
-                ChatCompletionStreamChoice(
-                    index=index,
-                    delta=DeltaMessage(),
-                    logprobs=logprobs,
-                    # As unstreamed: "tool_calls" when the calls parse (not when cut short).
-                    finish_reason=self._finish_reason(tools, extracted, sample.finish_reason),
-                    stop_reason=sample.stop_reason,
-                )
-            )
-            return pieces
-        content = extracted.content if extracted.calls else text
-        if content and extracted.calls and content.startswith(text[: sent[index]]):
-            content = content[sent[index] :]
-        elif not extracted.calls:
+        if extracted.calls or streamed[index]:
+            # The content before the calls, less what went out already.
+            content = extracted.content or ""
+            if content.startswith(text[: sent[index]]):
+                content = content[sent[index] :]
+            elif streamed[index]:
+                content = ""
+        else:
             content = text[sent[index] :]
         if content:
             pieces.append(
                 ChatCompletionStreamChoice(index=index, delta=DeltaMessage(content=content))
             )
-        for position, call in enumerate(extracted.calls):
-            opening = {
-                "index": position,
-                "id": call.id,
-                "type": "function",
-                "function": {"name": call.name, "arguments": ""},
-            }
-            pieces.append(
-                ChatCompletionStreamChoice(index=index, delta=DeltaMessage(tool_calls=[opening]))
-            )
-            arguments = {"index": position, "function": {"arguments": call.arguments}}
-            pieces.append(
-                ChatCompletionStreamChoice(index=index, delta=DeltaMessage(tool_calls=[arguments]))
-            )
+        # Calls streamed as written get their rest (the model's own arguments text: the
+        # unstreamed answer normalises it); the others go out whole now.
+        calls = (
+            partial or []
+            if streamed[index]
+            else [PartialCall(call.name, call.arguments, True) for call in extracted.calls]
+        )
+        pieces += self._call_deltas(index, calls, streamed[index], parallel)
         pieces.append(
             ChatCompletionStreamChoice(
                 index=index,
                 delta=DeltaMessage(),
                 logprobs=logprobs,
+                # "tool_calls" when the calls parse (not when the output was cut short).
                 finish_reason=self._finish_reason(tools, extracted, sample.finish_reason),
                 stop_reason=sample.stop_reason,
             )

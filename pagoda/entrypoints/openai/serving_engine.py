@@ -188,17 +188,10 @@ class OpenAIServing:
         refusal = delay_of(num_prompt_tokens) if delay_of is not None else None
         if refusal is None:
             return
-        delay, bound = refusal
-        metrics = getattr(self.engine, "metrics", None)
-        if metrics is not None:
-            metrics.requests_rejected.labels(metrics.model_name, "overload").inc()
-        what = "requests" if bound == "requests" else "prompt tokens waiting for prefill"
-        raise ServingError(
-            f"The server is overloaded: its queue of {what} is full. Retry after {delay:.0f} s.",
-            429,
-            "RateLimitError",
-            headers={"Retry-After": str(max(1, round(delay)))},
-        )
+        from pagoda.entrypoints.openai.edge_limits import overload_refusal
+
+        message, headers = overload_refusal(getattr(self.engine, "metrics", None), refusal)
+        raise ServingError(message, 429, "RateLimitError", headers=headers)
 
     def check_priority(self, request: SamplingRequest) -> None:
         """A 400 for a `priority` the scheduler would not honour (fcfs with priority != 0)."""

@@ -66,6 +66,12 @@ def client(server: RemoteServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
 
+def forcing(markup: str) -> dict[str, Any]:
+    """The extra body that makes the model write exactly `markup` (a regex of it): the call
+    markup is forced so a test does not depend on this small model choosing to call."""
+    return {"structured_outputs": {"regex": markup.replace("{", "\\{").replace("}", "\\}")}}
+
+
 def _check_call(call: Any, names: tuple[str, ...] = ("get_weather", "get_time")) -> None:
     assert call.type == "function" and call.id.startswith("chatcmpl-tool-")
     assert call.function.name in names
@@ -113,14 +119,13 @@ def test_auto_parses_the_models_tool_call_markup(client: openai.OpenAI) -> None:
     """auto reads calls out of whatever the model writes; the call markup is forced here with a
     regex so the test does not depend on this small model choosing to call."""
     markup = '<tool_call>\n{"name": "get_time", "arguments": {"city": "Paris"}}\n</tool_call>'
-    regex = markup.replace("{", "\\{").replace("}", "\\}")
     response = client.chat.completions.create(
         model="",
         messages=ASK,
         tools=TOOLS,
         temperature=0,
         max_tokens=60,
-        extra_body={"structured_outputs": {"regex": regex}},
+        extra_body=forcing(markup),
     )
     choice = response.choices[0]
     assert choice.finish_reason == "tool_calls"
@@ -226,7 +231,6 @@ def test_auto_streams_each_call_as_the_model_writes_it(client: openai.OpenAI) ->
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
         "\n</tool_call>"
     )
-    regex = markup.replace("{", "\\{").replace("}", "\\}")
     stream = client.chat.completions.create(
         model="",
         messages=ASK,
@@ -234,7 +238,7 @@ def test_auto_streams_each_call_as_the_model_writes_it(client: openai.OpenAI) ->
         temperature=0,
         max_tokens=80,
         stream=True,
-        extra_body={"structured_outputs": {"regex": regex}},
+        extra_body=forcing(markup),
     )
     name = None
     pieces: list[str] = []
