@@ -12,7 +12,7 @@ get a 400 naming them, never a 200 that ignored them.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     SerializationInfo,
     SerializerFunctionWrapHandler,
+    WithJsonSchema,
     field_validator,
     model_serializer,
     model_validator,
@@ -53,6 +54,24 @@ REFUSED_FIELDS = {
 
 def _now() -> int:
     return int(time.time())
+
+
+def _range(default: Any, **bounds: Any) -> Any:
+    """A field whose documented range (`/openapi.json`) is `bounds`; the value is checked by the
+    validators here and by `SamplingParams`, whose messages (vLLM's) the clients see."""
+    return Field(default=default, json_schema_extra=bounds)
+
+
+# Token ids: documented as non-negative (the upper bound is the served model's vocabulary).
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+_PROMPT_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+        {**_TOKEN_IDS, "minItems": 1},
+        {"type": "array", "items": {**_TOKEN_IDS, "minItems": 1}, "minItems": 1},
+    ]
+}
 
 
 class RequestModel(BaseModel):
@@ -143,31 +162,31 @@ class SamplingRequest(RequestModel):
     """Fields shared by completions and chat completions (OpenAI's and vLLM's extras)."""
 
     model: str | None = None
-    n: int | None = 1
-    temperature: float | None = None
-    top_p: float | None = None
+    n: int | None = _range(1, minimum=1, maximum=MAX_N)
+    temperature: float | None = _range(None, minimum=0)
+    top_p: float | None = _range(None, exclusiveMinimum=0, maximum=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=_INT64_MIN, le=_INT64_MAX)
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
+    presence_penalty: float | None = _range(0.0, minimum=-2, maximum=2)
+    frequency_penalty: float | None = _range(0.0, minimum=-2, maximum=2)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     response_format: ResponseFormat | None = None
     request_id: str | None = None
     # vLLM extras.
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: int | None = _range(None, minimum=-1)
+    min_p: float | None = _range(None, minimum=0, maximum=1)
+    repetition_penalty: float | None = _range(None, exclusiveMinimum=0)
     ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    min_tokens: int = _range(0, minimum=0)
+    stop_token_ids: list[int] | None = _range(None, items={"minimum": 0})
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None
-    allowed_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = _range(None, items={"minimum": 0})
     # vLLM's: lower runs first under --scheduling-policy priority (refused otherwise unless 0).
     priority: int = Field(default=0, ge=_INT64_MIN, le=_INT64_MAX)
     # Structured output: vLLM's object, and its older top-level fields.
@@ -228,10 +247,10 @@ def _is_token_id(value: Any) -> bool:
 class CompletionRequest(SamplingRequest):
     """`POST /v1/completions`: one choice per prompt and sample."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    prompt: Annotated[str | list[str] | list[int] | list[list[int]], WithJsonSchema(_PROMPT_SCHEMA)]
+    max_tokens: int | None = _range(16, minimum=1)
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: int | None = _range(None, minimum=0)
     best_of: int | None = None
     suffix: str | None = None
     add_special_tokens: bool = True
@@ -375,10 +394,10 @@ class ChatTemplateOptions(RequestModel):
 class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
     """`POST /v1/chat/completions`."""
 
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = _range(None, minimum=1)
+    max_completion_tokens: int | None = _range(None, minimum=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = _range(None, minimum=-1, maximum=MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -513,7 +532,9 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(RequestModel):
     model: str | None = None
-    tokens: list[int] = Field(max_length=MAX_DETOKENIZE_TOKENS)
+    tokens: list[int] = Field(
+        max_length=MAX_DETOKENIZE_TOKENS, json_schema_extra={"items": {"minimum": 0}}
+    )
 
 
 class DetokenizeResponse(BaseModel):

@@ -251,10 +251,30 @@ def install_openapi(app: FastAPI) -> None:
         for name, definition in defs.get("$defs", {}).items():
             # A response part FastAPI already put there (same model) keeps FastAPI's rendering.
             components.setdefault(name, definition)
+        serving_models = getattr(app.state, "openai_serving_models", None)
+        if serving_models is not None:
+            _document_model_names(components, serving_models.served_model_names)
         app.openapi_schema = schema
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _document_model_names(components: dict[str, Any], names: list[str]) -> None:
+    """Request bodies' `model` documented as one of the names this server serves (any other
+    gets a 404)."""
+    for model in _REQUEST_MODELS:
+        properties = components.get(model.__name__, {}).get("properties", {})
+        if "model" not in properties:
+            continue
+        field = properties["model"]
+        choices: dict[str, Any] = {"type": "string", "enum": list(names)}
+        nullable = any(option.get("type") == "null" for option in field.get("anyOf", []))
+        properties["model"] = {
+            "anyOf": [choices, {"type": "null"}] if nullable else [choices],
+            "title": field.get("title", "Model"),
+            "description": "A served model name (GET /v1/models); null or absent: the first.",
+        }
 
 
 def _version() -> str:
