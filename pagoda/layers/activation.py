@@ -12,11 +12,22 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pagoda.cpu import elementwise
+
 
 class SiluAndMul(nn.Module):
     """`silu(gate) * up` for `x = [gate | up]` of shape [T, 2I]; returns [T, I] (Llama, Qwen, Mistral)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        # The one-pass kernel, in models built for the approximate paths.
+        self._fused = (
+            elementwise.elementwise_library() if elementwise.fused_elementwise_enabled() else None
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused is not None and x.dim() == 2 and elementwise.applies(x):
+            return elementwise.silu_and_mul(self._fused, x)
         half = x.shape[-1] // 2
         gated = F.silu(x[..., :half])  # [T, I], a new tensor: multiplied in place
         return gated.mul_(x[..., half:])

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pagoda.cpu import elementwise
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm: `weight * x / sqrt(mean(x^2) + eps)`.
@@ -28,6 +30,14 @@ class RMSNorm(nn.Module):
         self.hidden_size = hidden_size
         self.variance_epsilon = eps
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        # The one-pass kernel (add and norm together), in models built for the approximate paths;
+        # not for subclasses with arithmetic of their own (Gemma's).
+        own_norm = type(self)._norm is RMSNorm._norm
+        self._fused = (
+            elementwise.elementwise_library()
+            if own_norm and elementwise.fused_elementwise_enabled()
+            else None
+        )
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         input_dtype = x.dtype
@@ -42,6 +52,18 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        library = self._fused
+        if (
+            library is not None
+            and x.dim() == 2
+            and x.is_contiguous()
+            and elementwise.applies(x, self.weight)
+            and (residual is None or (residual.is_contiguous() and residual.dtype == x.dtype))
+        ):
+            normed, total = elementwise.add_rms_norm(
+                library, x, residual, self.weight, self.variance_epsilon
+            )
+            return normed if residual is None else (normed, total)
         if residual is None:
             return self._norm(x)
         # The add happens in the model dtype, like HF's `residual + hidden_states`.

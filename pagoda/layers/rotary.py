@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagoda.cpu import elementwise
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
@@ -129,6 +131,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cache", cos_cache, persistent=False)
         self.register_buffer("sin_cache", sin_cache, persistent=False)
         self._step_cache: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
+        self._checked_positions: torch.Tensor | None = None
 
     @property
     def max_position(self) -> int:
@@ -137,6 +140,8 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rotate_in_place(positions, q, k):
+            return q, k
         cos, sin = self._cos_sin(positions, q.dtype)
         if q.dim() == 2 and q.shape[0] == k.shape[0]:
             # q and k rotated in one pass: [T, (H + Hkv) * D] -> split back.
@@ -144,6 +149,38 @@ class RotaryEmbedding(nn.Module):
             q, k = rotated.split((q.shape[-1], k.shape[-1]), dim=-1)
             return q, k
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _rotate_in_place(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> bool:
+        """Rotate q and k in place with the compiled kernel (the same arithmetic as `_rotate`,
+        bit for bit), when it can take them: float32 rows on CPU, neox style. False otherwise."""
+        if not (
+            self.is_neox_style
+            and q.dim() == 2
+            and k.dim() == 2
+            and positions.dtype == torch.int64
+            and positions.is_contiguous()
+            and elementwise.applies(q, k, self.cos_cache, self.sin_cache)
+            and self.cos_cache.is_contiguous()
+            and self.sin_cache.is_contiguous()
+        ):
+            return False
+        library = elementwise.elementwise_library()
+        if library is None:
+            return False
+        checked = self._checked_positions
+        if checked is None or checked is not positions:
+            # The kernel reads the tables unchecked: refuse positions past them, as indexing would.
+            if positions.numel() and int(positions.max()) >= self.max_position:
+                raise IndexError(
+                    f"position {int(positions.max())} is out of range for the rotary tables "
+                    f"({self.max_position} positions)"
+                )
+            self._checked_positions = positions  # every layer of a step passes the same tensor
+        for x in (q, k):
+            elementwise.rotary_neox_(
+                library, x, self.head_dim, self.rotary_dim, self.cos_cache, self.sin_cache, positions
+            )
+        return True
 
     def _cos_sin(
         self, positions: torch.Tensor, dtype: torch.dtype

@@ -76,10 +76,12 @@ class WeightPlan:
 
     @contextmanager
     def constructing(self) -> Iterator[None]:
-        """Layers built inside the block get this plan's methods."""
+        """Layers built inside the block get this plan's methods, and the approximate fused
+        elementwise kernels where the plan's batched steps are approximate anyway (bfloat16)."""
+        from pagoda.cpu.elementwise import fused_elementwise
         from pagoda.layers.quantization.base import linear_methods
 
-        with linear_methods(self.create_method):
+        with linear_methods(self.create_method), fused_elementwise(self.batched_dtype is not None):
             yield
 
     def describe(self, model: nn.Module) -> str:

@@ -79,3 +79,26 @@ def test_kernel_ignores_what_lies_past_the_context() -> None:
     got = paged_decode_attention(kernel, q, kv_cache, tables, lengths, 0.3, None, None)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, reference(q, kv_cache, tables, lengths, 0.3, None, None))
+
+
+@pytest.mark.parametrize("batch", [1, 24])
+@pytest.mark.parametrize("window", [None, 100])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_one_request_and_many_take_their_own_split_and_agree_with_the_reference(
+    batch: int, window: int | None, kv_dtype: torch.dtype
+) -> None:
+    """One request splits by query head; many split by kv head, each kv head's rows widened once
+    for its three query heads (the split a decode batch takes): both against the reference, over
+    contexts of up to a few hundred positions."""
+    assert kernel is not None
+    torch.manual_seed(batch)
+    heads, kv_heads, head_dim, block_size = 9, 3, 64, 16
+    lengths = torch.randint(1, 320, (batch,), dtype=torch.int64)
+    max_blocks = 20
+    num_blocks = batch * max_blocks
+    kv_cache = torch.randn(2, num_blocks + 1, block_size, kv_heads, head_dim).to(kv_dtype)
+    tables = torch.randperm(num_blocks).view(batch, max_blocks)
+    q = torch.randn(batch, heads, head_dim)
+    got = paged_decode_attention(kernel, q, kv_cache, tables, lengths, 0.125, window, None)
+    want = reference(q, kv_cache, tables, lengths, 0.125, window, None)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)

@@ -14,10 +14,13 @@
  * Query head i uses kv head i / (H / Hkv), as in grouped-query attention.
  * window > 0 keeps only the last `window` positions; softcap > 0 applies softcap * tanh(s / softcap).
  *
- * Work is split over (request, query head) pairs with OpenMP; the process's OpenMP runtime is the
+ * Work is split over (request, kv head) pairs with OpenMP when there are enough of them (the kv
+ * head's rows widened once into scratch for all its query heads), else over (request, query
+ * head) pairs; the process's OpenMP runtime is the
  * one PyTorch loaded, so torch.set_num_threads governs it too.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,6 +59,20 @@ static inline __m256 sum_lanes8(const __m256 *a) {
 }
 
 #endif
+
+/* A buffer of at least `floats` floats for the calling thread, kept for its next calls: OpenMP's
+ * threads live as long as the process, and a fresh allocation of this size would come from
+ * mmap, its pages faulted in anew on every call (slowly, on a VM that backs them on first touch). */
+static float *thread_scratch(int64_t floats) {
+    static __thread float *buffer = NULL;
+    static __thread int64_t capacity = 0;
+    if (floats > capacity) {
+        free(buffer);
+        capacity = floats + floats / 2;
+        buffer = (float *)malloc((size_t)capacity * sizeof(float));
+    }
+    return buffer;
+}
 
 /* bfloat16 is the top half of a float32: widening is a 16-bit shift. */
 static inline float pg_bf16_to_f32(uint16_t x) {

@@ -10,7 +10,7 @@
 /* Rows of a paged cache are scattered (a request's blocks anywhere, its kv head a stride apart
  * within a block): the hardware prefetcher loses them at every 4 KiB page, and each row then costs
  * a DRAM round trip. Fetch the row PG_AHEAD positions on instead. */
-#define PG_AHEAD 8
+#define PG_AHEAD 32
 
 static inline void PG_NAME(prefetch_row)(const PG_KV *base, const int64_t *table, int64_t pos,
                                 int64_t length, int64_t block_size, int64_t row, int64_t D) {
@@ -116,6 +116,101 @@ static void PG_NAME(attend_head_avx2)(float *out, const float *qh, const PG_KV *
 }
 #endif
 
+#ifdef PG_ATTEND_AVX2
+/* Rows [start, length) of one kv head's K or V, widened to float32 into dst [n][D] in context
+ * order (a streaming pass through the block table, the rows ahead prefetched). */
+static void PG_NAME(gather_rows)(float *dst, const PG_KV *rows, const int64_t *table,
+                                 int64_t start, int64_t length, int64_t D, int64_t block_size,
+                                 int64_t row) {
+    for (int64_t first = start - start % block_size; first < length; first += block_size) {
+        int64_t lo, hi;
+        const PG_KV *page =
+            PG_NAME(block_rows)(rows, table, first, start, length, block_size, row, &lo, &hi);
+        for (int64_t pos = lo; pos < hi; ++pos) {
+            const PG_KV *src = page + (pos - first) * row;
+            PG_NAME(prefetch_row)(rows, table, pos + PG_AHEAD, length, block_size, row, D);
+            float *out = dst + (pos - start) * D;
+            for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(out + d, PG_LOAD8(src + d));
+        }
+    }
+}
+
+/* The G query heads qg [G][D] of one kv head over positions [start, length): out [G][D]. The kv
+ * head's K and V rows are read from the cache once, widened into kf/vf [n][D] (the per-head path
+ * reads and widens them once per query head), and every head then works on contiguous float32
+ * rows that stay in L2. D a multiple of 64, no soft-capping. */
+static void PG_NAME(attend_group_avx2)(float *out, const float *qg, int64_t G, const PG_KV *keys,
+                                       const PG_KV *values, const int64_t *table, int64_t start,
+                                       int64_t length, int64_t D, int64_t block_size, int64_t row,
+                                       float scale, float *scores, float *kf, float *vf) {
+    const int64_t n = length - start;
+    PG_NAME(gather_rows)(kf, keys, table, start, length, D, block_size, row);
+    PG_NAME(gather_rows)(vf, values, table, start, length, D, block_size, row);
+    const __m256 scale8 = _mm256_set1_ps(scale);
+    for (int64_t g = 0; g < G; ++g) {
+        const float *qh = qg + g * D;
+        __m256 peak8 = _mm256_set1_ps(-INFINITY);
+        int64_t pos = 0;
+        for (; pos + 8 <= n; pos += 8) {
+            __m256 acc[8];
+            for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+            const float *k = kf + pos * D;
+            for (int64_t d = 0; d < D; d += 8) {
+                const __m256 qv = _mm256_loadu_ps(qh + d);
+                for (int j = 0; j < 8; ++j)
+                    acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(k + j * D + d), qv, acc[j]);
+            }
+            const __m256 s = _mm256_mul_ps(sum_lanes8(acc), scale8);
+            _mm256_storeu_ps(scores + pos, s);
+            peak8 = _mm256_max_ps(peak8, s);
+        }
+        for (; pos < n; ++pos) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t d = 0; d < D; d += 8)
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(kf + pos * D + d), _mm256_loadu_ps(qh + d),
+                                      acc);
+            __m256 one[8] = {acc, acc, acc, acc, acc, acc, acc, acc};
+            const float score = _mm256_cvtss_f32(sum_lanes8(one)) * scale;
+            scores[pos] = score;
+            peak8 = _mm256_max_ps(peak8, _mm256_set1_ps(score));
+        }
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(peak8), _mm256_extractf128_ps(peak8, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        const float peak = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+        __m256 total8 = _mm256_setzero_ps();
+        int64_t t = 0;
+        for (; t + 8 <= n; t += 8) {
+            const __m256 e =
+                exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + t), _mm256_set1_ps(peak)));
+            _mm256_storeu_ps(scores + t, e);
+            total8 = _mm256_add_ps(total8, e);
+        }
+        if (t < n) {
+            float tail[8];
+            for (int j = 0; j < 8; ++j) tail[j] = t + j < n ? scores[t + j] - peak : -INFINITY;
+            const __m256 e = exp_nonpositive(_mm256_loadu_ps(tail));
+            _mm256_storeu_ps(tail, e);
+            for (int j = 0; t + j < n; ++j) scores[t + j] = tail[j];
+            total8 = _mm256_add_ps(total8, e);
+        }
+        __m256 totals[8] = {total8, total8, total8, total8, total8, total8, total8, total8};
+        const __m256 inv = _mm256_set1_ps(1.f / _mm256_cvtss_f32(sum_lanes8(totals)));
+        for (int64_t d0 = 0; d0 < D; d0 += 64) {
+            __m256 acc[8];
+            for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+            for (int64_t p = 0; p < n; ++p) {
+                const float *v = vf + p * D + d0;
+                const __m256 w = _mm256_set1_ps(scores[p]);
+                for (int j = 0; j < 8; ++j)
+                    acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * j), acc[j]);
+            }
+            for (int j = 0; j < 8; ++j)
+                _mm256_storeu_ps(out + g * D + d0 + 8 * j, _mm256_mul_ps(acc[j], inv));
+        }
+    }
+}
+#endif
+
 void PG_NAME(pagoda_paged_decode_attention)(float *out, const float *q, const PG_KV *cache,
                                             int64_t num_blocks, const int64_t *tables,
                                             int64_t max_blocks, const int64_t *ctx_lens,
@@ -126,6 +221,32 @@ void PG_NAME(pagoda_paged_decode_attention)(float *out, const float *q, const PG
     const int64_t row = Hkv * D;
     const PG_KV *values = cache + num_blocks * block_size * row;
 
+#ifdef PG_ATTEND_AVX2
+    /* A kv head's query heads together, when there are enough (request, kv head) pairs to keep
+     * every thread busy and each pair's rows fit a few MiB of scratch. */
+    int64_t longest = 0;
+    for (int64_t b = 0; b < B; ++b) longest = ctx_lens[b] > longest ? ctx_lens[b] : longest;
+    if (window > 0 && longest > window) longest = window;
+    if (D % 64 == 0 && softcap <= 0.f && G > 1 && B * Hkv >= 4 * omp_get_max_threads() &&
+        longest * D <= (1 << 19)) {
+#pragma omp parallel
+        {
+            float *scores = thread_scratch((1 + 2 * D) * longest);
+            float *kf = scores + longest;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t item = 0; item < B * Hkv; ++item) {
+                const int64_t b = item / Hkv, h = item % Hkv;
+                const int64_t length = ctx_lens[b];
+                const int64_t start = (window > 0 && length > window) ? length - window : 0;
+                PG_NAME(attend_group_avx2)(out + (b * H + h * G) * D, q + (b * H + h * G) * D, G,
+                                           cache + h * D, values + h * D, tables + b * max_blocks,
+                                           start, length, D, block_size, row, scale, scores, kf,
+                                           kf + longest * D);
+            }
+        }
+        return;
+    }
+#endif
 #pragma omp parallel
     {
         float *scores = NULL;
