@@ -85,6 +85,14 @@ ENVIRONMENT_VARIABLES: tuple[EnvVar, ...] = (
         "(the exact float32 products).",
     ),
     EnvVar(
+        "PAGODA_CPU_INT8_MATMUL",
+        "bool",
+        "0",
+        "1 multiplies GGUF block layers' steps of 8 tokens or more by int8 tokens (quantized "
+        "per 32 inputs, llama.cpp's numerics) on the AVX512-VNNI integer GEMM, where the CPU "
+        "has it: faster than the bfloat16 path, less exact (docs/performance.md, item 20).",
+    ),
+    EnvVar(
         "PAGODA_ATTENTION_BACKEND",
         "str",
         "",
@@ -243,6 +251,11 @@ def cpu_bf16_matmul() -> bool | None:
     if value is None or value.strip().lower() == "auto":
         return None
     return get_bool("PAGODA_CPU_BF16_MATMUL", False)
+
+
+def cpu_int8_matmul() -> bool:
+    """PAGODA_CPU_INT8_MATMUL: int8 tokens on the integer block GEMM (default False)."""
+    return get_bool("PAGODA_CPU_INT8_MATMUL", False)
 
 
 def attention_backend() -> str | None:

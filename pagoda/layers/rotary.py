@@ -178,7 +178,13 @@ class RotaryEmbedding(nn.Module):
             self._checked_positions = positions  # every layer of a step passes the same tensor
         for x in (q, k):
             elementwise.rotary_neox_(
-                library, x, self.head_dim, self.rotary_dim, self.cos_cache, self.sin_cache, positions
+                library,
+                x,
+                self.head_dim,
+                self.rotary_dim,
+                self.cos_cache,
+                self.sin_cache,
+                positions,
             )
         return True
 

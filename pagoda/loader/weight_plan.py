@@ -50,6 +50,9 @@ class WeightPlan:
     # Block layers multiply those steps with the bfloat16 block GEMM, keeping no bfloat16 copy
     # (AVX512-BF16 without AMX: see pagoda.layers.quantization.gguf).
     bf16_blocks: bool = False
+    # Block layers multiply steps of 8+ tokens by int8 tokens on the integer GEMM (AVX512-VNNI,
+    # PAGODA_CPU_INT8_MATMUL=1), from a packed copy of the blocks; no bfloat16 copy then.
+    int8_blocks: bool = False
 
     @property
     def uses_cpu_decoder(self) -> bool:
@@ -68,7 +71,9 @@ class WeightPlan:
         from pagoda.layers.quantization.half import HalfLinearMethod
 
         if self.linear_method == "gguf":
-            return GGUFLinearMethod(self.block_gemm, self.batched_dtype, self.bf16_blocks)
+            return GGUFLinearMethod(
+                self.block_gemm, self.batched_dtype, self.bf16_blocks, self.int8_blocks
+            )
         if self.linear_method == "float16":
             decoder_dtype = self.decoder_dtype if self.uses_cpu_decoder else None
             return HalfLinearMethod(decoder_dtype, self.batched_dtype)
@@ -95,7 +100,9 @@ class WeightPlan:
         if not parts:
             return ""
         note = " (linear weights " + ", and ".join(parts)
-        if self.batched_dtype is not None:
+        if self.int8_blocks:
+            note += ", int8 tokens on the blocks for batched steps"
+        elif self.batched_dtype is not None:
             note += f", {str(self.batched_dtype).removeprefix('torch.')} for batched steps"
             if self.bf16_blocks:
                 note += " on the blocks"
@@ -144,6 +151,7 @@ def decide_weight_plan(
             block_gemm=block_gemm,
             batched_dtype=batched_dtype,
             bf16_blocks=block_gemm and batched_dtype == torch.bfloat16 and bf16_blocks_pay(),
+            int8_blocks=block_gemm and int8_blocks_requested(),
         )
     bfloat16 = _config_dtype(model_config.hf_config) == "bfloat16"
     return WeightPlan(
@@ -178,6 +186,21 @@ def bf16_blocks_pay() -> bool:
     if library is None or cpu_features().amx_bf16:
         return False
     return bf16_block_gemm_available(library)
+
+
+def int8_blocks_requested() -> bool:
+    """Whether GGUF block layers multiply batched steps by int8 tokens (the integer GEMM): only
+    when PAGODA_CPU_INT8_MATMUL=1 asks and the build has the GEMM (AVX512-VNNI). Not by default:
+    int8 tokens move the default model's top-5 logprobs by up to ~0.55 nats where bfloat16 moves
+    them by ~0.05 (docs/performance.md, item 20)."""
+    from pagoda import envs
+    from pagoda.cpu.block_gemm import int8_gemm_available
+    from pagoda.cpu.build import cpu_library
+
+    if not envs.cpu_int8_matmul():
+        return False
+    library = cpu_library()
+    return library is not None and int8_gemm_available(library)
 
 
 def _gguf_file(model_config: ModelConfig) -> Path | None:

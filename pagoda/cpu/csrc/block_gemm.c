@@ -374,7 +374,7 @@ int pagoda_block_gemm_bf16(const pg_matrix *const *mats, int count, const float 
     }
     const int64_t ldo = columns[count], chunks = (T + PG_BF16_LANES - 1) / PG_BF16_LANES;
     const int64_t xp_chunk = (cols / 2) * PG_BF16_LANES;
-    uint32_t *xp = (uint32_t *)aligned_alloc(64, (size_t)(chunks * xp_chunk) * sizeof(uint32_t));
+    uint32_t *xp = (uint32_t *)pg_scratch(0, (size_t)(chunks * xp_chunk) * sizeof(uint32_t));
     if (xp == NULL) return -2;
     int failed = 0;
 #pragma omp parallel
@@ -382,9 +382,9 @@ int pagoda_block_gemm_bf16(const pg_matrix *const *mats, int count, const float 
 #pragma omp for schedule(static)
         for (int64_t chunk = 0; chunk < chunks; ++chunk)
             pack_tokens_bf16(x, T, cols, chunk * PG_BF16_LANES, xp + chunk * xp_chunk);
-        uint32_t *wp = (uint32_t *)aligned_alloc(64, PG_NR * (PG_KC / 2) * sizeof(uint32_t));
+        uint32_t *wp = (uint32_t *)pg_scratch(1, PG_NR * (PG_KC / 2) * sizeof(uint32_t));
         const size_t c_bytes = (size_t)(chunks * PG_NR * PG_BF16_LANES) * sizeof(float);
-        float *c = (float *)aligned_alloc(64, c_bytes);
+        float *c = (float *)pg_scratch(2, c_bytes);
         const int ok = wp != NULL && c != NULL;
         if (!ok) {
 #pragma omp atomic write
@@ -426,10 +426,7 @@ int pagoda_block_gemm_bf16(const pg_matrix *const *mats, int count, const float 
                         row[r] = cc[r * PG_BF16_LANES] + (bias != NULL ? bias[r] : 0.f);
                 }
         }
-        free(wp);
-        free(c);
     }
-    free(xp);
     return failed ? -2 : 0;
 #endif
 }
@@ -461,7 +458,7 @@ int pagoda_block_gemm(const pg_matrix *const *mats, int count, const float *x, i
     }
     const int64_t ldo = columns[count], chunks = (T + PG_CHUNK - 1) / PG_CHUNK;
     const int64_t xt_chunk = cols * PG_CHUNK;
-    float *xt = (float *)aligned_alloc(32, (size_t)(chunks * xt_chunk) * sizeof(float));
+    float *xt = (float *)pg_scratch(0, (size_t)(chunks * xt_chunk) * sizeof(float));
     if (xt == NULL) return -2;
     int failed = 0;
 #pragma omp parallel
@@ -469,8 +466,8 @@ int pagoda_block_gemm(const pg_matrix *const *mats, int count, const float *x, i
 #pragma omp for schedule(static)
         for (int64_t chunk = 0; chunk < chunks; ++chunk)
             transpose_chunk(x, T, cols, chunk * PG_CHUNK, xt + chunk * xt_chunk);
-        float *w = (float *)aligned_alloc(32, PG_NR * PG_KC * sizeof(float));
-        float *c = (float *)aligned_alloc(32, (size_t)(chunks * PG_NR * PG_CHUNK) * sizeof(float));
+        float *w = (float *)pg_scratch(1, PG_NR * PG_KC * sizeof(float));
+        float *c = (float *)pg_scratch(2, (size_t)(chunks * PG_NR * PG_CHUNK) * sizeof(float));
         const int ok = w != NULL && c != NULL;
         if (!ok) {
 #pragma omp atomic write
@@ -492,10 +489,7 @@ int pagoda_block_gemm(const pg_matrix *const *mats, int count, const float *x, i
             store_tile(c, T, rows, matrix->bias != NULL ? matrix->bias + n0 : NULL,
                        out + columns[m] + n0, ldo);
         }
-        free(w);
-        free(c);
     }
-    free(xt);
     return failed ? -2 : 0;
 #endif
 }

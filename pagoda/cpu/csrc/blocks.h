@@ -24,6 +24,8 @@
 
 enum { PG_F32 = 0, PG_F16 = 1, PG_BF16 = 2, PG_Q8_0 = 3, PG_Q4_0 = 4, PG_Q4_1 = 5 };
 enum { PG_Q8_0_X4 = 6, PG_Q4_0_X4 = 7, PG_Q4_1_X4 = 8 };
+/* Block matrices packed for the integer GEMM (int8_gemm.c): 16-row groups, nibbles or bytes. */
+enum { PG_I8_NIBBLES = 9, PG_I8_BYTES = 10 };
 
 typedef struct {
     const uint8_t *data;
@@ -167,6 +169,22 @@ static inline __attribute__((always_inline)) void widen_block_as(const pg_matrix
 /* Block b of row n of a block-format matrix (plain or interleaved), widened to 32 floats. */
 static inline void widen_block(const pg_matrix *w, int64_t n, int64_t b, float *out) {
     widen_block_as(w, base_format(w->format), is_x4_format(w->format), n, b, out);
+}
+
+/* `bytes` of 64-byte aligned scratch for the calling thread, one buffer per `slot` (0 to 3), kept
+ * for its later calls: OpenMP's threads live as long as the process, and a fresh buffer of this
+ * size would come from mmap or a trimmed heap, its pages faulted in anew on every call (slowly on
+ * a VM that backs guest pages on first touch). NULL when memory ran out. Never freed. */
+static inline void *pg_scratch(int slot, size_t bytes) {
+    static __thread void *buffers[4];
+    static __thread size_t sizes[4];
+    if (bytes > sizes[slot]) {
+        free(buffers[slot]);
+        const size_t size = (bytes + bytes / 2 + 63) & ~(size_t)63;
+        buffers[slot] = aligned_alloc(64, size);
+        sizes[slot] = buffers[slot] != NULL ? size : 0;
+    }
+    return buffers[slot];
 }
 
 #ifdef PG_AVX2

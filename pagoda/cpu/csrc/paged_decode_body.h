@@ -10,7 +10,7 @@
 /* Rows of a paged cache are scattered (a request's blocks anywhere, its kv head a stride apart
  * within a block): the hardware prefetcher loses them at every 4 KiB page, and each row then costs
  * a DRAM round trip. Fetch the row PG_AHEAD positions on instead. */
-#define PG_AHEAD 32
+#define PG_AHEAD 8
 
 static inline void PG_NAME(prefetch_row)(const PG_KV *base, const int64_t *table, int64_t pos,
                                 int64_t length, int64_t block_size, int64_t row, int64_t D) {

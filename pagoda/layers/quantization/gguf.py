@@ -12,7 +12,9 @@ Batched steps in bfloat16 (a CPU with bf16 units) take one of two forms: on AVX5
 GEMM's bfloat16 variant multiplies the blocks themselves (`bf16_blocks`; no copy, and from 16 to
 64 tokens faster than oneDNN on a copy, which is three times the blocks' bytes); elsewhere (AMX,
 whose tiles oneDNN drives, or bfloat16 forced on a CPU without the instructions) a `BatchedCopy`
-in bfloat16 serves steps of `BatchedCopy.MIN_TOKENS` tokens or more.
+in bfloat16 serves steps of `BatchedCopy.MIN_TOKENS` tokens or more. With
+PAGODA_CPU_INT8_MATMUL=1 on a CPU with AVX512-VNNI, the integer GEMM takes those steps instead
+(`int8_blocks`): the blocks packed once more for it, the tokens quantized to int8 per block.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class GGUFLinearMethod(LinearMethod):
             the blocks once); None: the block GEMM (or fbgemm) for every step.
         bf16_blocks: with batched_dtype bfloat16, block layers multiply steps of 8 tokens or more
             with the block GEMM's bfloat16 variant instead of keeping a copy (AVX512-BF16).
+        int8_blocks: block layers multiply steps of 8 tokens or more by int8 tokens on the
+            integer GEMM (AVX512-VNNI, PAGODA_CPU_INT8_MATMUL=1), keeping no bfloat16 copy.
     """
 
     def __init__(
@@ -52,10 +56,12 @@ class GGUFLinearMethod(LinearMethod):
         block_gemm: bool,
         batched_dtype: torch.dtype | None = None,
         bf16_blocks: bool = False,
+        int8_blocks: bool = False,
     ) -> None:
         self.block_gemm = block_gemm
         self.batched_dtype = batched_dtype
         self.bf16_blocks = bf16_blocks and batched_dtype == torch.bfloat16
+        self.int8_blocks = int8_blocks
         self._batched: BatchedCopy | None = None
         self._stored: dict[int, Any] = {}
         self._matrices: list[Matrix] = []
@@ -107,7 +113,8 @@ class GGUFLinearMethod(LinearMethod):
                     layer.weight.data.narrow(0, offset, size).copy_(stored[index].dequantize())
                 offset += size
         bf16_blocks = on_blocks and self.bf16_blocks
-        if self.batched_dtype is not None and not bf16_blocks:
+        int8_blocks = on_blocks and self.int8_blocks
+        if self.batched_dtype is not None and not (bf16_blocks or int8_blocks):
             # The float weight when it holds the values (widened above, or an LM head's, which
             # the loader widened); else the blocks widened once, for this copy only.
             widened = not on_blocks or not self._stored
@@ -115,7 +122,9 @@ class GGUFLinearMethod(LinearMethod):
             self._batched = BatchedCopy(weight, layer.bias, self.batched_dtype)
         if on_blocks:
             assert library is not None
-            self._block_weight = BlockWeight(library, self._matrices, self._keep, bf16_blocks)
+            self._block_weight = BlockWeight(
+                library, self._matrices, self._keep, bf16_blocks, int8=int8_blocks
+            )
             release_float_weights(layer)
         else:
             self._fallback = HalfLinearMethod()
