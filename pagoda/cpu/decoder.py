@@ -9,8 +9,11 @@ as they were. It takes each layer's matrices from that layer's weight method
 
 The model runner uses it for steps that are all decodes, at most `MAX_DECODE_TOKENS` of them, when
 the weight plan (`pagoda.loader.weight_plan`) says so: `dtype="auto"` on CPU with 16-bit weight
-storage and a model `unsupported_reason` accepts. Prefill and large decode batches, which are
-compute-bound, stay on PyTorch. The KV cache is shared: both paths read and write the same blocks.
+storage and a model `unsupported_reason` accepts. Where the plan multiplies batched steps on the
+bfloat16 blocks (AVX512-BF16 without AMX), decode steps of up to `MAX_BATCHED_DECODE_TOKENS` run
+here as well, their matmuls on that same block GEMM: the PyTorch path's products without its
+Python. Prefill stays on PyTorch. The KV cache is shared: both paths read and write the same
+blocks.
 """
 
 from __future__ import annotations
@@ -27,6 +30,12 @@ from pagoda.cpu.matrix import Matrix, block_matrix, float_pointer, i64, ptr, ten
 # Above this many decodes per step fbgemm's blocked float16 GEMM and batched PyTorch attention
 # catch up with the decoder's matrix-vector products (docs/performance.md, item 6).
 MAX_DECODE_TOKENS = 4
+# With `batched` (the approximate bfloat16 paths), the decoder takes decode steps up to this many
+# requests, multiplying steps of 8 or more with the block GEMM the PyTorch path's layers would
+# use: the same products without some 400 Python calls and operator dispatches per step.
+MAX_BATCHED_DECODE_TOKENS = 256
+# `batched` values the C struct takes: the block GEMM's bfloat16 variant for steps of 8+ tokens.
+BATCHED_BF16 = 2
 
 _PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -58,6 +67,7 @@ class _Model(ctypes.Structure):
                 "cache_blocks",
                 "block_size",
                 "kv_bf16",
+                "batched",
             )
         ),
         ("eps", ctypes.c_float),
@@ -112,7 +122,7 @@ class CPUDecoder:
     matrices from its weight method, and the embedding table as stored when the checkpoint is GGUF.
     """
 
-    def __init__(self, library: ctypes.CDLL, model: nn.Module) -> None:
+    def __init__(self, library: ctypes.CDLL, model: nn.Module, batched_bf16: bool = False) -> None:
         self._step = library.pagoda_llama_decode_step
         self._step.argtypes = [ctypes.POINTER(_Model), i64, *([ptr] * 4), i64, ptr, ptr]
         self._step.restype = ctypes.c_int
@@ -167,6 +177,9 @@ class CPUDecoder:
             lm_head=lm_head,
             layers=layers,
         )
+        self._model.batched = BATCHED_BF16 if batched_bf16 else 0
+        # The most decodes a step may have to run here.
+        self.max_tokens = MAX_BATCHED_DECODE_TOKENS if batched_bf16 else MAX_DECODE_TOKENS
         # The caches whose addresses the layers hold (kept alive here); None until bound.
         self._caches: list[torch.Tensor] | None = None
 

@@ -21,7 +21,7 @@ import torch
 from pagoda.attention.backend import AttentionBackend, StepLayout
 from pagoda.attention.registry import create_backend
 from pagoda.config import DEFAULT_CPU_KV_CACHE_SPACE_GIB, EngineConfig
-from pagoda.cpu.decoder import MAX_DECODE_TOKENS, CPUDecoder
+from pagoda.cpu.decoder import CPUDecoder
 from pagoda.distributed.parallel_state import receive_from_previous_stage, send_to_next_stage
 from pagoda.engine.plan import ModelRunnerOutput, SchedulerOutput
 from pagoda.forward_context import ForwardContext, set_forward_context
@@ -126,7 +126,10 @@ class ModelRunner:
 
             library = cpu_library()
             assert library is not None, "the weight plan checked the CPU kernels"
-            self.cpu_decoder = CPUDecoder(library, module)
+            # On the bfloat16 blocks, batched decode steps run here too, on the same products.
+            self.cpu_decoder = CPUDecoder(
+                library, module, batched_bf16=plan.bf16_blocks and not plan.int8_blocks
+            )
         elif plan.linear_method != "float":
             logger.info(
                 "Decode steps run in PyTorch: the C decoder does not support %s",
@@ -266,7 +269,7 @@ class ModelRunner:
         return (
             decoder is not None
             and decoder.bound
-            and num_requests <= MAX_DECODE_TOKENS
+            and num_requests <= decoder.max_tokens
             and len(sampling) == num_requests
             and int(layout.query_start[-1]) == num_requests
         )

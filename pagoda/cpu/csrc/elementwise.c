@@ -8,40 +8,15 @@
 //   pagoda_silu_and_mul      silu(gate) * up over a fused [gate | up] projection.
 //   pagoda_add_rms_norm      sum = x + residual; out = weight * sum / rms(sum).
 //
-// The last two compute exp and the mean square their own way: within a few float32 ulps of
-// PyTorch's, not equal to them, so the layers use them only on paths that are not bit-exact
-// anyway (see elementwise.py). Rows are split over the OpenMP threads when there are enough of
+// The last two compute exp (blocks.h's pg_exp) and the mean square their own way: within a few
+// float32 ulps of PyTorch's, not equal to them, so the layers use them only on paths that are not
+// bit-exact anyway (see elementwise.py). Rows are split over the OpenMP threads when there are enough of
 // them; a decode step's few rows stay on the calling thread (a fork/join costs more than they do).
 
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
+#include "blocks.h"
 
 // Rows of work below which one thread does it all.
 #define PARALLEL_ELEMENTS (1 << 15)
-
-// exp(x) for x in [-87, 88]: x = n*ln2 + r with |r| <= ln2/2 (n an integer), e^r by its Taylor series to degree
-// 7 (truncation under 1e-8 relative), times 2^n through the exponent bits. Vectorizes.
-static inline float exp_approx(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    // Round to nearest by adding and removing 1.5 * 2^23 (floorf would not vectorize).
-    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    int32_t bits;
-    memcpy(&bits, &p, sizeof bits);
-    bits += (int32_t)n << 23;
-    float result;
-    memcpy(&result, &bits, sizeof result);
-    return result;
-}
 
 // out[t, i] = silu(in[t, i]) * in[t, size + i] for t < rows, i < size.
 void pagoda_silu_and_mul(float *out, const float *in, int64_t rows, int64_t size,
@@ -54,7 +29,7 @@ void pagoda_silu_and_mul(float *out, const float *in, int64_t rows, int64_t size
 #pragma omp simd
         for (int64_t i = 0; i < size; i++) {
             const float g = gate[i];
-            row[i] = g / (1.0f + exp_approx(-g)) * up[i];
+            row[i] = g / (1.0f + pg_exp(-g)) * up[i];
         }
     }
 }

@@ -34,6 +34,9 @@ typedef struct {
     int64_t num_layers, hidden, num_heads, num_kv_heads, head_dim, rotary_dim, intermediate;
     int64_t vocab, cache_blocks, block_size;
     int64_t kv_bf16; /* the KV cache holds bfloat16, not float32 */
+    /* Steps of PG_BATCHED_TOKENS or more: 0 keep the decoder's matmul; 1 multiply with the block
+     * GEMM (float32 products); 2 with its bfloat16 variant, as the PyTorch path's layers would. */
+    int64_t batched;
     float eps;
     const float *cos, *sin;
     const float *final_norm;
@@ -51,6 +54,15 @@ void pagoda_paged_decode_attention_bf16(float *out, const float *q, const uint16
                                         int64_t max_blocks, const int64_t *ctx_lens, int64_t B,
                                         int64_t H, int64_t Hkv, int64_t D, int64_t block_size,
                                         float scale, int64_t window, float softcap);
+
+int pagoda_block_gemm(const pg_matrix *const *mats, int count, const float *x, int64_t T,
+                      float *out);
+int pagoda_block_gemm_bf16(const pg_matrix *const *mats, int count, const float *x, int64_t T,
+                           float *out);
+
+/* From this many tokens a step's elementwise work is vectorized and split over the threads, and
+ * (model->batched) its matmuls are the block GEMM's. */
+#define PG_BATCHED_TOKENS 8
 
 /* x rounded to bfloat16, to nearest even, any NaN as 0x7fc0: what torch's .to(bfloat16) does, so
  * a row the decoder writes equals the one the PyTorch path writes. */
@@ -397,8 +409,40 @@ static void matmul(const pg_matrix *w, float *out, const float *x, int64_t T) {
     matmul_group(&w, &out, 1, x, T, 0);
 }
 
+/* matmul_group with each matrix's rows in outs[m] [T, rows_m], through the block GEMM for a step
+ * of PG_BATCHED_TOKENS or more when the model says so (its joined output split afterwards). */
+static void step_matmul(const pg_model *model, const pg_matrix *const *mats, float *const *outs,
+                        int count, const float *x, int64_t T) {
+    if (model->batched && T >= PG_BATCHED_TOKENS) {
+        int64_t total = 0;
+        for (int m = 0; m < count; ++m) total += mats[m]->rows;
+        /* One matrix: its joined output is its own. */
+        float *joined =
+            count == 1 ? outs[0] : (float *)pg_scratch(1, (size_t)(T * total) * sizeof(float));
+        const int status =
+            joined == NULL ? -2
+            : model->batched == 2 ? pagoda_block_gemm_bf16(mats, count, x, T, joined)
+                                  : pagoda_block_gemm(mats, count, x, T, joined);
+        if (status == 0 && count == 1) return;
+        if (status == 0) {
+#pragma omp parallel for schedule(static) if (T * total >= (1 << 15))
+            for (int64_t t = 0; t < T; ++t) {
+                int64_t column = 0;
+                for (int m = 0; m < count; ++m) {
+                    memcpy(outs[m] + t * mats[m]->rows, joined + t * total + column,
+                           (size_t)mats[m]->rows * sizeof(float));
+                    column += mats[m]->rows;
+                }
+            }
+            return;
+        }
+    }
+    matmul_group(mats, outs, count, x, T, 0);
+}
+
 static void rms_norm(float *out, const float *x, const float *weight, int64_t T, int64_t n,
                      float eps) {
+#pragma omp parallel for schedule(static) if (T >= PG_BATCHED_TOKENS)
     for (int64_t t = 0; t < T; ++t) {
         const float *xt = x + t * n;
         float *ot = out + t * n;
@@ -406,6 +450,22 @@ static void rms_norm(float *out, const float *x, const float *weight, int64_t T,
         for (int64_t i = 0; i < n; ++i) squares += xt[i] * xt[i];
         const float inv = 1.f / sqrtf(squares / (float)n + eps);
         for (int64_t i = 0; i < n; ++i) ot[i] = xt[i] * inv * weight[i];
+    }
+}
+
+/* gate = silu(gate) * up over T rows of I: expf for a few tokens (the decoder's numerics since it
+ * was written), the vectorized pg_exp split over the threads for a batch. */
+static void silu_and_mul_rows(float *gate, const float *up, int64_t T, int64_t I) {
+    if (T < PG_BATCHED_TOKENS) {
+        for (int64_t i = 0; i < T * I; ++i) gate[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+        return;
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+        float *g = gate + t * I;
+        const float *u = up + t * I;
+#pragma omp simd
+        for (int64_t i = 0; i < I; ++i) g[i] = g[i] / (1.f + pg_exp(-g[i])) * u[i];
     }
 }
 
@@ -433,7 +493,7 @@ int pagoda_llama_decode_step(const pg_model *model, int64_t T, const int64_t *to
     const int64_t D = model->head_dim, I = model->intermediate, half = model->rotary_dim / 2;
     const int64_t kv_row = Hkv * D;
     const size_t floats = (size_t)T * (size_t)(3 * E + 2 * H * D + 2 * kv_row + 2 * I);
-    float *scratch = (float *)malloc(floats * sizeof(float));
+    float *scratch = (float *)pg_scratch(0, floats * sizeof(float));
     if (scratch == NULL) return -1;
     float *x = scratch;                 /* [T, E] residual stream */
     float *normed = x + T * E;          /* [T, E] */
@@ -455,7 +515,7 @@ int pagoda_llama_decode_step(const pg_model *model, int64_t T, const int64_t *to
         rms_norm(normed, x, layer->attn_norm, T, E, model->eps);
         const pg_matrix *qkv[3] = {&layer->q, &layer->k, &layer->v};
         float *qkv_out[3] = {q, k, v};
-        matmul_group(qkv, qkv_out, 3, normed, T, 0);
+        step_matmul(model, qkv, qkv_out, 3, normed, T);
 
         const int64_t cache_rows = model->cache_blocks * model->block_size;
         for (int64_t t = 0; t < T; ++t) {
@@ -484,20 +544,24 @@ int pagoda_llama_decode_step(const pg_model *model, int64_t T, const int64_t *to
                                               model->cache_blocks, tables, max_blocks, ctx_lens,
                                               T, H, Hkv, D, model->block_size, layer->scale,
                                               layer->window, 0.f);
-        matmul(&layer->o, projected, attended, T);
+        const pg_matrix *o[1] = {&layer->o};
+        step_matmul(model, o, &projected, 1, attended, T);
+#pragma omp simd
         for (int64_t i = 0; i < T * E; ++i) x[i] += projected[i];
 
         rms_norm(normed, x, layer->ffn_norm, T, E, model->eps);
         const pg_matrix *gate_up[2] = {&layer->gate, &layer->up};
         float *gate_up_out[2] = {gate, up};
-        matmul_group(gate_up, gate_up_out, 2, normed, T, 0);
-        for (int64_t i = 0; i < T * I; ++i) gate[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
-        matmul(&layer->down, projected, gate, T);
+        step_matmul(model, gate_up, gate_up_out, 2, normed, T);
+        silu_and_mul_rows(gate, up, T, I);
+        const pg_matrix *down[1] = {&layer->down};
+        step_matmul(model, down, &projected, 1, gate, T);
+#pragma omp simd
         for (int64_t i = 0; i < T * E; ++i) x[i] += projected[i];
     }
     rms_norm(normed, x, model->final_norm, T, E, model->eps);
-    matmul(&model->lm_head, logits, normed, T);
-    free(scratch);
+    const pg_matrix *head[1] = {&model->lm_head};
+    step_matmul(model, head, &logits, 1, normed, T);
     return 0;
 }
 
