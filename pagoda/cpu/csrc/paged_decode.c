@@ -14,9 +14,9 @@
  * Query head i uses kv head i / (H / Hkv), as in grouped-query attention.
  * window > 0 keeps only the last `window` positions; softcap > 0 applies softcap * tanh(s / softcap).
  *
- * Work is split over (request, kv head) pairs with OpenMP when there are enough of them (the kv
- * head's rows widened once into scratch for all its query heads), else over (request, query
- * head) pairs; the process's OpenMP runtime is the
+ * Work is split over requests with OpenMP when there are enough of them (each request's cache
+ * rows read once, whole and in order, widened into scratch for all its query heads), else over
+ * (request, query head) pairs; the process's OpenMP runtime is the
  * one PyTorch loaded, so torch.set_num_threads governs it too.
  */
 #include <math.h>

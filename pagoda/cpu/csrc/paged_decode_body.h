@@ -117,35 +117,34 @@ static void PG_NAME(attend_head_avx2)(float *out, const float *qh, const PG_KV *
 #endif
 
 #ifdef PG_ATTEND_AVX2
-/* Rows [start, length) of one kv head's K or V, widened to float32 into dst [n][D] in context
- * order (a streaming pass through the block table, the rows ahead prefetched). */
+/* Positions [start, length) of K or V, every kv head of each position (a whole cache row, read
+ * in order, the rows ahead prefetched), widened to float32 into dst [Hkv][n][D]: head h's rows
+ * at dst + h * n * D, in context order. */
 static void PG_NAME(gather_rows)(float *dst, const PG_KV *rows, const int64_t *table,
-                                 int64_t start, int64_t length, int64_t D, int64_t block_size,
-                                 int64_t row) {
+                                 int64_t start, int64_t length, int64_t Hkv, int64_t D,
+                                 int64_t block_size) {
+    const int64_t n = length - start, row = Hkv * D;
     for (int64_t first = start - start % block_size; first < length; first += block_size) {
         int64_t lo, hi;
         const PG_KV *page =
             PG_NAME(block_rows)(rows, table, first, start, length, block_size, row, &lo, &hi);
         for (int64_t pos = lo; pos < hi; ++pos) {
             const PG_KV *src = page + (pos - first) * row;
-            PG_NAME(prefetch_row)(rows, table, pos + PG_AHEAD, length, block_size, row, D);
-            float *out = dst + (pos - start) * D;
-            for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(out + d, PG_LOAD8(src + d));
+            PG_NAME(prefetch_row)(rows, table, pos + PG_AHEAD, length, block_size, row, row);
+            for (int64_t h = 0; h < Hkv; ++h) {
+                float *out = dst + (h * n + pos - start) * D;
+                for (int64_t d = 0; d < D; d += 8)
+                    _mm256_storeu_ps(out + d, PG_LOAD8(src + h * D + d));
+            }
         }
     }
 }
 
-/* The G query heads qg [G][D] of one kv head over positions [start, length): out [G][D]. The kv
- * head's K and V rows are read from the cache once, widened into kf/vf [n][D] (the per-head path
- * reads and widens them once per query head), and every head then works on contiguous float32
- * rows that stay in L2. D a multiple of 64, no soft-capping. */
-static void PG_NAME(attend_group_avx2)(float *out, const float *qg, int64_t G, const PG_KV *keys,
-                                       const PG_KV *values, const int64_t *table, int64_t start,
-                                       int64_t length, int64_t D, int64_t block_size, int64_t row,
-                                       float scale, float *scores, float *kf, float *vf) {
-    const int64_t n = length - start;
-    PG_NAME(gather_rows)(kf, keys, table, start, length, D, block_size, row);
-    PG_NAME(gather_rows)(vf, values, table, start, length, D, block_size, row);
+/* The G query heads qg [G][D] of one kv head over its n gathered rows kf/vf [n][D] (float32,
+ * contiguous, in L2): out [G][D]. D a multiple of 64, no soft-capping. */
+static void PG_NAME(attend_gathered_avx2)(float *out, const float *qg, int64_t G, const float *kf,
+                                          const float *vf, int64_t n, int64_t D, float scale,
+                                          float *scores) {
     const __m256 scale8 = _mm256_set1_ps(scale);
     for (int64_t g = 0; g < G; ++g) {
         const float *qh = qg + g * D;
@@ -222,26 +221,31 @@ void PG_NAME(pagoda_paged_decode_attention)(float *out, const float *q, const PG
     const PG_KV *values = cache + num_blocks * block_size * row;
 
 #ifdef PG_ATTEND_AVX2
-    /* A kv head's query heads together, when there are enough (request, kv head) pairs to keep
-     * every thread busy and each pair's rows fit a few MiB of scratch. */
+    /* One request per item, when there are enough requests to keep every thread busy and each
+     * one's K and V fit a few MiB of scratch: its cache rows are read once, whole and in order,
+     * widened into scratch per kv head, and each kv head's query heads work on those rows
+     * together (the per-head split reads every kv head's rows once per query head, scattered). */
     int64_t longest = 0;
     for (int64_t b = 0; b < B; ++b) longest = ctx_lens[b] > longest ? ctx_lens[b] : longest;
     if (window > 0 && longest > window) longest = window;
-    if (D % 64 == 0 && softcap <= 0.f && G > 1 && B * Hkv >= 4 * omp_get_max_threads() &&
-        longest * D <= (1 << 19)) {
+    if (D % 64 == 0 && softcap <= 0.f && B >= 4 * omp_get_max_threads() &&
+        longest * row <= (1 << 19)) {
 #pragma omp parallel
         {
-            float *scores = thread_scratch((1 + 2 * D) * longest);
-            float *kf = scores + longest;
+            float *scores = thread_scratch((1 + 2 * row) * longest);
+            float *kf = scores + longest, *vf = kf + longest * row;
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t item = 0; item < B * Hkv; ++item) {
-                const int64_t b = item / Hkv, h = item % Hkv;
+            for (int64_t b = 0; b < B; ++b) {
                 const int64_t length = ctx_lens[b];
                 const int64_t start = (window > 0 && length > window) ? length - window : 0;
-                PG_NAME(attend_group_avx2)(out + (b * H + h * G) * D, q + (b * H + h * G) * D, G,
-                                           cache + h * D, values + h * D, tables + b * max_blocks,
-                                           start, length, D, block_size, row, scale, scores, kf,
-                                           kf + longest * D);
+                const int64_t n = length - start;
+                const int64_t *table = tables + b * max_blocks;
+                PG_NAME(gather_rows)(kf, cache, table, start, length, Hkv, D, block_size);
+                PG_NAME(gather_rows)(vf, values, table, start, length, Hkv, D, block_size);
+                for (int64_t h = 0; h < Hkv; ++h)
+                    PG_NAME(attend_gathered_avx2)(out + (b * H + h * G) * D,
+                                                  q + (b * H + h * G) * D, G, kf + h * n * D,
+                                                  vf + h * n * D, n, D, scale, scores);
             }
         }
         return;
