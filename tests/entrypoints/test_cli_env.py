@@ -28,3 +28,22 @@ def test_env_text_names_the_cpu_kind(capsys: pytest.CaptureFixture[str]) -> None
     out = capsys.readouterr().out
     assert f"kind {cpu_features().kind}" in out
     assert "Attention backend by default: CPU_ATTN on CPU" in out
+
+
+def test_env_reports_the_integer_gemm_as_the_build_and_the_variable_say(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pagoda.cpu.block_gemm import int8_gemm_available
+    from pagoda.cpu.build import cpu_library
+
+    library = cpu_library()
+    built = library is not None and int8_gemm_available(library)
+    for requested in ("0", "1"):
+        monkeypatch.setenv("PAGODA_CPU_INT8_MATMUL", requested)
+        assert main(["env", "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["int8_block_gemm"] is built
+        assert report["int8_matmul"] is (built and requested == "1")
+    assert main(["env"]) == 0
+    line = next(row for row in capsys.readouterr().out.splitlines() if "integer GEMM" in row)
+    assert ("in use" in line) if built else ("no AVX512-VNNI" in line)

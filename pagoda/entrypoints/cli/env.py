@@ -36,12 +36,17 @@ def machine_report() -> dict[str, Any]:
     import torch
 
     from pagoda.attention.registry import default_backend_name
+    from pagoda.cpu.block_gemm import int8_gemm_available
     from pagoda.cpu.build import cpu_library
     from pagoda.cpu.features import cpu_features
     from pagoda.cpu.matrix import block_gemm_available
     from pagoda.cuda_probe import cuda_available
     from pagoda.layers.quantization.half import half_weight_matmul_available
-    from pagoda.loader.weight_plan import batched_matmul_dtype, bf16_blocks_pay
+    from pagoda.loader.weight_plan import (
+        batched_matmul_dtype,
+        bf16_blocks_pay,
+        int8_blocks_requested,
+    )
 
     features = cpu_features()
     library = cpu_library()
@@ -62,6 +67,9 @@ def machine_report() -> dict[str, Any]:
         # What a GGUF model's batched steps and KV cache get here with --dtype auto.
         "batched_dtype": str(batched_matmul_dtype() or torch.float32).removeprefix("torch."),
         "bf16_block_gemm": bf16_blocks_pay(),
+        # The integer GEMM (AVX512-VNNI) is built here, and PAGODA_CPU_INT8_MATMUL asks for it.
+        "int8_block_gemm": library is not None and int8_gemm_available(library),
+        "int8_matmul": int8_blocks_requested(),
         "cuda_visible": cuda_available(),
         "attention_backend_cpu": default_backend_name("cpu"),
         "attention_backend_cuda": default_backend_name("cuda"),
@@ -87,6 +95,10 @@ def cmd_env(args: argparse.Namespace) -> int:
     if report["batched_dtype"] == "float32":
         where = "exact"
     print(f"  batched steps and the KV cache (dtype auto): {report['batched_dtype']}, {where}")
+    int8 = "no (no AVX512-VNNI)"
+    if report["int8_block_gemm"]:
+        int8 = "in use" if report["int8_matmul"] else "yes (PAGODA_CPU_INT8_MATMUL=1 takes it)"
+    print(f"  integer GEMM with int8 tokens: {int8}")
     print(f"CUDA: {'a device is visible' if report['cuda_visible'] else 'no device visible'}")
     print(
         f"Attention backend by default: {report['attention_backend_cpu']} on CPU, "
