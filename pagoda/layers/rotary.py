@@ -155,6 +155,8 @@ class RotaryEmbedding(nn.Module):
         bit for bit), when it can take them: float32 rows on CPU, neox style. False otherwise."""
         if not (
             self.is_neox_style
+            # The same tensor as q and k (a caller's shortcut) would be rotated twice in place.
+            and q.data_ptr() != k.data_ptr()
             and q.dim() == 2
             and k.dim() == 2
             and positions.dtype == torch.int64
