@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType as Q
 from pagoda.cpu.block_gemm import block_linear, int8_gemm_available
 from pagoda.cpu.build import cpu_library
 from pagoda.loader.gguf import GGUFMatrix
+from tests.parity import PARITY_PROMPTS, assert_same_tokens_and_logprobs_within
 
 library = cpu_library()
 pytestmark = pytest.mark.skipif(
@@ -124,12 +125,7 @@ def test_the_default_model_on_int8_tokens_keeps_its_first_tokens_and_logprobs_ne
     logprob is within 0.75 nats of float32's (bfloat16 keeps them within 0.1)."""
     from pagoda import LLM, SamplingParams
 
-    prompts = [
-        "The capital of Germany is",
-        "def fibonacci(n):",
-        "Once upon a time, in a small village by the sea,",
-        "Numbers in order: 0 1 2 3 4 5 6 7 8 9 10 11 12",
-    ]
+    prompts = PARITY_PROMPTS
     params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
     exact = LLM(dtype="float32").generate(prompts, params, use_tqdm=False)
     monkeypatch.setenv("PAGODA_CPU_INT8_MATMUL", "1")
@@ -139,10 +135,4 @@ def test_the_default_model_on_int8_tokens_keeps_its_first_tokens_and_logprobs_ne
     assert runner.model is not None
     assert "int8 tokens on the blocks" in runner.weight_plan.describe(runner.model)
     fast = fast_llm.generate(prompts, params, use_tqdm=False)
-    for want, have in zip(exact, fast):
-        assert have.outputs[0].token_ids == want.outputs[0].token_ids
-        assert want.outputs[0].logprobs is not None and have.outputs[0].logprobs is not None
-        want_step, have_step = want.outputs[0].logprobs[0], have.outputs[0].logprobs[0]
-        for token_id, entry in want_step.items():
-            if token_id in have_step:
-                assert have_step[token_id].logprob == pytest.approx(entry.logprob, abs=0.75)
+    assert_same_tokens_and_logprobs_within(exact, fast, nats=0.75)

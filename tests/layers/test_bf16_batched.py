@@ -31,6 +31,7 @@ from pagoda.layers.quantization.gguf import GGUFLinearMethod
 from pagoda.layers.quantization.half import half_weight_matmul_available
 from pagoda.loader.gguf import GGUFMatrix
 from pagoda.loader.weight_plan import batched_matmul_dtype, bf16_blocks_pay
+from tests.parity import PARITY_PROMPTS, assert_same_tokens_and_logprobs_within
 
 ZEN3 = CPUFeatures("AMD EPYC", frozenset({"avx2", "fma"}))
 ZEN4 = CPUFeatures("AMD EPYC", frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16"}))
@@ -100,12 +101,7 @@ def test_the_default_model_on_bf16_batched_steps_keeps_the_first_tokens_and_logp
     """The tolerance of the bfloat16 path: on the parity prompts the token sampled from the
     prefill (the step that runs in bfloat16) is float32's, and every top-5 logprob of it is
     within 0.1 nats of float32's."""
-    prompts = [
-        "The capital of Germany is",
-        "def fibonacci(n):",
-        "Once upon a time, in a small village by the sea,",
-        "Numbers in order: 0 1 2 3 4 5 6 7 8 9 10 11 12",
-    ]
+    prompts = PARITY_PROMPTS
     params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
     exact_llm = LLM(dtype="float32")
     # The prompts prefill in one step, which is large enough for the bfloat16 path.
@@ -119,13 +115,7 @@ def test_the_default_model_on_bf16_batched_steps_keeps_the_first_tokens_and_logp
     assert runner.model is not None
     assert "bfloat16 for batched steps" in runner.weight_plan.describe(runner.model)
     fast = fast_llm.generate(prompts, params, use_tqdm=False)
-    for want, have in zip(exact, fast):
-        assert have.outputs[0].token_ids == want.outputs[0].token_ids
-        assert want.outputs[0].logprobs is not None and have.outputs[0].logprobs is not None
-        want_step, have_step = want.outputs[0].logprobs[0], have.outputs[0].logprobs[0]
-        for token_id, entry in want_step.items():
-            if token_id in have_step:
-                assert have_step[token_id].logprob == pytest.approx(entry.logprob, abs=0.1)
+    assert_same_tokens_and_logprobs_within(exact, fast, nats=0.1)
 
 
 @pytest.mark.skipif(cpu_library() is None, reason="needs the compiled CPU kernels (a C compiler)")

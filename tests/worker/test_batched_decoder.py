@@ -16,6 +16,7 @@ from pagoda import LLM, SamplingParams
 from pagoda.cpu.block_gemm import bf16_block_gemm_available
 from pagoda.cpu.build import cpu_library
 from pagoda.cpu.decoder import MAX_DECODE_TOKENS
+from tests.parity import PARITY_PROMPTS, assert_same_tokens_and_logprobs_within
 
 library = cpu_library()
 pytestmark = pytest.mark.skipif(
@@ -24,10 +25,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 PROMPTS = [
-    "The capital of Germany is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village by the sea,",
-    "Numbers in order: 0 1 2 3 4 5 6 7 8 9 10 11 12",
+    *PARITY_PROMPTS,
     "The three primary colors are",
     "import numpy as np\n",
     "Water boils at",
@@ -63,9 +61,4 @@ def test_batched_decode_steps_on_the_c_decoder_match_the_pytorch_path(
     calls.clear()
     layered = llm.generate(PROMPTS, params, use_tqdm=False)
     assert not calls
-    for want, have in zip(layered, batched):
-        assert have.outputs[0].token_ids == want.outputs[0].token_ids
-        for want_step, have_step in zip(want.outputs[0].logprobs, have.outputs[0].logprobs):
-            for token_id, entry in want_step.items():
-                if token_id in have_step:
-                    assert have_step[token_id].logprob == pytest.approx(entry.logprob, abs=0.1)
+    assert_same_tokens_and_logprobs_within(layered, batched, nats=0.1)

@@ -198,7 +198,9 @@ static inline float pg_exp(float x) {
 /* `bytes` of 64-byte aligned scratch for the calling thread, one buffer per `slot` (0 to 3), kept
  * for its later calls: OpenMP's threads live as long as the process, and a fresh buffer of this
  * size would come from mmap or a trimmed heap, its pages faulted in anew on every call (slowly on
- * a VM that backs guest pages on first touch). NULL when memory ran out. Never freed. */
+ * a VM that backs guest pages on first touch). NULL when memory ran out. Never freed. Each
+ * source file has its own buffers (the function is static), so a kernel calling into another
+ * file's never shares one with it. */
 static inline void *pg_scratch(int slot, size_t bytes) {
     static __thread void *buffers[4];
     static __thread size_t sizes[4];

@@ -19,11 +19,9 @@
  * (request, query head) pairs; the process's OpenMP runtime is the
  * one PyTorch loaded, so torch.set_num_threads governs it too.
  */
-#include <math.h>
 #include <omp.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+
+#include "blocks.h"
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define PG_ATTEND_AVX2 1
@@ -51,6 +49,7 @@ static inline __m256 exp_nonpositive(__m256 x) {
 }
 
 /* Eight sums in one vector: lane j = the sum of the lanes of a[j]. */
+
 static inline __m256 sum_lanes8(const __m256 *a) {
     const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
     const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
@@ -58,21 +57,33 @@ static inline __m256 sum_lanes8(const __m256 *a) {
                          _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-#endif
-
-/* A buffer of at least `floats` floats for the calling thread, kept for its next calls: OpenMP's
- * threads live as long as the process, and a fresh allocation of this size would come from
- * mmap, its pages faulted in anew on every call (slowly, on a VM that backs them on first touch). */
-static float *thread_scratch(int64_t floats) {
-    static __thread float *buffer = NULL;
-    static __thread int64_t capacity = 0;
-    if (floats > capacity) {
-        free(buffer);
-        capacity = floats + floats / 2;
-        buffer = (float *)malloc((size_t)capacity * sizeof(float));
+/* scores[0 .. n) (whose largest is the largest lane of peak8) replaced by exp(score - peak), the
+ * tail through the same polynomial padded with -inf (e = 0); returns 1 / their sum in every lane. */
+static inline __m256 softmax_in_place(float *scores, int64_t n, __m256 peak8) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(peak8), _mm256_extractf128_ps(peak8, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    const float peak = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+    __m256 total8 = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const __m256 e =
+            exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + t), _mm256_set1_ps(peak)));
+        _mm256_storeu_ps(scores + t, e);
+        total8 = _mm256_add_ps(total8, e);
     }
-    return buffer;
+    if (t < n) {
+        float tail[8];
+        for (int j = 0; j < 8; ++j) tail[j] = t + j < n ? scores[t + j] - peak : -INFINITY;
+        const __m256 e = exp_nonpositive(_mm256_loadu_ps(tail));
+        _mm256_storeu_ps(tail, e);
+        for (int j = 0; t + j < n; ++j) scores[t + j] = tail[j];
+        total8 = _mm256_add_ps(total8, e);
+    }
+    __m256 totals[8] = {total8, total8, total8, total8, total8, total8, total8, total8};
+    return _mm256_set1_ps(1.f / _mm256_cvtss_f32(sum_lanes8(totals)));
 }
+
+#endif
 
 /* bfloat16 is the top half of a float32: widening is a 16-bit shift. */
 static inline float pg_bf16_to_f32(uint16_t x) {

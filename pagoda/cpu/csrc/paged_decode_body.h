@@ -74,27 +74,7 @@ static void PG_NAME(attend_head_avx2)(float *out, const float *qh, const PG_KV *
             peak8 = _mm256_max_ps(peak8, _mm256_set1_ps(score));
         }
     }
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(peak8), _mm256_extractf128_ps(peak8, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    const float peak = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
-    __m256 total8 = _mm256_setzero_ps();
-    int64_t t = 0;
-    for (; t + 8 <= n; t += 8) {
-        const __m256 e =
-            exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + t), _mm256_set1_ps(peak)));
-        _mm256_storeu_ps(scores + t, e);
-        total8 = _mm256_add_ps(total8, e);
-    }
-    if (t < n) { /* the tail through the same polynomial, padded with -inf (e = 0) */
-        float tail[8];
-        for (int j = 0; j < 8; ++j) tail[j] = t + j < n ? scores[t + j] - peak : -INFINITY;
-        const __m256 e = exp_nonpositive(_mm256_loadu_ps(tail));
-        _mm256_storeu_ps(tail, e);
-        for (int j = 0; t + j < n; ++j) scores[t + j] = tail[j];
-        total8 = _mm256_add_ps(total8, e);
-    }
-    __m256 totals[8] = {total8, total8, total8, total8, total8, total8, total8, total8};
-    const __m256 inv = _mm256_set1_ps(1.f / _mm256_cvtss_f32(sum_lanes8(totals)));
+    const __m256 inv = softmax_in_place(scores, n, peak8);
     for (int64_t d0 = 0; d0 < D; d0 += 64) {
         __m256 acc[8];
         for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
@@ -173,27 +153,7 @@ static void PG_NAME(attend_gathered_avx2)(float *out, const float *qg, int64_t G
             scores[pos] = score;
             peak8 = _mm256_max_ps(peak8, _mm256_set1_ps(score));
         }
-        __m128 m = _mm_max_ps(_mm256_castps256_ps128(peak8), _mm256_extractf128_ps(peak8, 1));
-        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        const float peak = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
-        __m256 total8 = _mm256_setzero_ps();
-        int64_t t = 0;
-        for (; t + 8 <= n; t += 8) {
-            const __m256 e =
-                exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + t), _mm256_set1_ps(peak)));
-            _mm256_storeu_ps(scores + t, e);
-            total8 = _mm256_add_ps(total8, e);
-        }
-        if (t < n) {
-            float tail[8];
-            for (int j = 0; j < 8; ++j) tail[j] = t + j < n ? scores[t + j] - peak : -INFINITY;
-            const __m256 e = exp_nonpositive(_mm256_loadu_ps(tail));
-            _mm256_storeu_ps(tail, e);
-            for (int j = 0; t + j < n; ++j) scores[t + j] = tail[j];
-            total8 = _mm256_add_ps(total8, e);
-        }
-        __m256 totals[8] = {total8, total8, total8, total8, total8, total8, total8, total8};
-        const __m256 inv = _mm256_set1_ps(1.f / _mm256_cvtss_f32(sum_lanes8(totals)));
+        const __m256 inv = softmax_in_place(scores, n, peak8);
         for (int64_t d0 = 0; d0 < D; d0 += 64) {
             __m256 acc[8];
             for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
@@ -232,7 +192,8 @@ void PG_NAME(pagoda_paged_decode_attention)(float *out, const float *q, const PG
         longest * row <= (1 << 19)) {
 #pragma omp parallel
         {
-            float *scores = thread_scratch((1 + 2 * row) * longest);
+            const size_t floats = (size_t)((1 + 2 * row) * longest);
+            float *scores = (float *)pg_scratch(0, floats * sizeof(float));
             float *kf = scores + longest, *vf = kf + longest * row;
 #pragma omp for schedule(dynamic, 1)
             for (int64_t b = 0; b < B; ++b) {
