@@ -98,3 +98,30 @@ def test_fuzzed_requests_get_no_server_error_and_match_the_document(tmp_path: Pa
     finally:
         assert server.stop() == 0, server.log_tail()
     assert "Traceback" not in log.read_text(errors="replace")
+
+
+def test_streamed_responses_match_the_documented_events() -> None:
+    """Every server-sent event of a streamed completion and chat completion validates against
+    the document (schemathesis checks each event's fields; random generation need not draw a
+    streamed request, so these two are sent every run)."""
+    server = RemoteServer(["--max-model-len", "64", "--max-num-seqs", "8"])
+    try:
+        schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+        operations = {result.ok().path: result.ok() for result in schema.get_all_operations()}
+        bodies = {
+            "/v1/completions": {"prompt": "Hello", "max_tokens": 4, "stream": True},
+            "/v1/chat/completions": {
+                "messages": [{"role": "user", "content": "Hello"}],
+                "max_tokens": 4,
+                "stream": True,
+            },
+        }
+        for path, body in bodies.items():
+            case = operations[path].Case(body=body)
+            response = case.call(base_url=server.url, timeout=120)
+            assert response.status_code == 200
+            assert response.headers["content-type"][0].startswith("text/event-stream")
+            assert response.text.rstrip().endswith("data: [DONE]")
+            case.validate_response(response, checks=CHECKS)
+    finally:
+        server.stop()

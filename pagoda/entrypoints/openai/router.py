@@ -217,7 +217,21 @@ def _documented(
             f"`stream: false`: a {response_model.__name__}. `stream: true`: server-sent events, "
             f"each `data: <{stream_model.__name__} JSON>`, ending with `data: [DONE]`"
         )
-        ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+        # Each event as an SSE parser hands it over (its fields); its data is the chunk's JSON.
+        event = {
+            "type": "object",
+            "properties": {
+                "data": {
+                    "type": "string",
+                    "description": f"a {stream_model.__name__} as JSON, or [DONE] last",
+                },
+                "event": {"type": "string"},
+                "id": {"type": "string"},
+                "retry": {"type": "integer"},
+            },
+            "required": ["data"],
+        }
+        ok["content"] = {"text/event-stream": {"schema": event}}
     responses: dict[int | str, dict[str, Any]] = {200: ok}
     for status in errors:
         responses[status] = {"model": ErrorResponse, "description": _ERROR_STATUSES[status]}
