@@ -175,6 +175,18 @@ class AsyncLLM(EngineFrontend):
             return min(120.0, max(1.0, excess / max(rate, 1e-3))), "prompt_tokens"
         return None
 
+    def hold_admission(self) -> _Reservation | tuple[float, str] | None:
+        """The admission check of a request whose body is not read yet (the HTTP gate): the
+        refusal `(seconds, bound)` of `admission_delay`, or a hold that counts the request as
+        admitted until it is released (by the serving layer just before its own check, which
+        runs in the same event-loop turn as `generate()`). Without a hold, requests that passed
+        the gate together would all see the same free place while their bodies are parsed.
+        None when no bound is set (nothing to hold)."""
+        if self.max_queued_requests is None and self.max_queued_prompt_tokens is None:
+            return None
+        refusal = self.admission_delay(0)
+        return refusal if refusal is not None else _Reservation(self, 0)
+
     def generate(
         self,
         prompt: PromptType,

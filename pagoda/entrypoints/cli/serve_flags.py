@@ -230,6 +230,11 @@ def _add_frontend_args(parser: argparse.ArgumentParser) -> None:
         help="log level of uvicorn (HTTP access and errors)",
     )
     group.add_argument(
+        "--disable-uvicorn-access-log",
+        action="store_true",
+        help="no access-log line per HTTP request (errors are still logged)",
+    )
+    group.add_argument(
         "--enable-log-requests",
         action="store_true",
         help="log every request: its id, sampling parameters and prompt (up to --max-log-len); "

@@ -80,23 +80,10 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     install_openapi(app)
     _add_operational_routes(app)
 
-    @app.middleware("http")
-    async def refuse_while_draining(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        # After SIGTERM / SIGINT: in-flight requests finish, new ones are turned away.
-        if getattr(request.app.state, "draining", False) and request.url.path.startswith(
-            _PROTECTED_PREFIXES
-        ):
-            from pagoda.entrypoints.openai.serving_engine import error_body
+    from pagoda.entrypoints.openai.edge_limits import RefuseWhileDraining
 
-            body = error_body("The server is shutting down.", "ServiceUnavailableError", 503)
-            return JSONResponse(
-                body.model_dump(),
-                status_code=503,
-                headers={"Retry-After": "5", "Connection": "close"},
-            )
-        return await call_next(request)
+    # After SIGTERM / SIGINT: in-flight requests finish, new ones are turned away.
+    app.add_middleware(RefuseWhileDraining, prefixes=_PROTECTED_PREFIXES)
 
     api_key = getattr(args, "api_key", None)
     api_keys = api_key if isinstance(api_key, list) else ([api_key] if api_key else [])
@@ -330,14 +317,16 @@ def run_server(args: argparse.Namespace, started: StartedEngineCore | None = Non
         host=host,
         port=args.port,
         log_level=getattr(args, "uvicorn_log_level", None) or "info",
+        access_log=not getattr(args, "disable_uvicorn_access_log", False),
         ssl_keyfile=getattr(args, "ssl_keyfile", None),
         ssl_certfile=getattr(args, "ssl_certfile", None),
         timeout_keep_alive=5,
-        # NOTE: h11 answers a bare 400 ("Invalid HTTP request received") when a request's head
-        # arrives in pieces that together exceed this buffer (16 KiB by default), before the
-        # edge limits can answer 431 with an OpenAI body: whether a 64 KiB header got the 431 or
-        # the 400 depended on how the kernel split it. 1 MiB (at least 4x the header limit)
-        # lets every head up to it reach EdgeLimits.
+        # NOTE: for h11, uvicorn's parser where httptools is not installed. h11 answers a bare
+        # 400 ("Invalid HTTP request received") when a request's head arrives in pieces that
+        # together exceed this buffer (16 KiB by default), before the edge limits can answer
+        # 431 with an OpenAI body: whether a 64 KiB header got the 431 or the 400 depended on
+        # how the kernel split it. 1 MiB (at least 4x the header limit) lets every head up to
+        # it reach EdgeLimits.
         h11_max_incomplete_event_size=max(
             1 << 20, 4 * (getattr(args, "max_request_header_bytes", None) or 32 * 1024)
         ),

@@ -12,6 +12,7 @@ may lose the answer. The defaults (`pagoda serve --max-request-header-bytes / --
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -125,6 +126,21 @@ class EdgeLimits:
 
 # The routes that queue work in the engine: the ones admission control guards.
 _GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+# The scope-state key of the place an admitted request holds between the gate and the serving
+# layer's own check (`release_admission_hold`).
+ADMISSION_HOLD = "pagoda.admission_hold"
+# The longest an admitted request lets the requests arriving with it go first: in an overload
+# burst (the gate refusing), and otherwise (docs/performance.md item 24).
+BURST_YIELD_S = 0.25
+ARRIVAL_YIELD_S = 0.02
+
+
+def release_admission_hold(scope: Scope) -> None:
+    """End the place the gate held for this request (the serving layer calls it right before
+    its own admission check, in the event-loop turn that registers the request)."""
+    held = scope.get("state", {}).get(ADMISSION_HOLD)
+    if held is not None:
+        held.release()
 
 
 class AdmissionGate:
@@ -132,12 +148,48 @@ class AdmissionGate:
     while the engine's queue is full (`AsyncLLM.admission_delay`), so that shedding load costs
     no JSON parsing, validation or tokenization: under overload the event loop has little CPU to
     spare. The serving layer checks again with the request's prompt tokens (the token bound);
-    this gate only catches what it can decide without the body. It runs before the API-key check,
-    so under overload a request without a key gets the 429 rather than a 401."""
+    this gate only catches what it can decide without the body. A request it lets through holds
+    its place until the serving layer checks it (`ADMISSION_HOLD`), and lets the refusals that
+    arrive with it in a burst be answered first. It runs before the
+    API-key check, so under overload a request without a key gets the 429 rather than a 401."""
 
     def __init__(self, app: ASGIApp, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self._arrivals = 0
+        self._refusals = 0
+        self._quiet: asyncio.Future[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def _let_refusals_go_first(self) -> None:
+        """Wait until generation requests stop reaching the gate: for at most `BURST_YIELD_S`
+        once the gate refuses some (an overload burst), else at most `ARRIVAL_YIELD_S`. In a
+        burst each admitted request's parsing, tokenization and hand-off (~1 ms here) would
+        otherwise run before the refusals queued behind it, which cost a fraction of that
+        each, and an admitted request then waits in the engine's queue far longer anyway. One
+        watcher task per burst yields turn by turn; the admitted requests wait on its future
+        (each spinning on its own would cost the loop a wake-up per request per turn)."""
+        if self._quiet is None or self._quiet.done():
+            loop = asyncio.get_running_loop()
+            self._quiet = loop.create_future()
+            self._watcher = loop.create_task(self._watch(self._quiet))
+        await asyncio.shield(self._quiet)
+
+    async def _watch(self, quiet: asyncio.Future[None]) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        refusals = self._refusals
+        seen: tuple[int, int] | None = None
+        try:
+            while seen != (self._arrivals, self._refusals):
+                limit = BURST_YIELD_S if self._refusals != refusals else ARRIVAL_YIELD_S
+                if loop.time() - start >= limit:
+                    break
+                seen = (self._arrivals, self._refusals)
+                await asyncio.sleep(0)
+        finally:
+            if not quiet.done():
+                quiet.set_result(None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("method") == "POST":
@@ -146,12 +198,21 @@ class AdmissionGate:
             if root and path.startswith(root):
                 path = path[len(root) :]
             if path in _GENERATION_PATHS:
+                self._arrivals += 1
                 state = getattr(scope.get("app"), "state", None)
-                engine = getattr(state, "engine", None)
-                delay_of = getattr(engine, "admission_delay", None)
-                refusal = delay_of(0) if delay_of is not None else None
-                if refusal is not None:
-                    await self._refuse(state, refusal, receive, send)
+                hold_of = getattr(getattr(state, "engine", None), "hold_admission", None)
+                held = hold_of() if hold_of is not None else None
+                if isinstance(held, tuple):
+                    self._refusals += 1
+                    await self._refuse(state, held, receive, send)
+                    return
+                if held is not None:
+                    scope.setdefault("state", {})[ADMISSION_HOLD] = held
+                    try:
+                        await self._let_refusals_go_first()
+                        await self.app(scope, receive, send)
+                    finally:
+                        held.release()
                     return
         await self.app(scope, receive, send)
 
@@ -161,6 +222,41 @@ class AdmissionGate:
         message, headers = overload_refusal(getattr(state, "metrics", None), refusal)
         await drain_body(receive, self.max_body_bytes)
         await _send_error(send, 429, message, "RateLimitError", headers)
+
+
+class RefuseWhileDraining:
+    """After SIGTERM / SIGINT (`app.state.draining`), requests under `prefixes` get a 503 with
+    `Retry-After` and `Connection: close`; the others (probes, metrics) go on. Plain ASGI
+    rather than Starlette's `BaseHTTPMiddleware`, which would cost every request a task group
+    and a pair of memory streams."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        prefixes: tuple[str, ...],
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ) -> None:
+        self.app = app
+        self.prefixes = prefixes
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = getattr(scope.get("app"), "state", None)
+        if (
+            scope["type"] == "http"
+            and getattr(state, "draining", False)
+            and scope.get("path", "").startswith(self.prefixes)
+        ):
+            await drain_body(receive, self.max_body_bytes)
+            await _send_error(
+                send,
+                503,
+                "The server is shutting down.",
+                "ServiceUnavailableError",
+                {"Retry-After": "5", "Connection": "close"},
+            )
+            return
+        await self.app(scope, receive, send)
 
 
 def overload_refusal(metrics: Any, refusal: tuple[float, str]) -> tuple[str, dict[str, str]]:

@@ -119,7 +119,7 @@ class OpenAIServingChat(OpenAIServing):
         """Run the request; a JSON chat completion, an SSE stream, or an OpenAI-style error."""
         try:
             self.check_model(request.model)
-            self.check_admission()
+            self.check_admission(raw_request=raw_request)
             self.check_priority(request)
             tools = self._tool_plan(request)
             prompt_text = render_chat_prompt(

@@ -54,7 +54,7 @@ class OpenAIServingCompletion(OpenAIServing):
         """Run the request; a JSON completion, an SSE stream, or an OpenAI-style error."""
         try:
             self.check_model(request.model)
-            self.check_admission()
+            self.check_admission(raw_request=raw_request)
             self.check_priority(request)
             self._check_supported(request)
             kind = RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY

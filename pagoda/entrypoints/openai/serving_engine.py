@@ -180,10 +180,18 @@ class OpenAIServing:
             error.message, error.err_type, error.status_code, error.param, error.headers
         )
 
-    def check_admission(self, num_prompt_tokens: int = 0) -> None:
+    def check_admission(
+        self, num_prompt_tokens: int = 0, raw_request: Request | None = None
+    ) -> None:
         """A 429 with `Retry-After` when the engine's queue is full: too many requests waiting
         (--max-queued-requests) or, with this request's `num_prompt_tokens`, too many prompt
-        tokens waiting for prefill (--max-queued-prompt-tokens)."""
+        tokens waiting for prefill (--max-queued-prompt-tokens). With `raw_request`, the place
+        the HTTP gate held for it is given up first (this check decides now, and `generate()`
+        takes the place in the same event-loop turn)."""
+        if raw_request is not None:
+            from pagoda.entrypoints.openai.edge_limits import release_admission_hold
+
+            release_admission_hold(raw_request.scope)
         delay_of = getattr(self.engine, "admission_delay", None)
         refusal = delay_of(num_prompt_tokens) if delay_of is not None else None
         if refusal is None:

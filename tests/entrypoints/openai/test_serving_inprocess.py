@@ -684,3 +684,50 @@ def test_generation_config_fills_unset_sampling_fields(engine) -> None:
     )
     assert params.temperature == 0.3 and params.top_k == 3 and params.top_p == 1.0
     assert params.max_tokens == MAX_MODEL_LEN - 1
+
+
+# --- admission ------------------------------------------------------------------------------
+
+
+def test_the_gate_holds_admitted_places_so_a_burst_is_refused_before_its_bodies_are_read(
+    tmp_path_factory: pytest.TempPathFactory, run: Callable[[Awaitable[Any]], Any]
+) -> None:
+    """One running and one queued place: of a burst that arrives in one event-loop turn, the
+    first two pass the gate and the rest are refused by it, before their bodies are parsed
+    (their bodies are not even JSON, which the serving layer would answer with a 400)."""
+    from pagoda.entrypoints.openai.edge_limits import AdmissionGate
+
+    model_dir = make_tiny_llama(tmp_path_factory.mktemp("tiny-admission"))
+    args = EngineArgs(
+        model=str(model_dir), max_model_len=MAX_MODEL_LEN, max_num_seqs=1, disable_log_stats=True
+    )
+    engine = AsyncLLM.from_engine_args(args)
+    engine.max_queued_requests = 1
+    try:
+        app = make_app(engine)
+        app.state.engine = engine
+        app.add_middleware(AdmissionGate)
+        valid = json.dumps({"prompt": "Count:", "max_tokens": 8, **GREEDY}).encode()
+
+        async def burst() -> list[httpx.Response]:
+            async with client(app) as c:
+                bodies = [valid, valid] + [b"{not json"] * 6
+                return list(
+                    await asyncio.gather(
+                        *(c.post("/v1/completions", content=body) for body in bodies)
+                    )
+                )
+
+        responses = run(burst())
+        assert [r.status_code for r in responses] == [200, 200] + [429] * 6, [
+            r.text for r in responses
+        ]
+        for response in responses[2:]:
+            assert int(response.headers["retry-after"]) >= 1
+            assert "overloaded" in response.json()["error"]["message"]
+        # Every place is given back: the queue is empty and a lone malformed body is a 400.
+        assert engine._reserved_requests == 0 and not engine._queues
+        assert post(run, app, "/v1/completions", b"{not json").status_code == 400
+    finally:
+        engine.shutdown()
+
