@@ -324,11 +324,16 @@ class EngineArgs:
                 "data_parallel_size > 1 is for the server (pagoda serve --data-parallel-size N); "
                 "LLM runs one engine"
             )
-        if self.data_parallel_size > 1 and (
-            self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1
+        if (
+            self.data_parallel_size > 1
+            and (self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1)
+            and self.distributed_executor_backend == "ray"
         ):
+            # Each engine core would place its own ranks; the placement groups of several
+            # engines on one Ray cluster are not arranged (nor tested) yet.
             raise ValueError(
-                "data_parallel_size > 1 with tensor or pipeline parallelism is not supported yet"
+                "data_parallel_size > 1 with tensor or pipeline parallelism runs on the mp "
+                "backend (distributed_executor_backend='mp'); with 'ray' it is not supported yet"
             )
         if self.usage_context not in ("llm", "server"):
             raise ValueError(f"usage_context must be 'llm' or 'server', got {self.usage_context!r}")

@@ -1,6 +1,7 @@
 """Data parallelism: the router (prefix affinity, load balance, load released as sequences
-finish) on its own, and `pagoda serve -dp 2` live: two engine-core processes that both work,
-the same greedy text as one engine, and no process left after shutdown."""
+finish) on its own, and `pagoda serve -dp 2` live, alone and with `-tp 2` in each engine: two
+engine-core processes (and their ranks) that all work, the same greedy text as one engine, and
+no process left after shutdown."""
 
 from __future__ import annotations
 
@@ -60,13 +61,19 @@ def test_a_request_with_n_sequences_stays_on_one_engine() -> None:
     assert router.loads[engine].requests == 4
 
 
+def children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def cpu_ticks(pid: int) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
 @pytest.mark.slow
-def test_dp2_server_uses_both_engines_and_serves_one_engines_text(tmp_path: Path) -> None:
+def test_dp2_server_uses_both_engines_and_serves_one_engines_text_with_and_without_tp(
+    tmp_path: Path,
+) -> None:
     model = make_tiny_llama(tmp_path / "model")
     prompts = [f"Story number {i}: once upon a time" for i in range(8)]
 
@@ -94,21 +101,25 @@ def test_dp2_server_uses_both_engines_and_serves_one_engines_text(tmp_path: Path
         expected = texts(single)
     finally:
         assert single.stop() == 0
-    server = serve("--data-parallel-size", "2")
-    cores = descendants(server.process.pid)
-    try:
-        assert len(cores) == 2, cores
-        before = [cpu_ticks(pid) for pid in cores]
-        assert texts(server) == expected
-        after = [cpu_ticks(pid) for pid in cores]
-        # Both engines computed (a few ticks each at least: 8 requests of 24 tokens).
-        assert all(b - a >= 2 for a, b in zip(before, after)), (before, after)
-        metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
-        assert 'pagoda:num_requests_running{model_name="tiny"} 0.0' in metrics
-    finally:
-        assert server.stop() == 0, server.log_tail()
-    time.sleep(1)
-    assert not [pid for pid in cores if alive(pid)]
+    for extra in (["--data-parallel-size", "2"], ["--data-parallel-size", "2", "-tp", "2"]):
+        server = serve(*extra)
+        cores = children(server.process.pid)
+        everything = descendants(server.process.pid)
+        try:
+            assert len(cores) == 2, cores
+            # Under -tp 2 each engine core drives one more rank, a process of its own.
+            assert len(everything) == 2 * (2 if "-tp" in extra else 1), everything
+            before = [cpu_ticks(pid) for pid in everything]
+            assert texts(server) == expected, extra
+            after = [cpu_ticks(pid) for pid in everything]
+            # Every engine and rank computed (a few ticks each: 8 requests of 24 tokens).
+            assert all(b - a >= 2 for a, b in zip(before, after)), (extra, before, after)
+            metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+            assert 'pagoda:num_requests_running{model_name="tiny"} 0.0' in metrics
+        finally:
+            assert server.stop() == 0, server.log_tail()
+        time.sleep(1)
+        assert not [pid for pid in everything if alive(pid)], extra
 
 
 def test_round_robin_for_comparison_ignores_prefixes() -> None:
