@@ -126,3 +126,17 @@ def test_round_robin_for_comparison_ignores_prefixes() -> None:
     router = Router(2, block_size=16, max_num_seqs=8, policy="round_robin")
     shared = list(range(64))
     assert [router.route([request(f"r{i}", shared)]) for i in range(4)] == [0, 1, 0, 1]
+
+
+def test_data_parallel_with_tensor_parallel_ranks_on_ray_is_refused_by_name() -> None:
+    from pagoda import EngineArgs
+
+    args = EngineArgs(
+        model="unused",
+        data_parallel_size=2,
+        tensor_parallel_size=2,
+        distributed_executor_backend="ray",
+        usage_context="server",
+    )
+    with pytest.raises(ValueError, match="distributed_executor_backend='mp'"):
+        args.create_engine_config()
