@@ -141,6 +141,7 @@ class SamplingParams:
     extra_args: dict[str, Any] | None = None
     # Filled by the engine from generation_config / the tokenizer, not by users.
     _all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+    _bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.structured_outputs, dict):
@@ -155,6 +156,8 @@ class SamplingParams:
             self.stop = list(self.stop)
         self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
         self.bad_words = [] if self.bad_words is None else list(self.bad_words)
+        if not all(isinstance(word, str) for word in self.bad_words):
+            raise ValueError(f"bad_words must be a list of strings, got {self.bad_words!r}")
         if self.logprobs is True:
             self.logprobs = 1
         if self.prompt_logprobs is True:
@@ -278,6 +281,39 @@ class SamplingParams:
         for token_id in sorted(extra):
             if token_id not in self.stop_token_ids:
                 self.stop_token_ids.append(token_id)
+
+    @property
+    def bad_words_token_ids(self) -> list[list[int]]:
+        """The token sequences `bad_words` forbids (filled by `update_from_tokenizer`)."""
+        return self._bad_words_token_ids
+
+    def update_from_tokenizer(self, tokenizer: Any, vocab_size: int | None = None) -> None:
+        """Tokenize `bad_words` as vLLM does: each word as written (leading spaces stripped)
+        and, where it tokenizes differently in its first token but to as many tokens, with one
+        leading space (its form inside a sentence). Raises ValueError for ids outside
+        `vocab_size`."""
+        self._bad_words_token_ids = []
+        for word in self.bad_words or []:
+            for with_space in (False, True):
+                text = (" " if with_space else "") + word.lstrip()
+                ids = list(tokenizer.encode(text, add_special_tokens=False))
+                if not ids:
+                    continue
+                if with_space:
+                    plain = self._bad_words_token_ids[-1] if self._bad_words_token_ids else None
+                    if plain is None or ids[0] == plain[0] or len(ids) != len(plain):
+                        continue
+                self._bad_words_token_ids.append(ids)
+        if vocab_size is not None:
+            invalid = sorted(
+                {t for ids in self._bad_words_token_ids for t in ids if not 0 <= t < vocab_size}
+            )
+            if invalid:
+                raise ValueError(
+                    f"The model vocabulary size is {vocab_size}, but the following tokens were "
+                    f"specified as bad: {invalid}. All token id values should be integers "
+                    f"satisfying: 0 <= token_id < {vocab_size}."
+                )
 
     def clone(self) -> SamplingParams:
         """A deep copy (requests must not share mutable lists)."""

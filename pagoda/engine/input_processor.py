@@ -158,7 +158,7 @@ class InputProcessor:
             if any(not 0 <= t < self.vocab_size for t in params.allowed_token_ids):
                 raise ValueError("allowed_token_ids contains out-of-vocab token id!")
         if params.bad_words:
-            raise ValueError("bad_words is not supported yet")
+            params.update_from_tokenizer(self.tokenizer, self.vocab_size)
         if params.structured_outputs is not None:
             from pagoda.structured_output.validate import check_structured_outputs
 

@@ -4,8 +4,8 @@ The model runner builds a `SamplingMetadata` once per step from the live request
 `RequestSamplingState`s (row i of the logits is states[i]) and calls `Sampler` on the [B, V]
 logits. Everything is vectorised over the batch, in float32:
 
-  1. logits processors: allowed_token_ids, min_tokens (mask EOS and stop ids), logit_bias,
-     repetition / frequency / presence penalties;
+  1. logits processors: allowed_token_ids, min_tokens (mask EOS and stop ids), bad_words,
+     logit_bias, repetition / frequency / presence penalties;
   2. greedy rows take the argmax;
   3. random rows: temperature, min_p, top-k, top-p, then an exponential-race draw
      (argmax of probs / q with q ~ Exp(1)), seeded rows using their own generator.
@@ -112,6 +112,7 @@ class SamplingMetadata:
     allowed_rows: torch.Tensor | None  # [R] rows restricted by allowed_token_ids
     allowed_index: TokenIndex | None  # rows here are positions in allowed_rows
     min_tokens_index: TokenIndex | None  # EOS / stop ids of rows still below min_tokens
+    bad_words_index: TokenIndex | None  # the last token of each bad word whose rest was output
     logit_bias_index: TokenIndex | None
     logit_bias_values: torch.Tensor | None  # [N] float32
     repetition_index: TokenIndex | None  # tokens in prompt or output, once per row
@@ -129,6 +130,7 @@ class SamplingMetadata:
             self.no_penalties
             and self.allowed_rows is None
             and self.min_tokens_index is None
+            and self.bad_words_index is None
             and self.logit_bias_index is None
         )
 
@@ -205,6 +207,7 @@ def _token_feature_fields(
     penalties, as (row, token id) pairs with their values."""
     allowed_rows: list[int] = []
     allowed, min_tokens, bias, output_penalty = _Pairs(), _Pairs(), _Pairs(), _Pairs()
+    bad_words = _Pairs()
     repetition_rows: list[int] = []
     repetition_tokens: list[torch.Tensor] = []
     repetition_values: list[float] = []
@@ -216,6 +219,8 @@ def _token_feature_fields(
         if state.min_tokens_pending:
             blocked = [t for t in state.min_tokens_blocked_ids() if 0 <= t < vocab_size]
             min_tokens.add(row, blocked)
+        if p.bad_words_token_ids:
+            bad_words.add(row, state.bad_words_blocked_ids())
         if p.logit_bias:
             bias.add(row, list(p.logit_bias.keys()), list(p.logit_bias.values()))
         if p.repetition_penalty != 1.0 and state.prompt_unique_token_ids is not None:
@@ -248,6 +253,7 @@ def _token_feature_fields(
         ),
         "allowed_index": allowed.index(device),
         "min_tokens_index": min_tokens.index(device),
+        "bad_words_index": bad_words.index(device),
         "logit_bias_index": bias.index(device),
         "logit_bias_values": bias.value_tensor(device),
         "repetition_index": repetition_index,
@@ -258,7 +264,8 @@ def _token_feature_fields(
 
 
 def apply_logits_processors(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-    """Apply allowed_token_ids, min_tokens, logit_bias and penalties in place to float32 logits.
+    """Apply allowed_token_ids, min_tokens, bad_words, logit_bias and penalties in place to
+    float32 logits.
 
     Returns `logits` ([B, V]); greedy rows take the argmax of the result.
     """
@@ -273,6 +280,8 @@ def apply_logits_processors(logits: torch.Tensor, metadata: SamplingMetadata) ->
         logits.index_copy_(0, metadata.allowed_rows, restricted)
     if metadata.min_tokens_index is not None:
         logits[metadata.min_tokens_index] = float("-inf")
+    if metadata.bad_words_index is not None:
+        logits[metadata.bad_words_index] = float("-inf")
     if metadata.logit_bias_index is not None and metadata.logit_bias_values is not None:
         logits.index_put_(metadata.logit_bias_index, metadata.logit_bias_values, accumulate=True)
     if metadata.repetition_index is not None and metadata.repetition_penalties is not None:

@@ -71,6 +71,20 @@ class RequestSamplingState:
             self.output_tokens_not_in_prompt.append(token_id)
         self.output_token_counts[token_id] = count + 1
 
+    def bad_words_blocked_ids(self) -> list[int]:
+        """The tokens `bad_words` forbids this step: each forbidden sequence's last token when
+        the output so far ends with the rest of it (a one-token word always). As in vLLM, only
+        generated tokens count, not the prompt."""
+        blocked = []
+        output = self.output_token_ids
+        for ids in self.params.bad_words_token_ids:
+            prefix = len(ids) - 1
+            if prefix > len(output):
+                continue
+            if prefix == 0 or output[-prefix:] == ids[:prefix]:
+                blocked.append(ids[-1])
+        return blocked
+
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)

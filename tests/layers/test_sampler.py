@@ -345,3 +345,55 @@ def test_sampler_leaves_the_input_logits_unchanged(dtype: torch.dtype):
     ]
     Sampler()(logits, SamplingMetadata.build(states, 16, CPU))
     assert torch.equal(logits, before)
+
+
+class _WordTokenizer:
+    """Splits on spaces; a word with a leading space is a different token from the bare word,
+    as with byte-level BPE."""
+
+    def __init__(self, vocab: dict[str, int]) -> None:
+        self.vocab = vocab
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        assert not add_special_tokens
+        pieces = [" " + w for w in text.split(" ") if w]
+        if not text.startswith(" "):
+            pieces[0] = pieces[0][1:]
+        return [self.vocab[p] for p in pieces]
+
+
+def test_bad_words_tokenize_bare_and_with_a_leading_space_as_vllm_does():
+    tokenizer = _WordTokenizer({"red": 1, " red": 2, "big": 3, " big": 4, " dog": 5})
+    params = SamplingParams(bad_words=["red", " big dog"])
+    params.update_from_tokenizer(tokenizer, vocab_size=6)
+    # "big dog" bare is [3, 5]; with a space [4, 5]: as many tokens, another first token.
+    assert params.bad_words_token_ids == [[1], [2], [3, 5], [4, 5]]
+    with pytest.raises(ValueError, match=r"vocabulary size is 5.*\[5\]"):
+        SamplingParams(bad_words=["big dog"]).update_from_tokenizer(tokenizer, vocab_size=5)
+
+
+def test_bad_words_block_a_word_always_and_a_sequence_only_after_its_prefix():
+    tokenizer = _WordTokenizer({"a": 0, " a": 1, "b": 2, " b": 3, " c": 4, "c": 5})
+    params = SamplingParams(temperature=0.0, bad_words=["a", "b c"])
+    params.update_from_tokenizer(tokenizer, vocab_size=6)
+    state = make_state(params)
+    row = [9.0, 8.0, 7.0, 6.0, 5.0, 4.0]
+    inf = float("-inf")
+
+    def processed() -> list[float]:
+        metadata = SamplingMetadata.build([state], 6, CPU)
+        return apply_logits_processors(torch.tensor([row]), metadata)[0].tolist()
+
+    # "b c" is [b, " c"] bare and [" b", " c"] inside a sentence: " c" is out right after
+    # either, "a" and " a" always.
+    assert processed() == [inf, inf, 7.0, 6.0, 5.0, 4.0]
+    state.append_output(2)  # "b"
+    assert processed() == [inf, inf, 7.0, 6.0, inf, 4.0]
+    state.append_output(5)
+    assert processed() == [inf, inf, 7.0, 6.0, 5.0, 4.0]
+    state.append_output(3)  # " b"
+    assert processed() == [inf, inf, 7.0, 6.0, inf, 4.0]
+    # Greedy decoding never picks a blocked token, and other rows are untouched.
+    other = make_state(SamplingParams(temperature=0.0))
+    metadata = SamplingMetadata.build([state, other], 6, CPU)
+    assert Sampler()(torch.tensor([row, row]), metadata).sampled_token_ids.tolist() == [2, 0]

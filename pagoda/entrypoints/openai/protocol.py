@@ -42,7 +42,6 @@ REFUSED_FIELDS = {
     "use_beam_search": "beam search is not supported yet",
     "length_penalty": "length_penalty applies to beam search, which is not supported yet",
     "prompt_logprobs": "prompt_logprobs is not supported yet",
-    "bad_words": "bad_words is not supported yet",
     "logits_processors": "per-request logits processors are not supported",
     "structural_tag": "structural_tag is not supported yet; use structured_outputs",
     "guided_decoding_backend": "per-request backend selection is not supported; the server's "
@@ -187,6 +186,10 @@ class SamplingRequest(RequestModel):
     spaces_between_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None
     allowed_token_ids: list[int] | None = _range(None, items={"minimum": 0})
+    # vLLM's: words (token sequences) the output may not contain.
+    bad_words: list[Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)]] | None = Field(
+        default=None, max_length=MAX_STOP_STRINGS
+    )
     # vLLM's: lower runs first under --scheduling-policy priority (refused otherwise unless 0).
     priority: int = Field(default=0, ge=_INT64_MIN, le=_INT64_MAX)
     # Structured output: vLLM's object, and its older top-level fields.

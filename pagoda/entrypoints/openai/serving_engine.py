@@ -361,6 +361,7 @@ class OpenAIServing:
                 min_p=value("min_p"),
                 repetition_penalty=value("repetition_penalty"),
                 allowed_token_ids=request.allowed_token_ids,
+                bad_words=request.bad_words,
                 structured_outputs=structured_outputs,
             )
         except (ValueError, TypeError) as exc:

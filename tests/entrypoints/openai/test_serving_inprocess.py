@@ -731,3 +731,14 @@ def test_the_gate_holds_admitted_places_so_a_burst_is_refused_before_its_bodies_
     finally:
         engine.shutdown()
 
+
+def test_bad_words_change_the_completion_and_a_wrong_type_is_a_400(run, app) -> None:
+    body = {"prompt": "Tell me a story", "max_tokens": 12, **GREEDY}
+    free = post(run, app, "/v1/completions", body)
+    assert free.status_code == 200, free.text
+    text = free.json()["choices"][0]["text"]
+    word = text.split()[0]
+    steered = post(run, app, "/v1/completions", {**body, "bad_words": [word]})
+    assert steered.status_code == 200, steered.text
+    assert steered.json()["choices"][0]["text"] != text
+    assert_error(post(run, app, "/v1/completions", {**body, "bad_words": [7]}), 400, "bad_words")
