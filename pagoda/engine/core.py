@@ -14,8 +14,9 @@ import logging
 import queue
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from pagoda.config import EngineConfig
 from pagoda.engine.messages import (
@@ -25,7 +26,7 @@ from pagoda.engine.messages import (
     StopCore,
     ToCore,
 )
-from pagoda.engine.plan import SchedulerOutput
+from pagoda.engine.plan import ModelRunnerOutput, SchedulerOutput
 from pagoda.engine.request import Request, RequestStatus
 from pagoda.engine.scheduler import Scheduler
 from pagoda.executor.uniproc import UniProcExecutor
@@ -60,6 +61,9 @@ class EngineCore:
             self._finalizer = weakref.finalize(self, self.executor.shutdown)
         else:
             self.executor = UniProcExecutor(config)
+        # Steps submitted to the pipeline stages and not finished yet, oldest first.
+        self._in_flight: deque[tuple[SchedulerOutput, ModelRunnerOutput | None]] = deque()
+        self._max_in_flight = getattr(self.executor, "max_concurrent_batches", 1)
         self.num_blocks = self.executor.determine_num_blocks()
         self.executor.initialize_kv_cache(self.num_blocks)
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config, self.num_blocks)
@@ -130,7 +134,8 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        """Requests to run, or steps still in flight (of requests aborted meanwhile, say)."""
+        return self.scheduler.has_unfinished_requests() or bool(self._in_flight)
 
     def current_stats(self) -> SchedulerStats:
         """A snapshot of the scheduler between steps (after aborts, say), with no token counts."""
@@ -142,10 +147,37 @@ class EngineCore:
 
     def step(self) -> EngineCoreOutputs:
         """Run one scheduling step; returns the outputs of requests that advanced."""
+        if self._max_in_flight > 1:
+            return self._pipelined_step()
         plan = self.scheduler.schedule()
         if plan.is_empty:
             self._wait_for_grammars(plan)
-        result = self.executor.execute_model(plan)
+        return self._finish_step(plan, self.executor.execute_model(plan))
+
+    def _pipelined_step(self) -> EngineCoreOutputs:
+        """With pipeline stages: keep up to one step per stage in flight, each over requests
+        that no other step in flight holds, then finish the oldest. While the last stage
+        computes one step the first computes the next, instead of waiting for it."""
+        executor = cast("MultiprocExecutor", self.executor)
+        scheduler = self.scheduler
+        while len(self._in_flight) < self._max_in_flight:
+            busy = {s.request_id for plan, _ in self._in_flight for s in plan.scheduled}
+            # Each step in flight takes its share of the requests, so that every stage has
+            # work: all of them in one step would leave the first stage idle meanwhile.
+            active = len(scheduler.running) + len(scheduler.waiting)
+            share = max(1, -(-active // self._max_in_flight))
+            plan = scheduler.schedule(busy, share)
+            if plan.is_empty:
+                if self._in_flight:
+                    self.scheduler.return_finished(plan)
+                    break
+                self._wait_for_grammars(plan)
+                return self._finish_step(plan, executor.execute_model(plan))
+            self._in_flight.append((plan, executor.submit_model(plan)))
+        plan, submitted = self._in_flight.popleft()
+        return self._finish_step(plan, executor.wait_model(submitted))
+
+    def _finish_step(self, plan: SchedulerOutput, result: ModelRunnerOutput) -> EngineCoreOutputs:
         outputs = self.scheduler.update_from_output(plan, result.sampled_token_ids, result.logprobs)
         kv = self.scheduler.kv_cache_manager
         stats = kv.make_prefix_cache_stats()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING
 
 from pagoda.config import CacheConfig, SchedulerConfig
@@ -79,19 +79,32 @@ class Scheduler:
                 return
         self.waiting.append(request)
 
-    def _preemption_victim(self, start: int) -> Request:
+    def _preemption_victim(self, start: int, busy: Collection[str]) -> Request:
         """The running request to preempt, among those not yet planned this step (running[start:],
-        the one being planned first): the newest under fcfs; under the priority policy the lowest
-        priority (largest value), the newest among equals."""
+        the one being planned first) and not in a step still in flight (`busy`): the newest
+        under fcfs; under the priority policy the lowest priority (largest value), the newest
+        among equals."""
+        candidates = [r for r in self.running[start:] if r.request_id not in busy]
         if self.config.policy != "priority":
-            return self.running.pop()
-        candidates = self.running[start:]
-        victim = max(reversed(candidates), key=lambda r: (r.priority, r.arrival_time))
+            victim = candidates[-1]
+        else:
+            victim = max(reversed(candidates), key=lambda r: (r.priority, r.arrival_time))
         self.running.remove(victim)
         return victim
 
-    def schedule(self) -> SchedulerOutput:
-        """Build the plan of the next step and reserve KV blocks for it."""
+    def return_finished(self, plan: SchedulerOutput) -> None:
+        """Take back the finished request ids of a plan that will not be sent (the next plan
+        carries them to the workers instead)."""
+        self._finished_since_last_plan[:0] = plan.finished_request_ids
+
+    def schedule(
+        self, busy: Collection[str] = (), max_requests: int | None = None
+    ) -> SchedulerOutput:
+        """Build the plan of the next step and reserve KV blocks for it. Running requests in
+        `busy` (in a step still in flight through the pipeline stages) are left out: their
+        tokens are not computed yet, and their blocks are not to be taken. At most
+        `max_requests` requests go in the plan (the steps in flight share the requests)."""
+        limit = max_requests if max_requests is not None else len(self.requests) + 1
         plan = SchedulerOutput(finished_request_ids=self._finished_since_last_plan)
         self._finished_since_last_plan = []
         budget = self.config.max_num_batched_tokens
@@ -100,12 +113,15 @@ class Scheduler:
         # Running requests first, in admission order; the newest (or, under the priority policy,
         # the lowest priority) is the first to be preempted.
         index = 0
-        while index < len(self.running) and budget > 0:
+        while index < len(self.running) and budget > 0 and len(plan.scheduled) < limit:
             request = self.running[index]
+            if request.request_id in busy:
+                index += 1
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             scheduled = True
             while kv.allocate_slots(request, num_new) is None:
-                victim = self._preemption_victim(index)
+                victim = self._preemption_victim(index, busy)
                 self._preempt(victim)
                 plan.preempted_request_ids.append(victim.request_id)
                 if victim is request:
@@ -125,6 +141,7 @@ class Scheduler:
             and budget > 0
             and not plan.preempted_request_ids
             and len(self.running) < self.config.max_num_seqs
+            and len(plan.scheduled) < limit
         ):
             request = self.waiting[0]
             ready = self._grammar_ready(request)

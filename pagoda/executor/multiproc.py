@@ -133,6 +133,7 @@ class MultiprocExecutor:
 
     def __init__(self, config: EngineConfig) -> None:
         size = config.world_size
+        self.config = config
         self._result_rank = _result_rank(config) if config.pipeline_parallel_size > 1 else 0
         if config.device_config.device.type != "cpu":
             raise ValueError(
@@ -221,7 +222,20 @@ class MultiprocExecutor:
         for rank, conn in enumerate(self._conns, start=1):
             self._expect(rank, conn, "ok", None)
 
+    @property
+    def max_concurrent_batches(self) -> int:
+        """How many steps may be in flight at once: one per pipeline stage (while the last
+        stage computes one step, the first computes the next), else one."""
+        return self.config.pipeline_parallel_size
+
     def execute_model(self, plan: SchedulerOutput) -> ModelRunnerOutput:
+        return self.wait_model(self.submit_model(plan))
+
+    def submit_model(self, plan: SchedulerOutput) -> ModelRunnerOutput | None:
+        """Start a step: every rank gets the plan and this one computes its part (with pipeline
+        stages, the first stage's, whose activations go on to the next stage). Returns the
+        output when this rank sampled, else None: `wait_model` then reads it from the last
+        stage. Steps complete in the order they were submitted (every channel is FIFO)."""
         for process in self._processes:
             if process.poll() is not None:
                 raise WorkerFailedError(
@@ -230,8 +244,12 @@ class MultiprocExecutor:
                 )
         self._broadcast("execute_model", _PLAN_ENCODER.encode(plan))
         output = self.worker.execute_model(plan)
-        if self._result_rank == 0:
-            return output
+        return output if self._result_rank == 0 else None
+
+    def wait_model(self, submitted: ModelRunnerOutput | None) -> ModelRunnerOutput:
+        """The output of the oldest step submitted and not yet waited for."""
+        if submitted is not None:
+            return submitted
         # Pipeline parallelism: the last stage sampled.
         conn = self._conns[self._result_rank - 1]
         try:

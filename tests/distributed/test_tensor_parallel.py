@@ -135,3 +135,34 @@ def test_constrained_sampling_under_two_ranks(tmp_path: Path) -> None:
             gc.collect()
     assert texts[0] == texts[1]
     assert set(texts[1]) <= {"yes please", "no thanks"}
+
+
+def test_pipeline_steps_in_flight_under_preemption_give_the_single_rank_tokens(
+    tmp_path: Path,
+) -> None:
+    # Two stages keep two steps in flight, each over its share of the requests; a cache of 8
+    # blocks of 16 tokens cannot hold six sequences of ~40 tokens, so requests are preempted
+    # and recomputed while the other step is in flight.
+    make_tiny_llama(tmp_path, num_layers=4)
+    prompts = [f"Request {i}: the quick brown fox jumps" for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+
+    def run(pp: int) -> list[list[int]]:
+        llm = LLM(
+            model=str(tmp_path),
+            pipeline_parallel_size=pp,
+            max_model_len=64,
+            block_size=16,
+            num_gpu_blocks_override=8,
+        )
+        try:
+            core = llm.llm_engine.engine_core
+            results = llm.generate(prompts, params, use_tqdm=False)
+            assert core.scheduler.num_preemptions_total > 0
+            return [list(r.outputs[0].token_ids) for r in results]
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+
+    assert run(2) == run(1)

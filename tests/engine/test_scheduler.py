@@ -243,3 +243,37 @@ def test_the_priority_policy_preempts_the_lowest_priority_first() -> None:
         preempted += run_step(scheduler).preempted_request_ids
     assert preempted and preempted[0] == "low"
     assert scheduler.requests["low"].status == RequestStatus.PREEMPTED
+
+
+# --- steps in flight (pipeline stages) -----------------------------------------------------------
+
+
+def test_a_step_in_flight_keeps_its_requests_and_shares_the_rest() -> None:
+    scheduler = make_scheduler()
+    for name in "abcd":
+        scheduler.add_request(make_request(name, [1, 2, 3]))
+    first = scheduler.schedule(max_requests=2)
+    assert [s.request_id for s in first.scheduled] == ["a", "b"]
+    busy = {s.request_id for s in first.scheduled}
+    second = scheduler.schedule(busy, max_requests=2)
+    assert [s.request_id for s in second.scheduled] == ["c", "d"]
+    # Nothing left that no step holds: an empty plan, whose finished ids stay for the next one.
+    third = scheduler.schedule(busy | {"c", "d"})
+    assert third.is_empty
+    scheduler.update_from_output(first, {"a": 0, "b": 5})  # a ends with EOS
+    scheduler.return_finished(third)
+    fourth = scheduler.schedule({"c", "d"})
+    assert [s.request_id for s in fourth.scheduled] == ["b"]
+    assert fourth.scheduled[0].token_ids == [5] and fourth.finished_request_ids == ["a"]
+
+
+def test_preemption_never_takes_a_request_whose_step_is_in_flight() -> None:
+    # Four blocks of BLOCK tokens, both requests hold two. "newer" is in flight and would be the
+    # victim (the newest), so "older", needing a block, preempts itself instead.
+    scheduler = make_scheduler(num_blocks=4, prefix_caching=False)
+    scheduler.add_request(make_request("older", list(range(1, 2 * BLOCK + 1)), max_tokens=20))
+    scheduler.add_request(make_request("newer", list(range(50, 50 + 2 * BLOCK)), max_tokens=20))
+    run_step(scheduler)  # both prefilled: every block is taken
+    plan = scheduler.schedule({"newer"})
+    assert plan.is_empty and plan.preempted_request_ids == ["older"]
+    assert [r.request_id for r in scheduler.running] == ["newer"]
