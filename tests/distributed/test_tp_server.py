@@ -1,4 +1,4 @@
-"""`pagoda serve -tp 2` (two ranks, gloo on 127.0.0.1) driven by the official openai client:
+"""`pagoda serve -tp 2` and `-pp 2` (two ranks, gloo on 127.0.0.1) driven by the official openai client:
 the same greedy text as one rank, streaming, concurrent requests, abort on disconnect; a killed
 worker makes /health 503, requests a 500 with an OpenAI error body, and the server exit 1 within
 a bounded time; SIGTERM leaves no process behind."""
@@ -35,7 +35,10 @@ def complete(client: openai.OpenAI, prompt: str) -> str:
     return response.choices[0].text
 
 
-def test_tp2_server_serves_what_one_rank_serves(tmp_path: Path) -> None:
+@pytest.mark.parametrize("split", [["-tp", "2"], ["-pp", "2"]], ids=["tp2", "pp2"])
+def test_two_rank_server_serves_what_one_rank_serves(tmp_path: Path, split: list[str]) -> None:
+    """Under -pp 2 the engine keeps a step per stage in flight: the concurrent requests share
+    the two steps, and the aborted stream's step may still be in flight when it ends."""
     model = make_tiny_llama(tmp_path / "model")
     prompts = ["The quick brown fox", "Hello, world!", "Numbers: 0 1 2", "Once upon a time"]
     single = start(model, tmp_path)
@@ -44,7 +47,7 @@ def test_tp2_server_serves_what_one_rank_serves(tmp_path: Path) -> None:
         expected = [complete(client, p) for p in prompts]
     finally:
         assert single.stop() == 0
-    server = start(model, tmp_path, "-tp", "2")
+    server = start(model, tmp_path, *split)
     processes = descendants(server.process.pid)
     assert len(processes) >= 2  # the engine core and its worker
     try:
