@@ -1,5 +1,5 @@
-"""`pagoda serve -tp 2` and `-pp 2` (two ranks, gloo on 127.0.0.1) driven by the official openai client:
-the same greedy text as one rank, streaming, concurrent requests, abort on disconnect; a killed
+"""`pagoda serve -tp 2` and `-pp 2` (two ranks, gloo on 127.0.0.1) driven by the official openai
+client: the same greedy text as one rank, streaming, concurrent requests, abort on disconnect; a killed
 worker makes /health 503, requests a 500 with an OpenAI error body, and the server exit 1 within
 a bounded time; SIGTERM leaves no process behind."""
 
