@@ -178,7 +178,9 @@ class EngineCore:
         return self._finish_step(plan, executor.wait_model(submitted))
 
     def _finish_step(self, plan: SchedulerOutput, result: ModelRunnerOutput) -> EngineCoreOutputs:
-        outputs = self.scheduler.update_from_output(plan, result.sampled_token_ids, result.logprobs)
+        outputs = self.scheduler.update_from_output(
+            plan, result.sampled_token_ids, result.logprobs, result.prompt_logprobs
+        )
         kv = self.scheduler.kv_cache_manager
         stats = kv.make_prefix_cache_stats()
         num_sampled = len(result.sampled_token_ids)

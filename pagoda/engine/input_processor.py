@@ -89,6 +89,10 @@ class InputProcessor:
             if params.n > 1:
                 child_params = params.clone()
                 child_params.n = 1
+                if index > 0:
+                    # The first sample scores the prompt; the others need not (nor skip the
+                    # prefix cache for it).
+                    child_params.prompt_logprobs = None
                 if params.seed is not None:
                     child_params.seed = params.seed + index
             # The children share `token_ids`: the core copies it into each `Request`.
@@ -146,8 +150,6 @@ class InputProcessor:
                     f"Requested {kind} logprobs of {requested}, which is greater than max "
                     f"allowed: {max_logprobs}"
                 )
-        if params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs is not supported yet")
         if params.logit_bias:
             bad = [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
             if bad:

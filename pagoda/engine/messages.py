@@ -93,6 +93,9 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     new_logprobs: list[tuple[list[int], list[float], int]] | None = None
+    # prompt_logprobs: entries for prompt positions 1.. (in order, the same layout as above, the
+    # prompt's own token first), as the prefill computes them.
+    new_prompt_logprobs: list[tuple[list[int], list[float], int]] | None = None
     num_cached_tokens: int = 0
     # On a request's first token only: seconds from its arrival to its first scheduling (the
     # queue phase of vLLM's request_queue_time_seconds); the API side times the other phases.

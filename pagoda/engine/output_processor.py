@@ -68,6 +68,10 @@ class _RequestState:
     samples: list[_SampleState]
     num_unfinished: int
     num_cached_tokens: int | None = None
+    # prompt_logprobs: None for the first position, then one entry per prompt token as the
+    # prefill scores it (from the first sample: the others do not score the prompt again).
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    prompt_logprobs_sent: bool = False
 
 
 class OutputProcessor:
@@ -129,6 +133,7 @@ class OutputProcessor:
             arrival_time=arrival_time,
             samples=samples,
             num_unfinished=len(samples),
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
         self._requests[request_id] = request
         for sample in samples:
@@ -199,6 +204,12 @@ class OutputProcessor:
             # The first output carries the prefix-cache hits (0 reads as "none yet", and a negative
             # count means "not admitted"); with n > 1 the first sample reporting hits wins.
             request.num_cached_tokens = max(0, output.num_cached_tokens)
+        if request.prompt_logprobs is not None and output.new_prompt_logprobs:
+            decode = request.params.detokenize and self.tokenizer is not None
+            request.prompt_logprobs += [
+                self._make_logprobs_dict(token_ids, logprobs, rank, decode)
+                for token_ids, logprobs, rank in output.new_prompt_logprobs
+            ]
         if sample.logprobs is not None and output.new_logprobs is not None:
             decode = request.params.detokenize and self.tokenizer is not None
             for token_ids, logprobs, sampled_rank in output.new_logprobs:
@@ -263,11 +274,18 @@ class OutputProcessor:
             # CUMULATIVE and FINAL_ONLY: every sample's state so far, including ones that have
             # produced nothing yet (empty text), so `outputs[i].index == i` always holds.
             completions = [self._cumulative_completion(sample) for sample in request.samples]
+        prompt_logprobs = None
+        if request.prompt_logprobs is not None and not (
+            kind is RequestOutputKind.DELTA and request.prompt_logprobs_sent
+        ):
+            # Deltas carry them once, with the first output, as vLLM's do.
+            prompt_logprobs = list(request.prompt_logprobs)
+            request.prompt_logprobs_sent = True
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids,
-            prompt_logprobs=None,
+            prompt_logprobs=prompt_logprobs,
             outputs=completions,
             finished=finished,
             num_cached_tokens=request.num_cached_tokens,

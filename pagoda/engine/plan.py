@@ -72,3 +72,6 @@ class ModelRunnerOutput:
 
     sampled_token_ids: dict[str, int]
     logprobs: dict[str, TokenLogprobs] | None = None
+    # Requests with prompt_logprobs: one entry per prompt position this step scored (the next
+    # prompt token first, then the top-k), in prompt order.
+    prompt_logprobs: dict[str, list[TokenLogprobs]] | None = None

@@ -152,6 +152,10 @@ class Scheduler:
                 skipped.append(self.waiting.popleft())
                 continue
             computed_blocks, num_computed = kv.get_computed_blocks(request)
+            if request.sampling_params.prompt_logprobs is not None and num_computed:
+                # Cached positions would have no logits: a request that scores its prompt
+                # computes all of it (its own recomputation after preemption included).
+                computed_blocks, num_computed = [], 0
             num_new = request.num_tokens - num_computed
             if num_new > budget:
                 if not self.config.enable_chunked_prefill:
@@ -250,6 +254,7 @@ class Scheduler:
         plan: SchedulerOutput,
         sampled_token_ids: dict[str, int],
         logprobs: dict[str, TokenLogprobs] | None = None,
+        prompt_logprobs: dict[str, list[TokenLogprobs]] | None = None,
     ) -> list[EngineCoreOutput]:
         """Advance the scheduled requests by what the step computed and check stop conditions."""
         outputs, self._unscheduled_outputs = self._unscheduled_outputs, []
@@ -259,8 +264,19 @@ class Scheduler:
             if request is None or request.is_finished:
                 continue  # aborted while the step ran
             request.num_computed_tokens += len(scheduled.token_ids)
+            scored = prompt_logprobs.get(request.request_id) if prompt_logprobs else None
             if not scheduled.sample:
-                continue  # a prefill chunk that did not reach the end yet
+                # A prefill chunk that did not reach the end yet.
+                if scored:
+                    outputs.append(
+                        EngineCoreOutput(
+                            request_id=request.request_id,
+                            new_token_ids=[],
+                            new_prompt_logprobs=scored,
+                            num_cached_tokens=request.num_cached_tokens,
+                        )
+                    )
+                continue
             token_id = sampled_token_ids[request.request_id]
             request.append_output_token_ids([token_id])
             grammar_done = self.structured_output is not None and self.structured_output.accept(
@@ -281,6 +297,8 @@ class Scheduler:
             )
             if logprobs is not None and request.request_id in logprobs:
                 output.new_logprobs = [logprobs[request.request_id]]
+            if scored:
+                output.new_prompt_logprobs = scored
             if request.num_output_tokens == 1:
                 output.queue_seconds = request.queue_seconds
             outputs.append(output)

@@ -36,6 +36,9 @@ class RequestSamplingState:
         self.params = params
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
+        # prompt_logprobs: prompt positions scored so far (position p scores token p + 1), so
+        # that a recomputation after preemption does not report them twice.
+        self.prompt_positions_scored = 0
         self.eos_token_id = eos_token_id
         # How often each token was generated so far: frequency and presence penalties read it.
         self.output_token_counts: dict[int, int] = {}

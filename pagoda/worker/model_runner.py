@@ -23,7 +23,7 @@ from pagoda.attention.registry import create_backend
 from pagoda.config import DEFAULT_CPU_KV_CACHE_SPACE_GIB, EngineConfig
 from pagoda.cpu.decoder import CPUDecoder
 from pagoda.distributed.parallel_state import receive_from_previous_stage, send_to_next_stage
-from pagoda.engine.plan import ModelRunnerOutput, SchedulerOutput
+from pagoda.engine.plan import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from pagoda.forward_context import ForwardContext, set_forward_context
 from pagoda.layers.attention import Attention
 from pagoda.layers.sampler import Sampler, SamplingMetadata
@@ -60,6 +60,10 @@ def kv_cache_dtype(requested: str, model_dtype: torch.dtype, plan: WeightPlan) -
     if plan.batched_dtype == torch.bfloat16 and model_dtype == torch.float32:
         return torch.bfloat16
     return model_dtype
+
+
+# Prompt positions scored per pass of the LM head for prompt_logprobs.
+_PROMPT_LOGPROBS_ROWS = 256
 
 
 class ModelRunner:
@@ -284,6 +288,8 @@ class ModelRunner:
         layout = self._build_layout(plan)
         token_ids = list(itertools.chain.from_iterable(s.token_ids for s in plan.scheduled))
         sampling = [i for i, s in enumerate(plan.scheduled) if s.sample]
+        # The C decoder takes decode steps only, whose positions are past the prompt.
+        prompt_logprobs = None
         if self._runs_on_cpu_decoder(plan, layout, sampling):
             assert self.cpu_decoder is not None
             logits = self.cpu_decoder.decode(
@@ -312,8 +318,9 @@ class ModelRunner:
             if not self.is_last_stage:
                 send_to_next_stage(list(hidden_states))
                 return ModelRunnerOutput(sampled_token_ids={})
+            prompt_logprobs = self._prompt_logprobs(plan, layout, hidden_states)
             if not sampling:
-                return ModelRunnerOutput(sampled_token_ids={})
+                return ModelRunnerOutput(sampled_token_ids={}, prompt_logprobs=prompt_logprobs)
             last_rows = torch.from_numpy(layout.query_start[1:][sampling] - 1).to(self.device)
             logits = self.model.compute_logits(hidden_states[last_rows]).float()  # [S, V]
         if plan.grammar_bitmask is not None:
@@ -339,4 +346,66 @@ class ModelRunner:
                     continue
                 width = len(lp_ids[row]) if k == -1 else k + 1
                 logprobs[request_id] = (lp_ids[row][:width], lp_values[row][:width], ranks[row])
-        return ModelRunnerOutput(dict(zip(request_ids, token_ids)), logprobs)
+        return ModelRunnerOutput(dict(zip(request_ids, token_ids)), logprobs, prompt_logprobs)
+
+    def _prompt_logprobs(
+        self, plan: SchedulerOutput, layout: StepLayout, hidden_states: torch.Tensor
+    ) -> dict[str, list[TokenLogprobs]] | None:
+        """For requests with prompt_logprobs, the log-probabilities of the next prompt token at
+        each prompt position this step computed (and had not scored before), with the top-k and
+        the token's rank, from the same forward pass as the prefill."""
+        rows: list[int] = []
+        targets: list[int] = []
+        spans: list[tuple[str, int, int]] = []  # request, its first row in `rows`, its count
+        for index, scheduled in enumerate(plan.scheduled):
+            state = self.states.get(scheduled.request_id)
+            if state is None or state.params.prompt_logprobs is None:
+                continue
+            prompt = state.prompt_token_ids
+            start = max(scheduled.num_computed_tokens, state.prompt_positions_scored)
+            end = min(scheduled.num_computed_tokens + len(scheduled.token_ids), len(prompt) - 1)
+            if start >= end:
+                continue
+            first_row = int(layout.query_start[index]) - scheduled.num_computed_tokens
+            spans.append((scheduled.request_id, len(rows), end - start))
+            rows.extend(range(first_row + start, first_row + end))
+            targets.extend(prompt[start + 1 : end + 1])
+            state.prompt_positions_scored = end
+        if not rows:
+            return None
+        asked = [self.states[r].params.prompt_logprobs or 0 for r, _, _ in spans]
+        widest = self.model_config.vocab_size if -1 in asked else max(asked)
+        target_values: list[float] = []
+        ranks: list[int] = []
+        top_ids_list: list[list[int]] = []
+        top_values_list: list[list[float]] = []
+        # A few hundred positions at a time: a whole chunk's [T, V] logits would take GBs.
+        for first in range(0, len(rows), _PROMPT_LOGPROBS_ROWS):
+            part = slice(first, first + _PROMPT_LOGPROBS_ROWS)
+            index_rows = torch.tensor(rows[part], dtype=torch.long, device=self.device)
+            logits = self.model.compute_logits(hidden_states[index_rows]).float()
+            logprobs = logits.log_softmax(-1)  # [N, V]
+            target = torch.tensor(targets[part], dtype=torch.long, device=self.device)
+            chosen = logprobs.gather(1, target.unsqueeze(1))  # [N, 1]
+            ranks += (logprobs > chosen).sum(-1).add_(1).tolist()
+            target_values += chosen.squeeze(1).tolist()
+            if widest:
+                values, ids = logprobs.topk(min(widest, logprobs.shape[-1]), dim=-1)
+                top_ids_list += ids.tolist()
+                top_values_list += values.tolist()
+            else:
+                top_ids_list += [[] for _ in range(len(index_rows))]
+                top_values_list += [[] for _ in range(len(index_rows))]
+        result: dict[str, list[TokenLogprobs]] = {}
+        for request_id, first, count in spans:
+            k = self.states[request_id].params.prompt_logprobs or 0
+            width = widest if k == -1 else k
+            result[request_id] = [
+                (
+                    [targets[row], *top_ids_list[row][:width]],
+                    [target_values[row], *top_values_list[row][:width]],
+                    ranks[row],
+                )
+                for row in range(first, first + count)
+            ]
+        return result

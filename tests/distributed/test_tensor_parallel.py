@@ -166,3 +166,26 @@ def test_pipeline_steps_in_flight_under_preemption_give_the_single_rank_tokens(
             gc.collect()
 
     assert run(2) == run(1)
+
+
+def test_prompt_logprobs_come_back_from_the_last_stage(tmp_path: Path) -> None:
+    make_tiny_llama(tmp_path, num_layers=4)
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2)
+
+    def scored(pp: int) -> list[list[tuple[int, float]]]:
+        llm = LLM(model=str(tmp_path), pipeline_parallel_size=pp, max_model_len=128)
+        try:
+            results = llm.generate(PROMPTS, params, use_tqdm=False)
+            return [
+                [(t, e[t].logprob) for t, e in zip(r.prompt_token_ids[1:], r.prompt_logprobs[1:])]
+                for r in results
+            ]
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+
+    staged, single = scored(2), scored(1)
+    assert [[t for t, _ in row] for row in staged] == [[t for t, _ in row] for row in single]
+    for a, b in zip(staged, single):
+        assert [lp for _, lp in a] == pytest.approx([lp for _, lp in b], abs=1e-5)

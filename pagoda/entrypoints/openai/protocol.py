@@ -41,7 +41,7 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 REFUSED_FIELDS = {
     "use_beam_search": "beam search is not supported yet",
     "length_penalty": "length_penalty applies to beam search, which is not supported yet",
-    "prompt_logprobs": "prompt_logprobs is not supported yet",
+    "prompt_logprobs": "prompt_logprobs is supported on /v1/completions only, not on chat yet",
     "logits_processors": "per-request logits processors are not supported",
     "structural_tag": "structural_tag is not supported yet; use structured_outputs",
     "guided_decoding_backend": "per-request backend selection is not supported; the server's "
@@ -254,6 +254,8 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = _range(16, minimum=1)
     echo: bool | None = False
     logprobs: int | None = _range(None, minimum=0)
+    # vLLM's: the top-k logprobs of every prompt token after the first (choices' prompt_logprobs).
+    prompt_logprobs: int | None = _range(None, minimum=0, maximum=MAX_TOP_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
     add_special_tokens: bool = True
@@ -299,10 +301,20 @@ class CompletionLogProbs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """One token's entry in `prompt_logprobs` (vLLM's shape, keyed by token id)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 class CompletionResponseChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogProbs | None = None
+    # With prompt_logprobs: None for the first prompt token, then {token id: entry} per token.
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 

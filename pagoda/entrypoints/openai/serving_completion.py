@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -24,6 +24,7 @@ from pagoda.entrypoints.openai.protocol import (
     CompletionResponse,
     CompletionResponseChoice,
     CompletionStreamResponse,
+    PromptLogprob,
 )
 from pagoda.entrypoints.openai.serving_engine import (
     SSE_DONE,
@@ -34,7 +35,7 @@ from pagoda.entrypoints.openai.serving_engine import (
     sse_event,
     usage_info,
 )
-from pagoda.outputs import RequestOutput, SampleLogprobs
+from pagoda.outputs import PromptLogprobs, RequestOutput, SampleLogprobs
 from pagoda.sampling_params import RequestOutputKind, SamplingParams
 
 T = TypeVar("T")
@@ -122,12 +123,17 @@ class OpenAIServingCompletion(OpenAIServing):
                 # The text (echoed, logged) must be what the model actually sees.
                 token_ids, text = truncated, str(self.tokenizer.decode(truncated))
             self.check_prompt_tokens(token_ids)
+            prompt_logprobs = request.prompt_logprobs
+            if request.echo and request.logprobs is not None:
+                # The echoed prompt's tokens get logprobs too (the first one null), as in vLLM.
+                prompt_logprobs = max(prompt_logprobs or 0, request.logprobs)
             params = self.to_sampling_params(
                 request,
                 prompt_len=len(token_ids),
                 max_tokens=request.max_tokens,
                 logprobs=request.logprobs,
                 output_kind=kind,
+                prompt_logprobs=prompt_logprobs,
             )
             prompts.append(_Prompt(text, token_ids, params))
         return prompts
@@ -165,6 +171,45 @@ class OpenAIServingCompletion(OpenAIServing):
             result.top_logprobs.append(top)
         return result, offset
 
+    def _prompt_part(
+        self, prompt: _Prompt, scored: PromptLogprobs | None, num_top: int
+    ) -> tuple[CompletionLogProbs, int]:
+        """The echoed prompt's completions-format logprobs (the first token's null, as it has
+        no context); returns them and the text offset after them."""
+        result = CompletionLogProbs()
+        if not prompt.token_ids or not scored:
+            return result, len(prompt.text)
+        first = prompt.token_ids[0]
+        token = self.token_text(first, None)
+        result.tokens.append(token)
+        result.token_logprobs.append(None)
+        result.top_logprobs.append(None)
+        result.text_offset.append(0)
+        rest, offset = self._logprobs(
+            prompt.token_ids[1:], cast(SampleLogprobs, scored[1:]), num_top, len(token)
+        )
+        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            getattr(result, name).extend(getattr(rest, name))
+        return result, offset
+
+    @staticmethod
+    def _prompt_logprobs_field(
+        request: CompletionRequest, scored: PromptLogprobs | None
+    ) -> list[dict[int, PromptLogprob] | None] | None:
+        if request.prompt_logprobs is None or scored is None:
+            return None
+        return [
+            None
+            if entry is None
+            else {
+                token_id: PromptLogprob(
+                    logprob=clamp_logprob(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token
+                )
+                for token_id, lp in list(entry.items())[: request.prompt_logprobs + 1]
+            }
+            for entry in scored
+        ]
+
     def _build_response(
         self,
         request: CompletionRequest,
@@ -183,14 +228,23 @@ class OpenAIServingCompletion(OpenAIServing):
                 num_generated_tokens += len(output.token_ids)
                 logprobs = None
                 if request.logprobs is not None:
+                    echoed, offset = CompletionLogProbs(), len(prefix)
+                    if request.echo:
+                        echoed, offset = self._prompt_part(
+                            prompt, final.prompt_logprobs, request.logprobs
+                        )
                     logprobs, _ = self._logprobs(
-                        output.token_ids, output.logprobs, request.logprobs, len(prefix)
+                        output.token_ids, output.logprobs, request.logprobs, offset
                     )
+                    for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                        getattr(echoed, name).extend(getattr(logprobs, name))
+                    logprobs = echoed
                 choices.append(
                     CompletionResponseChoice(
                         index=prompt_index * n + output.index,
                         text=prefix + output.text,
                         logprobs=logprobs,
+                        prompt_logprobs=self._prompt_logprobs_field(request, final.prompt_logprobs),
                         finish_reason=output.finish_reason,
                         stop_reason=output.stop_reason,
                     )
@@ -229,10 +283,16 @@ class OpenAIServingCompletion(OpenAIServing):
                 for sample in output.outputs:
                     choice_index = prompt_index * n + sample.index
                     text = sample.text
-                    if request.echo and not echoed[choice_index]:
+                    first_echo = request.echo and not echoed[choice_index]
+                    prompt_part = None
+                    if first_echo:
                         echoed[choice_index] = True
                         text = prompt.text + text
                         offsets[choice_index] = len(prompt.text)
+                        if request.logprobs is not None:
+                            prompt_part, offsets[choice_index] = self._prompt_part(
+                                prompt, output.prompt_logprobs, request.logprobs
+                            )
                     num_tokens[choice_index] += len(sample.token_ids)
                     logprobs = None
                     if request.logprobs is not None:
@@ -242,6 +302,10 @@ class OpenAIServingCompletion(OpenAIServing):
                             request.logprobs,
                             offsets[choice_index],
                         )
+                        if prompt_part is not None:
+                            for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                                getattr(prompt_part, name).extend(getattr(logprobs, name))
+                            logprobs = prompt_part
                     chunk = CompletionStreamResponse(
                         id=request_id,
                         created=created,
@@ -251,6 +315,9 @@ class OpenAIServingCompletion(OpenAIServing):
                                 index=choice_index,
                                 text=text,
                                 logprobs=logprobs,
+                                prompt_logprobs=self._prompt_logprobs_field(
+                                    request, output.prompt_logprobs
+                                ),
                                 finish_reason=sample.finish_reason,
                                 stop_reason=sample.stop_reason,
                             )

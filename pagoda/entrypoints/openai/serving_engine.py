@@ -308,6 +308,7 @@ class OpenAIServing:
         output_kind: RequestOutputKind,
         logprobs_param: str = "logprobs",
         structured_outputs: StructuredOutputsParams | None = None,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         """Build and validate the request's SamplingParams for a prompt of `prompt_len` tokens.
 
@@ -349,6 +350,7 @@ class OpenAIServing:
                 max_tokens=max_tokens,
                 min_tokens=request.min_tokens,
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=request.skip_special_tokens,
                 spaces_between_special_tokens=request.spaces_between_special_tokens,
                 include_stop_str_in_output=request.include_stop_str_in_output,

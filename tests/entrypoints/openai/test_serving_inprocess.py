@@ -227,21 +227,26 @@ def test_stop_string_cuts_the_text_and_is_the_stop_reason(run, app) -> None:
     assert choice["finish_reason"] == "stop" and choice["stop_reason"] == stop
 
 
-def test_completion_logprobs_use_the_completions_format(run, app) -> None:
+def test_completion_logprobs_use_the_completions_format(run, app, engine) -> None:
     prompt = "Numbers: 0 1 2"
     body = {"prompt": prompt, "max_tokens": 5, "logprobs": 2, "echo": True, **GREEDY}
     (choice,) = post(run, app, "/v1/completions", body).json()["choices"]
     assert choice["text"].startswith(prompt)
     logprobs = choice["logprobs"]
-    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == 5
-    assert len(logprobs["top_logprobs"]) == len(logprobs["text_offset"]) == 5
-    # Offsets count from the start of the returned text, after the echoed prompt.
-    assert logprobs["text_offset"][0] == len(prompt)
-    for i in range(4):
+    # Echoed, the prompt's tokens come first (the first one without context: null), as in vLLM.
+    num_prompt = len(engine.input_processor.tokenizer.encode(prompt))
+    total = num_prompt + 5
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == total
+    assert len(logprobs["top_logprobs"]) == len(logprobs["text_offset"]) == total
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    # Offsets count from the start of the returned text, token by token.
+    assert logprobs["text_offset"][0] == 0
+    for i in range(total - 1):
         step = logprobs["text_offset"][i + 1] - logprobs["text_offset"][i]
         assert step == len(logprobs["tokens"][i])
-    for top, logprob in zip(logprobs["top_logprobs"], logprobs["token_logprobs"]):
+    for top, logprob in zip(logprobs["top_logprobs"][1:], logprobs["token_logprobs"][1:]):
         assert 1 <= len(top) <= 3 and logprob <= 0
+    for top, logprob in zip(logprobs["top_logprobs"][-5:], logprobs["token_logprobs"][-5:]):
         # Greedy: the sampled token is the most likely one.
         assert logprob == pytest.approx(max(top.values()))
 
@@ -742,3 +747,37 @@ def test_bad_words_change_the_completion_and_a_wrong_type_is_a_400(run, app) -> 
     assert steered.status_code == 200, steered.text
     assert steered.json()["choices"][0]["text"] != text
     assert_error(post(run, app, "/v1/completions", {**body, "bad_words": [7]}), 400, "bad_words")
+
+
+def test_prompt_logprobs_and_echo_with_logprobs_score_the_prompt(run, app, engine) -> None:
+    prompt = "Tell me a story about a dragon"
+    body = {"prompt": prompt, "max_tokens": 3, **GREEDY}
+    scored = post(run, app, "/v1/completions", {**body, "prompt_logprobs": 2})
+    assert scored.status_code == 200, scored.text
+    choice = scored.json()["choices"][0]
+    ids = engine.input_processor.tokenizer.encode(prompt)
+    entries = choice["prompt_logprobs"]
+    assert len(entries) == len(ids) and entries[0] is None
+    for token_id, entry in zip(ids[1:], entries[1:]):
+        assert str(token_id) in entry and 1 <= len(entry) <= 3
+        assert entry[str(token_id)]["rank"] >= 1
+    # echo + logprobs: the prompt's tokens lead the logprobs, the first one null.
+    echoed = post(run, app, "/v1/completions", {**body, "echo": True, "logprobs": 2})
+    assert echoed.status_code == 200, echoed.text
+    logprobs = echoed.json()["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == len(ids) + 3
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert logprobs["token_logprobs"][1 : len(ids)] == pytest.approx(
+        [entry[str(t)]["logprob"] for t, entry in zip(ids[1:], entries[1:])], abs=1e-5
+    )
+    assert logprobs["text_offset"] == sorted(logprobs["text_offset"])
+    assert echoed.json()["choices"][0]["prompt_logprobs"] is None  # not asked for
+    # Streamed, the echo chunk carries the same prompt part.
+    streamed = post(
+        run, app, "/v1/completions", {**body, "echo": True, "logprobs": 2, "stream": True}
+    )
+    first = sse_events(streamed)[0]["choices"][0]["logprobs"]
+    assert first["token_logprobs"][: len(ids)] == logprobs["token_logprobs"][: len(ids)]
+    # Chat does not score prompts yet: refused by name, not ignored.
+    chat = {"messages": CHAT, "max_tokens": 2, "prompt_logprobs": 1}
+    assert_error(post(run, app, "/v1/chat/completions", chat), 400, "prompt_logprobs")

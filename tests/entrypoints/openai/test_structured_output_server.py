@@ -161,7 +161,11 @@ def test_streamed_json_parses_when_joined(client: openai.OpenAI) -> None:
             "Only one structured output constraint",
         ),
         ({"use_beam_search": True}, "use_beam_search", "beam search is not supported"),
-        ({"prompt_logprobs": 1}, "prompt_logprobs", "prompt_logprobs is not supported"),
+        (
+            {"prompt_logprobs": 1},
+            "prompt_logprobs",
+            "prompt_logprobs is supported on /v1/completions only",
+        ),
         ({"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend", "per-request"),
     ],
 )
