@@ -373,6 +373,7 @@ class ModelRunner:
             state.prompt_positions_scored = end
         if not rows:
             return None
+        assert self.model is not None
         asked = [self.states[r].params.prompt_logprobs or 0 for r, _, _ in spans]
         widest = self.model_config.vocab_size if -1 in asked else max(asked)
         target_values: list[float] = []
