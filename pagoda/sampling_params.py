@@ -113,6 +113,9 @@ class SamplingParams:
     """
 
     n: int = 1
+    # The sequences generated, of which the n with the highest cumulative logprob are returned
+    # (OpenAI's completions `best_of`); None = n.
+    best_of: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -186,6 +189,16 @@ class SamplingParams:
             raise ValueError(f"n must be an int, but is of type {type(self.n)}")
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}.")
+        if self.best_of is not None:
+            if not isinstance(self.best_of, int) or isinstance(self.best_of, bool):
+                raise ValueError(f"best_of must be an int, but is of type {type(self.best_of)}")
+            if self.best_of < self.n:
+                raise ValueError(
+                    f"best_of must be greater than or equal to n, got n={self.n} and "
+                    f"best_of={self.best_of}."
+                )
+            if self.best_of > self.n and self.output_kind is RequestOutputKind.DELTA:
+                raise ValueError("best_of > n cannot be streamed: the best are known at the end")
         if not -2.0 <= self.presence_penalty <= 2.0:
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
         if not -2.0 <= self.frequency_penalty <= 2.0:
@@ -281,6 +294,11 @@ class SamplingParams:
         for token_id in sorted(extra):
             if token_id not in self.stop_token_ids:
                 self.stop_token_ids.append(token_id)
+
+    @property
+    def num_sequences(self) -> int:
+        """How many sequences the engine generates: best_of, else n."""
+        return self.best_of if self.best_of is not None else self.n
 
     @property
     def bad_words_token_ids(self) -> list[list[int]]:

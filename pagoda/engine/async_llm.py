@@ -204,7 +204,9 @@ class AsyncLLM(EngineFrontend):
         registered, or when the iterator is dropped without ever being iterated.
         """
         tokens = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
-        reservation = _Reservation(self, len(tokens) * sampling_params.n if tokens else 0)
+        reservation = _Reservation(
+            self, len(tokens) * sampling_params.num_sequences if tokens else 0
+        )
         iterator = self._generate(prompt, sampling_params, request_id, priority, reservation)
         weakref.finalize(iterator, reservation.release)
         return iterator

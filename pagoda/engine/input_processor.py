@@ -84,11 +84,17 @@ class InputProcessor:
         params.update_from_generation_config(self.model_config.generation_config, self.eos_token_id)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         core_requests = []
-        for index, child_id in enumerate(child_request_ids(request_id, params.n)):
+        ranked = params.num_sequences > params.n
+        for index, child_id in enumerate(child_request_ids(request_id, params.num_sequences)):
             child_params = params
-            if params.n > 1:
+            if params.num_sequences > 1:
                 child_params = params.clone()
                 child_params.n = 1
+                child_params.best_of = None
+                if ranked and child_params.logprobs is None:
+                    # best_of ranks by cumulative logprob: the sampled tokens' logprobs are
+                    # needed (and dropped from the outputs unless asked for).
+                    child_params.logprobs = 0
                 if index > 0:
                     # The first sample scores the prompt; the others need not (nor skip the
                     # prefix cache for it).

@@ -103,14 +103,15 @@ class OutputProcessor:
         """
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        core_ids = child_request_ids(request_id, params.n)
+        core_ids = child_request_ids(request_id, params.num_sequences)
         for core_id in core_ids:
             if core_id in self._samples:
                 raise ValueError(
                     f"request id {request_id!r} collides with a live request ({core_id!r})"
                 )
         detokenize = params.detokenize and self.tokenizer is not None
-        want_logprobs = params.logprobs is not None
+        # best_of ranks the sequences by cumulative logprob, so it tracks them too.
+        want_logprobs = params.logprobs is not None or params.num_sequences > params.n
         samples = [
             _SampleState(
                 index=index,
@@ -268,6 +269,21 @@ class OutputProcessor:
                         completions.append(completion)
             if not completions:
                 return None
+        elif request.params.num_sequences > request.params.n:
+            # best_of: the n sequences of highest cumulative logprob, best first, once all end.
+            if not finished:
+                return None
+            ranked = sorted(
+                request.samples, key=lambda sample: -(sample.cumulative_logprob or 0.0)
+            )[: request.params.n]
+            completions = []
+            for rank, sample in enumerate(ranked):
+                completion = self._cumulative_completion(sample)
+                completion.index = rank
+                if request.params.logprobs is None:
+                    completion.logprobs = None
+                    completion.cumulative_logprob = None
+                completions.append(completion)
         else:
             if kind is RequestOutputKind.FINAL_ONLY and not finished:
                 return None

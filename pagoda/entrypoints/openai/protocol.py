@@ -256,9 +256,17 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = _range(None, minimum=0)
     # vLLM's: the top-k logprobs of every prompt token after the first (choices' prompt_logprobs).
     prompt_logprobs: int | None = _range(None, minimum=0, maximum=MAX_TOP_LOGPROBS)
-    best_of: int | None = None
+    # OpenAI's: generate best_of sequences, return the n of highest cumulative logprob.
+    best_of: int | None = _range(None, minimum=1, maximum=MAX_N)
     suffix: str | None = None
     add_special_tokens: bool = True
+
+    @field_validator("best_of")
+    @classmethod
+    def _bound_best_of(cls, best_of: int | None) -> int | None:
+        if best_of is not None and not 1 <= best_of <= MAX_N:
+            raise ValueError(f"best_of must be in [1, {MAX_N}], got {best_of}.")
+        return best_of
 
     @field_validator("prompt", mode="before")
     @classmethod

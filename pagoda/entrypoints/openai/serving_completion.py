@@ -60,7 +60,7 @@ class OpenAIServingCompletion(OpenAIServing):
             self._check_supported(request)
             kind = RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY
             prompts = self._prepare_prompts(request, kind)
-            self.check_admission(sum(len(p.token_ids) for p in prompts) * (request.n or 1))
+            self.check_admission(sum(len(p.token_ids) * p.params.num_sequences for p in prompts))
         except ServingError as exc:
             return self.error_response_for(exc)
         request_id = f"cmpl-{self.base_request_id(raw_request, request.request_id)}"
@@ -90,8 +90,8 @@ class OpenAIServingCompletion(OpenAIServing):
         return JSONResponse(response.model_dump())
 
     def _check_supported(self, request: CompletionRequest) -> None:
-        if request.best_of is not None and request.best_of > 1:
-            raise ServingError("best_of is not supported", param="best_of")
+        if request.best_of is not None and request.stream and request.best_of > (request.n or 1):
+            raise ServingError("best_of > n is not supported when streaming", param="best_of")
         if request.suffix is not None:
             raise ServingError("suffix is not currently supported", param="suffix")
 

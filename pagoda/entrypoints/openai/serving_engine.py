@@ -341,6 +341,7 @@ class OpenAIServing:
         try:
             params = SamplingParams(
                 n=1 if request.n is None else request.n,
+                best_of=getattr(request, "best_of", None),
                 presence_penalty=request.presence_penalty or 0.0,
                 frequency_penalty=request.frequency_penalty or 0.0,
                 seed=request.seed,

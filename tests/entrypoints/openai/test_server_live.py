@@ -228,7 +228,7 @@ def test_logprobs_in_completion_and_chat_formats(client: openai.OpenAI) -> None:
     ("body", "status", "fragment"),
     [
         ({"prompt": "x", "temperature": -1}, 400, "temperature must be non-negative"),
-        ({"prompt": "x", "best_of": 2}, 400, "best_of"),
+        ({"prompt": "x", "n": 2, "best_of": 1}, 400, "best_of must be greater than or equal"),
         ({"prompt": "x", "suffix": "y"}, 400, "suffix"),
         ({"prompt": "x", "model": "nope"}, 404, "The model `nope` does not exist."),
         ({"prompt": "x " * 400, "max_tokens": 10}, 400, "maximum context length"),

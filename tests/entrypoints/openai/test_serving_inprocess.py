@@ -494,7 +494,7 @@ def test_client_disconnect_aborts_the_request(run, app, engine, stream) -> None:
 @pytest.mark.parametrize(
     ("body", "message", "param"),
     [
-        ({"best_of": 2}, "best_of is not supported", "best_of"),
+        ({"n": 2, "best_of": 1}, "best_of must be greater than or equal to n", "best_of"),
         ({"suffix": "x"}, "suffix is not currently supported", "suffix"),
         ({"temperature": -1}, "temperature must be non-negative, got -1.0.", "temperature"),
         ({"top_p": 1.5}, "top_p must be in (0, 1], got 1.5.", "top_p"),
@@ -781,3 +781,16 @@ def test_prompt_logprobs_and_echo_with_logprobs_score_the_prompt(run, app, engin
     # Chat does not score prompts yet: refused by name, not ignored.
     chat = {"messages": CHAT, "max_tokens": 2, "prompt_logprobs": 1}
     assert_error(post(run, app, "/v1/chat/completions", chat), 400, "prompt_logprobs")
+
+
+def test_best_of_returns_n_choices_and_refuses_streaming_and_bad_values(run, app) -> None:
+    body = {"prompt": "Once upon a time", "max_tokens": 4, "temperature": 1.0, "seed": 5}
+    response = post(run, app, "/v1/completions", {**body, "n": 2, "best_of": 4})
+    assert response.status_code == 200, response.text
+    choices = response.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1] and all(c["logprobs"] is None for c in choices)
+    assert_error(
+        post(run, app, "/v1/completions", {**body, "best_of": 3, "stream": True}), 400, "best_of"
+    )
+    assert_error(post(run, app, "/v1/completions", {**body, "n": 3, "best_of": 2}), 400, "best_of")
+    assert_error(post(run, app, "/v1/completions", {**body, "best_of": 0}), 400, "best_of")
