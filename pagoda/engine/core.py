@@ -164,7 +164,9 @@ class EngineCore:
             busy = {s.request_id for plan, _ in self._in_flight for s in plan.scheduled}
             # Each step in flight takes its share of the requests, so that every stage has
             # work: all of them in one step would leave the first stage idle meanwhile.
-            active = len(scheduler.running) + len(scheduler.waiting)
+            active = min(
+                len(scheduler.running) + len(scheduler.waiting), scheduler.config.max_num_seqs
+            )
             share = max(1, -(-active // self._max_in_flight))
             plan = scheduler.schedule(busy, share)
             if plan.is_empty:
