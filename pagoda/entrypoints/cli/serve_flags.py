@@ -230,6 +230,12 @@ def _add_frontend_args(parser: argparse.ArgumentParser) -> None:
         help="log level of uvicorn (HTTP access and errors)",
     )
     group.add_argument(
+        "--return-tokens-as-token-ids",
+        action="store_true",
+        help="logprobs name their tokens 'token_id:<id>' (for tokens whose text alone is not "
+        "valid UTF-8); a request's return_tokens_as_token_ids overrides it",
+    )
+    group.add_argument(
         "--disable-uvicorn-access-log",
         action="store_true",
         help="no access-log line per HTTP request (errors are still logged)",

@@ -248,6 +248,7 @@ def init_app_state(app: FastAPI, engine: AsyncLLM, args: argparse.Namespace) -> 
     engine.max_queued_requests = getattr(args, "max_queued_requests", None)
     engine.max_queued_prompt_tokens = getattr(args, "max_queued_prompt_tokens", None)
     app.state.openai_serving_models = OpenAIServingModels(engine, served)
+    as_ids = bool(getattr(args, "return_tokens_as_token_ids", False))
     app.state.openai_serving_completion = OpenAIServingCompletion(
         engine, served, request_logger=request_logger
     )
@@ -267,6 +268,8 @@ def init_app_state(app: FastAPI, engine: AsyncLLM, args: argparse.Namespace) -> 
         chat_template,
         trust_request_chat_template=bool(getattr(args, "trust_request_chat_template", False)),
     )
+    app.state.openai_serving_completion.return_tokens_as_token_ids = as_ids
+    app.state.openai_serving_chat.return_tokens_as_token_ids = as_ids
 
 
 def served_model_names(args: argparse.Namespace, engine: AsyncLLM) -> list[str]:

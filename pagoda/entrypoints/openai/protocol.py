@@ -190,6 +190,8 @@ class SamplingRequest(RequestModel):
     bad_words: list[Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)]] | None = Field(
         default=None, max_length=MAX_STOP_STRINGS
     )
+    # vLLM's: logprobs name their tokens `token_id:<id>` instead of their text.
+    return_tokens_as_token_ids: bool | None = None
     # vLLM's: lower runs first under --scheduling-policy priority (refused otherwise unless 0).
     priority: int = Field(default=0, ge=_INT64_MIN, le=_INT64_MAX)
     # Structured output: vLLM's object, and its older top-level fields.

@@ -283,7 +283,11 @@ class OpenAIServingChat(OpenAIServing):
         return reason
 
     def _logprobs(
-        self, token_ids: list[int], logprobs: SampleLogprobs | None, num_top: int
+        self,
+        token_ids: list[int],
+        logprobs: SampleLogprobs | None,
+        num_top: int,
+        as_ids: bool = False,
     ) -> ChatCompletionLogProbs:
         """Chat-format logprobs: per token its text, logprob, UTF-8 bytes and the `num_top` most
         likely alternatives (by rank; -1 means every entry the engine returned)."""
@@ -295,14 +299,16 @@ class OpenAIServingChat(OpenAIServing):
                 ranked = [item for item in ranked if _rank(item[1]) <= num_top][:num_top]
             content.append(
                 ChatCompletionLogProbsContent(
-                    **self._logprob_entry(token_id, sampled).model_dump(),
-                    top_logprobs=[self._logprob_entry(tid, lp) for tid, lp in ranked],
+                    **self._logprob_entry(token_id, sampled, as_ids).model_dump(),
+                    top_logprobs=[self._logprob_entry(tid, lp, as_ids) for tid, lp in ranked],
                 )
             )
         return ChatCompletionLogProbs(content=content)
 
-    def _logprob_entry(self, token_id: int, logprob: Logprob | None) -> ChatCompletionLogProb:
-        token = self.token_text(token_id, logprob)
+    def _logprob_entry(
+        self, token_id: int, logprob: Logprob | None, as_ids: bool = False
+    ) -> ChatCompletionLogProb:
+        token = self.token_text(token_id, logprob, as_ids)
         return ChatCompletionLogProb(
             token=token,
             logprob=clamp_logprob(logprob.logprob) if logprob is not None else -9999.0,
@@ -327,7 +333,10 @@ class OpenAIServingChat(OpenAIServing):
             logprobs = None
             if request.logprobs:
                 logprobs = self._logprobs(
-                    output.token_ids, output.logprobs, request.top_logprobs or 0
+                    output.token_ids,
+                    output.logprobs,
+                    request.top_logprobs or 0,
+                    self.tokens_as_ids(request),
                 )
             finish_reason = output.finish_reason or "stop"
             reasoning, answer = self._split_reasoning(output.text)
@@ -422,7 +431,10 @@ class OpenAIServingChat(OpenAIServing):
                     logprobs = None
                     if request.logprobs:
                         logprobs = self._logprobs(
-                            sample.token_ids, sample.logprobs, request.top_logprobs or 0
+                            sample.token_ids,
+                            sample.logprobs,
+                            request.top_logprobs or 0,
+                            self.tokens_as_ids(request),
                         )
                     reasoning_delta = None
                     if self.reasoning_parser is not None:

@@ -90,6 +90,10 @@ class OpenAIServingCompletion(OpenAIServing):
         return JSONResponse(response.model_dump())
 
     def _check_supported(self, request: CompletionRequest) -> None:
+        if request.prompt_logprobs is not None and request.stream:
+            raise ServingError(
+                "prompt_logprobs are not available when stream is true", param="prompt_logprobs"
+            )
         if request.best_of is not None and request.stream and request.best_of > (request.n or 1):
             raise ServingError("best_of > n is not supported when streaming", param="best_of")
         if request.suffix is not None:
@@ -144,6 +148,7 @@ class OpenAIServingCompletion(OpenAIServing):
         logprobs: SampleLogprobs | None,
         num_top: int,
         offset: int,
+        as_ids: bool = False,
     ) -> tuple[CompletionLogProbs, int]:
         """Completions-format logprobs for `token_ids`; returns them and the next text offset.
 
@@ -153,7 +158,7 @@ class OpenAIServingCompletion(OpenAIServing):
         result = CompletionLogProbs()
         for token_id, step in zip(token_ids, logprobs or []):
             sampled = step.get(token_id)
-            token = self.token_text(token_id, sampled)
+            token = self.token_text(token_id, sampled, as_ids)
             result.tokens.append(token)
             result.token_logprobs.append(
                 None if sampled is None else clamp_logprob(sampled.logprob)
@@ -166,13 +171,14 @@ class OpenAIServingCompletion(OpenAIServing):
                     break
                 # Two ids can decode to the same text (partial UTF-8); the first, higher one wins.
                 top.setdefault(
-                    self.token_text(top_id, top_logprob), clamp_logprob(top_logprob.logprob)
+                    self.token_text(top_id, top_logprob, as_ids),
+                    clamp_logprob(top_logprob.logprob),
                 )
             result.top_logprobs.append(top)
         return result, offset
 
     def _prompt_part(
-        self, prompt: _Prompt, scored: PromptLogprobs | None, num_top: int
+        self, prompt: _Prompt, scored: PromptLogprobs | None, num_top: int, as_ids: bool = False
     ) -> tuple[CompletionLogProbs, int]:
         """The echoed prompt's completions-format logprobs (the first token's null, as it has
         no context); returns them and the text offset after them."""
@@ -180,13 +186,13 @@ class OpenAIServingCompletion(OpenAIServing):
         if not prompt.token_ids or not scored:
             return result, len(prompt.text)
         first = prompt.token_ids[0]
-        token = self.token_text(first, None)
+        token = self.token_text(first, None, as_ids)
         result.tokens.append(token)
         result.token_logprobs.append(None)
         result.top_logprobs.append(None)
         result.text_offset.append(0)
         rest, offset = self._logprobs(
-            prompt.token_ids[1:], cast(SampleLogprobs, scored[1:]), num_top, len(token)
+            prompt.token_ids[1:], cast(SampleLogprobs, scored[1:]), num_top, len(token), as_ids
         )
         for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
             getattr(result, name).extend(getattr(rest, name))
@@ -219,6 +225,7 @@ class OpenAIServingCompletion(OpenAIServing):
         finals: list[RequestOutput],
     ) -> CompletionResponse:
         n = request.n or 1
+        as_ids = self.tokens_as_ids(request)
         choices = []
         num_prompt_tokens = num_generated_tokens = 0
         for prompt_index, (prompt, final) in enumerate(zip(prompts, finals)):
@@ -231,10 +238,10 @@ class OpenAIServingCompletion(OpenAIServing):
                     echoed, offset = CompletionLogProbs(), len(prefix)
                     if request.echo:
                         echoed, offset = self._prompt_part(
-                            prompt, final.prompt_logprobs, request.logprobs
+                            prompt, final.prompt_logprobs, request.logprobs, as_ids
                         )
                     logprobs, _ = self._logprobs(
-                        output.token_ids, output.logprobs, request.logprobs, offset
+                        output.token_ids, output.logprobs, request.logprobs, offset, as_ids
                     )
                     for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                         getattr(echoed, name).extend(getattr(logprobs, name))
@@ -267,6 +274,7 @@ class OpenAIServingCompletion(OpenAIServing):
         generators: list[AsyncIterator[RequestOutput]],
     ) -> AsyncIterator[str]:
         n = request.n or 1
+        as_ids = self.tokens_as_ids(request)
         num_choices = len(prompts) * n
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         continuous_usage = include_usage and bool(
@@ -291,7 +299,7 @@ class OpenAIServingCompletion(OpenAIServing):
                         offsets[choice_index] = len(prompt.text)
                         if request.logprobs is not None:
                             prompt_part, offsets[choice_index] = self._prompt_part(
-                                prompt, output.prompt_logprobs, request.logprobs
+                                prompt, output.prompt_logprobs, request.logprobs, as_ids
                             )
                     num_tokens[choice_index] += len(sample.token_ids)
                     logprobs = None
@@ -301,6 +309,7 @@ class OpenAIServingCompletion(OpenAIServing):
                             sample.logprobs,
                             request.logprobs,
                             offsets[choice_index],
+                            as_ids,
                         )
                         if prompt_part is not None:
                             for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):

@@ -152,6 +152,8 @@ class OpenAIServing:
         self.vocab_size: int = engine.model_config.vocab_size
         self.max_logprobs: int = engine.model_config.max_logprobs
         self.tokenizer = engine.get_tokenizer()
+        # --return-tokens-as-token-ids: the default of the request field of that name.
+        self.return_tokens_as_token_ids = False
         # The engine's own prompt truncation and checks, run up front to answer a 400.
         self.input_processor: InputProcessor = engine.input_processor
         self.default_sampling, self.max_new_tokens = _generation_defaults(
@@ -417,7 +419,15 @@ class OpenAIServing:
             )
         return bias
 
-    def token_text(self, token_id: int, logprob: Logprob | None) -> str:
+    def tokens_as_ids(self, request: SamplingRequest) -> bool:
+        """Whether logprobs name tokens `token_id:<id>` (the request's field, else the server's
+        --return-tokens-as-token-ids): for tokens whose text alone is not valid UTF-8."""
+        asked = getattr(request, "return_tokens_as_token_ids", None)
+        return self.return_tokens_as_token_ids if asked is None else bool(asked)
+
+    def token_text(self, token_id: int, logprob: Logprob | None, as_ids: bool = False) -> str:
+        if as_ids:
+            return f"token_id:{token_id}"
         if logprob is not None and logprob.decoded_token is not None:
             return logprob.decoded_token
         return str(self.tokenizer.decode([token_id]))

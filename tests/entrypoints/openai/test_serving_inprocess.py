@@ -794,3 +794,22 @@ def test_best_of_returns_n_choices_and_refuses_streaming_and_bad_values(run, app
     )
     assert_error(post(run, app, "/v1/completions", {**body, "n": 3, "best_of": 2}), 400, "best_of")
     assert_error(post(run, app, "/v1/completions", {**body, "best_of": 0}), 400, "best_of")
+
+
+def test_return_tokens_as_token_ids_names_logprob_tokens_by_id(run, app) -> None:
+    import re
+
+    named = re.compile(r"token_id:\d+")
+    body = {"prompt": "Hello", "max_tokens": 3, "logprobs": 1, "echo": True, **GREEDY}
+    response = post(run, app, "/v1/completions", {**body, "return_tokens_as_token_ids": True})
+    logprobs = response.json()["choices"][0]["logprobs"]
+    assert all(named.fullmatch(t) for t in logprobs["tokens"]), logprobs["tokens"]
+    assert all(named.fullmatch(k) for top in logprobs["top_logprobs"][1:] for k in top)
+    chat = {"messages": CHAT, "max_tokens": 2, "logprobs": True, "top_logprobs": 1, **GREEDY}
+    response = post(run, app, "/v1/chat/completions", {**chat, "return_tokens_as_token_ids": True})
+    content = response.json()["choices"][0]["logprobs"]["content"]
+    assert content and all(named.fullmatch(entry["token"]) for entry in content)
+    assert all(named.fullmatch(top["token"]) for entry in content for top in entry["top_logprobs"])
+    # prompt_logprobs are for whole responses only, as in vLLM.
+    streamed = {"prompt": "Hello", "max_tokens": 2, "prompt_logprobs": 1, "stream": True}
+    assert_error(post(run, app, "/v1/completions", streamed), 400, "prompt_logprobs")
