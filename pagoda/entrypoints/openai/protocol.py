@@ -41,7 +41,6 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 REFUSED_FIELDS = {
     "use_beam_search": "beam search is not supported yet",
     "length_penalty": "length_penalty applies to beam search, which is not supported yet",
-    "prompt_logprobs": "prompt_logprobs is supported on /v1/completions only, not on chat yet",
     "logits_processors": "per-request logits processors are not supported",
     "structural_tag": "structural_tag is not supported yet; use structured_outputs",
     "guided_decoding_backend": "per-request backend selection is not supported; the server's "
@@ -190,6 +189,8 @@ class SamplingRequest(RequestModel):
     bad_words: list[Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)]] | None = Field(
         default=None, max_length=MAX_STOP_STRINGS
     )
+    # vLLM's: the top-k logprobs of every prompt token after the first (not when streaming).
+    prompt_logprobs: int | None = _range(None, minimum=0, maximum=MAX_TOP_LOGPROBS)
     # vLLM's: logprobs name their tokens `token_id:<id>` instead of their text.
     return_tokens_as_token_ids: bool | None = None
     # vLLM's: lower runs first under --scheduling-policy priority (refused otherwise unless 0).
@@ -256,8 +257,6 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = _range(16, minimum=1)
     echo: bool | None = False
     logprobs: int | None = _range(None, minimum=0)
-    # vLLM's: the top-k logprobs of every prompt token after the first (choices' prompt_logprobs).
-    prompt_logprobs: int | None = _range(None, minimum=0, maximum=MAX_TOP_LOGPROBS)
     # OpenAI's: generate best_of sequences, return the n of highest cumulative logprob.
     best_of: int | None = _range(None, minimum=1, maximum=MAX_N)
     suffix: str | None = None
@@ -487,6 +486,8 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
+    # With prompt_logprobs (vLLM's): of the rendered prompt's tokens, the first None.
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
     system_fingerprint: str | None = None
 
 

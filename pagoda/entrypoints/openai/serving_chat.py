@@ -121,6 +121,7 @@ class OpenAIServingChat(OpenAIServing):
             self.check_model(request.model)
             self.check_admission(raw_request=raw_request)
             self.check_priority(request)
+            self.check_prompt_logprobs(request)
             tools = self._tool_plan(request)
             prompt_text = render_chat_prompt(
                 self.tokenizer,
@@ -153,6 +154,7 @@ class OpenAIServingChat(OpenAIServing):
                     RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY
                 ),
                 logprobs_param="top_logprobs",
+                prompt_logprobs=request.prompt_logprobs,
                 structured_outputs=tools.constraint,
             )
             self._constrain_after_reasoning(params, prompt_text)
@@ -375,6 +377,7 @@ class OpenAIServingChat(OpenAIServing):
             model=self.model_name,
             choices=sorted(choices, key=lambda choice: choice.index),
             usage=usage_info(num_prompt_tokens, num_generated_tokens),
+            prompt_logprobs=self.prompt_logprobs_field(request, final.prompt_logprobs),
         )
 
     async def _stream(

@@ -24,7 +24,6 @@ from pagoda.entrypoints.openai.protocol import (
     CompletionResponse,
     CompletionResponseChoice,
     CompletionStreamResponse,
-    PromptLogprob,
 )
 from pagoda.entrypoints.openai.serving_engine import (
     SSE_DONE,
@@ -90,10 +89,7 @@ class OpenAIServingCompletion(OpenAIServing):
         return JSONResponse(response.model_dump())
 
     def _check_supported(self, request: CompletionRequest) -> None:
-        if request.prompt_logprobs is not None and request.stream:
-            raise ServingError(
-                "prompt_logprobs are not available when stream is true", param="prompt_logprobs"
-            )
+        self.check_prompt_logprobs(request)
         if request.best_of is not None and request.stream and request.best_of > (request.n or 1):
             raise ServingError("best_of > n is not supported when streaming", param="best_of")
         if request.suffix is not None:
@@ -198,24 +194,6 @@ class OpenAIServingCompletion(OpenAIServing):
             getattr(result, name).extend(getattr(rest, name))
         return result, offset
 
-    @staticmethod
-    def _prompt_logprobs_field(
-        request: CompletionRequest, scored: PromptLogprobs | None
-    ) -> list[dict[int, PromptLogprob] | None] | None:
-        if request.prompt_logprobs is None or scored is None:
-            return None
-        return [
-            None
-            if entry is None
-            else {
-                token_id: PromptLogprob(
-                    logprob=clamp_logprob(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token
-                )
-                for token_id, lp in list(entry.items())[: request.prompt_logprobs + 1]
-            }
-            for entry in scored
-        ]
-
     def _build_response(
         self,
         request: CompletionRequest,
@@ -251,7 +229,7 @@ class OpenAIServingCompletion(OpenAIServing):
                         index=prompt_index * n + output.index,
                         text=prefix + output.text,
                         logprobs=logprobs,
-                        prompt_logprobs=self._prompt_logprobs_field(request, final.prompt_logprobs),
+                        prompt_logprobs=self.prompt_logprobs_field(request, final.prompt_logprobs),
                         finish_reason=output.finish_reason,
                         stop_reason=output.stop_reason,
                     )
@@ -324,7 +302,7 @@ class OpenAIServingCompletion(OpenAIServing):
                                 index=choice_index,
                                 text=text,
                                 logprobs=logprobs,
-                                prompt_logprobs=self._prompt_logprobs_field(
+                                prompt_logprobs=self.prompt_logprobs_field(
                                     request, output.prompt_logprobs
                                 ),
                                 finish_reason=sample.finish_reason,

@@ -26,10 +26,11 @@ from pagoda.engine.input_processor import InputProcessor
 from pagoda.entrypoints.openai.protocol import (
     ErrorInfo,
     ErrorResponse,
+    PromptLogprob,
     SamplingRequest,
     UsageInfo,
 )
-from pagoda.outputs import Logprob
+from pagoda.outputs import Logprob, PromptLogprobs
 from pagoda.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 from pagoda.structured_output.validate import check_structured_outputs
 
@@ -418,6 +419,34 @@ class OpenAIServing:
                 param="logit_bias",
             )
         return bias
+
+    @staticmethod
+    def check_prompt_logprobs(request: SamplingRequest) -> None:
+        """prompt_logprobs come with whole responses only, as in vLLM."""
+        if request.prompt_logprobs is not None and getattr(request, "stream", False):
+            raise ServingError(
+                "prompt_logprobs are not available when stream is true", param="prompt_logprobs"
+            )
+
+    @staticmethod
+    def prompt_logprobs_field(
+        request: SamplingRequest, scored: PromptLogprobs | None
+    ) -> list[dict[int, PromptLogprob] | None] | None:
+        """The response's prompt_logprobs (vLLM's shape): each position's entries up to the
+        `prompt_logprobs` asked for (more may have been scored for an echo's logprobs)."""
+        if request.prompt_logprobs is None or scored is None:
+            return None
+        return [
+            None
+            if entry is None
+            else {
+                token_id: PromptLogprob(
+                    logprob=clamp_logprob(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token
+                )
+                for token_id, lp in list(entry.items())[: request.prompt_logprobs + 1]
+            }
+            for entry in scored
+        ]
 
     def tokens_as_ids(self, request: SamplingRequest) -> bool:
         """Whether logprobs name tokens `token_id:<id>` (the request's field, else the server's

@@ -778,9 +778,19 @@ def test_prompt_logprobs_and_echo_with_logprobs_score_the_prompt(run, app, engin
     )
     first = sse_events(streamed)[0]["choices"][0]["logprobs"]
     assert first["token_logprobs"][: len(ids)] == logprobs["token_logprobs"][: len(ids)]
-    # Chat does not score prompts yet: refused by name, not ignored.
-    chat = {"messages": CHAT, "max_tokens": 2, "prompt_logprobs": 1}
-    assert_error(post(run, app, "/v1/chat/completions", chat), 400, "prompt_logprobs")
+    # Chat scores its rendered prompt: the response's prompt_logprobs, one per prompt token.
+    chat = {"messages": CHAT, "max_tokens": 2, "prompt_logprobs": 1, **GREEDY}
+    reply = post(run, app, "/v1/chat/completions", chat)
+    assert reply.status_code == 200, reply.text
+    scored_chat = reply.json()["prompt_logprobs"]
+    assert scored_chat[0] is None and len(scored_chat) == reply.json()["usage"]["prompt_tokens"]
+    assert all(1 <= len(entry) <= 2 for entry in scored_chat[1:])
+    assert (
+        post(run, app, "/v1/chat/completions", {**chat, "prompt_logprobs": None}).json()[
+            "prompt_logprobs"
+        ]
+        is None
+    )
 
 
 def test_best_of_returns_n_choices_and_refuses_streaming_and_bad_values(run, app) -> None:
@@ -813,3 +823,5 @@ def test_return_tokens_as_token_ids_names_logprob_tokens_by_id(run, app) -> None
     # prompt_logprobs are for whole responses only, as in vLLM.
     streamed = {"prompt": "Hello", "max_tokens": 2, "prompt_logprobs": 1, "stream": True}
     assert_error(post(run, app, "/v1/completions", streamed), 400, "prompt_logprobs")
+    streamed_chat = {"messages": CHAT, "max_tokens": 2, "prompt_logprobs": 1, "stream": True}
+    assert_error(post(run, app, "/v1/chat/completions", streamed_chat), 400, "prompt_logprobs")

@@ -162,9 +162,9 @@ def test_streamed_json_parses_when_joined(client: openai.OpenAI) -> None:
         ),
         ({"use_beam_search": True}, "use_beam_search", "beam search is not supported"),
         (
-            {"prompt_logprobs": 1},
+            {"prompt_logprobs": 1, "stream": True},
             "prompt_logprobs",
-            "prompt_logprobs is supported on /v1/completions only",
+            "prompt_logprobs are not available when stream is true",
         ),
         ({"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend", "per-request"),
     ],
