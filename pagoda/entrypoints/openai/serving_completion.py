@@ -302,9 +302,6 @@ class OpenAIServingCompletion(OpenAIServing):
                                 index=choice_index,
                                 text=text,
                                 logprobs=logprobs,
-                                prompt_logprobs=self.prompt_logprobs_field(
-                                    request, output.prompt_logprobs
-                                ),
                                 finish_reason=sample.finish_reason,
                                 stop_reason=sample.stop_reason,
                             )
