@@ -16,7 +16,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from pagoda.config import EngineConfig
 from pagoda.engine.messages import (
@@ -62,7 +62,8 @@ class EngineCore:
         else:
             self.executor = UniProcExecutor(config)
         # Steps submitted to the pipeline stages and not finished yet, oldest first.
-        self._in_flight: deque[tuple[SchedulerOutput, ModelRunnerOutput | None]] = deque()
+        # (The executor's handle of each: see its submit_model.)
+        self._in_flight: deque[tuple[SchedulerOutput, Any]] = deque()
         self._max_in_flight = getattr(self.executor, "max_concurrent_batches", 1)
         self.num_blocks = self.executor.determine_num_blocks()
         self.executor.initialize_kv_cache(self.num_blocks)
@@ -158,7 +159,7 @@ class EngineCore:
         """With pipeline stages: keep up to one step per stage in flight, each over requests
         that no other step in flight holds, then finish the oldest. While the last stage
         computes one step the first computes the next, instead of waiting for it."""
-        executor = cast("MultiprocExecutor", self.executor)
+        executor = cast("MultiprocExecutor | RayExecutor", self.executor)
         scheduler = self.scheduler
         while len(self._in_flight) < self._max_in_flight:
             busy = {s.request_id for plan, _ in self._in_flight for s in plan.scheduled}

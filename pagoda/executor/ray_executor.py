@@ -96,6 +96,7 @@ class RayExecutor:
         if self._started_ray:
             ray.init(ignore_reinit_error=True, log_to_driver=False)
         size = config.world_size
+        self.config = config
         threads = max(1, torch.get_num_threads() // size)
         self._result_rank = _result_rank(config) if config.pipeline_parallel_size > 1 else 0
         address = ray.util.get_node_ip_address()
@@ -154,10 +155,23 @@ class RayExecutor:
         self.worker.initialize_kv_cache(num_blocks)
         self._get(refs)
 
+    @property
+    def max_concurrent_batches(self) -> int:
+        """One step per pipeline stage in flight (see `MultiprocExecutor`): an actor runs its
+        calls in the order they were made, so steps finish in order here too."""
+        return self.config.pipeline_parallel_size
+
     def execute_model(self, plan: SchedulerOutput) -> ModelRunnerOutput:
+        return self.wait_model(self.submit_model(plan))
+
+    def submit_model(self, plan: SchedulerOutput) -> tuple[list[Any], ModelRunnerOutput]:
+        """Start a step on every actor and compute this rank's part; `wait_model` finishes it."""
         payload = _PLAN_ENCODER.encode(plan)
         refs = [actor.execute_model.remote(payload) for actor in self._actors]
-        output = self.worker.execute_model(plan)
+        return refs, self.worker.execute_model(plan)
+
+    def wait_model(self, submitted: tuple[list[Any], ModelRunnerOutput]) -> ModelRunnerOutput:
+        refs, output = submitted
         results = self._get(refs)
         if self._result_rank == 0:
             return output

@@ -73,3 +73,27 @@ def test_tp2_across_two_ray_nodes_gives_the_single_rank_tokens(
     for actor in actors:
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(actor.node_id.remote(), timeout=30)
+
+
+def test_pp2_on_ray_keeps_a_step_per_stage_in_flight_and_gives_the_single_rank_tokens(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    make_tiny_llama(tmp_path, num_layers=4)
+    prompts = [*PROMPTS, "Numbers: 0 1 2 3", "Once upon a time"]
+    single = LLM(model=str(tmp_path), max_model_len=128)
+    expected = [list(r.outputs[0].token_ids) for r in single.generate(prompts, GREEDY)]
+    del single
+    gc.collect()
+    llm = LLM(
+        model=str(tmp_path),
+        pipeline_parallel_size=2,
+        distributed_executor_backend="ray",
+        max_model_len=128,
+    )
+    core = llm.llm_engine.engine_core
+    try:
+        assert core.executor.max_concurrent_batches == 2
+        got = [list(r.outputs[0].token_ids) for r in llm.generate(prompts, GREEDY)]
+        assert got == expected
+    finally:
+        core.shutdown()
