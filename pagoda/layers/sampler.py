@@ -344,9 +344,11 @@ def _random_sample(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Te
     return probs.div_(q).argmax(dim=-1)  # [B]
 
 
-def _gather_logprobs(
+def gather_logprobs(
     raw_logprobs: torch.Tensor, sampled: torch.Tensor, num_logprobs: int
 ) -> LogprobsTensors:
+    """The logprob and rank of each row's `sampled` token, and the row's top `num_logprobs`
+    (also used for prompt_logprobs, where "sampled" is the next prompt token)."""
     sampled_logprobs = raw_logprobs.gather(1, sampled.unsqueeze(1))  # [B, 1]
     ranks = (raw_logprobs >= sampled_logprobs).sum(dim=-1)  # [B]
     top_logprobs, top_ids = raw_logprobs.topk(num_logprobs, dim=-1)  # [B, K]
@@ -385,5 +387,5 @@ class Sampler(nn.Module):
 
         logprobs = None
         if raw_logprobs is not None and metadata.max_num_logprobs is not None:
-            logprobs = _gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs)
+            logprobs = gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs)
         return SamplerOutput(sampled_token_ids=sampled, logprobs=logprobs)

@@ -26,7 +26,7 @@ from pagoda.distributed.parallel_state import receive_from_previous_stage, send_
 from pagoda.engine.plan import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from pagoda.forward_context import ForwardContext, set_forward_context
 from pagoda.layers.attention import Attention
-from pagoda.layers.sampler import Sampler, SamplingMetadata
+from pagoda.layers.sampler import Sampler, SamplingMetadata, gather_logprobs
 from pagoda.layers.sampling_state import RequestSamplingState
 from pagoda.models.utils import CausalLM
 
@@ -376,37 +376,26 @@ class ModelRunner:
         assert self.model is not None
         asked = [self.states[r].params.prompt_logprobs or 0 for r, _, _ in spans]
         widest = self.model_config.vocab_size if -1 in asked else max(asked)
-        target_values: list[float] = []
+        ids: list[list[int]] = []
+        values: list[list[float]] = []
         ranks: list[int] = []
-        top_ids_list: list[list[int]] = []
-        top_values_list: list[list[float]] = []
         # A few hundred positions at a time: a whole chunk's [T, V] logits would take GBs.
         for first in range(0, len(rows), _PROMPT_LOGPROBS_ROWS):
             part = slice(first, first + _PROMPT_LOGPROBS_ROWS)
             index_rows = torch.tensor(rows[part], dtype=torch.long, device=self.device)
-            logits = self.model.compute_logits(hidden_states[index_rows]).float()
-            logprobs = logits.log_softmax(-1)  # [N, V]
+            logprobs = self.model.compute_logits(hidden_states[index_rows]).float().log_softmax(-1)
             target = torch.tensor(targets[part], dtype=torch.long, device=self.device)
-            chosen = logprobs.gather(1, target.unsqueeze(1))  # [N, 1]
-            ranks += (logprobs > chosen).sum(-1).add_(1).tolist()
-            target_values += chosen.squeeze(1).tolist()
-            if widest:
-                values, ids = logprobs.topk(min(widest, logprobs.shape[-1]), dim=-1)
-                top_ids_list += ids.tolist()
-                top_values_list += values.tolist()
-            else:
-                top_ids_list += [[] for _ in range(len(index_rows))]
-                top_values_list += [[] for _ in range(len(index_rows))]
+            # The sampler's own gather: the same layout and rank convention as sample logprobs.
+            gathered = gather_logprobs(logprobs, target, min(widest, logprobs.shape[-1]))
+            ids += gathered.token_ids.tolist()
+            values += gathered.logprobs.tolist()
+            ranks += gathered.ranks.tolist()
         result: dict[str, list[TokenLogprobs]] = {}
         for request_id, first, count in spans:
             k = self.states[request_id].params.prompt_logprobs or 0
-            width = widest if k == -1 else k
+            width = 1 + (widest if k == -1 else k)
             result[request_id] = [
-                (
-                    [targets[row], *top_ids_list[row][:width]],
-                    [target_values[row], *top_values_list[row][:width]],
-                    ranks[row],
-                )
+                (ids[row][:width], values[row][:width], ranks[row])
                 for row in range(first, first + count)
             ]
         return result

@@ -45,14 +45,19 @@ def cluster() -> Iterator[Cluster]:
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = previous
 
 
+def single_rank_tokens(path: Path, prompts: list[str]) -> list[list[int]]:
+    single = LLM(model=str(path), max_model_len=128)
+    expected = [list(r.outputs[0].token_ids) for r in single.generate(prompts, GREEDY)]
+    del single
+    gc.collect()
+    return expected
+
+
 def test_tp2_across_two_ray_nodes_gives_the_single_rank_tokens(
     cluster: Cluster, tmp_path: Path
 ) -> None:
     make_tiny_llama(tmp_path)
-    single = LLM(model=str(tmp_path), max_model_len=128)
-    expected = [list(r.outputs[0].token_ids) for r in single.generate(PROMPTS, GREEDY)]
-    del single
-    gc.collect()
+    expected = single_rank_tokens(tmp_path, PROMPTS)
     llm = LLM(
         model=str(tmp_path),
         tensor_parallel_size=2,
@@ -80,10 +85,7 @@ def test_pp2_on_ray_keeps_a_step_per_stage_in_flight_and_gives_the_single_rank_t
 ) -> None:
     make_tiny_llama(tmp_path, num_layers=4)
     prompts = [*PROMPTS, "Numbers: 0 1 2 3", "Once upon a time"]
-    single = LLM(model=str(tmp_path), max_model_len=128)
-    expected = [list(r.outputs[0].token_ids) for r in single.generate(prompts, GREEDY)]
-    del single
-    gc.collect()
+    expected = single_rank_tokens(tmp_path, prompts)
     llm = LLM(
         model=str(tmp_path),
         pipeline_parallel_size=2,

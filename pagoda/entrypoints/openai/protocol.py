@@ -40,6 +40,8 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # implement yet: refused by name (field -> what to say).
 REFUSED_FIELDS = {
     "use_beam_search": "beam search is not supported yet",
+    # Declared on /v1/completions; on chat it would be an ignored extra.
+    "best_of": "best_of is supported on /v1/completions only (use n on chat)",
     "length_penalty": "length_penalty applies to beam search, which is not supported yet",
     "logits_processors": "per-request logits processors are not supported",
     "structural_tag": "structural_tag is not supported yet; use structured_outputs",
@@ -308,6 +310,14 @@ class CompletionLogProbs(BaseModel):
     token_logprobs: list[float | None] = Field(default_factory=list)
     tokens: list[str] = Field(default_factory=list)
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+    def extend(self, more: CompletionLogProbs) -> CompletionLogProbs:
+        """Append `more`'s entries (the generated tokens after an echoed prompt's); returns self."""
+        self.text_offset += more.text_offset
+        self.token_logprobs += more.token_logprobs
+        self.tokens += more.tokens
+        self.top_logprobs += more.top_logprobs
+        return self
 
 
 class PromptLogprob(BaseModel):

@@ -190,9 +190,7 @@ class OpenAIServingCompletion(OpenAIServing):
         rest, offset = self._logprobs(
             prompt.token_ids[1:], cast(SampleLogprobs, scored[1:]), num_top, len(token), as_ids
         )
-        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-            getattr(result, name).extend(getattr(rest, name))
-        return result, offset
+        return result.extend(rest), offset
 
     def _build_response(
         self,
@@ -221,9 +219,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     logprobs, _ = self._logprobs(
                         output.token_ids, output.logprobs, request.logprobs, offset, as_ids
                     )
-                    for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-                        getattr(echoed, name).extend(getattr(logprobs, name))
-                    logprobs = echoed
+                    logprobs = echoed.extend(logprobs)
                 choices.append(
                     CompletionResponseChoice(
                         index=prompt_index * n + output.index,
@@ -290,9 +286,7 @@ class OpenAIServingCompletion(OpenAIServing):
                             as_ids,
                         )
                         if prompt_part is not None:
-                            for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-                                getattr(prompt_part, name).extend(getattr(logprobs, name))
-                            logprobs = prompt_part
+                            logprobs = prompt_part.extend(logprobs)
                     chunk = CompletionStreamResponse(
                         id=request_id,
                         created=created,
