@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pagoda import envs
+from pagoda.layers.quantization.schemes import QuantScheme, detect_quantization
 
 if TYPE_CHECKING:
     import torch
@@ -76,6 +77,9 @@ class ModelConfig:
     weights_file: Path | None = None
     requested_dtype: str = "auto"  # as the user gave it
     device_type: str = "cpu"
+    # The checkpoint's quantization (`quantization_config`, checked against --quantization);
+    # None: float weights (or a GGUF file's blocks).
+    quantization: QuantScheme | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -175,6 +179,7 @@ class EngineArgs:
     download_dir: str | None = None
     trust_remote_code: bool = False
     dtype: str = "auto"
+    quantization: str | None = None
     seed: int | None = 0
     max_model_len: int | None = None
     block_size: int = 16
@@ -384,6 +389,7 @@ class EngineArgs:
             weights_file=resolved.weights_file,
             requested_dtype=self.dtype,
             device_type=device_type,
+            quantization=detect_quantization(hf_config, self.quantization),
         )
 
 

@@ -11,6 +11,7 @@ import argparse
 from typing import Any
 
 from pagoda.config import KV_CACHE_DTYPES
+from pagoda.layers.quantization.schemes import QUANTIZATION_METHODS
 
 _DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 _BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
@@ -29,6 +30,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--revision", default=None, help="hub branch, tag or commit of the model")
     group.add_argument("--download-dir", default=None, help="hub download directory")
     group.add_argument("--dtype", choices=_DTYPES, default=None, help="(default: auto)")
+    group.add_argument(
+        "--quantization",
+        "-q",
+        choices=QUANTIZATION_METHODS,
+        default=None,
+        help="(default: from the checkpoint's quantization_config)",
+    )
     group.add_argument(
         "--seed", type=int, default=0, help="seed of the engine and of the random prompts"
     )

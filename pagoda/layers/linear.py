@@ -91,8 +91,11 @@ class LinearBase(nn.Module):
         self, param: nn.Parameter, loaded_weight: Any, shard_id: str | int | None = None
     ) -> None:
         """Copy this rank's slice of a checkpoint tensor into `param`; a weight in its stored
-        encoding (GGUF blocks) goes to the weight method as it is."""
-        if isinstance(loaded_weight, torch.Tensor):
+        encoding (GGUF blocks, a quantized checkpoint's tensors) goes to the weight method as it
+        is."""
+        if isinstance(loaded_weight, torch.Tensor) and not self.method.accepts(
+            self, param, loaded_weight
+        ):
             self.load_tensor(param, loaded_weight, shard_id)
         else:
             self.method.load_stored(self, param, loaded_weight, shard_id)

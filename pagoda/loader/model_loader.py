@@ -100,7 +100,15 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, Any]], source: s
     if owns is not None:  # a pipeline stage loads its own layers only
         weights = ((name, tensor) for name, tensor in weights if owns(name))
     loaded = cast(CausalLM, model).load_weights(weights)
-    missing = sorted(name for name, _ in model.named_parameters() if name not in loaded)
+    optional: set[str] = set()
+    for prefix, module in model.named_modules():
+        method = getattr(module, "method", None)
+        if method is not None:
+            dot = f"{prefix}." if prefix else ""
+            optional.update(dot + name for name in method.optional_parameters(module))
+    missing = sorted(
+        name for name, _ in model.named_parameters() if name not in loaded and name not in optional
+    )
     if missing:
         raise RuntimeError(
             f"checkpoint in {source} did not provide {len(missing)} parameter(s) of "
@@ -114,7 +122,14 @@ def process_weights(model: nn.Module) -> None:
     fbgemm packs on one core and releases the GIL, as do the C repacks: a thread per core, the
     largest layer (the LM head) first so that the last one to finish is small.
     """
-    layers: list[Any] = [module for module in model.modules() if hasattr(module, "method")]
-    layers.sort(key=lambda layer: layer.weight.numel(), reverse=True)
+    names = {module: name for name, module in model.named_modules() if hasattr(module, "method")}
+    layers: list[Any] = sorted(names, key=lambda layer: layer.weight.numel(), reverse=True)
+
+    def process(layer: Any) -> None:
+        try:
+            layer.method.process_weights_after_loading(layer)
+        except ValueError as error:  # a corrupt tensor: name the layer it belongs to
+            raise ValueError(f"{names[layer]}: {error}") from error
+
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        list(pool.map(lambda layer: layer.method.process_weights_after_loading(layer), layers))
+        list(pool.map(process, layers))

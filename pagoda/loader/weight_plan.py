@@ -33,13 +33,14 @@ from torch import nn
 if TYPE_CHECKING:
     from pagoda.config import ModelConfig
     from pagoda.layers.quantization.base import LinearMethod
+    from pagoda.layers.quantization.schemes import QuantScheme
 
 
 @dataclass(frozen=True, slots=True)
 class WeightPlan:
     """Which weight method the linear layers get, whether the C decoder runs, and why."""
 
-    linear_method: str  # "float", "float16" or "gguf"
+    linear_method: str  # "float", "float16", "gguf" or "quantized"
     reason: str  # why that method, for the log
     decoder_reason: str | None = None  # why the C decoder does not run; None: it does
     # The dtype the decoder reads a non-GGUF checkpoint's weights in (its own bfloat16/float16).
@@ -53,6 +54,8 @@ class WeightPlan:
     # Block layers multiply steps of 8+ tokens by int8 tokens on the integer GEMM (AVX512-VNNI,
     # PAGODA_CPU_INT8_MATMUL=1), from a packed copy of the blocks; no bfloat16 copy then.
     int8_blocks: bool = False
+    # A quantized checkpoint's format ("quantized" method): its layers become GGUF blocks.
+    scheme: QuantScheme | None = None
 
     @property
     def uses_cpu_decoder(self) -> bool:
@@ -70,6 +73,17 @@ class WeightPlan:
         from pagoda.layers.quantization.gguf import GGUFLinearMethod
         from pagoda.layers.quantization.half import HalfLinearMethod
 
+        if self.linear_method == "quantized":
+            from pagoda.layers.embedding import ParallelLMHead
+            from pagoda.layers.quantization.checkpoint import CheckpointQuantMethod
+
+            assert self.scheme is not None
+            if not isinstance(layer, ParallelLMHead):
+                return CheckpointQuantMethod(self.scheme, self)
+            if not self.block_gemm:  # off the CPU kernels: the model's dtype throughout
+                return UnquantizedLinearMethod()
+            decoder_dtype = self.decoder_dtype if self.uses_cpu_decoder else None
+            return HalfLinearMethod(decoder_dtype, self.batched_dtype)
         if self.linear_method == "gguf":
             return GGUFLinearMethod(
                 self.block_gemm, self.batched_dtype, self.bf16_blocks, self.int8_blocks
@@ -119,6 +133,8 @@ def decide_weight_plan(
     """The plan for `model_config` on `device` (reads the GGUF header, never the weights)."""
     from pagoda.layers.quantization.half import half_weight_matmul_available
 
+    if model_config.quantization is not None:
+        return _quantized_plan(model_config, device, tensor_parallel_size)
     if tensor_parallel_size > 1:
         # NOTE: the shards are cut from float tensors (a GGUF file's blocks dequantized); the
         # packed and block weight methods, and the C decoder, hold whole matrices.
@@ -160,6 +176,53 @@ def decide_weight_plan(
         decoder_reason=decoder_reason,
         decoder_dtype=torch.bfloat16 if bfloat16 else torch.float16,
         batched_dtype=batched_dtype,
+    )
+
+
+def _quantized_plan(model_config: ModelConfig, device: torch.device, world_size: int) -> WeightPlan:
+    """A quantized checkpoint's plan: its layers as GGUF blocks on the CPU kernels (the float
+    layers, LM head included, as fbgemm float16), or widened to the model's dtype elsewhere."""
+    from pagoda.cpu.matrix import block_gemm_available
+    from pagoda.layers.quantization.half import half_weight_matmul_available
+
+    scheme = model_config.quantization
+    assert scheme is not None
+    if world_size > 1:
+        raise ValueError(
+            f"{scheme.method} checkpoints under tensor or pipeline parallelism are not supported "
+            "yet; serve them with tensor_parallel_size=1 and pipeline_parallel_size=1"
+        )
+    exact_float32 = model_config.dtype_name == "float32"
+    if device.type != "cpu" or not exact_float32:
+        return WeightPlan(
+            "quantized",
+            f"{scheme.describe()}, widened to {model_config.dtype_name} on {device.type} "
+            "(Pagoda has no kernels for these weights there yet)",
+            decoder_reason="quantized weights widened to float",
+            scheme=scheme,
+        )
+    if not block_gemm_available() or not half_weight_matmul_available():
+        return WeightPlan(
+            "quantized",
+            f"{scheme.describe()}, widened to float32: this build has no CPU block kernels",
+            decoder_reason="a build without the compiled CPU kernels",
+            scheme=scheme,
+        )
+    decoder_reason = decoder_unsupported_reason(model_config.hf_config, None)
+    if decoder_reason is None and scheme.act_order:
+        decoder_reason = "act-order (desc_act) input orders"
+    batched_dtype = batched_matmul_dtype()
+    bfloat16 = _config_dtype(model_config.hf_config) == "bfloat16"
+    return WeightPlan(
+        "quantized",
+        f"{scheme.describe()}, as GGUF blocks",
+        decoder_reason=decoder_reason,
+        decoder_dtype=torch.bfloat16 if bfloat16 else torch.float16,
+        block_gemm=True,
+        batched_dtype=batched_dtype,
+        bf16_blocks=batched_dtype == torch.bfloat16 and bf16_blocks_pay(),
+        int8_blocks=int8_blocks_requested(),
+        scheme=scheme,
     )
 
 

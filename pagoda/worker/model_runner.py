@@ -130,10 +130,13 @@ class ModelRunner:
 
             library = cpu_library()
             assert library is not None, "the weight plan checked the CPU kernels"
-            # On the bfloat16 blocks, batched decode steps run here too, on the same products.
-            self.cpu_decoder = CPUDecoder(
-                library, module, batched_bf16=plan.bf16_blocks and not plan.int8_blocks
-            )
+            try:
+                # On the bfloat16 blocks, batched decode steps run here too, on the same products.
+                self.cpu_decoder = CPUDecoder(
+                    library, module, batched_bf16=plan.bf16_blocks and not plan.int8_blocks
+                )
+            except ValueError as error:  # a layer keeps no matrices it can read (widened)
+                logger.info("Decode steps run in PyTorch: %s", error)
         elif plan.linear_method != "float":
             logger.info(
                 "Decode steps run in PyTorch: the C decoder does not support %s",

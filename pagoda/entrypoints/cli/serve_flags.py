@@ -15,6 +15,7 @@ import re
 from decimal import Decimal, InvalidOperation
 
 from pagoda.config import KV_CACHE_DTYPES, SCHEDULING_POLICIES
+from pagoda.layers.quantization.schemes import QUANTIZATION_METHODS
 from pagoda.loader.resolve import DEFAULT_MODEL
 
 DEFAULT_HOST = "127.0.0.1"
@@ -300,6 +301,14 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="weights and activations dtype; auto: float32 on CPU, on GPU float16 for float32 "
         "checkpoints and the checkpoint's dtype otherwise",
+    )
+    group.add_argument(
+        "--quantization",
+        "-q",
+        choices=QUANTIZATION_METHODS,
+        default=None,
+        help="how the checkpoint's weights are quantized (default: None -> read from its "
+        "quantization_config); a value that contradicts the checkpoint is an error",
     )
     group.add_argument("--seed", type=int, default=0, help="random seed of the engine")
     group.add_argument(

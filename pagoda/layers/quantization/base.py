@@ -63,6 +63,16 @@ class LinearMethod(ABC):
         """
         raise ValueError(f"{type(self).__name__} takes checkpoint tensors, not stored blocks")
 
+    def accepts(self, layer: WeightedLayer, param: nn.Parameter, loaded: torch.Tensor) -> bool:
+        """Whether a checkpoint tensor for `param` goes to `load_stored` as it is (a quantized
+        tensor) rather than being copied into the parameter."""
+        return False
+
+    def optional_parameters(self, layer: WeightedLayer) -> set[str]:
+        """The layer's parameters (local names) that may stay unloaded, given what has loaded:
+        a quantized checkpoint's layer needs either its float weight or its quantized tensors."""
+        return set()
+
     def process_weights_after_loading(self, layer: WeightedLayer) -> None:  # noqa: B027 - optional
         """Turn the loaded parameters into the form `apply` multiplies by (once)."""
 
