@@ -16,6 +16,7 @@ itself, and its own decompression gives the reference.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,11 @@ _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
 def _quantized(name: str) -> bool:
-    return ".layers." in name and name.endswith("_proj.weight")
+    """Every decoder projection, Mixtral's experts (w1, w2, w3) included, but not its router."""
+    return (
+        ".layers." in name
+        and re.search(r"(_proj|\.experts\.\d+\.w[123])\.weight$", name) is not None
+    )
 
 
 def _int32(words: torch.Tensor) -> torch.Tensor:
@@ -235,9 +240,13 @@ def quantize_weight(weight: torch.Tensor, fmt: str, seed: int = 0):
     return _compressed_tensors(weight, layout, args)
 
 
-def quantize_checkpoint(source: Path, target: Path, fmt: str) -> dict[str, torch.Tensor]:
+def quantize_checkpoint(
+    source: Path, target: Path, fmt: str, reference_dir: Path | None = None
+) -> dict[str, torch.Tensor]:
     """Write `source` quantized in `fmt` to `target`; return the float32 state dict it stands
-    for (non-quantized tensors rounded to float16, as they are stored)."""
+    for (non-quantized tensors rounded to float16, as they are stored), by checkpoint name. With
+    `reference_dir`, also write that state dict there as a float checkpoint (for
+    `from_pretrained`, which maps checkpoint names onto its own)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown test format {fmt!r}")
     target.mkdir(parents=True, exist_ok=True)
@@ -264,6 +273,12 @@ def quantize_checkpoint(source: Path, target: Path, fmt: str) -> dict[str, torch
     config["quantization_config"] = _config(fmt)
     config["dtype"] = config["torch_dtype"] = "float16"
     (target / "config.json").write_text(json.dumps(config, indent=2))
+    if reference_dir is not None:
+        reference_dir.mkdir(parents=True, exist_ok=True)
+        for path in source.iterdir():
+            if path.suffix != ".safetensors" and path.name != "model.safetensors.index.json":
+                shutil.copy(path, reference_dir / path.name)
+        save_file(reference, reference_dir / "model.safetensors")
     return reference
 
 

@@ -19,8 +19,9 @@ from torch.nn import functional as F
 
 from pagoda.distributed.parallel_state import all_reduce
 from pagoda.layers.activation import get_gated_activation
-from pagoda.layers.linear import ReplicatedLinear
+from pagoda.layers.linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from pagoda.layers.loading import copy_checked
+from pagoda.layers.quantization.base import experts_as_layers
 
 _EXPERT_PARTS = ("gate", "up", "down")
 
@@ -40,6 +41,33 @@ def select_experts(
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, expert_ids
+
+
+def expert_layer_mapping(
+    num_experts: int, gate_name: str, up_name: str, down_name: str
+) -> list[tuple[str, str, str | int | None]]:
+    """`stacked_params` entries for a `FusedMoE` whose experts are linear layers
+    (`experts_as_layers`): `...experts.3.<gate_name>.qweight` loads into
+    `...experts.3.gate_up_proj.qweight` as shard 0 (up: 1), and down into `...experts.3.down_proj`.
+    """
+    mapping: list[tuple[str, str, str | int | None]] = []
+    for expert in range(num_experts):
+        prefix = f".experts.{expert}."
+        mapping.append((prefix + "gate_up_proj.", prefix + gate_name + ".", 0))
+        mapping.append((prefix + "gate_up_proj.", prefix + up_name + ".", 1))
+        mapping.append((prefix + "down_proj.", prefix + down_name + ".", None))
+    return mapping
+
+
+class ExpertMLP(nn.Module):
+    """One expert as linear layers (gate/up fused, down), for `FusedMoE` with experts_as_layers."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size, [intermediate_size, intermediate_size], bias=False
+        )
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False)
 
 
 def expert_weight_mapping(
@@ -106,6 +134,17 @@ class FusedMoE(nn.Module):
         self.tp_size = tp_size
         self.intermediate_size_per_partition = intermediate_size // tp_size
         size = self.intermediate_size_per_partition
+        self.act_fn = get_gated_activation(hidden_act)
+        # Experts as linear layers (a quantized checkpoint's, one weight method each), registered
+        # as submodules "0", "1", ...; None: the stacked float parameters below.
+        self.expert_layers: list[ExpertMLP] | None = None
+        if experts_as_layers():
+            if tp_size != 1:
+                raise ValueError("experts as linear layers are not sharded for tensor parallelism")
+            self.expert_layers = [ExpertMLP(hidden_size, size) for _ in range(num_experts)]
+            for expert, layer in enumerate(self.expert_layers):
+                self.add_module(str(expert), layer)
+            return
         self.gate_up_proj = nn.Parameter(
             torch.empty(num_experts, 2 * size, hidden_size), requires_grad=False
         )
@@ -114,7 +153,6 @@ class FusedMoE(nn.Module):
         )
         for param in (self.gate_up_proj, self.down_proj):
             param.weight_loader = self.weight_loader  # type: ignore[attr-defined]
-        self.act_fn = get_gated_activation(hidden_act)
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None = None
@@ -167,8 +205,12 @@ class FusedMoE(nn.Module):
                 continue
             rows = token_rows[start : start + count]  # [n]
             x = hidden_states.index_select(0, rows)  # [n, H]
-            x = self.act_fn(F.linear(x, self.gate_up_proj[expert]))  # [n, 2I] -> [n, I]
-            x = F.linear(x, self.down_proj[expert])  # [n, H]
+            if self.expert_layers is not None:
+                layer = self.expert_layers[expert]
+                x = layer.down_proj(self.act_fn(layer.gate_up_proj(x)))  # [n, H]
+            else:
+                x = self.act_fn(F.linear(x, self.gate_up_proj[expert]))  # [n, 2I] -> [n, I]
+                x = F.linear(x, self.down_proj[expert])  # [n, H]
             # The routing weight multiplies in float32, as in transformers, before the cast back.
             x = x * sorted_weights[start : start + count, None]  # [n, H]
             output.index_add_(0, rows, x.to(output.dtype))

@@ -100,7 +100,11 @@ class WeightPlan:
         from pagoda.cpu.elementwise import fused_elementwise
         from pagoda.layers.quantization.base import linear_methods
 
-        with linear_methods(self.create_method), fused_elementwise(self.batched_dtype is not None):
+        quantized = self.linear_method == "quantized"
+        with (
+            linear_methods(self.create_method, experts_as_layers=quantized),
+            fused_elementwise(self.batched_dtype is not None),
+        ):
             yield
 
     def describe(self, model: nn.Module) -> str:

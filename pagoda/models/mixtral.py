@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from pagoda.layers.moe import SparseMoeBlock, expert_weight_mapping
+from pagoda.layers.moe import FusedMoE, SparseMoeBlock, expert_layer_mapping, expert_weight_mapping
 from pagoda.models.llama import LlamaForCausalLM
 from pagoda.models.utils import LLAMA_STACKED_PARAMS, load_weights_with_mapping
 
@@ -45,10 +45,18 @@ class MixtralForCausalLM(LlamaForCausalLM):
 
     layer_options: ClassVar[Mapping[str, Any]] = {"make_mlp": make_mixtral_moe}
 
+    def experts_are_layers(self) -> bool:
+        """Whether the experts were built as linear layers (a quantized checkpoint's)."""
+        return any(
+            isinstance(module, FusedMoE) and module.expert_layers is not None
+            for module in self.modules()
+        )
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load Hugging Face-named checkpoint tensors; returns the parameter names loaded."""
         skip = {"lm_head.weight"} if self.tie_word_embeddings else set()
-        experts = expert_weight_mapping(
+        mapping = expert_layer_mapping if self.experts_are_layers() else expert_weight_mapping
+        experts = mapping(
             self.config.num_local_experts, gate_name="w1", up_name="w3", down_name="w2"
         )
         stacked = [*experts, *LLAMA_STACKED_PARAMS]

@@ -101,7 +101,7 @@ def rope_settings(
 def load_weights_with_mapping(
     model: nn.Module,
     weights: Iterable[tuple[str, torch.Tensor]],
-    stacked_params: Sequence[tuple[str, str, str | int]] = LLAMA_STACKED_PARAMS,
+    stacked_params: Sequence[tuple[str, str, str | int | None]] = LLAMA_STACKED_PARAMS,
     skip: Container[str] = (),
 ) -> set[str]:
     """Load checkpoint `(hf_name, tensor)` pairs into `model`'s parameters; return the names loaded.
@@ -114,18 +114,18 @@ def load_weights_with_mapping(
         ValueError: a checkpoint tensor has no matching parameter, or does not fit it.
     """
     params = dict(model.named_parameters())
-    shards_per_fused_part: dict[str, set[str | int]] = {}
+    shards_per_fused_part: dict[str, set[str | int | None]] = {}
     for fused_part, _, part_shard_id in stacked_params:
         shards_per_fused_part.setdefault(fused_part, set()).add(part_shard_id)
     loaded: set[str] = set()
     # A fused parameter counts as loaded only once every one of its shards has arrived, so the
     # loader's final check catches a checkpoint that lacks, say, v_proj.
-    loaded_shards: dict[str, set[str | int]] = {}
+    loaded_shards: dict[str, set[str | int | None]] = {}
     for name, tensor in weights:
         if name in skip or name.endswith(IGNORED_CHECKPOINT_SUFFIXES):
             continue
         target, shard_id = name, None
-        expected_shards: set[str | int] = set()
+        expected_shards: set[str | int | None] = set()
         for fused_part, checkpoint_part, part_shard_id in stacked_params:
             if checkpoint_part in name:
                 target = name.replace(checkpoint_part, fused_part)

@@ -26,6 +26,7 @@ import transformers
 from pagoda import LLM, SamplingParams
 from pagoda.layers.quantization.checkpoint import CheckpointQuantMethod
 from tests.models.tiny_families_a import make_tiny_checkpoint
+from tests.models.tiny_families_c import make_tiny_mixtral
 from tests.quantized_checkpoints import FORMATS, quantize_checkpoint, quantized_bytes
 from tests.tiny_llama import make_tiny_llama
 
@@ -47,8 +48,14 @@ EXACT_TOLERANCE = 2e-3
 FP8_FORMATS = ("ct-fp8-channel", "fp8-block")
 
 
+# The quantized layers of each family: qkv, o and gate_up, down in each of 2 layers (Mixtral:
+# gate_up and down of each of its 4 experts).
+FAMILIES = {"llama": 2 * 4, "qwen2": 2 * 4, "mixtral": 2 * (2 + 2 * 4)}
+
+
 @dataclass
 class Quantized:
+    family: str
     fmt: str
     llm: LLM
     reference: transformers.PreTrainedModel
@@ -58,12 +65,14 @@ class Quantized:
 def _float_checkpoint(family: str, path: Path) -> Path:
     if family == "llama":
         return make_tiny_llama(path)
+    if family == "mixtral":
+        return make_tiny_mixtral(path)
     return make_tiny_checkpoint(path, family)
 
 
 @pytest.fixture(
     scope="module",
-    params=[(f, fmt) for f in ("llama", "qwen2") for fmt in FORMATS],
+    params=[(f, fmt) for f in FAMILIES for fmt in FORMATS],
     ids=lambda p: f"{p[0]}-{p[1]}",
 )
 def quantized(
@@ -72,13 +81,14 @@ def quantized(
     family, fmt = request.param
     source = _float_checkpoint(family, tmp_path_factory.mktemp(f"{family}-float"))
     target = tmp_path_factory.mktemp(f"{family}-{fmt}")
-    state = quantize_checkpoint(source, target, fmt)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    missing, unexpected = reference.load_state_dict(state, strict=False)
-    assert not unexpected and all("lm_head" in name for name in missing)  # a tied head
+    reference_dir = tmp_path_factory.mktemp(f"{family}-{fmt}-reference")
+    quantize_checkpoint(source, target, fmt, reference_dir)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        reference_dir, dtype=torch.float32
+    )
     tokenizer = transformers.AutoTokenizer.from_pretrained(target)
     llm = LLM(str(target), max_logprobs=-1)
-    yield Quantized(fmt, llm, reference.eval(), [tokenizer.encode(p) for p in PROMPTS])
+    yield Quantized(family, fmt, llm, reference.eval(), [tokenizer.encode(p) for p in PROMPTS])
     del llm
 
 
@@ -140,7 +150,7 @@ def test_quantized_layers_hold_their_blocks_and_no_float_weight(quantized: Quant
         if isinstance(getattr(m, "method", None), CheckpointQuantMethod)
     ]
     quantized_layers = [layer for layer in layers if layer.method.quantized]
-    assert len(quantized_layers) == 2 * 4  # qkv, o, gate_up, down in each of 2 layers
+    assert len(quantized_layers) == FAMILIES[quantized.family]
     for layer in quantized_layers:
         assert layer.weight.numel() == 0
         expected = sum(

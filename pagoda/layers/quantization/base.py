@@ -148,18 +148,26 @@ _MethodFactory = Callable[[nn.Module], LinearMethod]
 # NOTE: construction-scoped, like torch's default dtype and device: set only by `linear_methods`
 # around building a model, and read only by layer constructors.
 _factory: _MethodFactory | None = None
+_experts_as_layers = False
 
 
 @contextmanager
-def linear_methods(factory: _MethodFactory) -> Iterator[None]:
-    """Layers constructed inside the block get their method from `factory(layer)`."""
-    global _factory
-    previous = _factory
-    _factory = factory
+def linear_methods(factory: _MethodFactory, experts_as_layers: bool = False) -> Iterator[None]:
+    """Layers constructed inside the block get their method from `factory(layer)`; with
+    `experts_as_layers`, mixture-of-experts banks build each expert from linear layers (so that
+    a quantized checkpoint's experts get the same weight method as every other projection)."""
+    global _factory, _experts_as_layers
+    previous = _factory, _experts_as_layers
+    _factory, _experts_as_layers = factory, experts_as_layers
     try:
         yield
     finally:
-        _factory = previous
+        _factory, _experts_as_layers = previous
+
+
+def experts_as_layers() -> bool:
+    """Whether an MoE bank under construction should build its experts as linear layers."""
+    return _experts_as_layers
 
 
 def create_linear_method(layer: nn.Module) -> LinearMethod:
