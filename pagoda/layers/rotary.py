@@ -19,7 +19,15 @@ from torch import nn
 
 from pagoda.cpu import elementwise
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+SUPPORTED_ROPE_TYPES = (
+    "default",
+    "linear",
+    "dynamic",
+    "llama3",
+    "yarn",
+    "longrope",
+    "freq_factors",
+)
 
 
 def _base_inv_freq(base: float, rotary_dim: int) -> torch.Tensor:
@@ -314,6 +322,11 @@ def get_rope(
         inv_freq = _longrope_inv_freq(base, rotary_dim, list(factors))
         cos, sin = _cos_sin(inv_freq, 0, max_position)
         cos, sin = cos * attention_factor, sin * attention_factor
+    elif rope_type == "freq_factors":
+        # Pagoda's name for a GGUF file's `rope_freqs` tensor (Llama 3.1+): llama.cpp divides
+        # each frequency by its factor; the llama3 settings that produced them are not recorded.
+        inv_freq = _longrope_inv_freq(base, rotary_dim, list(scaling["factors"]))
+        cos, sin = _cos_sin(inv_freq, 0, max_position)
     else:
         raise ValueError(
             f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"

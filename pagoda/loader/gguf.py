@@ -298,8 +298,65 @@ def _gemma3_config(gguf_file: GGUFFile) -> dict[str, Any]:
     }
 
 
+# Qwen3 normalizes each head's queries and keys before the rotary embedding.
+_QWEN3_BLOCK_NAMES: dict[str, str] = {
+    **_LLAMA_BLOCK_NAMES,
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
+# Phi-3 stores q/k/v and gate/up fused, in HF checkpoints and llama.cpp's files alike.
+_PHI3_BLOCK_NAMES: dict[str, str] = {
+    **_LLAMA_BLOCK_NAMES,
+    "attn_qkv": "self_attn.qkv_proj",
+    "ffn_up": "mlp.gate_up_proj",
+}
+
+
+def _qwen3_config(gguf_file: GGUFFile) -> dict[str, Any]:
+    return {"hidden_act": "silu", "use_sliding_window": False}
+
+
+def _qwen2_config(gguf_file: GGUFFile) -> dict[str, Any]:
+    # Qwen2's q/k/v always carry biases and its output projection never does, whatever
+    # `attention_bias` (a Llama field) would say.
+    return {**_qwen3_config(gguf_file), "attention_bias": False}
+
+
+def _phi3_config(gguf_file: GGUFFile) -> dict[str, Any]:
+    window = gguf_file.arch_value("attention.sliding_window")
+    original = gguf_file.arch_value("rope.scaling.original_context_length")
+    config: dict[str, Any] = {
+        "hidden_act": "silu",
+        # llama.cpp's phi3 has no bias anywhere; Phi-3's HF config says the same.
+        "attention_bias": False,
+        "sliding_window": int(window) if window else None,
+        "original_max_position_embeddings": int(original or _required(gguf_file, "context_length")),
+    }
+    return config
+
+
+# Tensors that hold rotary frequency factors (read into the config, not loaded as weights).
+_ROPE_FACTOR_TENSORS = (
+    "rope_freqs.weight",
+    "rope_factors_long.weight",
+    "rope_factors_short.weight",
+)
+
+
 _ARCHITECTURES: dict[str, _GGUFArchitecture] = {
+    # Mistral's files say "llama" too (llama.cpp converts it as Llama), and load as Llama.
     "llama": _GGUFArchitecture("LlamaConfig", "LlamaForCausalLM", permute_qk=True),
+    # Qwen2/3 run NeoX-style rotary in llama.cpp: q/k rows are stored as HF has them.
+    "qwen2": _GGUFArchitecture("Qwen2Config", "Qwen2ForCausalLM", extra_config=_qwen2_config),
+    "qwen3": _GGUFArchitecture(
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        block_names=_QWEN3_BLOCK_NAMES,
+        extra_config=_qwen3_config,
+    ),
+    "phi3": _GGUFArchitecture(
+        "Phi3Config", "Phi3ForCausalLM", block_names=_PHI3_BLOCK_NAMES, extra_config=_phi3_config
+    ),
     # Gemma runs NeoX-style rotary in llama.cpp, so q/k rows are stored unpermuted.
     "gemma": _GGUFArchitecture(
         "GemmaConfig",
@@ -379,6 +436,49 @@ def _rope_parameters(gguf_file: GGUFFile) -> dict[str, Any]:
     return parameters
 
 
+def _factor_values(gguf_file: GGUFFile, name: str) -> list[float]:
+    # Read with numpy: the API server builds this config and never imports torch.
+    info = gguf_file.tensors[name]
+    dtypes = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
+    if info.qtype not in dtypes:
+        raise ValueError(f"{gguf_file.path}: {name} is stored as {info.qtype.name}, not F32/F16")
+    data = _map(gguf_file)
+    values = np.frombuffer(
+        data, dtype=dtypes[info.qtype], count=prod(info.shape), offset=info.offset
+    )
+    return [float(value) for value in values]
+
+
+def _rope_factors(gguf_file: GGUFFile) -> dict[str, Any] | None:
+    """The rope parameters a file's frequency-factor tensors stand for (None: it has none).
+
+    `rope_freqs` (Llama 3.1+, written by llama.cpp's converter from the llama3 rope settings it
+    then drops): llama.cpp divides each rotary frequency by its factor, which Pagoda's
+    `freq_factors` rope type does too. `rope_factors_long` / `_short` (Phi-3 128k): LongRoPE's two
+    factor lists, with the attention factor the file records (or LongRoPE's default).
+    """
+    tensors = gguf_file.tensors
+    if "rope_freqs.weight" in tensors:
+        return {
+            "rope_type": "freq_factors",
+            "factors": _factor_values(gguf_file, "rope_freqs.weight"),
+        }
+    if "rope_factors_long.weight" in tensors:
+        parameters: dict[str, Any] = {
+            "rope_type": "longrope",
+            "long_factor": _factor_values(gguf_file, "rope_factors_long.weight"),
+            "short_factor": _factor_values(gguf_file, "rope_factors_short.weight"),
+            "original_max_position_embeddings": int(
+                _required(gguf_file, "rope.scaling.original_context_length")
+            ),
+        }
+        attention_factor = gguf_file.arch_value("rope.scaling.attn_factor")
+        if attention_factor is not None:
+            parameters["attention_factor"] = float(attention_factor)
+        return parameters
+    return None
+
+
 def gguf_matrices_are_half_precision(path: str | Path) -> bool:
     """Whether every 2-D tensor of the file is stored in at most 16 bits per value (float16,
     bfloat16 or a block quantization), i.e. float16 can hold the weights with (almost) no loss."""
@@ -398,17 +498,10 @@ def gguf_hf_config(path: str | Path) -> Any:
     Raises:
         ValueError: an architecture not in the table (the error lists the supported ones), a
             missing hyperparameter, or an unsupported rope scaling type.
-        NotImplementedError: a `rope_freqs.weight` tensor (Llama 3.1-style rope frequency factors,
-            which would need the llama3 rope parameters the file does not record).
     """
 
     gguf_file = read_gguf(path)
     spec = _architecture(gguf_file)
-    if "rope_freqs.weight" in gguf_file.tensors:
-        raise NotImplementedError(
-            f"{gguf_file.path}: rope_freqs.weight (Llama 3.1-style rope frequency factors) is not "
-            "supported yet; load the model from its Hugging Face checkpoint instead"
-        )
     metadata = gguf_file.metadata
     hidden_size = int(_required(gguf_file, "embedding_length"))
     num_heads = int(_required(gguf_file, "attention.head_count"))
@@ -450,6 +543,12 @@ def gguf_hf_config(path: str | Path) -> Any:
             kwargs[f"{name}_token_id"] = int(token_id)
     if spec.extra_config is not None:
         kwargs.update(spec.extra_config(gguf_file))
+    factors = _rope_factors(gguf_file)
+    if factors is not None:
+        kwargs["rope_parameters"] = {
+            **factors,
+            "rope_theta": kwargs["rope_parameters"]["rope_theta"],
+        }
     if spec.config_class == "LlamaConfig":
         # transformers' config classes import torch (and LlamaConfig its model zoo, seconds);
         # the API server, which reads this config before forking the engine core, never needs
@@ -646,6 +745,8 @@ def iterate_gguf_weights(
     # Map every name first, so a file we cannot load fails before minutes of dequantizing.
     hf_names: dict[str, str] = {}
     for name in gguf_file.tensors:
+        if name in _ROPE_FACTOR_TENSORS:
+            continue  # read into the config's rope parameters
         hf_name = _hf_name(name, spec)
         if hf_name is None:
             raise ValueError(
@@ -656,7 +757,9 @@ def iterate_gguf_weights(
     data = _map(gguf_file)
     description = "Loading GGUF" if stored else "Dequantizing GGUF"
     for name, info in tqdm(gguf_file.tensors.items(), desc=description, unit="tensor"):
-        hf_name = hf_names[name]
+        hf_name = hf_names.get(name)
+        if hf_name is None:
+            continue
         if stored and len(info.shape) == 2:
             yield hf_name, _stored_matrix(gguf_file, spec, data, info, hf_name)
             continue

@@ -161,13 +161,16 @@ def decide_weight_plan(
         return WeightPlan("float", "a float32 checkpoint")
     decoder_reason = decoder_unsupported_reason(model_config.hf_config, gguf_file)
     batched_dtype = batched_matmul_dtype()
-    if gguf_file is not None and decoder_reason is None:
+    if gguf_file is not None:
+        # Block layers multiply as stored whether or not the C decoder runs the model (Qwen3's
+        # q/k norms, Gemma's soft-capping keep decode steps in PyTorch, on the same blocks).
         from pagoda.cpu.matrix import block_gemm_available
 
         block_gemm = block_gemm_available()
         return WeightPlan(
             "gguf",
             "the GGUF file's matrices as stored",
+            decoder_reason=decoder_reason,
             block_gemm=block_gemm,
             batched_dtype=batched_dtype,
             bf16_blocks=block_gemm and batched_dtype == torch.bfloat16 and bf16_blocks_pay(),

@@ -771,8 +771,27 @@ def test_truncated_gguf_is_rejected_naming_the_tensor(tmp_path: Path) -> None:
         read_gguf(path)
 
 
-def test_llama3_rope_frequency_factors_are_refused_rather_than_ignored(tmp_path: Path) -> None:
-    tensors = [("rope_freqs.weight", np.ones(32, dtype=np.float32), None)]
-    path = write_gguf(tmp_path / "llama31.gguf", "llama", {}, tensors)
-    with pytest.raises(NotImplementedError, match="rope_freqs.weight"):
-        gguf_hf_config(path)
+def test_llama3_rope_frequency_factors_become_the_configs_rope_parameters(
+    tiny_llama: tuple[Path, Any], tmp_path: Path
+) -> None:
+    model_dir, config = tiny_llama
+    path = hf_llama_to_gguf(model_dir, tmp_path / "tiny.gguf", config)
+    factors = np.linspace(1.0, 8.0, config.hidden_size // config.num_attention_heads // 2)
+    with_factors = tmp_path / "llama31.gguf"
+    reader = gguf.GGUFReader(path)
+    tensors = [
+        (t.name, np.array(t.data), None if t.tensor_type == Q.F32 else t.tensor_type)
+        for t in reader.tensors
+    ]
+    metadata = {
+        key: field.contents()
+        for key, field in reader.fields.items()
+        if key.startswith("llama.") or key.startswith("tokenizer.")
+    }
+    tensors.append(("rope_freqs.weight", factors.astype(np.float32), None))
+    write_gguf(with_factors, "llama", metadata, tensors)
+    parameters = gguf_hf_config(with_factors).rope_parameters
+    assert parameters["rope_type"] == "freq_factors"
+    assert parameters["factors"] == pytest.approx(factors.tolist())
+    # Not a weight: the tensor is read into the config only.
+    assert "rope_freqs.weight" not in dict(iterate_gguf_weights(with_factors))

@@ -78,12 +78,27 @@ class GGUFLinearMethod(LinearMethod):
     ) -> None:
         if param is not layer.weight:
             raise ValueError("only a weight matrix can arrive as stored blocks")
+        sizes = layer.output_partition_sizes()
+        if shard_id is None and len(sizes) > 1:
+            # A file that stores the fused matrix (Phi-3's attn_qkv, ffn_up): blocks run along the
+            # inputs, so each shard is a run of whole rows.
+            if stored.rows.shape[0] != sum(sizes):
+                raise ValueError(
+                    f"a fused stored matrix of {stored.rows.shape[0]} rows does not fit shards "
+                    f"of {sizes} rows"
+                )
+            offset = 0
+            for index, size in enumerate(sizes):
+                rows = stored.rows[offset : offset + size]
+                self._stored[index] = type(stored)(stored.qtype, rows, stored.in_features)
+                offset += size
+            return
         self._stored[layer.shard_index(shard_id)] = stored
 
     def process_weights_after_loading(self, layer: WeightedLayer) -> None:
         from pagoda.cpu.block_gemm import BlockWeight
         from pagoda.cpu.build import cpu_library
-        from pagoda.cpu.matrix import BLOCK_FORMATS_ALL, block_matrix
+        from pagoda.cpu.matrix import BLOCK_FORMATS_ALL, block_matrix, gguf_format
 
         sizes = layer.output_partition_sizes()
         stored: list[Any] = [self._stored.get(index) for index in range(len(sizes))]
@@ -95,14 +110,20 @@ class GGUFLinearMethod(LinearMethod):
         if any(matrix is None for matrix in stored):
             raise ValueError(f"{type(layer).__name__}: the GGUF method got no stored matrix")
         biases = split_bias(layer, sizes)
-        self._matrices = [
-            block_matrix(matrix, bias, self._keep) for matrix, bias in zip(stored, biases)
-        ]
+        # Matrices the kernels cannot read (K-quants, Q5_0, ...) are widened below; the others
+        # are kept for the block GEMM and the C decoder.
+        readable = all(gguf_format(matrix.qtype) is not None for matrix in stored)
+        self._matrices = (
+            [block_matrix(matrix, bias, self._keep) for matrix, bias in zip(stored, biases)]
+            if readable
+            else []
+        )
         for matrix, size in zip(self._matrices, sizes):
             matrix.rows = min(matrix.rows, size)  # a checkpoint's rows beyond this rank's unread
         library = cpu_library()
         on_blocks = (
-            self.block_gemm
+            readable
+            and self.block_gemm
             and library is not None
             and all(matrix.format in BLOCK_FORMATS_ALL for matrix in self._matrices)
         )
@@ -140,5 +161,7 @@ class GGUFLinearMethod(LinearMethod):
         return self._fallback.apply(layer, x)
 
     def decoder_matrices(self, layer: WeightedLayer, keep: list[Any]) -> list[Matrix]:
+        if not self._matrices:
+            raise ValueError("this layer's GGUF matrices are in a format the kernels cannot read")
         keep.append(self._keep)
         return list(self._matrices)
