@@ -25,7 +25,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from pagoda.cpu.matrix import Matrix, block_matrix, float_pointer, i64, ptr, tensor_matrix
+from pagoda.cpu.matrix import (
+    Matrix,
+    block_matrix,
+    float_pointer,
+    gguf_format,
+    i64,
+    ptr,
+    tensor_matrix,
+)
 
 # Above this many decodes per step fbgemm's blocked float16 GEMM and batched PyTorch attention
 # catch up with the decoder's matrix-vector products (docs/performance.md, item 6).
@@ -153,8 +161,8 @@ class CPUDecoder:
         stored_embedding = getattr(embedding, "stored_matrix", None)
         embed = (
             block_matrix(stored_embedding, None, keep, interleave=False)
-            if stored_embedding is not None
-            else tensor_matrix(embedding, None, keep)
+            if stored_embedding is not None and gguf_format(stored_embedding.qtype) is not None
+            else tensor_matrix(embedding, None, keep)  # the float table (a K-quant one's widened)
         )
         (lm_head,) = _matrices_of(causal_lm.lm_head, keep)
         lm_head.rows = self.vocab

@@ -117,6 +117,13 @@ class WeightPlan:
             parts.append("float16 in fbgemm")
         if not parts:
             return ""
+        repacked = sorted(
+            set().union(
+                *(getattr(layer.method, "repacked", set()) for layer in _linear_layers(model))
+            )
+        )
+        if repacked:
+            parts.append(f"{', '.join(repacked)} repacked for the kernels")
         note = " (linear weights " + ", and ".join(parts)
         if self.int8_blocks:
             note += ", int8 tokens on the blocks for batched steps"
@@ -290,7 +297,6 @@ def decoder_unsupported_reason(hf_config: Any, gguf_file: Path | None) -> str | 
     or None for another), None when it can."""
     from pagoda.cpu.build import cpu_library
     from pagoda.cpu.decoder import unsupported_reason
-    from pagoda.cpu.matrix import gguf_format
     from pagoda.models.registry import resolve_model_class
 
     # The shape check reads built layers. A probe built on the CPU costs no memory: its weights
@@ -299,18 +305,10 @@ def decoder_unsupported_reason(hf_config: Any, gguf_file: Path | None) -> str | 
     with torch.device("cpu"):
         probe = resolve_model_class(hf_config)(hf_config)
     reason = unsupported_reason(probe)
-    if reason is None and gguf_file is not None:
-        from pagoda.loader.gguf import gguf_matrix_types
-
-        # K-quants and the rest would have to be decoded into a second, float16 copy: slower to
-        # start and twice the memory, so such files keep the PyTorch path.
-        other = {
-            qtype.name
-            for qtype in gguf_matrix_types(gguf_file).values()
-            if gguf_format(qtype) is None
-        }
-        if other:
-            reason = f"GGUF matrices stored as {', '.join(sorted(other))}"
+    # NOTE: K-quants and the other types the kernels cannot read are repacked for them at load
+    # (`pagoda.layers.quantization.kquants`), so a GGUF file's types do not matter here; a layer
+    # that cannot be repacked (rows not whole 32-weight blocks) is widened, and the model runner
+    # then runs decode steps in PyTorch.
     if reason is None and cpu_library() is None:
         reason = "a build without the compiled CPU kernels"
     return reason

@@ -68,6 +68,8 @@ class GGUFLinearMethod(LinearMethod):
         self._keep: list[Any] = []
         self._block_weight: BlockWeight | None = None
         self._fallback: HalfLinearMethod | None = None
+        # The GGUF types this layer's matrices were rewritten from (`kquants`), for the log.
+        self.repacked: set[str] = set()
 
     @property
     def kind(self) -> str:  # type: ignore[override]
@@ -110,8 +112,17 @@ class GGUFLinearMethod(LinearMethod):
         if any(matrix is None for matrix in stored):
             raise ValueError(f"{type(layer).__name__}: the GGUF method got no stored matrix")
         biases = split_bias(layer, sizes)
-        # Matrices the kernels cannot read (K-quants, Q5_0, ...) are widened below; the others
-        # are kept for the block GEMM and the C decoder.
+        library = cpu_library()
+        if self.block_gemm and library is not None:
+            # Types the kernels cannot read (K-quants, Q5_0, ...) are rewritten into ones they do.
+            from pagoda.layers.quantization.kquants import repack_for_kernels
+
+            for index, matrix in enumerate(stored):
+                if gguf_format(matrix.qtype) is None and matrix.in_features % 32 == 0:
+                    self.repacked.add(matrix.qtype.name)
+                    stored[index] = repack_for_kernels(matrix)
+        # Matrices the kernels still cannot read are widened below; the others are kept for the
+        # block GEMM and the C decoder.
         readable = all(gguf_format(matrix.qtype) is not None for matrix in stored)
         self._matrices = (
             [block_matrix(matrix, bias, self._keep) for matrix, bias in zip(stored, biases)]
@@ -120,7 +131,6 @@ class GGUFLinearMethod(LinearMethod):
         )
         for matrix, size in zip(self._matrices, sizes):
             matrix.rows = min(matrix.rows, size)  # a checkpoint's rows beyond this rank's unread
-        library = cpu_library()
         on_blocks = (
             readable
             and self.block_gemm
