@@ -18,7 +18,6 @@ import gguf
 import numpy as np
 import pytest
 import torch
-import transformers
 from gguf import GGMLQuantizationType as Q
 
 from pagoda import LLM, SamplingParams
