@@ -22,6 +22,7 @@ _MODELS: dict[str, str] = {
     "GPT2LMHeadModel": "pagoda.models.gpt2:GPT2LMHeadModel",
     "OPTForCausalLM": "pagoda.models.opt:OPTForCausalLM",
     "MixtralForCausalLM": "pagoda.models.mixtral:MixtralForCausalLM",
+    "Qwen3MoeForCausalLM": "pagoda.models.qwen3_moe:Qwen3MoeForCausalLM",
     "GemmaForCausalLM": "pagoda.models.gemma:GemmaForCausalLM",
     "Gemma2ForCausalLM": "pagoda.models.gemma2:Gemma2ForCausalLM",
     "Gemma3ForCausalLM": "pagoda.models.gemma3:Gemma3ForCausalLM",

@@ -26,7 +26,7 @@ import transformers
 from pagoda import LLM, SamplingParams
 from pagoda.layers.quantization.checkpoint import CheckpointQuantMethod
 from tests.models.tiny_families_a import make_tiny_checkpoint
-from tests.models.tiny_families_c import make_tiny_mixtral
+from tests.models.tiny_families_c import make_tiny_mixtral, make_tiny_qwen3_moe
 from tests.quantized_checkpoints import FORMATS, quantize_checkpoint, quantized_bytes
 from tests.tiny_llama import make_tiny_llama
 
@@ -50,7 +50,13 @@ FP8_FORMATS = ("ct-fp8-channel", "fp8-block")
 
 # The quantized layers of each family: qkv, o and gate_up, down in each of 2 layers (Mixtral:
 # gate_up and down of each of its 4 experts).
-FAMILIES = {"llama": 2 * 4, "qwen2": 2 * 4, "mixtral": 2 * (2 + 2 * 4)}
+FAMILIES = {
+    "llama": 2 * 4,
+    "qwen2": 2 * 4,
+    "mixtral": 2 * (2 + 2 * 4),
+    # Three layers: two sparse (4 experts), one dense.
+    "qwen3_moe": 3 * 2 + 2 * 2 * 4 + 2,
+}
 
 
 @dataclass
@@ -67,12 +73,21 @@ def _float_checkpoint(family: str, path: Path) -> Path:
         return make_tiny_llama(path)
     if family == "mixtral":
         return make_tiny_mixtral(path)
+    if family == "qwen3_moe":
+        return make_tiny_qwen3_moe(path)
     return make_tiny_checkpoint(path, family)
 
 
 @pytest.fixture(
     scope="module",
-    params=[(f, fmt) for f in FAMILIES for fmt in FORMATS],
+    # NOTE: no FP8 for Qwen3-MoE: Q8_0's rounding moves its hidden states enough to flip the
+    # router's choice between near-tied experts, after which nothing is comparable (0.85 nats).
+    params=[
+        (f, fmt)
+        for f in FAMILIES
+        for fmt in FORMATS
+        if not (f == "qwen3_moe" and fmt in FP8_FORMATS)
+    ],
     ids=lambda p: f"{p[0]}-{p[1]}",
 )
 def quantized(
@@ -113,12 +128,14 @@ def _reference_greedy(model: transformers.PreTrainedModel, prompt: list[int]) ->
 def test_greedy_tokens_equal_the_dequantized_float_model(quantized: Quantized) -> None:
     outputs = quantized.llm.generate(PROMPTS, _greedy(MAX_TOKENS), use_tqdm=False)
     ours = [list(output.outputs[0].token_ids) for output in outputs]
-    if quantized.fmt not in FP8_FORMATS:
-        assert ours == [_reference_greedy(quantized.reference, ids) for ids in quantized.prompt_ids]
+    want = [_reference_greedy(quantized.reference, ids) for ids in quantized.prompt_ids]
+    if quantized.fmt not in FP8_FORMATS and quantized.family != "qwen3_moe":
+        assert ours == want
         return
-    # FP8 values rounded to Q8_0 may swap near-ties: each of our tokens is, on our own prefix,
-    # the reference's argmax or within twice the tolerance of it.
-    tolerance = TOLERANCE[quantized.fmt]
+    # Where the tolerance allows a near-tie to swap (FP8 rounded to Q8_0; three-layer Qwen3-MoE,
+    # whose 8 tokens meet one), each of our tokens is, on our own prefix, the reference's argmax
+    # or within twice the tolerance of it.
+    tolerance = TOLERANCE.get(quantized.fmt, EXACT_TOLERANCE)
     for prompt, tokens in zip(quantized.prompt_ids, ours):
         with torch.no_grad():
             logits = quantized.reference(torch.tensor([prompt + tokens])).logits[0]

@@ -1,4 +1,4 @@
-"""GPT-2, OPT and Mixtral through the real engine, against transformers on tiny checkpoints.
+"""GPT-2, OPT, Mixtral and Qwen3-MoE through the real engine, against transformers on tiny checkpoints.
 
 For each family (GPT-2 with its tied head, OPT pre-norm, OPT post-norm with project_in/out as in
 opt-350m, Mixtral with 4 experts and top-2 routing) the engine's greedy tokens equal transformers'
@@ -22,7 +22,12 @@ from pagoda import LLM, SamplingParams
 from pagoda.layers.moe import FusedMoE
 from pagoda.loader.model_loader import load_model
 from pagoda.models.registry import resolve_model_class
-from tests.models.tiny_families_c import make_tiny_gpt2, make_tiny_mixtral, make_tiny_opt
+from tests.models.tiny_families_c import (
+    make_tiny_gpt2,
+    make_tiny_mixtral,
+    make_tiny_opt,
+    make_tiny_qwen3_moe,
+)
 
 PROMPTS = [
     "The quick brown fox",
@@ -41,6 +46,7 @@ FAMILIES: dict[str, Callable[[Path], Path]] = {
         path, do_layer_norm_before=False, word_embed_proj_dim=32
     ),
     "mixtral_4_experts_top_2": make_tiny_mixtral,
+    "qwen3_moe_sparse_and_dense_layers": make_tiny_qwen3_moe,
 }
 
 

@@ -129,3 +129,34 @@ def make_tiny_mixtral(
         **_special_tokens(),
     )
     return _build_and_save(path, transformers.MixtralForCausalLM, config, seed)
+
+
+def make_tiny_qwen3_moe(
+    path: Path, *, num_experts: int = 4, experts_per_token: int = 2, seed: int = 0
+) -> Path:
+    """A `Qwen3MoeForCausalLM` of three layers: 0 and 2 sparse (top-k of `num_experts`, weights
+    renormalised), 1 dense through `mlp_only_layers`; per-head q/k norms, head_dim 32 != hidden /
+    heads; the tiny tokenizer, written to `path`."""
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=len(make_tokenizer()),
+        hidden_size=HIDDEN_SIZE,
+        intermediate_size=2 * HIDDEN_SIZE,
+        moe_intermediate_size=HIDDEN_SIZE,
+        num_hidden_layers=3,
+        num_attention_heads=NUM_HEADS,
+        num_key_value_heads=NUM_HEADS // 2,
+        head_dim=32,
+        num_experts=num_experts,
+        num_experts_per_tok=experts_per_token,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+        max_position_embeddings=MAX_POSITIONS,
+        rms_norm_eps=1e-6,
+        initializer_range=INIT_STD,
+        tie_word_embeddings=False,
+        architectures=["Qwen3MoeForCausalLM"],
+        dtype="float32",
+        **_special_tokens(),
+    )
+    return _build_and_save(path, transformers.Qwen3MoeForCausalLM, config, seed)
