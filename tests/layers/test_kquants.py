@@ -58,7 +58,8 @@ def test_repacked_matrix_holds_the_same_weights_within_its_stated_bound(qtype: Q
     rows, cols = 8, 512
     matrix = GGUFMatrix(qtype, random_blocks(qtype, rows, cols), cols)
     want = torch.from_numpy(gguf.quants.dequantize(matrix.rows, qtype)).float()  # [8, 512]
-    repacked = repack_for_kernels(matrix)
+    repacked = repack_for_kernels(matrix, requantize="q8_0")
+    assert repacked is not None
     got = repacked.dequantize()
     if qtype == Q.Q4_K:
         assert repacked.qtype == Q.Q4_1
@@ -88,7 +89,13 @@ def test_repacked_matrix_holds_the_same_weights_within_its_stated_bound(qtype: Q
 
 def test_repacked_q4_k_takes_five_bits_a_weight() -> None:
     matrix = GGUFMatrix(Q.Q4_K, random_blocks(Q.Q4_K, 4, 256), 256)
-    assert repack_for_kernels(matrix).rows.nbytes == 4 * 256 // 32 * 20
+    repacked = repack_for_kernels(matrix)
+    assert repacked is not None and repacked.rows.nbytes == 4 * 256 // 32 * 20
+
+
+@pytest.mark.parametrize("qtype", [Q.Q6_K, Q.Q5_K], ids=["Q6_K", "Q5_K"])
+def test_other_types_stay_as_they_are_unless_requantizing_is_asked(qtype: Q) -> None:
+    assert repack_for_kernels(GGUFMatrix(qtype, random_blocks(qtype, 4, 256), 256)) is None
 
 
 def _q4_k_m(model_dir: Path, path: Path) -> Path:
@@ -121,10 +128,13 @@ def _q4_k_m(model_dir: Path, path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def q4_k_m(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LLM, Any]]:
+    """The file under PAGODA_GGUF_REQUANTIZE=q8_0: every matrix repacked (Q6_K as Q8_0)."""
     directory = tmp_path_factory.mktemp("q4_k_m")
     model_dir = make_tiny_llama(directory / "hf", hidden_size=256, intermediate_size=512)
     path = _q4_k_m(model_dir, directory / "tiny-q4_k_m.gguf")
-    llm = LLM(str(path), max_logprobs=-1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PAGODA_GGUF_REQUANTIZE", "q8_0")
+        llm = LLM(str(path), max_logprobs=-1)
     yield llm, transformers_from_gguf(path)
     del llm
 
@@ -150,6 +160,16 @@ def test_a_q4_k_m_file_runs_within_the_repacking_tolerance(q4_k_m: tuple[LLM, An
         # Each token is the reference's argmax on our prefix, or within the tolerance of it.
         chosen = logprobs.gather(1, torch.tensor(tokens)[:, None])[:, 0]
         assert bool((chosen >= logprobs.max(dim=1).values - 2 * TOLERANCE).all())
+
+
+def test_by_default_q6_k_layers_are_widened_and_q4_k_ones_repacked(tmp_path: Path) -> None:
+    model_dir = make_tiny_llama(tmp_path / "hf", hidden_size=256, intermediate_size=512)
+    llm = LLM(str(_q4_k_m(model_dir, tmp_path / "tiny-q4_k_m.gguf")))
+    model: Any = llm.llm_engine.engine_core.executor.worker.model_runner.model
+    layer = model.model.layers[0]
+    assert layer.self_attn.qkv_proj.method.kind == "gguf-blocks"
+    assert layer.mlp.down_proj.method.kind == "float16"  # Q6_K, widened
+    assert layer.mlp.down_proj.method.repacked == set()
 
 
 def test_a_q4_k_m_files_layers_hold_repacked_blocks(q4_k_m: tuple[LLM, Any]) -> None:

@@ -15,7 +15,7 @@ to float, which the log says.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -31,7 +31,24 @@ from pagoda.layers.quantization.schemes import QuantScheme
 
 if TYPE_CHECKING:
     from pagoda.cpu.matrix import Matrix
-    from pagoda.loader.weight_plan import WeightPlan
+
+
+class BlockPlan(Protocol):
+    """What the method reads of the weight plan (`pagoda.loader.weight_plan.WeightPlan`)."""
+
+    @property
+    def block_gemm(self) -> bool: ...
+    @property
+    def batched_dtype(self) -> torch.dtype | None: ...
+    @property
+    def bf16_blocks(self) -> bool: ...
+    @property
+    def int8_blocks(self) -> bool: ...
+    @property
+    def decoder_dtype(self) -> torch.dtype | None: ...
+    @property
+    def uses_cpu_decoder(self) -> bool: ...
+
 
 # The tensors each layout stores per layer, and those among them a checkpoint may leave out.
 _PARTS: dict[str, tuple[str, ...]] = {
@@ -70,7 +87,7 @@ class CheckpointQuantMethod(LinearMethod):
             steps) and for the 16-bit method a float layer gets.
     """
 
-    def __init__(self, scheme: QuantScheme, plan: WeightPlan) -> None:
+    def __init__(self, scheme: QuantScheme, plan: BlockPlan) -> None:
         self.scheme = scheme
         self.plan = plan
         self._parts: dict[int, dict[str, torch.Tensor]] = {}

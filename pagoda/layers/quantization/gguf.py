@@ -114,13 +114,18 @@ class GGUFLinearMethod(LinearMethod):
         biases = split_bias(layer, sizes)
         library = cpu_library()
         if self.block_gemm and library is not None:
-            # Types the kernels cannot read (K-quants, Q5_0, ...) are rewritten into ones they do.
+            # Types the kernels cannot read (K-quants, Q5_0, ...) are rewritten into ones they do
+            # where that costs (almost) nothing, or where PAGODA_GGUF_REQUANTIZE asks.
+            from pagoda import envs
             from pagoda.layers.quantization.kquants import repack_for_kernels
 
+            requantize = envs.gguf_requantize()
             for index, matrix in enumerate(stored):
                 if gguf_format(matrix.qtype) is None and matrix.in_features % 32 == 0:
-                    self.repacked.add(matrix.qtype.name)
-                    stored[index] = repack_for_kernels(matrix)
+                    repacked = repack_for_kernels(matrix, requantize)
+                    if repacked is not None:
+                        self.repacked.add(matrix.qtype.name)
+                        stored[index] = repacked
         # Matrices the kernels still cannot read are widened below; the others are kept for the
         # block GEMM and the C decoder.
         readable = all(gguf_format(matrix.qtype) is not None for matrix in stored)

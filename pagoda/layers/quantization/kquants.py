@@ -1,17 +1,19 @@
 """GGUF matrices in types the CPU kernels do not read (K-quants, Q5_0/Q5_1, ...), rewritten once at
-load into types they do, so that a Q4_K_M file is multiplied by the block GEMM and the C decoder
-instead of being widened to float16 (which took 3.5x the file's memory).
+load into types they do, so that a Q4_K_M file's Q4_K layers are multiplied by the block GEMM and
+the C decoder instead of being widened to float16 (3.5x their memory).
 
-- Q4_K -> Q4_1: a Q4_K super-block of 256 weights is eight 32-weight sub-blocks, each
+- Q4_K -> Q4_1, always: a Q4_K super-block of 256 weights is eight 32-weight sub-blocks, each
   `d * sc * q - dmin * m` with 6-bit `sc`, `m`; each sub-block becomes one Q4_1 block with scale
   `d * sc` and minimum `-dmin * m`, both rounded to float16 (a relative error of at most 2^-11 on
   each, against Q4_K's own step of 1/15 of a sub-block's range). 5.0 bits a weight for 4.5.
 - every other type -> Q8_0 from its exact float32 values (one scale per 32 weights, round to
-  nearest): at most half a step of 1/127 of each block's largest magnitude added to Q6_K's,
-  Q5_K's, Q3_K's own rounding; 8.5 bits a weight (Q6_K: 6.6, Q5_K: 5.5, Q3_K: 3.4, Q2_K: 2.6).
+  nearest), only with PAGODA_GGUF_REQUANTIZE=q8_0: at most half a step of 1/127 of each block's
+  largest magnitude added to Q6_K's, Q5_K's, Q3_K's own rounding; 8.5 bits a weight (Q6_K: 6.6,
+  Q5_K: 5.5, Q3_K: 3.4, Q2_K: 2.6). Measured on Gemma 3 270M's Q4_K_M file against
+  transformers, its top-20 logprobs move by up to 0.27 nats this way, 0.08 with those matrices
+  widened to float16 (the default: exact to float16, at twice Q8_0's bytes).
 
-The choice and its cost are in docs/performance.md; kernels that read K-quants as stored would
-keep their exact bytes and are the better end state.
+Kernels that read K-quants as stored would keep their exact bytes and are the better end state.
 """
 
 from __future__ import annotations
@@ -58,8 +60,10 @@ def _q4_k_as_q4_1(matrix: GGUFMatrix) -> GGUFMatrix:
     return GGUFMatrix(Q.Q4_1, q4_1.reshape(out_features, -1), in_features)
 
 
-def repack_for_kernels(matrix: GGUFMatrix) -> GGUFMatrix:
-    """`matrix` in a type the CPU kernels read (see the module docstring for which, and the cost).
+def repack_for_kernels(matrix: GGUFMatrix, requantize: str = "none") -> GGUFMatrix | None:
+    """`matrix` in a type the CPU kernels read (see the module docstring for which, and the
+    cost), or None where it stays as it is (to be widened): a type other than Q4_K unless
+    `requantize` is "q8_0" (PAGODA_GGUF_REQUANTIZE).
 
     Raises:
         ValueError: inputs not a multiple of 32, or a type gguf cannot dequantize.
@@ -70,5 +74,7 @@ def repack_for_kernels(matrix: GGUFMatrix) -> GGUFMatrix:
         )
     if matrix.qtype == Q.Q4_K:
         return _q4_k_as_q4_1(matrix)
+    if requantize != "q8_0":
+        return None
     values: torch.Tensor = matrix.dequantize()
     return quantize_q8_0(values)
