@@ -174,7 +174,7 @@ def test_quantized_layers_hold_their_blocks_and_no_float_weight(quantized: Quant
             quantized_bytes(quantized.fmt, size, layer.input_size_per_partition)
             for size in layer.output_partition_sizes()
         )
-        assert layer.method.held_bytes() == expected
+        assert layer.method.held_bytes(layer) == expected
 
 
 @pytest.fixture(scope="module")

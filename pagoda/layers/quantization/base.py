@@ -76,6 +76,13 @@ class LinearMethod(ABC):
     def process_weights_after_loading(self, layer: WeightedLayer) -> None:  # noqa: B027 - optional
         """Turn the loaded parameters into the form `apply` multiplies by (once)."""
 
+    def held_bytes(self, layer: WeightedLayer) -> int:
+        """Bytes of the weight this layer multiplies by, every copy counted (biases and a tied
+        head's table, which the embedding holds, aside)."""
+        if getattr(layer, "tied", False):
+            return 0
+        return layer.weight.numel() * layer.weight.element_size()
+
     @abstractmethod
     def apply(self, layer: WeightedLayer, x: torch.Tensor) -> torch.Tensor:
         """`x [..., in] @ W.T + b` -> [..., out]."""
@@ -116,6 +123,10 @@ class BatchedCopy:
         self.weight = weight.detach().to(dtype).contiguous()
         self.bias = None if bias is None or bias.numel() == 0 else bias.detach().float().clone()
 
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
     def applies(self, x: torch.Tensor) -> bool:
         return x.numel() >= self.MIN_TOKENS * x.shape[-1]
 
@@ -124,6 +135,19 @@ class BatchedCopy:
         if self.bias is not None:
             out += self.bias
         return out
+
+
+def array_bytes(value: Any) -> int:
+    """Bytes of the numpy arrays and tensors in `value` (nested lists of them, as `keep` lists)."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, list):
+        return sum(array_bytes(item) for item in value)
+    return 0
 
 
 def release_float_weights(layer: WeightedLayer) -> None:

@@ -24,6 +24,7 @@ from pagoda.layers.quantization.base import (
     LinearMethod,
     UnquantizedLinearMethod,
     WeightedLayer,
+    array_bytes,
     release_float_weights,
 )
 from pagoda.layers.quantization.packing import IntWeight, blocks_fit, to_blocks, unpack
@@ -233,25 +234,13 @@ class CheckpointQuantMethod(LinearMethod):
             raise ValueError("act-order layers multiply inputs in their own order")
         return self._inner.decoder_matrices(layer, keep)
 
-    def held_bytes(self) -> int:
-        """Bytes of the weight this layer multiplies by (blocks, copies; biases excluded)."""
-        import numpy as np
-
-        def arrays(value: Any) -> int:
-            if isinstance(value, np.ndarray):
-                return int(value.nbytes)
-            if isinstance(value, list):
-                return sum(arrays(item) for item in value)
-            return 0
-
-        inner: Any = self._inner
-        total = arrays(getattr(inner, "_keep", []))
-        batched = getattr(inner, "_batched", None)
-        if batched is not None:
-            total += batched.weight.numel() * batched.weight.element_size()
-        for _, weight in self._permuted or []:
-            total += arrays(weight._keep)
-        return total
+    def held_bytes(self, layer: WeightedLayer) -> int:
+        if self._inner is not None:
+            return self._inner.held_bytes(layer)
+        return sum(
+            array_bytes([v for v in weight._keep if not isinstance(v, torch.Tensor)])  # no biases
+            for _, weight in self._permuted or []
+        )
 
     def describe(self) -> str | None:
         """Why this quantized layer was widened to float (None: it was not)."""

@@ -28,6 +28,7 @@ from pagoda.layers.quantization.base import (
     BatchedCopy,
     LinearMethod,
     WeightedLayer,
+    array_bytes,
     release_float_weights,
     split_bias,
 )
@@ -174,6 +175,16 @@ class GGUFLinearMethod(LinearMethod):
             return self._block_weight(x)
         assert self._fallback is not None, "process_weights_after_loading() first"
         return self._fallback.apply(layer, x)
+
+    def held_bytes(self, layer: WeightedLayer) -> int:
+        if self._fallback is not None:
+            return self._fallback.held_bytes(layer)
+        total = sum(
+            array_bytes(value) for value in self._keep if not isinstance(value, torch.Tensor)
+        )
+        if self._batched is not None:
+            total += self._batched.nbytes
+        return total
 
     def decoder_matrices(self, layer: WeightedLayer, keep: list[Any]) -> list[Matrix]:
         if not self._matrices:

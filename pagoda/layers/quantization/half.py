@@ -57,6 +57,7 @@ class HalfLinearMethod(LinearMethod):
         weight, bias = layer.weight, layer.bias
         if weight.dtype != torch.float32 or weight.device.type != "cpu":
             raise ValueError("float16 weight packing needs a float32 model on CPU")
+        self._packed_numel = weight.numel()
         self._packed = torch.ops.quantized.linear_prepack_fp16(
             weight.detach().contiguous(), None if bias is None else bias.detach().float()
         )
@@ -78,6 +79,14 @@ class HalfLinearMethod(LinearMethod):
         if self._batched is not None and self._batched.applies(x):
             return self._batched(x)
         return torch.ops.quantized.linear_dynamic_fp16(x.contiguous(), self._packed)
+
+    def held_bytes(self, layer: WeightedLayer) -> int:
+        total = 2 * getattr(self, "_packed_numel", 0)  # fbgemm's float16 copy
+        if self._decoder_weight is not None:
+            total += self._decoder_weight.numel() * self._decoder_weight.element_size()
+        if self._batched is not None and self._batched.weight is not self._decoder_weight:
+            total += self._batched.nbytes
+        return total + super().held_bytes(layer)  # a tied head's float table, kept: 0
 
     def decoder_matrices(self, layer: WeightedLayer, keep: list[Any]) -> list[Matrix]:
         from pagoda.cpu.matrix import tensor_matrix
