@@ -123,6 +123,8 @@ def perplexity(model_path: Path, text: str) -> dict[str, Any]:
         "tokens": len(logprobs),
         "perplexity": math.exp(-sum(logprobs) / len(logprobs)),
         "linear_weight_mib": linear_bytes(model) / 2**20,
+        # The LM head alone (tied to the embedding table: float16 in quantized checkpoints).
+        "lm_head_mib": model.lm_head.method.held_bytes(model.lm_head) / 2**20,
         "load_seconds": load,
         "weight_plan": runner.weight_plan.reason,
         "decoder": runner.cpu_decoder is not None,
@@ -197,16 +199,16 @@ def main() -> None:
             row.update(speed(path, args.out, fmt))
         rows[fmt] = row
         (args.out / "results.json").write_text(json.dumps(rows, indent=2))
-    header = (
-        "| format | perplexity | linear weights MiB | out tok/s | batch-1 latency s | decoder |"
+    print(
+        "| format | perplexity | linear weights MiB (of which LM head) | out tok/s "
+        "| batch-1 latency s | C decoder |"
     )
-    print(header)
     print("|" + "---|" * 6)
     for fmt, row in rows.items():
         print(
-            f"| {fmt} | {row['perplexity']:.3f} | {row['linear_weight_mib']:.1f} | "
-            f"{row.get('output_tok_s', float('nan')):.1f} | {row.get('latency_s', float('nan')):.3f} | "
-            f"{'yes' if row['decoder'] else 'no'} |"
+            f"| {fmt} | {row['perplexity']:.3f} | {row['linear_weight_mib']:.1f} "
+            f"({row['lm_head_mib']:.1f}) | {row.get('output_tok_s', float('nan')):.1f} | "
+            f"{row.get('latency_s', float('nan')):.3f} | {'yes' if row['decoder'] else 'no'} |"
         )
 
 

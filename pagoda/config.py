@@ -36,7 +36,7 @@ _BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
 _HASH_ALGOS = ("sha256",)
 # vLLM's --kv-cache-dtype names that Pagoda stores (its fp8 formats are not among them), and
 # float32, which vLLM does not name: auto resolves by the device and the weight plan (ModelRunner).
-KV_CACHE_DTYPES = ("auto", "bfloat16", "float32")
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float32", "fp8", "fp8_e4m3", "fp8_e5m2")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 # --structured-outputs-config: vLLM's keys Pagoda honours, and its backends.
 STRUCTURED_OUTPUTS_BACKENDS = ("auto", "xgrammar", "guidance")
@@ -108,8 +108,10 @@ class CacheConfig:
     gpu_memory_utilization: float
     kv_cache_space: float | None
     num_gpu_blocks_override: int | None
-    # "auto", "bfloat16" or "float32" (KV_CACHE_DTYPES); the engine core resolves auto.
+    # One of KV_CACHE_DTYPES; the engine core resolves auto.
     cache_dtype: str = "auto"
+    # fp8 caches: measure each layer's k/v scales from its first rows (else 1.0).
+    calculate_kv_scales: bool = False
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,7 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     kv_cache_space: float | None = None
     kv_cache_dtype: str = "auto"
+    calculate_kv_scales: bool = False
     swap_space: float = 4.0
     num_gpu_blocks_override: int | None = None
     enforce_eager: bool = False
@@ -240,6 +243,7 @@ class EngineArgs:
             kv_cache_space=self.kv_cache_space or envs.cpu_kvcache_space(),
             num_gpu_blocks_override=self.num_gpu_blocks_override,
             cache_dtype=self.kv_cache_dtype,
+            calculate_kv_scales=self.calculate_kv_scales,
         )
         scheduler_config = SchedulerConfig(
             max_num_seqs=self.max_num_seqs,

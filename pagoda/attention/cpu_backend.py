@@ -43,7 +43,7 @@ class CPUAttentionBackend(TorchAttentionBackend):
         kernel = self.decode_kernel
         if metadata.decode_token_index is None or kernel is None or not kernel_applies(kv_cache, q):
             return super().forward(layer, q, k, v, kv_cache, metadata)
-        write_kv_cache(kv_cache, k, v, metadata.slot_mapping)
+        write_kv_cache(kv_cache, k, v, metadata.slot_mapping, layer)
         assert metadata.decode_block_table is not None
         assert metadata.decode_context_len is not None
         queries = q if metadata.all_decode else q[metadata.decode_token_index]  # [B, H, D]

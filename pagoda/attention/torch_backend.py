@@ -7,7 +7,8 @@ mask offset by the tokens already in the cache (prefix-cache hits and earlier ch
 that is its request's whole context attends over its own k/v with SDPA's causal kernel instead.
 
 The cache may hold a narrower dtype than the model computes in (`--kv-cache-dtype bfloat16` under
-float32): rows are rounded as they are written and widened back as they are gathered.
+float32, or fp8 with per-layer scales, `kv_quant.py`): rows are rounded as they are written and
+widened back as they are gathered.
 
 Contexts are gathered a whole block at a time (`index_select` over block ids, K and V in one call):
 copying contiguous [block_size, kv_heads, head_dim] pages is several times faster than indexing
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from pagoda.attention.backend import AttentionBackend, AttentionLayer, StepLayout
+from pagoda.attention.kv_quant import is_fp8, read_fp8, write_fp8
 from pagoda.attention.reference import attend, attend_causal
 
 
@@ -112,7 +114,7 @@ class TorchAttentionBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         metadata: TorchAttentionMetadata,
     ) -> torch.Tensor:
-        write_kv_cache(kv_cache, k, v, metadata.slot_mapping)
+        write_kv_cache(kv_cache, k, v, metadata.slot_mapping, layer)
         out = torch.empty_like(q)
         if metadata.decode_token_index is not None:
             out[metadata.decode_token_index] = self.decode(layer, q, kv_cache, metadata)
@@ -132,7 +134,7 @@ class TorchAttentionBackend(AttentionBackend):
         num_kv_heads, head_dim = kv_cache.shape[-2], kv_cache.shape[-1]
         batch = metadata.decode_token_index.shape[0]
         # [2, B * nb, block_size, Hkv, D] -> K and V as [B, nb * block_size, Hkv, D]
-        pages = kv_cache.index_select(1, metadata.decode_block_table.view(-1)).to(q.dtype)
+        pages = read_pages(layer, kv_cache, metadata.decode_block_table.view(-1), q.dtype)
         pages = pages.view(2, batch, -1, num_kv_heads, head_dim)
         queries = q[metadata.decode_token_index].unsqueeze(1)  # [B, 1, H, D]
         decoded = attend(
@@ -170,7 +172,7 @@ class TorchAttentionBackend(AttentionBackend):
                 out[rows] = attend_causal(q[rows], k[rows], v[rows], layer.scale)
                 continue
             # [2, nb, block_size, Hkv, D] -> K and V as [nb * block_size, Hkv, D]
-            pages = kv_cache.index_select(1, prefill.context_blocks).to(q.dtype)
+            pages = read_pages(layer, kv_cache, prefill.context_blocks, q.dtype)
             pages = pages.view(2, -1, num_kv_heads, head_dim)
             out[rows] = attend(
                 q[rows],
@@ -182,10 +184,27 @@ class TorchAttentionBackend(AttentionBackend):
             )
 
 
+def read_pages(
+    layer: AttentionLayer, kv_cache: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Whole blocks of the cache in `dtype`: [2, len(blocks), block_size, Hkv, D]."""
+    if is_fp8(kv_cache.dtype):
+        return read_fp8(layer, kv_cache, blocks, dtype)
+    return kv_cache.index_select(1, blocks).to(dtype)
+
+
 def write_kv_cache(
-    kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+    kv_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    layer: AttentionLayer | None = None,
 ) -> None:
-    """Scatter the step's new k/v [T, Hkv, D] into the paged cache by slot."""
+    """Scatter the step's new k/v [T, Hkv, D] into the paged cache by slot (an fp8 cache through
+    `layer`'s scales: `pagoda.attention.kv_quant`)."""
+    if is_fp8(kv_cache.dtype):
+        write_fp8(layer, kv_cache, k, v, slot_mapping)
+        return
     num_kv_heads, head_dim = kv_cache.shape[-2], kv_cache.shape[-1]
     key_cache = kv_cache[0].view(-1, num_kv_heads, head_dim)  # [num_slots, Hkv, D]
     value_cache = kv_cache[1].view(-1, num_kv_heads, head_dim)  # [num_slots, Hkv, D]

@@ -71,6 +71,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="(default: auto: bfloat16 on CPUs with bf16 units, else the model's dtype)",
     )
+    group.add_argument("--calculate-kv-scales", action="store_true", default=None)
     group.add_argument(
         "--gpu-memory-utilization", type=float, default=None, help="(default: 0.9, CUDA only)"
     )

@@ -46,6 +46,11 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
         self.logit_softcap = logit_softcap
+        # An fp8 KV cache stores k / k_scale and v / v_scale (`pagoda.attention.kv_quant`): 1.0,
+        # or measured from the first keys and values written (--calculate-kv-scales).
+        self.k_scale = 1.0
+        self.v_scale = 1.0
+        self.calculate_kv_scales = False
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         num_tokens = q.shape[0]

@@ -57,6 +57,10 @@ def kv_cache_dtype(requested: str, model_dtype: torch.dtype, plan: WeightPlan) -
         return torch.bfloat16
     if requested == "float32":
         return torch.float32
+    if requested in ("fp8", "fp8_e4m3"):
+        return torch.float8_e4m3fn
+    if requested == "fp8_e5m2":
+        return torch.float8_e5m2
     if plan.batched_dtype == torch.bfloat16 and model_dtype == torch.float32:
         return torch.bfloat16
     return model_dtype
@@ -125,7 +129,14 @@ class ModelRunner:
         self.model = cast(CausalLM, module)
         self.kv_dtype = kv_cache_dtype(self.cache_config.cache_dtype, self.dtype, plan)
         logger.info("Weight plan: %s weights, %s", plan.linear_method, plan.reason)
-        if plan.uses_cpu_decoder:
+        fp8_cache = self.kv_dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+        if plan.uses_cpu_decoder and fp8_cache:
+            logger.info(
+                "Decode steps run in PyTorch: the C decoder reads float32 or bfloat16 KV caches, "
+                "not %s",
+                str(self.kv_dtype).removeprefix("torch."),
+            )
+        elif plan.uses_cpu_decoder:
             from pagoda.cpu.build import cpu_library
 
             library = cpu_library()
@@ -146,6 +157,9 @@ class ModelRunner:
             (m for m in module.modules() if isinstance(m, Attention)),
             key=lambda m: m.layer_idx,
         )
+        if fp8_cache and self.cache_config.calculate_kv_scales:
+            for layer in self.attention_layers:
+                layer.calculate_kv_scales = True
         self.load_seconds = time.perf_counter() - start
         logger.info(
             "Loaded %s (%s) in %.2f s: %.1fM parameters, dtype %s%s, device %s",

@@ -370,7 +370,16 @@ def _add_load_cache_args(parser: argparse.ArgumentParser) -> None:
         choices=KV_CACHE_DTYPES,
         default="auto",
         help="KV cache element type: auto -> the model's dtype, except bfloat16 on CPUs with "
-        "bfloat16 units when the model computes in float32 (half the bytes per decode step)",
+        "bfloat16 units when the model computes in float32 (half the bytes per decode step); "
+        "fp8 (= fp8_e4m3) and fp8_e5m2 store a quarter of float32's bytes, with per-layer "
+        "scales, attention in PyTorch",
+    )
+    cache.add_argument(
+        "--calculate-kv-scales",
+        action="store_true",
+        default=None,
+        help="with an fp8 KV cache, measure each layer's k/v scales from its first keys and "
+        "values (default: scales of 1.0)",
     )
     cache.add_argument(
         "--num-gpu-blocks-override",
