@@ -305,10 +305,26 @@ def decoder_unsupported_reason(hf_config: Any, gguf_file: Path | None) -> str | 
     with torch.device("cpu"):
         probe = resolve_model_class(hf_config)(hf_config)
     reason = unsupported_reason(probe)
-    # NOTE: K-quants and the other types the kernels cannot read are repacked for them at load
-    # (`pagoda.layers.quantization.kquants`), so a GGUF file's types do not matter here; a layer
-    # that cannot be repacked (rows not whole 32-weight blocks) is widened, and the model runner
-    # then runs decode steps in PyTorch.
+    if reason is None and gguf_file is not None:
+        from pagoda import envs
+        from pagoda.cpu.matrix import gguf_format
+        from pagoda.loader.gguf import gguf_matrix_types
+
+        # Types the kernels cannot read are repacked for them at load where that is (almost)
+        # free, Q4_K, or asked for (PAGODA_GGUF_REQUANTIZE=q8_0: all); the others are widened
+        # to float16, which the decoder does not read (`pagoda.layers.quantization.kquants`).
+        repacked = {"Q4_K"} if envs.gguf_requantize() == "none" else None
+        types = gguf_matrix_types(gguf_file)
+        if "lm_head.weight" in types:  # untied: the table is looked up, never multiplied
+            types.pop("model.embed_tokens.weight", None)
+        other = {
+            qtype.name
+            for qtype in types.values()
+            if gguf_format(qtype) is None
+            and (repacked is not None and qtype.name not in repacked)
+        }
+        if other:
+            reason = f"GGUF matrices stored as {', '.join(sorted(other))}"
     if reason is None and cpu_library() is None:
         reason = "a build without the compiled CPU kernels"
     return reason
