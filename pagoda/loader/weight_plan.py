@@ -320,8 +320,7 @@ def decoder_unsupported_reason(hf_config: Any, gguf_file: Path | None) -> str | 
         other = {
             qtype.name
             for qtype in types.values()
-            if gguf_format(qtype) is None
-            and (repacked is not None and qtype.name not in repacked)
+            if gguf_format(qtype) is None and (repacked is not None and qtype.name not in repacked)
         }
         if other:
             reason = f"GGUF matrices stored as {', '.join(sorted(other))}"

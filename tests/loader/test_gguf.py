@@ -735,7 +735,9 @@ def test_directory_with_several_gguf_files_is_rejected_listing_them(tmp_path: Pa
     for name in ("model-Q4_0.gguf", "model-Q8_0.gguf"):
         write_gguf(tmp_path / name, "llama")
     with pytest.raises(
-        ValueError, match=r"2 \.gguf files; pass one of them: model-Q4_0.gguf, model-Q8_0.gguf"
+        ValueError,
+        match=r"2 \.gguf files; pass one of them, or choose one by its quantization "
+        r"type as .*:QUANT_TYPE \(e\.g\. :Q4_K_M\): model-Q4_0.gguf, model-Q8_0.gguf",
     ):
         find_gguf_file(tmp_path)
 

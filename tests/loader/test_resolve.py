@@ -99,3 +99,46 @@ def test_directory_holding_one_gguf_resolves_to_that_file(tmp_path: Path) -> Non
     target.symlink_to(source)
     resolved = resolve_model(str(tmp_path))
     assert resolved.weights_file == target
+
+
+def _two_quantizations(directory: Path) -> Path:
+    """A directory holding the default model's file under two quantization-type names."""
+    source = resolve_model(None).weights_file
+    assert source is not None
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("SmolLM2-135M-Instruct-Q4_1.gguf", "SmolLM2-135M-Instruct.Q8_0.gguf"):
+        (directory / name).symlink_to(source)
+    return directory
+
+
+def test_a_quant_type_suffix_picks_that_file_of_a_local_directory(tmp_path: Path) -> None:
+    directory = _two_quantizations(tmp_path / "gguf")
+    picked = resolve_model(f"{directory}:Q8_0")
+    assert picked.weights_file == directory / "SmolLM2-135M-Instruct.Q8_0.gguf"
+    assert resolve_model(f"{directory}:q4_1").weights_file == directory / (
+        "SmolLM2-135M-Instruct-Q4_1.gguf"
+    )
+    with pytest.raises(FileNotFoundError, match=r"no \.gguf file of quantization type Q2_K.*Q4_1"):
+        resolve_model(f"{directory}:Q2_K")
+    with pytest.raises(ValueError, match=r"choose one by its quantization type"):
+        resolve_model(str(directory))
+
+
+def test_two_files_of_one_quant_type_are_refused_naming_both(tmp_path: Path) -> None:
+    directory = _two_quantizations(tmp_path / "gguf")
+    (directory / "other-Q8_0.gguf").symlink_to(directory / "SmolLM2-135M-Instruct.Q8_0.gguf")
+    with pytest.raises(ValueError, match=r"2 \.gguf files of type Q8_0.*other-Q8_0\.gguf"):
+        resolve_model(f"{directory}:Q8_0")
+
+
+def test_a_hub_id_with_a_quant_type_resolves_to_that_file_from_the_cache(
+    tmp_path: Path, offline: None
+) -> None:
+    repo = tmp_path / "cache" / "models--tiny-org--tiny-gguf"
+    _two_quantizations(repo / "snapshots" / ("c" * 40))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("c" * 40)
+    resolved = resolve_model("tiny-org/tiny-gguf:Q8_0", download_dir=str(tmp_path / "cache"))
+    assert resolved.weights_file is not None
+    assert resolved.weights_file.name == "SmolLM2-135M-Instruct.Q8_0.gguf"
+    assert resolved.is_gguf and resolved.hf_config is not None
