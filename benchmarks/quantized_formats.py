@@ -4,7 +4,7 @@
 
 The source is the default model's GGUF file (SmolLM2-135M-Instruct, Q8_0 / Q4_1 matrices), whose
 values dequantized to float32 are the "float" model: an HF safetensors checkpoint written once to
-the output directory. Each quantized format is then written from those float values by
+the output directory (and a bfloat16 copy, the form most hub checkpoints take). Each quantized format is then written from those float values by
 `tests.quantized_checkpoints` (round to nearest, groups of 64, float16 scales: the formats' file
 layouts, not their quantizers' quality; a real GPTQ/AWQ run would lose less than round-to-nearest)
 and measured the same way:
@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 FORMATS = [
     "float32",
+    "bfloat16",
     "gguf",
     "gptq-int8-channel",
     "gptq-int4-sym",
@@ -82,11 +83,32 @@ def float_checkpoint(out: Path) -> tuple[Path, Path]:
     return gguf_path, target
 
 
+def bfloat16_checkpoint(float_dir: Path, target: Path) -> Path:
+    """The float checkpoint rounded to bfloat16, as most checkpoints on the hub are stored."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if (target / "model.safetensors").exists():
+        return target
+    log("writing bfloat16")
+    shutil.copytree(float_dir, target, dirs_exist_ok=True)
+    state = load_file(float_dir / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, target / "model.safetensors")
+    config = json.loads((float_dir / "config.json").read_text())
+    config["torch_dtype"] = config["dtype"] = "bfloat16"
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    return target
+
+
 def checkpoint(fmt: str, out: Path, gguf_path: Path, float_dir: Path) -> Path:
     if fmt == "float32":
         return float_dir
     if fmt == "gguf":
         return gguf_path
+    if fmt == "bfloat16":
+        return bfloat16_checkpoint(float_dir, out / fmt)
     import tests.quantized_checkpoints as quantized
 
     target = out / fmt
@@ -190,7 +212,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     text = (REPO / "benchmarks/data/perplexity.txt").read_text()
     gguf_path, float_dir = float_checkpoint(args.out)
-    rows: dict[str, Any] = {}
+    results = args.out / "results.json"
+    # Formats measured before (a partial rerun keeps them), re-measured ones replaced.
+    rows: dict[str, Any] = json.loads(results.read_text()) if results.exists() else {}
     for fmt in args.formats:
         path = checkpoint(fmt, args.out, gguf_path, float_dir)
         log(f"{fmt}: perplexity")
@@ -198,13 +222,14 @@ def main() -> None:
         if not args.skip_speed:
             row.update(speed(path, args.out, fmt))
         rows[fmt] = row
-        (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+        results.write_text(json.dumps(rows, indent=2))
     print(
         "| format | perplexity | linear weights MiB (of which LM head) | out tok/s "
         "| batch-1 latency s | C decoder |"
     )
     print("|" + "---|" * 6)
-    for fmt, row in rows.items():
+    for fmt in [f for f in FORMATS if f in rows]:
+        row = rows[fmt]
         print(
             f"| {fmt} | {row['perplexity']:.3f} | {row['linear_weight_mib']:.1f} "
             f"({row['lm_head_mib']:.1f}) | {row.get('output_tok_s', float('nan')):.1f} | "

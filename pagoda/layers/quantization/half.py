@@ -84,7 +84,12 @@ class HalfLinearMethod(LinearMethod):
         total = 2 * getattr(self, "_packed_numel", 0)  # fbgemm's float16 copy
         if self._decoder_weight is not None:
             total += self._decoder_weight.numel() * self._decoder_weight.element_size()
-        if self._batched is not None and self._batched.weight is not self._decoder_weight:
+        shared = (
+            self._batched is not None
+            and self._decoder_weight is not None
+            and self._batched.weight.data_ptr() == self._decoder_weight.data_ptr()
+        )
+        if self._batched is not None and not shared:
             total += self._batched.nbytes
         return total + super().held_bytes(layer)  # a tied head's float table, kept: 0
 

@@ -83,7 +83,12 @@ class QuantScheme:
 
     def describe(self) -> str:
         """The log's words for the scheme, e.g. `gptq int4, groups of 128, symmetric`."""
-        kind = "fp8 e4m3" if self.layout == "fp8" else f"int{self.bits}"
+        # "fp8 e4m3", "compressed-tensors fp8 e4m3", "gptq int4", ...
+        kind = (
+            ("e4m3" if self.method == "fp8" else "fp8 e4m3")
+            if self.layout == "fp8"
+            else (f"int{self.bits}")
+        )
         if self.block is not None:
             grouping = f"blocks of {self.block[0]}x{self.block[1]}"
         elif self.group_size > 0:
