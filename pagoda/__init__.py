@@ -21,6 +21,7 @@ _EXPORTS = {
     "AsyncLLM": "pagoda.engine.async_llm",
     "EngineArgs": "pagoda.config",
     "SamplingParams": "pagoda.sampling_params",
+    "BeamSearchParams": "pagoda.beam_search",
     "RequestOutputKind": "pagoda.sampling_params",
     "StructuredOutputsParams": "pagoda.sampling_params",
     "RequestOutput": "pagoda.outputs",
@@ -31,6 +32,7 @@ _EXPORTS = {
 __all__ = [
     "LLM",
     "AsyncLLM",
+    "BeamSearchParams",
     "CompletionOutput",
     "EngineArgs",
     "LLMEngine",
@@ -43,6 +45,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from pagoda.beam_search import BeamSearchParams
     from pagoda.config import EngineArgs
     from pagoda.engine.async_llm import AsyncLLM
     from pagoda.engine.llm_engine import LLMEngine

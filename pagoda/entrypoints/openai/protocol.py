@@ -39,10 +39,11 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # Request fields vLLM (or OpenAI) defines that would change the output and Pagoda does not
 # implement yet: refused by name (field -> what to say).
 REFUSED_FIELDS = {
-    "use_beam_search": "beam search is not supported yet",
+    "use_beam_search": "beam search is not supported over HTTP yet (LLM.beam_search is)",
     # Declared on /v1/completions; on chat it would be an ignored extra.
     "best_of": "best_of is supported on /v1/completions only (use n on chat)",
-    "length_penalty": "length_penalty applies to beam search, which is not supported yet",
+    "length_penalty": "length_penalty applies to beam search, which is not supported over "
+    "HTTP yet",
     "logits_processors": "per-request logits processors are not supported",
     "structural_tag": "structural_tag is not supported yet; use structured_outputs",
     "guided_decoding_backend": "per-request backend selection is not supported; the server's "

@@ -1,0 +1,75 @@
+"""Beam search with vLLM's names and shapes: `BeamSearchParams`, `BeamSearchSequence`, `BeamSearchOutput`.
+
+`LLM.beam_search` runs it over the engine the way vLLM does: every step, each live beam is one
+request for a single token asking for its `2 * beam_width` best logprobs; the candidates of all
+beams of a prompt are scored and the best `beam_width` survive. A beam's request is its parent's
+tokens plus one, so the prefix cache hands it every full block of its parent (forked beams share
+all full blocks of their common prefix) and only the last, partial block is computed again: beam
+width 4 holds about the blocks of one sequence plus one partial block per beam, not four copies.
+
+Scoring (`get_beam_search_score`, vLLM's): `cum_logprob / len(tokens) ** length_penalty`, where
+`tokens` include the prompt and a final EOS does not count. Every candidate of a step has the same
+length, so the survivors of a step are the beams of highest cumulative logprob, as in
+`transformers`' beam search; only the ranking of beams finished at different lengths differs
+between the two conventions (transformers divides by the generated length only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class BeamSearchParams:
+    """vLLM's `BeamSearchParams`.
+
+    Raises:
+        ValueError: a beam width below 1, max_tokens below 1, or a negative temperature.
+    """
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.beam_width, int) or self.beam_width < 1:
+            raise ValueError(f"beam_width must be a positive integer, got {self.beam_width!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be non-negative, got {self.temperature}")
+
+
+@dataclass
+class BeamSearchSequence:
+    """One beam: its tokens (the prompt's included), each generated token's logprobs (the
+    candidates the step saw), the cumulative logprob, and once returned its text."""
+
+    tokens: list[int]
+    logprobs: list[dict[int, Any]] = field(default_factory=list)
+    cum_logprob: float = 0.0
+    text: str | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class BeamSearchOutput:
+    """The best `beam_width` sequences of one prompt, best first."""
+
+    sequences: list[BeamSearchSequence]
+
+
+def get_beam_search_score(
+    tokens: list[int], cumulative_logprob: float, eos_token_id: int | None, length_penalty: float
+) -> float:
+    """vLLM's beam score: the cumulative logprob over the sequence length (prompt included, a
+    final EOS not) to the power `length_penalty`."""
+    length = len(tokens)
+    if eos_token_id is not None and tokens and tokens[-1] == eos_token_id:
+        length -= 1
+    return cumulative_logprob / (length**length_penalty)
