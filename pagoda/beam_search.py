@@ -73,3 +73,83 @@ def get_beam_search_score(
     if eos_token_id is not None and tokens and tokens[-1] == eos_token_id:
         length -= 1
     return cumulative_logprob / (length**length_penalty)
+
+
+class BeamSearch:
+    """The search state of a batch of prompts, driven by whoever runs the engine (`LLM`
+    synchronously, the completions server over `AsyncLLM`): `requests()` are the live beams to
+    extend by one token, each with `step_params()`; `advance()` takes their outputs' logprobs;
+    `outputs()` ranks what finished and what is still live.
+
+    Args:
+        prompts: each prompt's token ids.
+        eos_token_id: the token that finishes a beam (None: ignore EOS).
+    """
+
+    def __init__(
+        self, prompts: list[list[int]], params: BeamSearchParams, eos_token_id: int | None
+    ) -> None:
+        self.params = params
+        self.eos = None if params.ignore_eos else eos_token_id
+        self.steps_done = 0
+        self.live: list[list[BeamSearchSequence]] = [
+            [BeamSearchSequence(tokens=list(prompt))] for prompt in prompts
+        ]
+        self.done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
+
+    def score(self, beam: BeamSearchSequence) -> float:
+        return get_beam_search_score(
+            beam.tokens, beam.cum_logprob, self.eos, self.params.length_penalty
+        )
+
+    def requests(self) -> list[tuple[int, BeamSearchSequence]]:
+        """`(prompt index, beam)` of every beam to extend next; empty once the search is over."""
+        if self.steps_done >= self.params.max_tokens:
+            return []
+        return [(owner, beam) for owner, beams in enumerate(self.live) for beam in beams]
+
+    def step_params(self) -> Any:
+        """The sampling parameters of each beam's one-token request."""
+        from pagoda.sampling_params import SamplingParams
+
+        return SamplingParams(
+            max_tokens=1,
+            logprobs=2 * self.params.beam_width,
+            temperature=self.params.temperature,
+            ignore_eos=True,
+        )
+
+    def advance(
+        self, requests: list[tuple[int, BeamSearchSequence]], logprobs: list[dict[int, Any]]
+    ) -> None:
+        """Extend each requested beam by each of its candidates (`logprobs[i]`: token ->
+        Logprob), keep the best `beam_width` per prompt, set finished beams aside."""
+        candidates: list[list[BeamSearchSequence]] = [[] for _ in self.live]
+        for (owner, parent), step in zip(requests, logprobs, strict=True):
+            for token, logprob in step.items():
+                beam = BeamSearchSequence(
+                    tokens=[*parent.tokens, token],
+                    logprobs=[*parent.logprobs, step],
+                    cum_logprob=parent.cum_logprob + logprob.logprob,
+                )
+                if self.eos is not None and token == self.eos:
+                    beam.finish_reason = "stop"
+                    self.done[owner].append(beam)
+                else:
+                    candidates[owner].append(beam)
+        width = self.params.beam_width
+        self.live = [sorted(beams, key=self.score, reverse=True)[:width] for beams in candidates]
+        self.steps_done += 1
+
+    def outputs(self, decode: Any) -> list[BeamSearchOutput]:
+        """Per prompt, its best `beam_width` sequences (finished or not), with `decode(tokens)`
+        as their text."""
+        results = []
+        for live, done in zip(self.live, self.done, strict=True):
+            for beam in live:
+                beam.finish_reason = "length"
+            best = sorted(done + live, key=self.score, reverse=True)[: self.params.beam_width]
+            for beam in best:
+                beam.text = decode(beam.tokens)
+            results.append(BeamSearchOutput(sequences=best))
+        return results

@@ -13,12 +13,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from pagoda.beam_search import (
-    BeamSearchOutput,
-    BeamSearchParams,
-    BeamSearchSequence,
-    get_beam_search_score,
-)
+from pagoda.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from pagoda.config import EngineArgs
 from pagoda.engine.input_processor import PromptType
 from pagoda.engine.llm_engine import LLMEngine
@@ -120,62 +115,18 @@ class LLM:
         Raises:
             ValueError: invalid prompts, or `2 * beam_width` above the engine's max_logprobs.
         """
-        prompt_list = _as_prompt_list(prompts)
-        tokenizer = self.get_tokenizer()
-        eos = None if params.ignore_eos else tokenizer.eos_token_id
-        width = params.beam_width
-        step = SamplingParams(
-            max_tokens=1, logprobs=2 * width, temperature=params.temperature, ignore_eos=True
-        )
-
-        def score(beam: BeamSearchSequence) -> float:
-            return get_beam_search_score(beam.tokens, beam.cum_logprob, eos, params.length_penalty)
-
-        live: list[list[BeamSearchSequence]] = [[] for _ in prompt_list]
-        done: list[list[BeamSearchSequence]] = [[] for _ in prompt_list]
+        processor = self.llm_engine.input_processor
+        token_ids = [processor.tokenize(prompt)[1] for prompt in _as_prompt_list(prompts)]
+        search = BeamSearch(token_ids, params, processor.eos_token_id)
+        step = search.step_params()
         progress = tqdm(total=params.max_tokens, desc="Beam search", disable=not use_tqdm)
-        for position in range(params.max_tokens):
-            if position == 0:  # the prompts as given: the engine tokenizes them
-                owners = list(range(len(prompt_list)))
-                parents: list[BeamSearchSequence | None] = [None] * len(prompt_list)
-                requests: list[PromptType] = list(prompt_list)
-            else:
-                owners = [i for i, beams in enumerate(live) for _ in beams]
-                parents = [beam for beams in live for beam in beams]
-                requests = [{"prompt_token_ids": beam.tokens} for beam in parents if beam]
-            if not requests:
-                break
-            outputs = self.generate(requests, step, use_tqdm=False)
-            candidates: list[list[BeamSearchSequence]] = [[] for _ in prompt_list]
-            for owner, parent, output in zip(owners, parents, outputs, strict=True):
-                if parent is None:
-                    parent = BeamSearchSequence(tokens=list(output.prompt_token_ids or []))
-                step_logprobs = output.outputs[0].logprobs
-                assert step_logprobs is not None
-                for token, logprob in step_logprobs[0].items():
-                    beam = BeamSearchSequence(
-                        tokens=[*parent.tokens, token],
-                        logprobs=[*parent.logprobs, step_logprobs[0]],
-                        cum_logprob=parent.cum_logprob + logprob.logprob,
-                    )
-                    if eos is not None and token == eos:
-                        beam.finish_reason = "stop"
-                        done[owner].append(beam)
-                    else:
-                        candidates[owner].append(beam)
-            for owner, beams in enumerate(candidates):
-                live[owner] = sorted(beams, key=score, reverse=True)[:width]
+        while requests := search.requests():
+            beams = [{"prompt_token_ids": beam.tokens} for _, beam in requests]
+            outputs = self.generate(beams, step, use_tqdm=False)
+            search.advance(requests, [_step_logprobs(output) for output in outputs])
             progress.update(1)
         progress.close()
-        results = []
-        for owner in range(len(prompt_list)):
-            for beam in live[owner]:
-                beam.finish_reason = "length"
-            best = sorted(done[owner] + live[owner], key=score, reverse=True)[:width]
-            for beam in best:
-                beam.text = tokenizer.decode(beam.tokens)
-            results.append(BeamSearchOutput(sequences=best))
-        return results
+        return search.outputs(self.get_tokenizer().decode)
 
     def chat(
         self,
@@ -238,6 +189,12 @@ class LLM:
         if bar is not None:
             bar.close()
         return [finished[r] for r in request_ids if r in finished]
+
+
+def _step_logprobs(output: RequestOutput) -> dict[int, Any]:
+    logprobs = output.outputs[0].logprobs
+    assert logprobs is not None, "beam steps ask for logprobs"
+    return logprobs[0]
 
 
 def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:

@@ -79,7 +79,7 @@ CASES: list[tuple[str, str, bytes | str | dict[str, Any]]] = [
         "response_format": {"type": "json_schema", "json_schema": {"name": "x",
                             "schema": {"type": "no-such-type"}}},
     }),
-    ("refused field", "/v1/completions", {"prompt": "x", "use_beam_search": True}),
+    ("refused field", "/v1/completions", {"prompt": "x", "early_stopping": True}),
     ("huge detokenize", "/detokenize", {"tokens": [1] * 2_000_000}),
     ("negative token to detokenize", "/detokenize", {"tokens": [-5]}),
 ]  # fmt: skip

@@ -39,11 +39,13 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # Request fields vLLM (or OpenAI) defines that would change the output and Pagoda does not
 # implement yet: refused by name (field -> what to say).
 REFUSED_FIELDS = {
-    "use_beam_search": "beam search is not supported over HTTP yet (LLM.beam_search is)",
+    "use_beam_search": "beam search is supported on /v1/completions only",
     # Declared on /v1/completions; on chat it would be an ignored extra.
     "best_of": "best_of is supported on /v1/completions only (use n on chat)",
-    "length_penalty": "length_penalty applies to beam search, which is not supported over "
-    "HTTP yet",
+    "length_penalty": "length_penalty applies to beam search, which is supported on "
+    "/v1/completions only",
+    "early_stopping": "early_stopping is not supported: beam search runs max_tokens steps or "
+    "until every beam has finished",
     "logits_processors": "per-request logits processors are not supported",
     "structural_tag": "structural_tag is not supported yet; use structured_outputs",
     "guided_decoding_backend": "per-request backend selection is not supported; the server's "
@@ -264,6 +266,10 @@ class CompletionRequest(SamplingRequest):
     best_of: int | None = _range(None, minimum=1, maximum=MAX_N)
     suffix: str | None = None
     add_special_tokens: bool = True
+    # vLLM's beam search fields: n beams (`LLM.beam_search`'s algorithm), ranked by
+    # cumulative logprob / length ** length_penalty.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
     @field_validator("best_of")
     @classmethod

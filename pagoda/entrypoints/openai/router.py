@@ -157,7 +157,7 @@ def _body_problem(value: Any, limit: int) -> str | None:
 
 
 # Values of refused fields that ask for nothing (their defaults): accepted.
-_HARMLESS: dict[str, Any] = {"length_penalty": 1.0, "best_of": 1}
+_HARMLESS: dict[str, Any] = {"length_penalty": 1.0, "best_of": 1, "early_stopping": False}
 
 
 async def _serve(

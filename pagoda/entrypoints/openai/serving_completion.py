@@ -18,6 +18,7 @@ from typing import Any, TypeVar, cast
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from pagoda.beam_search import BeamSearch, BeamSearchParams
 from pagoda.entrypoints.openai.protocol import (
     CompletionLogProbs,
     CompletionRequest,
@@ -63,6 +64,8 @@ class OpenAIServingCompletion(OpenAIServing):
         except ServingError as exc:
             return self.error_response_for(exc)
         request_id = f"cmpl-{self.base_request_id(raw_request, request.request_id)}"
+        if request.use_beam_search:
+            return await self._beam_search(request, raw_request, request_id, prompts)
         generators = []
         for index, prompt in enumerate(prompts):
             engine_id = f"{request_id}-{index}"
@@ -90,10 +93,98 @@ class OpenAIServingCompletion(OpenAIServing):
 
     def _check_supported(self, request: CompletionRequest) -> None:
         self.check_prompt_logprobs(request)
+        if request.use_beam_search:
+            for name, unsupported in (
+                ("stream", request.stream),
+                ("logprobs", request.logprobs is not None),
+                ("best_of", (request.best_of or 1) > 1),
+                ("prompt_logprobs", request.prompt_logprobs is not None),
+            ):
+                if unsupported:
+                    raise ServingError(
+                        f"{name} is not supported with use_beam_search yet", param=name
+                    )
+            if (request.n or 1) * 2 > self.input_processor.model_config.max_logprobs >= 0:
+                raise ServingError(
+                    "use_beam_search takes 2 * n logprobs a step, more than the server's "
+                    "--max-logprobs allows",
+                    param="n",
+                )
         if request.best_of is not None and request.stream and request.best_of > (request.n or 1):
             raise ServingError("best_of > n is not supported when streaming", param="best_of")
         if request.suffix is not None:
             raise ServingError("suffix is not currently supported", param="suffix")
+
+    async def _beam_search(
+        self,
+        request: CompletionRequest,
+        raw_request: Request,
+        request_id: str,
+        prompts: list[_Prompt],
+    ) -> Response:
+        """`n` beams per prompt (`pagoda.beam_search`), each step's beams as engine requests."""
+        n = request.n or 1
+        max_tokens = min(int(prompt.params.max_tokens or 1) for prompt in prompts)
+        params = BeamSearchParams(
+            beam_width=n,
+            max_tokens=max_tokens,
+            ignore_eos=request.ignore_eos,
+            temperature=request.temperature or 0.0,
+            length_penalty=request.length_penalty,
+        )
+        search = BeamSearch(
+            [prompt.token_ids for prompt in prompts], params, self.input_processor.eos_token_id
+        )
+        step = search.step_params()
+
+        async def run() -> bool:
+            count = 0
+            while beams := search.requests():
+                generators = [
+                    self.engine.generate(
+                        {"prompt_token_ids": beam.tokens},
+                        step,
+                        f"{request_id}-beam-{count + index}",
+                        priority=request.priority,
+                    )
+                    for index, (_, beam) in enumerate(beams)
+                ]
+                count += len(beams)
+                finals = await _collect(generators)
+                logprobs = [final.outputs[0].logprobs for final in finals]
+                search.advance(beams, [cast(SampleLogprobs, entry)[0] for entry in logprobs])
+            return True
+
+        try:
+            if await self.run_until_disconnected(raw_request, run()) is None:
+                return self.create_error_response("Client disconnected", status_code=499)
+        except Exception as exc:
+            return self.error_response_for(exc)
+        choices = []
+        num_prompt_tokens = num_generated_tokens = 0
+        for prompt_index, (prompt, output) in enumerate(
+            zip(prompts, search.outputs(lambda tokens: ""), strict=True)
+        ):
+            num_prompt_tokens += len(prompt.token_ids)
+            for beam_index, beam in enumerate(output.sequences):
+                generated = beam.tokens[len(prompt.token_ids) :]
+                num_generated_tokens += len(generated)
+                text = str(self.tokenizer.decode(generated, skip_special_tokens=True))
+                choices.append(
+                    CompletionResponseChoice(
+                        index=prompt_index * n + beam_index,
+                        text=(prompt.text if request.echo else "") + text,
+                        finish_reason=beam.finish_reason,
+                    )
+                )
+        response = CompletionResponse(
+            id=request_id,
+            created=int(time.time()),
+            model=self.model_name,
+            choices=choices,
+            usage=usage_info(num_prompt_tokens, num_generated_tokens),
+        )
+        return JSONResponse(response.model_dump())
 
     def _prepare_prompts(
         self, request: CompletionRequest, kind: RequestOutputKind

@@ -825,3 +825,47 @@ def test_return_tokens_as_token_ids_names_logprob_tokens_by_id(run, app) -> None
     assert_error(post(run, app, "/v1/completions", streamed), 400, "prompt_logprobs")
     streamed_chat = {"messages": CHAT, "max_tokens": 2, "prompt_logprobs": 1, "stream": True}
     assert_error(post(run, app, "/v1/chat/completions", streamed_chat), 400, "prompt_logprobs")
+
+
+def test_use_beam_search_returns_transformers_beams_as_n_choices(run, app, engine) -> None:
+    import torch
+    import transformers
+
+    prompt = [5, 80, 200, 31, 7]
+    body = {"model": NAMES[0], "prompt": prompt, "max_tokens": 5, "n": 2, "ignore_eos": True}
+    response = post(run, app, "/v1/completions", {**body, "use_beam_search": True})
+    assert response.status_code == 200, response.text
+    choices = response.json()["choices"]
+    model_path = engine.model_config.model_path
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    reference.generation_config.eos_token_id = None
+    with torch.no_grad():
+        beams = reference.generate(
+            torch.tensor([prompt]), num_beams=2, num_return_sequences=2, max_new_tokens=5,
+            do_sample=False, early_stopping=False, pad_token_id=0,
+        )  # fmt: skip
+    tokenizer = engine.get_tokenizer()
+    want = [tokenizer.decode(b[len(prompt) :], skip_special_tokens=True) for b in beams]
+    assert [c["text"] for c in choices] == want
+    assert [c["index"] for c in choices] == [0, 1]
+    assert all(c["finish_reason"] == "length" for c in choices)
+    assert response.json()["usage"]["completion_tokens"] == 10
+
+
+def test_beam_search_refuses_what_it_cannot_do_by_name(run, app) -> None:
+    body = {"model": NAMES[0], "prompt": "hi", "max_tokens": 3, "use_beam_search": True}
+    assert_error(post(run, app, "/v1/completions", {**body, "stream": True}), 400, "", "stream")
+    assert_error(post(run, app, "/v1/completions", {**body, "logprobs": 1}), 400, "", "logprobs")
+    chat = {"model": NAMES[0], "messages": [{"role": "user", "content": "hi"}]}
+    assert_error(
+        post(run, app, "/v1/chat/completions", {**chat, "use_beam_search": True}),
+        400,
+        "supported on /v1/completions only",
+        "use_beam_search",
+    )
+    assert_error(
+        post(run, app, "/v1/completions", {**body, "early_stopping": True}),
+        400,
+        "early_stopping is not supported",
+        "early_stopping",
+    )

@@ -160,7 +160,11 @@ def test_streamed_json_parses_when_joined(client: openai.OpenAI) -> None:
             "guided_choice",
             "Only one structured output constraint",
         ),
-        ({"use_beam_search": True}, "use_beam_search", "beam search is not supported"),
+        (
+            {"use_beam_search": True},
+            "use_beam_search",
+            "beam search is supported on /v1/completions",
+        ),
         ({"best_of": 2}, "best_of", "best_of is supported on /v1/completions only"),
         (
             {"prompt_logprobs": 1, "stream": True},
