@@ -65,6 +65,12 @@ def _range(default: Any, **bounds: Any) -> Any:
     return Field(default=default, json_schema_extra=bounds)
 
 
+def _int64_range(default: Any, **bounds: Any) -> Any:
+    """`_range` for an integer the engine carries as a 64-bit integer (msgpack): a larger one is
+    a 400 here, not a 500 when the request is encoded."""
+    return Field(default=default, ge=_INT64_MIN, le=_INT64_MAX, json_schema_extra=bounds)
+
+
 # Token ids: documented as non-negative (the upper bound is the served model's vocabulary).
 _TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
 _PROMPT_SCHEMA = {
@@ -179,16 +185,16 @@ class SamplingRequest(RequestModel):
     response_format: ResponseFormat | None = None
     request_id: str | None = None
     # vLLM extras.
-    top_k: int | None = _range(None, minimum=-1)
+    top_k: int | None = _int64_range(None, minimum=-1)
     min_p: float | None = _range(None, minimum=0, maximum=1)
     repetition_penalty: float | None = _range(None, exclusiveMinimum=0)
     ignore_eos: bool = False
-    min_tokens: int = _range(0, minimum=0)
+    min_tokens: int = _int64_range(0, minimum=0)
     stop_token_ids: list[int] | None = _range(None, items={"minimum": 0})
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    truncate_prompt_tokens: int | None = None
+    truncate_prompt_tokens: int | None = Field(default=None, ge=_INT64_MIN, le=_INT64_MAX)
     allowed_token_ids: list[int] | None = _range(None, items={"minimum": 0})
     # vLLM's: words (token sequences) the output may not contain.
     bad_words: list[Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)]] | None = Field(
