@@ -25,7 +25,9 @@ class BeamSearchParams:
     """vLLM's `BeamSearchParams`.
 
     Raises:
-        ValueError: a beam width below 1, max_tokens below 1, or a negative temperature.
+        ValueError: a beam width below 1, max_tokens below 1, or a temperature other than 0:
+            candidates are ranked by the model's raw logprobs, which a temperature would not
+            change, so one is refused rather than ignored.
     """
 
     beam_width: int
@@ -40,8 +42,11 @@ class BeamSearchParams:
             raise ValueError(f"beam_width must be a positive integer, got {self.beam_width!r}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}")
+        if self.temperature != 0:
+            raise ValueError(
+                f"temperature must be 0 for beam search (beams are ranked by raw logprobs), "
+                f"got {self.temperature}"
+            )
 
 
 @dataclass
@@ -115,7 +120,7 @@ class BeamSearch:
         return SamplingParams(
             max_tokens=1,
             logprobs=2 * self.params.beam_width,
-            temperature=self.params.temperature,
+            temperature=0.0,
             ignore_eos=True,
         )
 
@@ -143,13 +148,14 @@ class BeamSearch:
 
     def outputs(self, decode: Any) -> list[BeamSearchOutput]:
         """Per prompt, its best `beam_width` sequences (finished or not), with `decode(tokens)`
-        as their text."""
+        as their text (a final EOS left out of it unless `include_stop_str_in_output`)."""
         results = []
         for live, done in zip(self.live, self.done, strict=True):
             for beam in live:
                 beam.finish_reason = "length"
             best = sorted(done + live, key=self.score, reverse=True)[: self.params.beam_width]
             for beam in best:
-                beam.text = decode(beam.tokens)
+                keep_eos = beam.finish_reason != "stop" or self.params.include_stop_str_in_output
+                beam.text = decode(beam.tokens if keep_eos else beam.tokens[:-1])
             results.append(BeamSearchOutput(sequences=best))
         return results

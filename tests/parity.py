@@ -32,3 +32,15 @@ def assert_same_tokens_and_logprobs_within(
             for token_id, entry in want_step.items():
                 if token_id in have_step:
                     assert have_step[token_id].logprob == pytest.approx(entry.logprob, abs=nats)
+
+
+def transformers_greedy(model: Any, prompt: Sequence[int], max_tokens: int) -> list[int]:
+    """`max_tokens` greedy tokens of a transformers model after `prompt`, each step a full
+    recompute and an argmax (no KV cache, so nothing of transformers' caching is compared)."""
+    import torch
+
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]

@@ -110,7 +110,8 @@ class LLM:
 
         Each step asks the engine for one token of every live beam with `2 * beam_width`
         logprobs; beams share their prompt's and their parents' full KV blocks through the prefix
-        cache. Sequences keep the prompt's tokens; `text` decodes all of them.
+        cache. Sequences keep the prompt's tokens; `text` decodes all of them (a final EOS
+        only with `include_stop_str_in_output`).
 
         Raises:
             ValueError: invalid prompts, or `2 * beam_width` above the engine's max_logprobs.

@@ -105,6 +105,8 @@ def test_invalid_beam_parameters_are_refused_by_name(llm: LLM) -> None:
         BeamSearchParams(beam_width=0, max_tokens=4)
     with pytest.raises(ValueError, match="max_tokens must be at least 1"):
         BeamSearchParams(beam_width=2, max_tokens=0)
+    with pytest.raises(ValueError, match="temperature must be 0 for beam search"):
+        BeamSearchParams(beam_width=2, max_tokens=4, temperature=0.7)
     with pytest.raises(ValueError, match="logprobs"):  # 2 * 11 candidates > max_logprobs 20
         llm.beam_search("hello", BeamSearchParams(beam_width=11, max_tokens=2))
 
@@ -122,3 +124,17 @@ def test_eos_finishes_a_beam_that_then_competes_by_its_score(llm: LLM) -> None:
     for beam in output.sequences:
         ended = beam.tokens[-1] == tokenizer.eos_token_id
         assert beam.finish_reason == ("stop" if ended else "length")
+        assert beam.text == tokenizer.decode(beam.tokens[:-1] if ended else beam.tokens)
+
+
+def test_include_stop_str_in_output_keeps_the_final_eos_in_the_text(llm: LLM) -> None:
+    from pagoda.beam_search import BeamSearch
+    from pagoda.outputs import Logprob
+
+    eos = llm.get_tokenizer().eos_token_id
+    params = BeamSearchParams(beam_width=1, max_tokens=2, include_stop_str_in_output=True)
+    search = BeamSearch([[5, 6]], params, eos)
+    search.advance(search.requests(), [{eos: Logprob(-0.1)}])
+    (output,) = search.outputs(lambda tokens: tokens)
+    assert output.sequences[0].text == [5, 6, eos]
+    assert output.sequences[0].finish_reason == "stop"

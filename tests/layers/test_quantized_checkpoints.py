@@ -27,6 +27,7 @@ from pagoda import LLM, SamplingParams
 from pagoda.layers.quantization.checkpoint import CheckpointQuantMethod
 from tests.models.tiny_families_a import make_tiny_checkpoint
 from tests.models.tiny_families_c import make_tiny_mixtral, make_tiny_qwen3_moe
+from tests.parity import transformers_greedy
 from tests.quantized_checkpoints import FORMATS, quantize_checkpoint, quantized_bytes
 from tests.tiny_llama import make_tiny_llama
 
@@ -117,18 +118,12 @@ def _model(llm: LLM) -> Any:
     return llm.llm_engine.engine_core.executor.worker.model_runner.model
 
 
-@torch.no_grad()
-def _reference_greedy(model: transformers.PreTrainedModel, prompt: list[int]) -> list[int]:
-    ids = list(prompt)
-    for _ in range(MAX_TOKENS):
-        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt) :]
-
-
 def test_greedy_tokens_equal_the_dequantized_float_model(quantized: Quantized) -> None:
     outputs = quantized.llm.generate(PROMPTS, _greedy(MAX_TOKENS), use_tqdm=False)
     ours = [list(output.outputs[0].token_ids) for output in outputs]
-    want = [_reference_greedy(quantized.reference, ids) for ids in quantized.prompt_ids]
+    want = [
+        transformers_greedy(quantized.reference, ids, MAX_TOKENS) for ids in quantized.prompt_ids
+    ]
     if quantized.fmt not in FP8_FORMATS and quantized.family != "qwen3_moe":
         assert ours == want
         return

@@ -28,6 +28,7 @@ from tests.models.tiny_families_c import (
     make_tiny_opt,
     make_tiny_qwen3_moe,
 )
+from tests.parity import transformers_greedy
 
 PROMPTS = [
     "The quick brown fox",
@@ -76,20 +77,13 @@ def greedy(max_tokens: int, logprobs: int | None = None) -> SamplingParams:
     )
 
 
-@torch.no_grad()
-def reference_greedy(model: transformers.PreTrainedModel, prompt: list[int]) -> list[int]:
-    """transformers with a full recompute each step and argmax."""
-    ids = list(prompt)
-    for _ in range(MAX_TOKENS):
-        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt) :]
-
-
 def test_greedy_tokens_match_transformers_for_a_batch_of_prompts(family: Family) -> None:
     outputs = family.llm.generate(PROMPTS, greedy(MAX_TOKENS), use_tqdm=False)
     ours = [list(output.outputs[0].token_ids) for output in outputs]
     assert [output.prompt_token_ids for output in outputs] == family.prompt_ids
-    assert ours == [reference_greedy(family.reference, ids) for ids in family.prompt_ids]
+    assert ours == [
+        transformers_greedy(family.reference, ids, MAX_TOKENS) for ids in family.prompt_ids
+    ]
 
 
 def test_per_step_logprobs_match_transformers_within_1e_4(family: Family) -> None:

@@ -87,14 +87,19 @@ def _generate(llm: LLM, cached: list[int] | None = None) -> list[tuple[list[int]
 
 
 def _assert_within_tolerance(
-    want: list[tuple[list[int], list[float]]], have: list[tuple[list[int], list[float]]]
+    want: list[tuple[list[int], list[float]]],
+    have: list[tuple[list[int], list[float]]],
+    agree: int = AGREE,
+    nats: float = LOGPROB_NATS,
 ) -> None:
+    """The first `agree` tokens equal, and each chosen token's logprob within `nats` while the
+    texts agree."""
     for (want_ids, want_lp), (have_ids, have_lp) in zip(want, have, strict=True):
-        assert have_ids[:AGREE] == want_ids[:AGREE]
+        assert have_ids[:agree] == want_ids[:agree]
         for step, (a, b) in enumerate(zip(want_ids, have_ids)):
             if a != b:
                 break
-            assert have_lp[step] == pytest.approx(want_lp[step], abs=LOGPROB_NATS)
+            assert have_lp[step] == pytest.approx(want_lp[step], abs=nats)
 
 
 @pytest.mark.slow
@@ -134,12 +139,7 @@ FP8_NATS = 0.4
 def _assert_within_fp8_tolerance(
     want: list[tuple[list[int], list[float]]], have: list[tuple[list[int], list[float]]]
 ) -> None:
-    for (want_ids, want_lp), (have_ids, have_lp) in zip(want, have, strict=True):
-        assert have_ids[:FP8_AGREE] == want_ids[:FP8_AGREE]
-        for step, (a, b) in enumerate(zip(want_ids, have_ids)):
-            if a != b:
-                break
-            assert have_lp[step] == pytest.approx(want_lp[step], abs=FP8_NATS)
+    _assert_within_tolerance(want, have, FP8_AGREE, FP8_NATS)
 
 
 @pytest.mark.slow

@@ -99,6 +99,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 ("logprobs", request.logprobs is not None),
                 ("best_of", (request.best_of or 1) > 1),
                 ("prompt_logprobs", request.prompt_logprobs is not None),
+                ("temperature", bool(request.temperature)),
             ):
                 if unsupported:
                     raise ServingError(
@@ -129,7 +130,6 @@ class OpenAIServingCompletion(OpenAIServing):
             beam_width=n,
             max_tokens=max_tokens,
             ignore_eos=request.ignore_eos,
-            temperature=request.temperature or 0.0,
             length_penalty=request.length_penalty,
         )
         search = BeamSearch(

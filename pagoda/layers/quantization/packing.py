@@ -178,10 +178,7 @@ def unpack(
                 where,
                 "g_idx reorders the inputs but desc_act is false",
             )
-        weight = IntWeight(q.contiguous(), scale.contiguous(), zero.contiguous(), bits)
-        if order is not None:
-            weight.q = weight.q[:, order].contiguous()
-            weight.order = order
+        weight = _in_group_order(IntWeight(q, scale, zero, bits), order)
         return _checked(weight, out_features, in_features, where)
     if layout == "awq":
         qweight = _tensor(parts, "qweight", where)
@@ -232,10 +229,7 @@ def unpack(
         order = None
         if "weight_g_idx" in parts:
             order = _groups_order(parts["weight_g_idx"], in_features, groups, where)
-        weight = IntWeight(q.contiguous(), scale.contiguous(), zero.contiguous(), bits)
-        if order is not None:
-            weight.q = weight.q[:, order].contiguous()
-            weight.order = order
+        weight = _in_group_order(IntWeight(q, scale, zero, bits), order)
         return _checked(weight, out_features, in_features, where)
     if layout == "ct-int8":
         stored = _tensor(parts, "weight", where)
@@ -263,6 +257,17 @@ def unpack(
             IntWeight(q, scale.contiguous(), zero.contiguous(), 8), out_features, in_features, where
         )
     raise ValueError(f"{where}: unknown layout {layout!r}")
+
+
+def _in_group_order(weight: IntWeight, order: torch.Tensor | None) -> IntWeight:
+    """`weight` contiguous, its inputs put in `order` (act-order groups made contiguous)."""
+    weight.q = (weight.q if order is None else weight.q[:, order]).contiguous()
+    weight.scale, weight.zero, weight.order = (
+        weight.scale.contiguous(),
+        weight.zero.contiguous(),
+        order,
+    )
+    return weight
 
 
 def _checked(weight: IntWeight, out_features: int, in_features: int, where: str) -> IntWeight:

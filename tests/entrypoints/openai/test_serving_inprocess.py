@@ -856,6 +856,9 @@ def test_beam_search_refuses_what_it_cannot_do_by_name(run, app) -> None:
     body = {"model": NAMES[0], "prompt": "hi", "max_tokens": 3, "use_beam_search": True}
     assert_error(post(run, app, "/v1/completions", {**body, "stream": True}), 400, "", "stream")
     assert_error(post(run, app, "/v1/completions", {**body, "logprobs": 1}), 400, "", "logprobs")
+    assert_error(
+        post(run, app, "/v1/completions", {**body, "temperature": 0.8}), 400, "", "temperature"
+    )
     chat = {"model": NAMES[0], "messages": [{"role": "user", "content": "hi"}]}
     assert_error(
         post(run, app, "/v1/chat/completions", {**chat, "use_beam_search": True}),
