@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pagoda import envs
 from pagoda.layers.quantization.schemes import QuantScheme, detect_quantization
+from pagoda.spec_decode.config import SpeculativeConfig
 
 if TYPE_CHECKING:
     import torch
@@ -158,6 +159,8 @@ class EngineConfig:
     data_parallel_size: int = 1
     # --structured-outputs-config: backend and the defaults of every constrained request.
     structured_outputs_config: dict[str, Any] = field(default_factory=lambda: {"backend": "auto"})
+    # --speculative-config, validated; None: no speculative decoding.
+    speculative_config: SpeculativeConfig | None = None
 
     @property
     def world_size(self) -> int:
@@ -209,6 +212,7 @@ class EngineArgs:
     disable_log_stats: bool = False
     usage_context: Literal["llm", "server"] = "llm"
     structured_outputs_config: dict[str, Any] | None = None
+    speculative_config: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -266,6 +270,11 @@ class EngineArgs:
             data_parallel_size=self.data_parallel_size,
             distributed_executor_backend=self.distributed_executor_backend or "mp",
             structured_outputs_config={"backend": "auto", **(self.structured_outputs_config or {})},
+            speculative_config=(
+                None
+                if self.speculative_config is None
+                else SpeculativeConfig.from_dict(self.speculative_config)
+            ),
         )
 
     def _validate_scalars(self) -> None:
@@ -293,6 +302,8 @@ class EngineArgs:
                 f"got {self.kv_cache_dtype!r}"
             )
         _validate_structured_outputs_config(self.structured_outputs_config)
+        if self.speculative_config is not None:
+            SpeculativeConfig.from_dict(self.speculative_config)
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(
                 f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; "

@@ -8,6 +8,7 @@ so `engine_kwargs` hands them to `pagoda.LLM` unchanged. Flags left unset stay o
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from pagoda.config import KV_CACHE_DTYPES
@@ -72,6 +73,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="(default: auto: bfloat16 on CPUs with bf16 units, else the model's dtype)",
     )
     group.add_argument("--calculate-kv-scales", action="store_true", default=None)
+    group.add_argument(
+        "--speculative-config",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'',
+    )
     group.add_argument(
         "--gpu-memory-utilization", type=float, default=None, help="(default: 0.9, CUDA only)"
     )

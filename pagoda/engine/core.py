@@ -67,7 +67,12 @@ class EngineCore:
         self._max_in_flight = getattr(self.executor, "max_concurrent_batches", 1)
         self.num_blocks = self.executor.determine_num_blocks()
         self.executor.initialize_kv_cache(self.num_blocks)
-        self.scheduler = Scheduler(config.scheduler_config, config.cache_config, self.num_blocks)
+        self.scheduler = Scheduler(
+            config.scheduler_config,
+            config.cache_config,
+            self.num_blocks,
+            config.speculative_config,
+        )
         self.last_stats = SchedulerStats()
         self._grammar_totals = (0.0, 0.0)
         logger.info("Engine core ready in %.2f s", time.perf_counter() - start)
@@ -182,11 +187,19 @@ class EngineCore:
 
     def _finish_step(self, plan: SchedulerOutput, result: ModelRunnerOutput) -> EngineCoreOutputs:
         outputs = self.scheduler.update_from_output(
-            plan, result.sampled_token_ids, result.logprobs, result.prompt_logprobs
+            plan,
+            result.sampled_token_ids,
+            result.logprobs,
+            result.prompt_logprobs,
+            result.spec_token_ids,
         )
         kv = self.scheduler.kv_cache_manager
         stats = kv.make_prefix_cache_stats()
-        num_sampled = len(result.sampled_token_ids)
+        num_emitted = sum(len(tokens) for tokens in result.sampled_token_ids.values())
+        num_drafts = sum(s.num_spec_tokens for s in plan.scheduled)
+        spec = None
+        if self.config.speculative_config is not None:
+            spec = self.scheduler.spec_stats.take()
         compile_seconds, mask_seconds = self._grammar_seconds()
         self.last_stats = SchedulerStats(
             num_running_reqs=len(self.scheduler.running),
@@ -196,11 +209,15 @@ class EngineCore:
             prefix_cache_queries=stats.queries,
             prefix_cache_hits=stats.hits,
             num_preemptions=len(plan.preempted_request_ids),
-            # Tokens that computed prompt (or recomputed) positions vs freshly generated ones.
-            num_prompt_tokens=plan.num_scheduled_tokens - num_sampled,
-            num_generation_tokens=num_sampled,
+            # Tokens that computed prompt (or recomputed) positions vs freshly generated ones
+            # (the positions of drafts count as neither).
+            num_prompt_tokens=plan.num_scheduled_tokens
+            - len(result.sampled_token_ids)
+            - num_drafts,
+            num_generation_tokens=num_emitted,
             grammar_compile_seconds=compile_seconds,
             grammar_mask_seconds=mask_seconds,
+            spec_decoding=spec,
         )
         return EngineCoreOutputs(outputs=outputs, timestamp=time.monotonic())
 

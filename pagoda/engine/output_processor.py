@@ -198,9 +198,12 @@ class OutputProcessor:
     def _update_sample(
         self, request: _RequestState, sample: _SampleState, output: EngineCoreOutput
     ) -> bool:
-        """Fold one core output into its sample; True if a stop string ended it here."""
+        """Fold one core output into its sample; True if a stop string ended it here.
+
+        With speculative decoding one output may carry several tokens: they go through the
+        detokenizer one at a time, and those after a stop string are dropped, as if the engine
+        had generated them one per step."""
         sample.updated = True
-        sample.token_ids.extend(output.new_token_ids)
         if not request.num_cached_tokens:
             # The first output carries the prefix-cache hits (0 reads as "none yet", and a negative
             # count means "not admitted"); with n > 1 the first sample reporting hits wins.
@@ -211,29 +214,49 @@ class OutputProcessor:
                 self._make_logprobs_dict(token_ids, logprobs, rank, decode)
                 for token_ids, logprobs, rank in output.new_prompt_logprobs
             ]
-        if sample.logprobs is not None and output.new_logprobs is not None:
-            decode = request.params.detokenize and self.tokenizer is not None
-            for token_ids, logprobs, sampled_rank in output.new_logprobs:
-                sample.logprobs.append(
-                    self._make_logprobs_dict(token_ids, logprobs, sampled_rank, decode)
-                )
-                assert sample.cumulative_logprob is not None
-                sample.cumulative_logprob += logprobs[0]
 
+        new_token_ids = output.new_token_ids
         finish_reason = output.finish_reason
         stop_reason = output.stop_reason
         ended_by_stop_string = False
         if sample.detokenizer is not None:
-            stop_string = sample.detokenizer.update(output.new_token_ids, finish_reason)
+            stop_string, num_kept = self._detokenize(
+                sample.detokenizer, new_token_ids, finish_reason
+            )
             if stop_string is not None:
                 # A stop string outranks whatever the core decided in the same step: the text
                 # was cut at it, so it is why the output ends.
                 ended_by_stop_string = finish_reason is None
                 finish_reason, stop_reason = "stop", stop_string
+                new_token_ids = new_token_ids[:num_kept]
+        sample.token_ids.extend(new_token_ids)
+        if sample.logprobs is not None and output.new_logprobs is not None:
+            decode = request.params.detokenize and self.tokenizer is not None
+            for token_ids, logprobs, sampled_rank in output.new_logprobs[: len(new_token_ids)]:
+                sample.logprobs.append(
+                    self._make_logprobs_dict(token_ids, logprobs, sampled_rank, decode)
+                )
+                assert sample.cumulative_logprob is not None
+                sample.cumulative_logprob += logprobs[0]
         if finish_reason is not None:
             sample.finish_reason = finish_reason
             sample.stop_reason = stop_reason
         return ended_by_stop_string
+
+    @staticmethod
+    def _detokenize(
+        detokenizer: IncrementalDetokenizer, token_ids: list[int], finish_reason: str | None
+    ) -> tuple[str | None, int]:
+        """Feed `token_ids` to `detokenizer`; the stop string that matched and how many of the
+        tokens it kept (all of them when none matched)."""
+        if len(token_ids) <= 1 or not detokenizer.stop:
+            return detokenizer.update(token_ids, finish_reason), len(token_ids)
+        for count, token_id in enumerate(token_ids, start=1):
+            last = count == len(token_ids)
+            stop_string = detokenizer.update([token_id], finish_reason if last else None)
+            if stop_string is not None:
+                return stop_string, count
+        return None, len(token_ids)
 
     def _make_logprobs_dict(
         self, token_ids: list[int], logprobs: list[float], sampled_rank: int, decode: bool

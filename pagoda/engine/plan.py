@@ -35,7 +35,10 @@ class ScheduledRequest:
     """One request's share of a step.
 
     `token_ids` are computed at positions `num_computed_tokens ...`; `sample` is True when this
-    chunk reaches the request's last known token, so the step samples its next token.
+    chunk reaches the request's last known token, so the step samples its next token. With
+    speculative decoding the last `num_spec_tokens` of `token_ids` are drafts, after the
+    request's last known token: the step verifies them and samples from every one of the
+    `num_spec_tokens + 1` last positions.
     """
 
     request_id: str
@@ -43,6 +46,7 @@ class ScheduledRequest:
     num_computed_tokens: int
     block_ids: list[int]
     sample: bool
+    num_spec_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -68,10 +72,16 @@ class SchedulerOutput:
 
 @dataclass(slots=True)
 class ModelRunnerOutput:
-    """Sampled tokens of one step, by request id, and their logprobs when requested."""
+    """Sampled tokens of one step, by request id, and their logprobs when requested.
 
-    sampled_token_ids: dict[str, int]
-    logprobs: dict[str, TokenLogprobs] | None = None
+    A request emits one token per step, or with drafts its accepted drafts and one more; its
+    `logprobs` list has one entry per emitted token.
+    """
+
+    sampled_token_ids: dict[str, list[int]]
+    logprobs: dict[str, list[TokenLogprobs]] | None = None
     # Requests with prompt_logprobs: one entry per prompt position this step scored (the next
     # prompt token first, then the top-k), in prompt order.
     prompt_logprobs: dict[str, list[TokenLogprobs]] | None = None
+    # Speculative decoding: the drafts proposed for each request's next step.
+    spec_token_ids: dict[str, list[int]] | None = None

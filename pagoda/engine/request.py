@@ -72,6 +72,9 @@ class Request:
         # Seconds from arrival to the first scheduling; set when first admitted.
         self.queue_seconds: float | None = None
         self.block_hashes: list[bytes] = []
+        # Speculative decoding: the drafts the runner proposed after the last step, verified in
+        # the next one (never part of all_token_ids until accepted).
+        self.spec_token_ids: list[int] = []
         max_tokens = sampling_params.max_tokens
         self.max_tokens: int = max_tokens if max_tokens is not None else 1 << 62
 

@@ -10,6 +10,11 @@ and the KV cache manager and returns a plan (`SchedulerOutput`); it never touche
 Requests with structured output wait (skipped, keeping their place) until the structured-output
 manager has compiled their grammar; the plan carries the manager's token bitmask for the
 constrained requests that sample, and each sampled token advances their matcher.
+
+With speculative decoding, a decoding request's drafts (proposed by the runner after the previous
+step) ride along as extra positions of its chunk; the step's answer says how many were accepted,
+the rejected ones are simply not counted as computed (their slots are overwritten later), and the
+accepted tokens go through the same stop checks one at a time.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from pagoda.config import CacheConfig, SchedulerConfig
@@ -25,6 +30,8 @@ from pagoda.engine.kv_cache_manager import KVCacheManager
 from pagoda.engine.messages import EngineCoreOutput
 from pagoda.engine.plan import NewRequestData, ScheduledRequest, SchedulerOutput, TokenLogprobs
 from pagoda.engine.request import Request, RequestStatus
+from pagoda.metrics.stats import SpecDecodingStats
+from pagoda.spec_decode.config import SpeculativeConfig
 
 if TYPE_CHECKING:
     from pagoda.structured_output.manager import StructuredOutputManager
@@ -36,9 +43,18 @@ class Scheduler:
     """Token-budget scheduler with prefix caching, chunked prefill and recompute preemption."""
 
     def __init__(
-        self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        num_blocks: int,
+        speculative_config: SpeculativeConfig | None = None,
     ) -> None:
         self.config = scheduler_config
+        self.speculative_config = speculative_config
+        # Drafts and acceptances since the engine core last took them (None: no speculation).
+        self.spec_stats = SpecDecodingStats.empty(speculative_config)
+        # The same since start, never taken.
+        self.spec_totals = SpecDecodingStats.empty(speculative_config)
         self.max_model_len = scheduler_config.max_model_len
         self.kv_cache_manager = KVCacheManager(
             num_blocks=num_blocks,
@@ -119,8 +135,9 @@ class Scheduler:
                 index += 1
                 continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            drafts = self._drafts_to_verify(request, num_new, budget)
             scheduled = True
-            while kv.allocate_slots(request, num_new) is None:
+            while kv.allocate_slots(request, num_new + len(drafts)) is None:
                 victim = self._preemption_victim(index, busy)
                 self._preempt(victim)
                 plan.preempted_request_ids.append(victim.request_id)
@@ -129,8 +146,8 @@ class Scheduler:
                     break
             if not scheduled:
                 break
-            self._add_to_plan(plan, request, num_new)
-            budget -= num_new
+            self._add_to_plan(plan, request, num_new, drafts)
+            budget -= num_new + len(drafts)
             index += 1
 
         # Then waiting requests, FCFS, unless this step already had to preempt. A request whose
@@ -224,24 +241,48 @@ class Scheduler:
             plan.grammar_rows = rows
             plan.grammar_bitmask = manager.bitmask([sampling[i] for i in rows])
 
-    def _add_to_plan(self, plan: SchedulerOutput, request: Request, num_new: int) -> None:
+    def _drafts_to_verify(self, request: Request, num_new: int, budget: int) -> list[int]:
+        """The drafts `request` verifies this step: its proposal when it is decoding (one new
+        token), cut so that the step fits the budget and cannot emit past max_tokens or the
+        model's length, and none while more requests run than `disable_by_batch_size`."""
+        drafts, request.spec_token_ids = request.spec_token_ids, []
+        config = self.speculative_config
+        if not drafts or num_new != 1 or config is None:
+            return []
+        if config.disable_by_batch_size is not None and (
+            len(self.running) > config.disable_by_batch_size
+        ):
+            return []
+        # The step emits at most len(drafts) + 1 tokens.
+        room = min(
+            budget - 1,
+            request.max_tokens - request.num_output_tokens - 1,
+            self.max_model_len - request.num_tokens - 1,
+        )
+        return drafts[: max(room, 0)]
+
+    def _add_to_plan(
+        self, plan: SchedulerOutput, request: Request, num_new: int, drafts: Sequence[int] = ()
+    ) -> None:
         start = request.num_computed_tokens
         end = start + num_new
         plan.scheduled.append(
             ScheduledRequest(
                 request_id=request.request_id,
-                token_ids=request.all_token_ids[start:end],
+                token_ids=request.all_token_ids[start:end] + list(drafts),
                 num_computed_tokens=start,
                 block_ids=self.kv_cache_manager.get_block_ids(request.request_id),
                 sample=end == request.num_tokens,
+                num_spec_tokens=len(drafts),
             )
         )
-        plan.num_scheduled_tokens += num_new
+        plan.num_scheduled_tokens += num_new + len(drafts)
 
     def _preempt(self, request: Request) -> None:
         # Recompute preemption: drop the KV blocks and start over later; prefix caching makes the
         # recomputation cheap when the freed blocks have not been reused yet.
         self.kv_cache_manager.free(request)
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -252,18 +293,29 @@ class Scheduler:
     def update_from_output(
         self,
         plan: SchedulerOutput,
-        sampled_token_ids: dict[str, int],
-        logprobs: dict[str, TokenLogprobs] | None = None,
+        sampled_token_ids: dict[str, list[int]],
+        logprobs: dict[str, list[TokenLogprobs]] | None = None,
         prompt_logprobs: dict[str, list[TokenLogprobs]] | None = None,
+        spec_token_ids: dict[str, list[int]] | None = None,
     ) -> list[EngineCoreOutput]:
-        """Advance the scheduled requests by what the step computed and check stop conditions."""
+        """Advance the scheduled requests by what the step computed and check stop conditions.
+
+        A request emits its accepted drafts and one more token (just one without drafts); they
+        are appended one at a time, and a stop on one of them drops those after it."""
         outputs, self._unscheduled_outputs = self._unscheduled_outputs, []
         stopped: list[Request] = []
         for scheduled in plan.scheduled:
             request = self.requests.get(scheduled.request_id)
             if request is None or request.is_finished:
                 continue  # aborted while the step ran
-            request.num_computed_tokens += len(scheduled.token_ids)
+            num_rejected = 0
+            if scheduled.num_spec_tokens:
+                num_accepted = len(sampled_token_ids[request.request_id]) - 1
+                num_rejected = scheduled.num_spec_tokens - num_accepted
+                self.spec_stats.observe(scheduled.num_spec_tokens, num_accepted)
+                self.spec_totals.observe(scheduled.num_spec_tokens, num_accepted)
+            # Rejected drafts' positions were computed for nothing: they come again.
+            request.num_computed_tokens += len(scheduled.token_ids) - num_rejected
             scored = prompt_logprobs.get(request.request_id) if prompt_logprobs else None
             if not scheduled.sample:
                 # A prefill chunk that did not reach the end yet.
@@ -277,26 +329,20 @@ class Scheduler:
                         )
                     )
                 continue
-            token_id = sampled_token_ids[request.request_id]
-            request.append_output_token_ids([token_id])
-            grammar_done = self.structured_output is not None and self.structured_output.accept(
-                request.request_id, token_id
-            )
-            if self._check_stop(request):
+            new_token_ids = self._append_tokens(request, sampled_token_ids[request.request_id])
+            if request.is_finished:
                 stopped.append(request)
-            elif grammar_done:
-                # The grammar is complete (what it allowed last was its end): stop, as EOS would.
-                request.status = RequestStatus.FINISHED_STOPPED
-                stopped.append(request)
+            elif spec_token_ids is not None:
+                request.spec_token_ids = spec_token_ids.get(request.request_id, [])
             output = EngineCoreOutput(
                 request_id=request.request_id,
-                new_token_ids=[token_id],
+                new_token_ids=new_token_ids,
                 finish_reason=request.status.finish_reason,
                 stop_reason=request.stop_reason,
                 num_cached_tokens=request.num_cached_tokens,
             )
             if logprobs is not None and request.request_id in logprobs:
-                output.new_logprobs = [logprobs[request.request_id]]
+                output.new_logprobs = logprobs[request.request_id][: len(new_token_ids)]
             if scored:
                 output.new_prompt_logprobs = scored
             if request.num_output_tokens == 1:
@@ -308,6 +354,20 @@ class Scheduler:
             for request in stopped:
                 self._release(request)
         return outputs
+
+    def _append_tokens(self, request: Request, token_ids: list[int]) -> list[int]:
+        """Append the step's tokens of `request` until one stops it; returns those appended."""
+        manager = self.structured_output
+        for count, token_id in enumerate(token_ids, start=1):
+            request.append_output_token_ids([token_id])
+            grammar_done = manager is not None and manager.accept(request.request_id, token_id)
+            if self._check_stop(request):
+                return token_ids[:count]
+            if grammar_done:
+                # The grammar is complete (what it allowed last was its end): stop, as EOS would.
+                request.status = RequestStatus.FINISHED_STOPPED
+                return token_ids[:count]
+        return token_ids
 
     def _check_stop(self, request: Request) -> bool:
         params = request.sampling_params

@@ -331,8 +331,9 @@ def apply_temperature_and_truncation(
     return logits.scatter_(1, sorted_ids, sorted_logits)
 
 
-def _random_sample(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-    """Exponential race: argmax(p / q), q ~ Exp(1), is a draw from the categorical p."""
+def random_sample(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    """One draw per row from softmax(logits) ([B, V], processed and truncated), seeded rows
+    from their generator: the exponential race argmax(p / q), q ~ Exp(1)."""
     probs = logits.softmax(dim=-1)  # [B, V]
     q = torch.empty_like(probs)
     if len(metadata.generators) < metadata.num_rows:
@@ -381,7 +382,7 @@ class Sampler(nn.Module):
                 sampled = greedy
             else:
                 processed = apply_temperature_and_truncation(processed, metadata)
-                sampled = _random_sample(processed, metadata)  # [B]
+                sampled = random_sample(processed, metadata)  # [B]
                 if greedy is not None and metadata.greedy_rows is not None:
                     sampled = torch.where(metadata.greedy_rows, greedy, sampled)
 

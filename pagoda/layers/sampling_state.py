@@ -10,6 +10,8 @@ penalties, and nothing for rows that do not.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from pagoda.sampling_params import SamplingParams
@@ -73,6 +75,31 @@ class RequestSamplingState:
         ):
             self.output_tokens_not_in_prompt.append(token_id)
         self.output_token_counts[token_id] = count + 1
+
+    def rows_for_drafts(self, draft_token_ids: list[int]) -> list[RequestSamplingState]:
+        """The states of the k + 1 rows that verify `draft_token_ids` (speculative decoding):
+        row i as if drafts[:i] had been output. Only a request whose sampling reads its output
+        (penalties, bad words, min_tokens still pending) needs copies; every other row shares
+        this state, generator included, so seeded rows draw from one stream in row order."""
+        params = self.params
+        reads_output = (
+            params.repetition_penalty != 1.0
+            or params.frequency_penalty != 0.0
+            or params.presence_penalty != 0.0
+            or bool(params.bad_words_token_ids)
+            or self.min_tokens_pending
+        )
+        if not reads_output:
+            return [self] * (len(draft_token_ids) + 1)
+        rows = [self]
+        for token_id in draft_token_ids:
+            row = copy.copy(rows[-1])
+            row.output_token_ids = list(row.output_token_ids)
+            row.output_token_counts = dict(row.output_token_counts)
+            row.output_tokens_not_in_prompt = list(row.output_tokens_not_in_prompt)
+            row.append_output(token_id)
+            rows.append(row)
+        return rows
 
     def bad_words_blocked_ids(self) -> list[int]:
         """The tokens `bad_words` forbids this step: each forbidden sequence's last token when

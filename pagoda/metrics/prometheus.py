@@ -27,7 +27,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from pagoda.metrics.http import HttpMetrics
-from pagoda.metrics.stats import SchedulerStats
+from pagoda.metrics.stats import SchedulerStats, SpecDecodingStats
 
 __all__ = [
     "E2E_LATENCY_BUCKETS",
@@ -268,8 +268,12 @@ class PrometheusMetrics:
             ITERATION_TOKEN_BUCKETS,
         ).labels(model_name)
 
-        if vllm_names:
-            registry.register(_VllmNames(own))
+        self._vllm_names = _VllmNames(own) if vllm_names else None
+        if self._vllm_names is not None:
+            registry.register(self._vllm_names)
+        # Speculative decoding's counters, made at the first step that reports drafts (vLLM
+        # has them only when speculation is on).
+        self._spec: tuple[Counter, Counter, Counter, Counter] | None = None
         # The API server's HTTP metrics (unprefixed, as vLLM's are): fed by its middleware.
         self.http = HttpMetrics(registry)
 
@@ -294,6 +298,47 @@ class PrometheusMetrics:
         step_tokens = stats.num_prompt_tokens + stats.num_generation_tokens
         if step_tokens > 0:
             self.iteration_tokens.observe(step_tokens)
+        if stats.spec_decoding is not None:
+            self._record_spec_decoding(stats.spec_decoding)
+
+    def _record_spec_decoding(self, spec: SpecDecodingStats) -> None:
+        if self._spec is None:
+            labels = ["model_name"]
+            made = (
+                Counter(
+                    "pagoda:spec_decode_num_drafts",
+                    "Verification steps of requests that had drafts.",
+                    labelnames=labels,
+                    registry=self.registry,
+                ),
+                Counter(
+                    "pagoda:spec_decode_num_draft_tokens",
+                    "Draft tokens proposed.",
+                    labelnames=labels,
+                    registry=self.registry,
+                ),
+                Counter(
+                    "pagoda:spec_decode_num_accepted_tokens",
+                    "Draft tokens accepted.",
+                    labelnames=labels,
+                    registry=self.registry,
+                ),
+                Counter(
+                    "pagoda:spec_decode_num_accepted_tokens_per_pos",
+                    "Draft tokens accepted, by position in the draft (0 first).",
+                    labelnames=["model_name", "position"],
+                    registry=self.registry,
+                ),
+            )
+            if self._vllm_names is not None:
+                self._vllm_names.add_sources(made)
+            self._spec = made
+        drafts, draft_tokens, accepted, per_pos = self._spec
+        drafts.labels(self.model_name).inc(max(spec.num_drafts, 0))
+        draft_tokens.labels(self.model_name).inc(max(spec.num_draft_tokens, 0))
+        accepted.labels(self.model_name).inc(max(spec.num_accepted_tokens, 0))
+        for position, count in enumerate(spec.num_accepted_tokens_per_pos):
+            per_pos.labels(self.model_name, str(position)).inc(max(count, 0))
 
     def record_first_token(self, ttft_s: float) -> None:
         """Observe one request's time to first token (arrival to first token), in seconds."""
@@ -374,6 +419,9 @@ class _VllmNames(Collector):
 
     def __init__(self, sources: Iterable[Collector]) -> None:
         self._sources = list(sources)
+
+    def add_sources(self, sources: Iterable[Collector]) -> None:
+        self._sources.extend(sources)
 
     def collect(self) -> Iterator[Metric]:
         for source in self._sources:

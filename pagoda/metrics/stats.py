@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pagoda.spec_decode.config import SpeculativeConfig
 
 logger = logging.getLogger("pagoda.stats")
 
@@ -37,6 +41,51 @@ class SchedulerStats:
     # seconds spent filling token bitmasks (the step loop's own cost of constraints).
     grammar_compile_seconds: float = 0.0
     grammar_mask_seconds: float = 0.0
+    # Speculative decoding in this step; None when it is off.
+    spec_decoding: SpecDecodingStats | None = None
+
+
+@dataclass(slots=True)
+class SpecDecodingStats:
+    """Speculative decoding over an interval, with vLLM's counters: verification steps of
+    requests that had drafts, drafted and accepted tokens, and acceptances by draft position."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, config: SpeculativeConfig | None) -> SpecDecodingStats:
+        k = config.num_speculative_tokens if config is not None else 0
+        return cls(num_accepted_tokens_per_pos=[0] * k)
+
+    def observe(self, num_draft_tokens: int, num_accepted_tokens: int) -> None:
+        """One request's verification: it drafted and kept this many tokens."""
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted_tokens
+        for position in range(num_accepted_tokens):
+            self.num_accepted_tokens_per_pos[position] += 1
+
+    def add(self, other: SpecDecodingStats) -> None:
+        self.num_drafts += other.num_drafts
+        self.num_draft_tokens += other.num_draft_tokens
+        self.num_accepted_tokens += other.num_accepted_tokens
+        for position, count in enumerate(other.num_accepted_tokens_per_pos):
+            self.num_accepted_tokens_per_pos[position] += count
+
+    def take(self) -> SpecDecodingStats:
+        """These counts, leaving this record at zero."""
+        taken = SpecDecodingStats(
+            self.num_drafts,
+            self.num_draft_tokens,
+            self.num_accepted_tokens,
+            list(self.num_accepted_tokens_per_pos),
+        )
+        self.num_drafts = self.num_draft_tokens = self.num_accepted_tokens = 0
+        self.num_accepted_tokens_per_pos = [0] * len(taken.num_accepted_tokens_per_pos)
+        return taken
 
 
 class StatLogger:
@@ -64,6 +113,7 @@ class StatLogger:
         self.preemptions = 0
         self.compile_seconds = 0.0
         self.mask_seconds = 0.0
+        self.spec: SpecDecodingStats | None = None
 
     def _drained(self) -> bool:
         last = self.last
@@ -91,6 +141,11 @@ class StatLogger:
         self.preemptions += stats.num_preemptions
         self.compile_seconds += stats.grammar_compile_seconds
         self.mask_seconds += stats.grammar_mask_seconds
+        if stats.spec_decoding is not None:
+            if self.spec is None:
+                positions = len(stats.spec_decoding.num_accepted_tokens_per_pos)
+                self.spec = SpecDecodingStats(num_accepted_tokens_per_pos=[0] * positions)
+            self.spec.add(stats.spec_decoding)
         if now - self.window_start >= self.interval:
             self.log(now)
 
@@ -124,4 +179,22 @@ class StatLogger:
             hit_rate,
             grammars,
         )
+        spec = self.spec
+        if spec is not None and spec.num_drafts:
+            # vLLM's second line, for speculative decoding.
+            per_position = ", ".join(
+                f"{count / spec.num_drafts:.3f}" for count in spec.num_accepted_tokens_per_pos
+            )
+            logger.info(
+                "SpecDecoding metrics: Mean acceptance length: %.2f, Accepted throughput: %.2f "
+                "tokens/s, Drafted throughput: %.2f tokens/s, Accepted: %d tokens, Drafted: %d "
+                "tokens, Per-position acceptance rate: %s, Avg Draft acceptance rate: %.1f%%",
+                1 + spec.num_accepted_tokens / spec.num_drafts,
+                spec.num_accepted_tokens / elapsed,
+                spec.num_draft_tokens / elapsed,
+                spec.num_accepted_tokens,
+                spec.num_draft_tokens,
+                per_position,
+                100.0 * spec.num_accepted_tokens / max(spec.num_draft_tokens, 1),
+            )
         self._reset(now)

@@ -5,6 +5,10 @@ flattens the scheduled tokens of every request (prefill chunks and decodes alike
 computes slot mappings from the block tables, runs the model inside a forward context, takes the
 logits of the last token of every request that samples this step, and samples. It reads the plan
 and never writes scheduler state.
+
+With speculative decoding a request's chunk ends in drafts: the logits of its last
+`num_spec_tokens + 1` positions go to the rejection sampler (`pagoda.spec_decode`), and after the
+step the proposer drafts each sampling request's next tokens, which go back with the output.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ from pagoda.distributed.parallel_state import receive_from_previous_stage, send_
 from pagoda.engine.plan import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from pagoda.forward_context import ForwardContext, set_forward_context
 from pagoda.layers.attention import Attention
-from pagoda.layers.sampler import Sampler, SamplingMetadata, gather_logprobs
+from pagoda.layers.sampler import LogprobsTensors, Sampler, SamplingMetadata, gather_logprobs
 from pagoda.layers.sampling_state import RequestSamplingState
 from pagoda.models.utils import CausalLM
+from pagoda.spec_decode.ngram import NgramProposer, TokenHistory
+from pagoda.spec_decode.rejection_sampler import accepted_lengths, verify_drafts
 
 if TYPE_CHECKING:
     from pagoda.loader.weight_plan import WeightPlan
@@ -101,6 +107,13 @@ class ModelRunner:
         self.model: CausalLM | None = None
         # The whole-step C decoder (pagoda.cpu.decoder), for small all-decode steps on CPU.
         self.cpu_decoder: CPUDecoder | None = None
+        # Speculative decoding: drafts are proposed where tokens are sampled (the last stage's
+        # first rank); the other ranks verify what the plan carries.
+        self.proposer: NgramProposer | None = None
+        self.token_history = TokenHistory()
+        spec = config.speculative_config
+        if spec is not None and self.is_last_stage and self.tp_rank == 0:
+            self.proposer = NgramProposer(spec)
 
     def load_model(self) -> None:
         """Build the model under the weight plan, load the checkpoint's weights, process them,
@@ -248,6 +261,7 @@ class ModelRunner:
     def _update_states(self, plan: SchedulerOutput) -> None:
         for request_id in plan.finished_request_ids:
             self.states.pop(request_id, None)
+            self.token_history.remove(request_id)
         for new in plan.new_requests:
             self.states[new.request_id] = RequestSamplingState(
                 new.sampling_params, new.prompt_token_ids, new.eos_token_id, self.device
@@ -282,17 +296,18 @@ class ModelRunner:
         )
 
     def _runs_on_cpu_decoder(
-        self, plan: SchedulerOutput, layout: StepLayout, sampling: list[int]
+        self, plan: SchedulerOutput, layout: StepLayout, sampling: list[int], num_rows: int
     ) -> bool:
-        """Whether the C decoder takes this step: a few decodes, each sampling."""
+        """Whether the C decoder takes this step: a few decodes (with their drafts), each
+        sampling at every position."""
         decoder = self.cpu_decoder
-        num_requests = len(plan.scheduled)
+        num_tokens = int(layout.query_start[-1])
         return (
             decoder is not None
             and decoder.bound
-            and num_requests <= decoder.max_tokens
-            and len(sampling) == num_requests
-            and int(layout.query_start[-1]) == num_requests
+            and num_tokens <= decoder.max_tokens
+            and len(sampling) == len(plan.scheduled)
+            and num_tokens == num_rows
         )
 
     @torch.inference_mode()
@@ -305,16 +320,21 @@ class ModelRunner:
         layout = self._build_layout(plan)
         token_ids = list(itertools.chain.from_iterable(s.token_ids for s in plan.scheduled))
         sampling = [i for i, s in enumerate(plan.scheduled) if s.sample]
+        # Logit rows per sampling request: its last position, and one more per draft.
+        row_counts = [plan.scheduled[i].num_spec_tokens + 1 for i in sampling]
         # The C decoder takes decode steps only, whose positions are past the prompt.
         prompt_logprobs = None
-        if self._runs_on_cpu_decoder(plan, layout, sampling):
+        if self._runs_on_cpu_decoder(plan, layout, sampling, sum(row_counts)):
             assert self.cpu_decoder is not None
+            # One row per token: a draft attends to the context up to itself, the same
+            # request's earlier positions of this step included (written before attention).
+            owner = np.repeat(np.arange(len(plan.scheduled)), layout.query_len)  # [T]
             logits = self.cpu_decoder.decode(
                 np.asarray(token_ids, dtype=np.int64),
                 layout.positions,
                 layout.slot_mapping,
-                layout.padded_block_table(np.arange(len(plan.scheduled))),
-                layout.context_len,
+                layout.padded_block_table(owner),
+                layout.positions + 1,
             )  # [T, V]: every token is a sampled decode
         else:
             input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
@@ -338,32 +358,113 @@ class ModelRunner:
             prompt_logprobs = self._prompt_logprobs(plan, layout, hidden_states)
             if not sampling:
                 return ModelRunnerOutput(sampled_token_ids={}, prompt_logprobs=prompt_logprobs)
-            last_rows = torch.from_numpy(layout.query_start[1:][sampling] - 1).to(self.device)
-            logits = self.model.compute_logits(hidden_states[last_rows]).float()  # [S, V]
+            ends = layout.query_start[1:][sampling]  # [S]
+            rows = np.concatenate([np.arange(e - c, e) for e, c in zip(ends, row_counts)])
+            last_rows = torch.from_numpy(rows).to(self.device)
+            logits = self.model.compute_logits(hidden_states[last_rows]).float()  # [R, V]
         if plan.grammar_bitmask is not None:
             from pagoda.structured_output.backends import apply_bitmask
 
-            apply_bitmask(logits, plan.grammar_bitmask, plan.grammar_rows)
+            # Constrained requests draft nothing: each has one row, the first of its rows.
+            first_rows = np.cumsum([0, *row_counts[:-1]])
+            apply_bitmask(logits, plan.grammar_bitmask, first_rows[plan.grammar_rows].tolist())
         request_ids = [plan.scheduled[i].request_id for i in sampling]
         states = [self.states[r] for r in request_ids]
-        sampling_metadata = SamplingMetadata.build(states, logits.shape[-1], self.device)
-        output = self.sampler(logits, sampling_metadata)
-        token_ids = output.sampled_token_ids.tolist()
-        for state, token_id in zip(states, token_ids):
-            state.append_output(token_id)
-        logprobs = None
-        if output.logprobs is not None:
-            logprobs = {}
-            lp_ids = output.logprobs.token_ids.tolist()
-            lp_values = output.logprobs.logprobs.tolist()
-            ranks = output.logprobs.ranks.tolist()
-            for row, (request_id, state) in enumerate(zip(request_ids, states)):
-                k = state.params.logprobs
-                if k is None:
-                    continue
-                width = len(lp_ids[row]) if k == -1 else k + 1
-                logprobs[request_id] = (lp_ids[row][:width], lp_values[row][:width], ranks[row])
-        return ModelRunnerOutput(dict(zip(request_ids, token_ids)), logprobs, prompt_logprobs)
+        if len(row_counts) == len(logits):
+            tokens, logprobs = self._sample(logits, request_ids, states)
+        else:
+            drafts = [
+                plan.scheduled[i].token_ids[len(plan.scheduled[i].token_ids) - c + 1 :]
+                for i, c in zip(sampling, row_counts)
+            ]
+            tokens, logprobs = self._verify(logits, request_ids, states, drafts)
+        for state, emitted in zip(states, tokens):
+            for token_id in emitted:
+                state.append_output(token_id)
+        output = ModelRunnerOutput(dict(zip(request_ids, tokens)), logprobs, prompt_logprobs)
+        if self.proposer is not None:
+            output.spec_token_ids = self._propose(request_ids, states)
+        return output
+
+    def _sample(
+        self, logits: torch.Tensor, request_ids: list[str], states: list[RequestSamplingState]
+    ) -> tuple[list[list[int]], dict[str, list[TokenLogprobs]] | None]:
+        """One token per request from its row of `logits` ([S, V])."""
+        metadata = SamplingMetadata.build(states, logits.shape[-1], self.device)
+        output = self.sampler(logits, metadata)
+        tokens = [[token_id] for token_id in output.sampled_token_ids.tolist()]
+        if output.logprobs is None:
+            return tokens, None
+        entries = _logprob_entries(output.logprobs)
+        logprobs = {
+            request_id: [_top(entries[row], state.params.logprobs)]
+            for row, (request_id, state) in enumerate(zip(request_ids, states))
+            if state.params.logprobs is not None
+        }
+        return tokens, logprobs
+
+    def _verify(
+        self,
+        logits: torch.Tensor,
+        request_ids: list[str],
+        states: list[RequestSamplingState],
+        drafts: list[list[int]],
+    ) -> tuple[list[list[int]], dict[str, list[TokenLogprobs]] | None]:
+        """The accepted drafts and one more token per request, from its len(drafts) + 1 rows of
+        `logits` ([R, V]; a request without drafts has one row)."""
+        row_states: list[RequestSamplingState] = []
+        row_drafts: list[int] = []
+        for state, draft in zip(states, drafts):
+            row_states += state.rows_for_drafts(draft)
+            row_drafts += [*draft, -1]
+        metadata = SamplingMetadata.build(row_states, logits.shape[-1], self.device)
+        emitted, accepted = verify_drafts(logits, metadata, row_drafts)
+        accepted_list = accepted.tolist()
+        emitted_list = emitted.tolist()
+        row_counts = [len(d) + 1 for d in drafts]
+        tokens: list[list[int]] = []
+        first = 0
+        for draft, kept in zip(drafts, accepted_lengths(accepted_list, row_counts)):
+            tokens.append([*draft[:kept], emitted_list[first + kept]])
+            first += len(draft) + 1
+        if metadata.max_num_logprobs is None:
+            return tokens, None
+        # Each row's logprobs are of the token it emitted: its draft where accepted.
+        chosen = [d if ok else e for d, ok, e in zip(row_drafts, accepted_list, emitted_list)]
+        gathered = gather_logprobs(
+            logits.log_softmax(dim=-1),
+            torch.tensor(chosen, dtype=torch.long, device=logits.device),
+            metadata.max_num_logprobs,
+        )
+        entries = _logprob_entries(gathered)
+        logprobs: dict[str, list[TokenLogprobs]] = {}
+        first = 0
+        for request_id, state, emitted_tokens, draft in zip(request_ids, states, tokens, drafts):
+            if state.params.logprobs is not None:
+                logprobs[request_id] = [
+                    _top(entries[first + i], state.params.logprobs)
+                    for i in range(len(emitted_tokens))
+                ]
+            first += len(draft) + 1
+        return tokens, logprobs
+
+    def _propose(
+        self, request_ids: list[str], states: list[RequestSamplingState]
+    ) -> dict[str, list[int]]:
+        """Drafts for each sampling request's next step (none under a grammar: its matcher
+        would have to judge tokens it has not accepted)."""
+        assert self.proposer is not None
+        drafts: dict[str, list[int]] = {}
+        for request_id, state in zip(request_ids, states):
+            if state.params.structured_outputs is not None:
+                continue
+            history = self.token_history.update(
+                request_id, state.prompt_token_ids, state.output_token_ids
+            )
+            draft = self.proposer.propose(history)
+            if draft:
+                drafts[request_id] = draft
+        return drafts
 
     def _prompt_logprobs(
         self, plan: SchedulerOutput, layout: StepLayout, hidden_states: torch.Tensor
@@ -416,3 +517,15 @@ class ModelRunner:
                 for row in range(first, first + count)
             ]
         return result
+
+
+def _logprob_entries(tensors: LogprobsTensors) -> list[TokenLogprobs]:
+    """Per row: (token ids, logprobs, rank) of the chosen token and the top K, as lists."""
+    return list(zip(tensors.token_ids.tolist(), tensors.logprobs.tolist(), tensors.ranks.tolist()))
+
+
+def _top(entry: TokenLogprobs, num_logprobs: int) -> TokenLogprobs:
+    """`entry` cut to the chosen token and the request's own `logprobs` (-1: all kept)."""
+    token_ids, values, rank = entry
+    width = len(token_ids) if num_logprobs == -1 else num_logprobs + 1
+    return token_ids[:width], values[:width], rank

@@ -50,7 +50,7 @@ def make_request(
 def run_step(scheduler: Scheduler, next_token: int = 7) -> SchedulerOutput:
     """Schedule, pretend the model sampled `next_token` for every sampling request, update."""
     plan = scheduler.schedule()
-    sampled = {s.request_id: next_token for s in plan.scheduled if s.sample}
+    sampled = {s.request_id: [next_token] for s in plan.scheduled if s.sample}
     scheduler.update_from_output(plan, sampled)
     return plan
 
@@ -179,7 +179,7 @@ def test_request_stops_on_eos_and_on_stop_token_ids_and_on_max_tokens() -> None:
     scheduler.add_request(make_request("stop_id", [1, 2, 4], stop_token_ids=[9]))
     scheduler.add_request(make_request("length", [1, 2, 5], max_tokens=1))
     plan = scheduler.schedule()
-    outputs = scheduler.update_from_output(plan, {"eos": 0, "stop_id": 9, "length": 3})
+    outputs = scheduler.update_from_output(plan, {"eos": [0], "stop_id": [9], "length": [3]})
     reasons = {o.request_id: (o.finish_reason, o.stop_reason) for o in outputs}
     assert reasons == {
         "eos": ("stop", None),
@@ -193,7 +193,7 @@ def test_min_tokens_suppresses_eos_stop() -> None:
     scheduler = make_scheduler()
     scheduler.add_request(make_request("a", [1, 2, 3], min_tokens=2))
     plan = scheduler.schedule()
-    (output,) = scheduler.update_from_output(plan, {"a": 0})
+    (output,) = scheduler.update_from_output(plan, {"a": [0]})
     assert output.finish_reason is None
 
 
@@ -260,7 +260,7 @@ def test_a_step_in_flight_keeps_its_requests_and_shares_the_rest() -> None:
     # Nothing left that no step holds: an empty plan, whose finished ids stay for the next one.
     third = scheduler.schedule(busy | {"c", "d"})
     assert third.is_empty
-    scheduler.update_from_output(first, {"a": 0, "b": 5})  # a ends with EOS
+    scheduler.update_from_output(first, {"a": [0], "b": [5]})  # a ends with EOS
     scheduler.return_finished(third)
     fourth = scheduler.schedule({"c", "d"})
     assert [s.request_id for s in fourth.scheduled] == ["b"]

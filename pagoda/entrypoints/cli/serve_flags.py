@@ -424,6 +424,17 @@ def _add_scheduler_parallel_device_args(parser: argparse.ArgumentParser) -> None
         "arrival, and preemption takes the lowest priority first",
     )
     scheduler.add_argument(
+        "--speculative-config",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help='speculative decoding, vLLM\'s JSON: \'{"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_max": 5, "prompt_lookup_min": 2}\' '
+        "drafts tokens by prompt lookup and verifies them in one pass (exact: greedy output "
+        "unchanged, sampling keeps its distribution); disable_by_batch_size: no drafts above "
+        "that many running requests",
+    )
+    scheduler.add_argument(
         "--enable-chunked-prefill",
         action=argparse.BooleanOptionalAction,
         default=None,
