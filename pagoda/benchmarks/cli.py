@@ -181,7 +181,17 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     )
 
     data = parser.add_argument_group("dataset")
-    data.add_argument("--dataset-name", choices=["random"], default="random")
+    data.add_argument(
+        "--dataset-name",
+        choices=["random", "custom"],
+        default="random",
+        help="random token prompts, or custom: one JSON object per line of --dataset-path, its "
+        "prompt in `prompt` (vLLM's custom dataset)",
+    )
+    data.add_argument("--dataset-path", default=None, help="the custom dataset's JSONL file")
+    data.add_argument(
+        "--custom-output-len", type=int, default=256, help="max tokens per custom request"
+    )
     data.add_argument("--num-prompts", type=int, default=1000, help="number of requests")
     data.add_argument("--random-input-len", type=int, default=1024, help="prompt tokens")
     data.add_argument("--random-output-len", type=int, default=128, help="max tokens per request")

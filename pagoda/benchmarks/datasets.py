@@ -1,4 +1,5 @@
-"""Benchmark prompts: random token sequences of an exact length for a given tokenizer.
+"""Benchmark prompts: random token sequences of an exact length for a given tokenizer, or a
+JSONL file of prompts (vLLM's `custom` dataset).
 
 Like vLLM's `random` dataset, a prompt is made by sampling token ids, decoding them to text and
 re-encoding that text. Decoding then encoding is not the identity (byte-level tokens merge, a
@@ -12,9 +13,11 @@ system prompt for prefix-caching workloads), followed by its own `input_len` tok
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -137,3 +140,35 @@ class RandomDataset:
 
     def _encode(self, text: str) -> list[int]:
         return [int(i) for i in self.tokenizer.encode(text, add_special_tokens=False)]
+
+
+def load_custom_dataset(
+    path: str | Path, tokenizer: Any, num_requests: int, output_len: int
+) -> list[SampleRequest]:
+    """`num_requests` requests from a JSONL file, one JSON object with a `prompt` string per line,
+    in file order and cycled when the file has fewer lines (as vLLM's custom dataset). Raises
+    ValueError naming the line of a malformed record."""
+    if num_requests < 1:
+        raise ValueError(f"num_prompts must be >= 1, got {num_requests}")
+    if output_len < 1:
+        raise ValueError(f"custom output length must be >= 1, got {output_len}")
+    prompts = []
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not JSON ({error})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f"{path}:{number}: needs a string `prompt`")
+            prompts.append(record["prompt"])
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    requests = []
+    for index in range(num_requests):
+        prompt = prompts[index % len(prompts)]
+        token_ids = [int(i) for i in tokenizer.encode(prompt, add_special_tokens=False)]
+        requests.append(SampleRequest(prompt, token_ids, output_len))
+    return requests

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from pagoda import envs
 from pagoda.benchmarks.cli import DEFAULT_ENDPOINTS, SAMPLING_FLAGS
 from pagoda.benchmarks.client import REQUEST_TIMEOUT_S, RequestInput, send_request
-from pagoda.benchmarks.datasets import RandomDataset, SampleRequest
+from pagoda.benchmarks.datasets import RandomDataset, SampleRequest, load_custom_dataset
 from pagoda.benchmarks.results import (
     SERVE_METRICS,
     RequestOutcome,
@@ -70,6 +70,8 @@ def _validate(args: argparse.Namespace) -> _Settings:
         raise ValueError(f"--burstiness must be > 0, got {args.burstiness}")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise ValueError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
+    if args.dataset_name == "custom" and not args.dataset_path:
+        raise ValueError("--dataset-name custom needs --dataset-path (a JSONL file of prompts)")
     if args.num_warmups < 0:
         raise ValueError(f"--num-warmups must be >= 0, got {args.num_warmups}")
     selected = [m.strip() for m in args.percentile_metrics.split(",") if m.strip()]
@@ -144,14 +146,18 @@ async def _run(args: argparse.Namespace, settings: _Settings) -> int:
     async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
         model, tokenizer_candidates = await _pick_model(client, args, base_url, headers)
         tokenizer_id, tokenizer = load_tokenizer(tokenizer_candidates)
-        dataset = RandomDataset(tokenizer, seed=args.seed)
-        samples = dataset.sample(
-            args.num_prompts,
-            args.random_input_len,
-            args.random_output_len,
-            range_ratio=args.random_range_ratio,
-            prefix_len=args.random_prefix_len,
-        )
+        if args.dataset_name == "custom":
+            samples = load_custom_dataset(
+                args.dataset_path, tokenizer, args.num_prompts, args.custom_output_len
+            )
+        else:
+            samples = RandomDataset(tokenizer, seed=args.seed).sample(
+                args.num_prompts,
+                args.random_input_len,
+                args.random_output_len,
+                range_ratio=args.random_range_ratio,
+                prefix_len=args.random_prefix_len,
+            )
         prefix = args.request_id_prefix or f"bench-{uuid.uuid4().hex[:8]}-"
         sampling = {"temperature": 0.0 if args.temperature is None else args.temperature}
         for name in SAMPLING_FLAGS:

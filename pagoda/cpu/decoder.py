@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from pagoda.cpu.matrix import (
+    BLOCK_FORMATS_ALL,
     Matrix,
     block_matrix,
     float_pointer,
@@ -38,6 +39,10 @@ from pagoda.cpu.matrix import (
 # Above this many decodes per step fbgemm's blocked float16 GEMM and batched PyTorch attention
 # catch up with the decoder's matrix-vector products (docs/performance.md, item 6).
 MAX_DECODE_TOKENS = 4
+# With every layer in GGUF blocks (Q4_0/Q4_1/Q8_0) the PyTorch path multiplies steps below 8
+# tokens with these same matrix-vector kernels plus its Python, and its block GEMM above that
+# catches up only near 16: the decoder takes steps up to here (docs/performance.md, item 27).
+MAX_BLOCK_DECODE_TOKENS = 12
 # With `batched` (the approximate bfloat16 paths), the decoder takes decode steps up to this many
 # requests, multiplying steps of 8 or more with the block GEMM the PyTorch path's layers would
 # use: the same products without some 400 Python calls and operator dispatches per step.
@@ -187,7 +192,18 @@ class CPUDecoder:
         )
         self._model.batched = BATCHED_BF16 if batched_bf16 else 0
         # The most decodes a step may have to run here.
-        self.max_tokens = MAX_BATCHED_DECODE_TOKENS if batched_bf16 else MAX_DECODE_TOKENS
+        all_blocks = all(
+            getattr(layers[index], name).format in BLOCK_FORMATS_ALL
+            for index in range(self.num_layers)
+            for name in _PROJECTIONS
+        )
+        self.max_tokens = (
+            MAX_BATCHED_DECODE_TOKENS
+            if batched_bf16
+            else MAX_BLOCK_DECODE_TOKENS
+            if all_blocks
+            else MAX_DECODE_TOKENS
+        )
         # The caches whose addresses the layers hold (kept alive here); None until bound.
         self._caches: list[torch.Tensor] | None = None
 

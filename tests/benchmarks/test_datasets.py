@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from pagoda.benchmarks.datasets import RandomDataset
+from pagoda.benchmarks.datasets import RandomDataset, load_custom_dataset
 from pagoda.loader.resolve import resolve_model
 from pagoda.tokenizer import get_tokenizer
 from tests.tiny_llama import make_tokenizer
@@ -96,3 +96,31 @@ def test_out_of_range_arguments_are_refused(
     arguments: dict[str, Any] = {"num_requests": 2, "input_len": 4, "output_len": 4, **kwargs}
     with pytest.raises(ValueError, match=message):
         RandomDataset(tiny_tokenizer).sample(**arguments)
+
+
+def test_custom_dataset_reads_prompts_in_order_and_cycles(tiny_tokenizer: Any, tmp_path) -> None:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "Hello, world!"}\n\n{"prompt": "The quick brown fox"}\n')
+    requests = load_custom_dataset(path, tiny_tokenizer, 3, 17)
+    assert [r.prompt for r in requests] == ["Hello, world!", "The quick brown fox", "Hello, world!"]
+    assert requests[1].prompt_token_ids == tiny_tokenizer.encode(
+        "The quick brown fox", add_special_tokens=False
+    )
+    assert {r.expected_output_len for r in requests} == {17}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("not json\n", ":1: not JSON"),
+        ('{"text": "x"}\n', ":1: needs a string `prompt`"),
+        ("", "no prompts"),
+    ],
+)
+def test_custom_dataset_names_the_bad_line(
+    tiny_tokenizer: Any, tmp_path, text: str, message: str
+) -> None:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_custom_dataset(path, tiny_tokenizer, 1, 8)

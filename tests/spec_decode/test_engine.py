@@ -12,10 +12,13 @@ verification and not plain decoding.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from pagoda import LLM, SamplingParams
+from pagoda.cpu.decoder import MAX_BLOCK_DECODE_TOKENS
 from pagoda.sampling_params import StructuredOutputsParams
 from tests.engine.test_llm_parity import PROMPTS, hf_greedy, tokenize
 from tests.tiny_llama import make_tiny_llama
@@ -171,11 +174,22 @@ def test_the_c_decoder_verifies_drafts_of_the_default_model() -> None:
     prompts = [f"Repeat exactly: {text}\n{text[:40]}", f"Copy this: {text}\n\n{text[:25]}"]
     config = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2}
     spec = LLM(speculative_config=config, max_model_len=512)
-    executor = spec.llm_engine.engine_core.executor
-    assert executor.worker.model_runner.cpu_decoder is not None
+    decoder = spec.llm_engine.engine_core.executor.worker.model_runner.cpu_decoder
+    assert decoder is not None and decoder.max_tokens == MAX_BLOCK_DECODE_TOKENS
+    sizes: list[int] = []
+    original = decoder.decode
+
+    def counting_decode(*args: Any) -> torch.Tensor:
+        sizes.append(args[0].shape[0])
+        return original(*args)
+
+    decoder.decode = counting_decode  # type: ignore[method-assign]
     plain = LLM(max_model_len=512)
     params = SamplingParams(temperature=0.0, max_tokens=32)
     alone = [generated_ids(spec, [p], params)[0] for p in prompts]
     assert alone == generated_ids(plain, prompts, params)
     assert generated_ids(spec, prompts, params) == alone
     assert_speculated(spec)
+    # Verification steps (a request's token and its drafts) ran in the C decoder, the two
+    # requests' drafts together too.
+    assert 4 in sizes and max(sizes) > 4

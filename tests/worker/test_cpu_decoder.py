@@ -53,6 +53,20 @@ def test_block_matmul_matches_dequantized_weights(qtype: Q, tokens: int, rows: i
     torch.testing.assert_close(got, x @ dequantized.T + bias, rtol=1e-4, atol=2e-3)
 
 
+# Tokens go through an interleaved group several at a time (pagoda_repack_x4 copies, 40 rows):
+# each token's sums run in one order whatever its neighbours, so a row of a step of 7 tokens is
+# bit for bit the row the same token gives alone (speculative verification relies on it).
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+def test_block_matmul_rows_do_not_depend_on_the_other_tokens(qtype: Q) -> None:
+    generator = np.random.default_rng(2)
+    weights = generator.standard_normal((40, 96)).astype(np.float32)
+    matrix = GGUFMatrix(qtype, gguf.quants.quantize(weights, qtype), 96)
+    x = torch.from_numpy(generator.standard_normal((7, 96)).astype(np.float32))
+    together = linear(matrix, x, None)
+    for t in range(7):
+        assert torch.equal(linear(matrix, x[t : t + 1], None)[0], together[t])
+
+
 # Below 8 tokens the block GEMM hands over to the decoder's matmul; from 8 on it widens the
 # weights to float32: one chunk of 8 / 16 / 24 tokens, then several with a short last one. 100
 # rows take a 96-row tile and a partial one (and are interleaved, 100 % 4 == 0); 42 rows are

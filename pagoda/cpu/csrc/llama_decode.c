@@ -267,34 +267,49 @@ static void dot_blocks(const pg_matrix *w, const uint8_t *row, const pg_blocks *
     }
 }
 
-/* Four rows (one interleaved group) times token t of x: result[i] = row i . x[t]. `format` is
- * the group's base format (Q8_0, Q4_0 or Q4_1), a constant where this is inlined. */
-static inline __attribute__((always_inline)) __m128 dot_x4(int64_t format, const uint8_t *group,
-                                                           int64_t nblocks, const pg_blocks *x,
-                                                           int64_t t) {
+/* Tokens per pass over an interleaved group: each block's weights are widened once for all of
+ * them. 4 rows x tile accumulators must stay in registers: 16 ymm registers (AVX2) hold a tile of
+ * 2, 32 (AVX-512VL, which lets AVX2 code use ymm16-31) a tile of 4. */
+#ifdef __AVX512VL__
+#define PG_X4_TILE 4
+#else
+#define PG_X4_TILE 2
+#endif
+
+/* Four rows (one interleaved group) times tokens t0 .. t0 + tile - 1 of x: result[t][i] = row i .
+ * x[t0 + t]. `format` is the group's base format (Q8_0, Q4_0 or Q4_1) and `tile` a constant where
+ * this is inlined. Each token's sums run in the same order whatever the tile, so a token's result
+ * does not depend on the tokens beside it. */
+static inline __attribute__((always_inline)) void dot_x4_tile(int64_t format, const uint8_t *group,
+                                                              int64_t nblocks, const pg_blocks *x,
+                                                              int64_t t0, const int tile,
+                                                              __m128 *result) {
     const int64_t header = 4 * block_header(format), payload = block_payload(format);
     const int64_t stride = header + 4 * payload;
     const __m128i mask = _mm_set1_epi8(0x0f);
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                     _mm256_setzero_ps()};
-    __m128 offset = _mm_setzero_ps();
+    __m256 acc[4][PG_X4_TILE];
+    __m128 offset[PG_X4_TILE];
+    for (int t = 0; t < tile; ++t) {
+        offset[t] = _mm_setzero_ps();
+        for (int i = 0; i < 4; ++i) acc[i][t] = _mm256_setzero_ps();
+    }
     const uint8_t *p = group;
     for (int64_t b = 0; b < nblocks; ++b, p += stride) {
         /* The hardware prefetcher restarts on each group; eight blocks ahead keeps DRAM busy. */
         _mm_prefetch((const char *)(p + 8 * stride), _MM_HINT_T0);
-        const int64_t xb = t * nblocks + b;
-        const int16_t *xq = x->values + 32 * xb;
-        const __m256i x0 = _mm256_loadu_si256((const __m256i *)xq);
-        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 16));
         const __m128 d = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p));
-        const __m128 sum = _mm_set1_ps(x->sums[xb]);
-        if (format == PG_Q4_1)
-            offset = _mm_fmadd_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(p + 8))), sum,
-                                  offset);
-        else if (format == PG_Q4_0) /* stored q + 8 */
-            offset = _mm_fmadd_ps(_mm_mul_ps(d, _mm_set1_ps(-8.f)), sum, offset);
-        const __m128 scale4 = _mm_mul_ps(d, _mm_set1_ps(x->scales[xb]));
-        const __m256 scale = _mm256_set_m128(scale4, scale4);
+        __m256 scale[PG_X4_TILE];
+        for (int t = 0; t < tile; ++t) {
+            const int64_t xb = (t0 + t) * nblocks + b;
+            const __m128 sum = _mm_set1_ps(x->sums[xb]);
+            if (format == PG_Q4_1)
+                offset[t] = _mm_fmadd_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(p + 8))),
+                                         sum, offset[t]);
+            else if (format == PG_Q4_0) /* stored q + 8 */
+                offset[t] = _mm_fmadd_ps(_mm_mul_ps(d, _mm_set1_ps(-8.f)), sum, offset[t]);
+            const __m128 scale4 = _mm_mul_ps(d, _mm_set1_ps(x->scales[xb]));
+            scale[t] = _mm256_set_m128(scale4, scale4);
+        }
         for (int i = 0; i < 4; ++i) {
             __m256i w0, w1;
             if (format == PG_Q8_0) {
@@ -306,16 +321,42 @@ static inline __attribute__((always_inline)) __m128 dot_x4(int64_t format, const
                 w0 = _mm256_cvtepu8_epi16(_mm_and_si128(q, mask));
                 w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(q, 4), mask));
             }
-            const __m256i products =
-                _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-            const __m256 lane = _mm256_permutevar_ps(scale, _mm256_set1_epi32(i));
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), lane, acc[i]);
+            for (int t = 0; t < tile; ++t) {
+                const int16_t *xq = x->values + 32 * ((t0 + t) * nblocks + b);
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)xq);
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 16));
+                const __m256i products =
+                    _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+                const __m256 lane = _mm256_permutevar_ps(scale[t], _mm256_set1_epi32(i));
+                acc[i][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), lane, acc[i][t]);
+            }
         }
     }
-    const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]),
-                                        _mm256_hadd_ps(acc[2], acc[3]));
-    return _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1)),
-                      offset);
+    for (int t = 0; t < tile; ++t) {
+        const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(acc[0][t], acc[1][t]),
+                                            _mm256_hadd_ps(acc[2][t], acc[3][t]));
+        result[t] = _mm_add_ps(
+            _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1)), offset[t]);
+    }
+}
+
+static inline __attribute__((always_inline)) void dot_x4_tiles(int64_t format, const uint8_t *group,
+                                                               int64_t nblocks, const pg_blocks *x,
+                                                               int64_t t0, int64_t tile,
+                                                               __m128 *result) {
+    switch (tile) {
+#define PG_X4_CASE(n)                                                                             \
+    case n:                                                                                       \
+        dot_x4_tile(format, group, nblocks, x, t0, n, result);                                    \
+        break;
+        PG_X4_CASE(1)
+        PG_X4_CASE(2)
+#if PG_X4_TILE == 4
+        PG_X4_CASE(3)
+        PG_X4_CASE(4)
+#endif
+#undef PG_X4_CASE
+    }
 }
 
 /* Group g of an interleaved matrix times every token of x: out[t * out_stride + 4g + i]. */
@@ -323,21 +364,24 @@ static void dot_group_x4(const pg_matrix *w, int64_t g, const pg_blocks *x, int6
                          float *out, int64_t out_stride) {
     const int64_t nblocks = w->cols / 32;
     const uint8_t *group = w->data + 4 * g * w->row_bytes;
-    for (int64_t t = 0; t < T; ++t) {
-        __m128 r;
+    for (int64_t t0 = 0; t0 < T; t0 += PG_X4_TILE) {
+        const int64_t tile = T - t0 < PG_X4_TILE ? T - t0 : PG_X4_TILE;
+        __m128 r[PG_X4_TILE];
         switch (w->format) {
         case PG_Q8_0_X4:
-            r = dot_x4(PG_Q8_0, group, nblocks, x, t);
+            dot_x4_tiles(PG_Q8_0, group, nblocks, x, t0, tile, r);
             break;
         case PG_Q4_0_X4:
-            r = dot_x4(PG_Q4_0, group, nblocks, x, t);
+            dot_x4_tiles(PG_Q4_0, group, nblocks, x, t0, tile, r);
             break;
         default:
-            r = dot_x4(PG_Q4_1, group, nblocks, x, t);
+            dot_x4_tiles(PG_Q4_1, group, nblocks, x, t0, tile, r);
             break;
         }
-        if (w->bias != NULL) r = _mm_add_ps(r, _mm_loadu_ps(w->bias + 4 * g));
-        _mm_storeu_ps(out + t * out_stride + 4 * g, r);
+        for (int64_t t = 0; t < tile; ++t) {
+            if (w->bias != NULL) r[t] = _mm_add_ps(r[t], _mm_loadu_ps(w->bias + 4 * g));
+            _mm_storeu_ps(out + (t0 + t) * out_stride + 4 * g, r[t]);
+        }
     }
 }
 #endif
