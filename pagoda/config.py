@@ -304,6 +304,13 @@ class EngineArgs:
         _validate_structured_outputs_config(self.structured_outputs_config)
         if self.speculative_config is not None:
             SpeculativeConfig.from_dict(self.speculative_config)
+            # NOTE: drafts are proposed and verified on one rank; how they would cross stages
+            # and ranks is not built or tested yet, so the combination is refused.
+            if self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1:
+                raise ValueError(
+                    "speculative_config is not supported with tensor_parallel_size or "
+                    "pipeline_parallel_size above 1 yet"
+                )
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(
                 f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; "

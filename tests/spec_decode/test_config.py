@@ -60,6 +60,13 @@ def test_engine_args_validate_the_speculative_config() -> None:
         EngineArgs(speculative_config={"method": "ngram"}).create_engine_config()
 
 
+def test_parallel_ranks_are_refused_with_speculation() -> None:
+    config = {"method": "ngram", "num_speculative_tokens": 2}
+    for sizes in ({"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}):
+        with pytest.raises(ValueError, match="speculative_config is not supported with"):
+            EngineArgs(speculative_config=config, **sizes).create_engine_config()
+
+
 def test_the_cli_flag_takes_json() -> None:
     parser = argparse.ArgumentParser()
     add_serve_flags(parser)
