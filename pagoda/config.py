@@ -367,6 +367,7 @@ class EngineArgs:
 
     def _create_model_config(self, device: str) -> ModelConfig:
         from pagoda.loader.resolve import resolve_model
+        from pagoda.models.registry import text_part_config
 
         resolved = resolve_model(self.model, revision=self.revision, download_dir=self.download_dir)
         if resolved.hf_config is not None:
@@ -377,6 +378,13 @@ class EngineArgs:
             from transformers import AutoConfig
 
             hf_config = AutoConfig.from_pretrained(resolved.path, trust_remote_code=False)
+        text_config = text_part_config(hf_config)
+        if text_config is not hf_config:
+            logger.info(
+                "%s: running its text part (text_config); image inputs are not supported",
+                hf_config.architectures[0],
+            )
+            hf_config = text_config
         if getattr(hf_config, "auto_map", None) and self.trust_remote_code:
             logger.warning("trust_remote_code is accepted but Pagoda never runs model code.")
         tokenizer_path = Path(self.tokenizer) if self.tokenizer else resolved.tokenizer_path

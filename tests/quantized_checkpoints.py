@@ -35,6 +35,7 @@ FORMATS = (
     "ct-w8a8-int8",
     "ct-fp8-channel",
     "fp8-block",
+    "fbgemm-fp8",
 )
 GROUP = 32
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -163,6 +164,13 @@ def _fp8_block(weight: torch.Tensor, block: int):
     return {"weight": stored, "weight_scale_inv": scale}, stored.float() * full
 
 
+def _fp8_channel(weight: torch.Tensor):
+    """FBGEMM's FP8: e4m3 values with one float32 scale per output channel, `weight_scale [out, 1]`."""
+    scale = weight.abs().amax(dim=1, keepdim=True) / 448.0  # [out, 1]
+    stored = (weight / scale).to(torch.float8_e4m3fn)
+    return {"weight": stored, "weight_scale": scale}, stored.float() * scale
+
+
 def _config(fmt: str) -> dict[str, Any]:
     if fmt.startswith("gptq"):
         bits = 8 if "int8" in fmt else 4
@@ -181,6 +189,12 @@ def _config(fmt: str) -> dict[str, Any]:
             "group_size": GROUP,
             "zero_point": True,
             "version": "gemm",
+        }
+    if fmt == "fbgemm-fp8":
+        return {
+            "quant_method": "fbgemm_fp8",
+            "activation_scale_ub": 1200.0,
+            "modules_to_not_convert": ["lm_head"],
         }
     if fmt == "fp8-block":
         return {
@@ -236,6 +250,8 @@ def quantize_weight(weight: torch.Tensor, fmt: str, seed: int = 0):
         return _awq(weight)
     if fmt == "fp8-block":
         return _fp8_block(weight, GROUP)
+    if fmt == "fbgemm-fp8":
+        return _fp8_channel(weight)
     args, _, layout = _ct_args(fmt)
     return _compressed_tensors(weight, layout, args)
 

@@ -31,6 +31,8 @@ class AttentionLayer(Protocol):
     scale: float
     sliding_window: int | None
     logit_softcap: float | None
+    # Chunked local attention (Llama 4): a query sees only the keys of its own chunk of positions.
+    attention_chunk_size: int | None
 
 
 @dataclass(slots=True)

@@ -41,7 +41,14 @@ class CPUAttentionBackend(TorchAttentionBackend):
         metadata: TorchAttentionMetadata,
     ) -> torch.Tensor:
         kernel = self.decode_kernel
-        if metadata.decode_token_index is None or kernel is None or not kernel_applies(kv_cache, q):
+        if (
+            metadata.decode_token_index is None
+            or kernel is None
+            or not kernel_applies(kv_cache, q)
+            # NOTE: the kernel takes one window for the batch, and a chunk's window differs by
+            # request (its position in its chunk): such layers decode on the reference path.
+            or layer.attention_chunk_size is not None
+        ):
             return super().forward(layer, q, k, v, kv_cache, metadata)
         write_kv_cache(kv_cache, k, v, metadata.slot_mapping, layer)
         assert metadata.decode_block_table is not None

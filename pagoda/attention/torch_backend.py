@@ -48,12 +48,15 @@ class TorchAttentionMetadata:
     block_size: int
     # Every token of the step is a decode, in request order (q's rows are the decode batch).
     all_decode: bool = False
-    # Masks depend on the layer's sliding window; built on first use and shared by layers.
-    _decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
-    _prefill_masks: dict[tuple[int, int | None], torch.Tensor] = field(default_factory=dict)
+    # Masks depend on the layer's sliding window and attention chunk; built on first use and
+    # shared by the layers with the same ones.
+    _decode_masks: dict[tuple[int | None, int | None], torch.Tensor] = field(default_factory=dict)
+    _prefill_masks: dict[tuple[int, int | None, int | None], torch.Tensor] = field(
+        default_factory=dict
+    )
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        mask = self._decode_masks.get(window)
+    def decode_mask(self, window: int | None, chunk: int | None = None) -> torch.Tensor:
+        mask = self._decode_masks.get((window, chunk))
         if mask is None:
             assert self.decode_block_table is not None and self.decode_context_len is not None
             num_keys = self.decode_block_table.shape[1] * self.block_size
@@ -62,12 +65,17 @@ class TorchAttentionMetadata:
             mask = key_pos[None, :] < ctx  # [B, Lmax]
             if window is not None:
                 mask &= key_pos[None, :] > ctx - 1 - window
+            if chunk is not None:
+                # The query sits at position ctx - 1; its chunk starts at a multiple of `chunk`.
+                mask &= key_pos[None, :] >= (ctx - 1) // chunk * chunk
             mask = mask[:, None, :]  # [B, 1, Lmax]
-            self._decode_masks[window] = mask
+            self._decode_masks[(window, chunk)] = mask
         return mask
 
-    def prefill_mask(self, index: int, window: int | None) -> torch.Tensor:
-        mask = self._prefill_masks.get((index, window))
+    def prefill_mask(
+        self, index: int, window: int | None, chunk: int | None = None
+    ) -> torch.Tensor:
+        mask = self._prefill_masks.get((index, window, chunk))
         if mask is None:
             prefill = self.prefills[index]
             q_pos = prefill.query_positions[:, None]
@@ -75,7 +83,9 @@ class TorchAttentionMetadata:
             mask = k_pos <= q_pos  # [Q, L]
             if window is not None:
                 mask &= q_pos - k_pos < window
-            self._prefill_masks[(index, window)] = mask
+            if chunk is not None:
+                mask &= k_pos // chunk == q_pos // chunk
+            self._prefill_masks[(index, window, chunk)] = mask
         return mask
 
 
@@ -141,7 +151,7 @@ class TorchAttentionBackend(AttentionBackend):
             queries,
             pages[0],
             pages[1],
-            metadata.decode_mask(layer.sliding_window),
+            metadata.decode_mask(layer.sliding_window, layer.attention_chunk_size),
             layer.scale,
             layer.logit_softcap,
         )
@@ -160,12 +170,15 @@ class TorchAttentionBackend(AttentionBackend):
         """Fill `out`'s rows of every prefill chunk of the step, one request at a time."""
         num_kv_heads, head_dim = kv_cache.shape[-2], kv_cache.shape[-1]
         window = layer.sliding_window
+        chunk = layer.attention_chunk_size
         for i, prefill in enumerate(metadata.prefills):
             rows = slice(prefill.token_start, prefill.token_end)
             q_len = prefill.token_end - prefill.token_start
             if (
                 prefill.whole_context
                 and (window is None or window >= q_len)
+                # The whole context starts at position 0: one chunk holds it if it fits.
+                and (chunk is None or chunk >= q_len)
                 and layer.logit_softcap is None
             ):
                 # Its keys are this step's: attend over them causally, with no gather or mask.
@@ -178,7 +191,7 @@ class TorchAttentionBackend(AttentionBackend):
                 q[rows],
                 pages[0],
                 pages[1],
-                metadata.prefill_mask(i, window),
+                metadata.prefill_mask(i, window, chunk),
                 layer.scale,
                 layer.logit_softcap,
             )

@@ -95,7 +95,8 @@ class _Model(ctypes.Structure):
 
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why the C decoder cannot run `model` (None: it can): Llama-shaped only, one rank, RMSNorm,
-    SiLU-gated MLP, Neox rotary from one table, no soft-capping, q/k norms or embedding scale."""
+    SiLU-gated MLP, Neox rotary from one table, no soft-capping, q/k norms or embedding scale
+    (not Llama 4: chunked attention, NoPE layers, its experts)."""
     from pagoda.layers.activation import SiluAndMul
     from pagoda.layers.norm import RMSNorm
     from pagoda.layers.rotary import RotaryEmbedding
@@ -114,7 +115,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
     if type(inner.norm) is not RMSNorm:
         return f"{type(inner.norm).__name__}"
     for layer in inner.layers:
-        assert isinstance(layer, LlamaDecoderLayer)
+        if type(layer) is not LlamaDecoderLayer:
+            return f"decoder layers of another shape ({type(layer).__name__})"
         attention = layer.self_attn
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         if layer.sandwich_norms or any(type(norm) is not RMSNorm for norm in norms):

@@ -22,6 +22,8 @@ class Attention(nn.Module):
         layer_idx: index of this layer's KV cache in the forward context.
         sliding_window: attend to at most this many most recent positions (None: full context).
         logit_softcap: tanh soft-capping of the attention logits (Gemma 2), None for none.
+        attention_chunk_size: chunked local attention (Llama 4): positions are cut into chunks
+            of this many, and a query attends only to the keys of its own chunk, up to itself.
     """
 
     def __init__(
@@ -33,8 +35,11 @@ class Attention(nn.Module):
         layer_idx: int,
         sliding_window: int | None = None,
         logit_softcap: float | None = None,
+        attention_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
+        if attention_chunk_size is not None and attention_chunk_size < 1:
+            raise ValueError(f"attention_chunk_size must be positive, got {attention_chunk_size}")
         if num_heads % num_kv_heads != 0:
             raise ValueError(
                 f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
@@ -46,6 +51,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
         self.logit_softcap = logit_softcap
+        self.attention_chunk_size = attention_chunk_size
         # An fp8 KV cache stores k / k_scale and v / v_scale (`pagoda.attention.kv_quant`): 1.0,
         # or measured from the first keys and values written (--calculate-kv-scales).
         self.k_scale = 1.0
@@ -71,4 +77,7 @@ class Attention(nn.Module):
         mask = positions[None, :] <= positions[:, None]  # [T, T]
         if self.sliding_window is not None:
             mask &= positions[:, None] - positions[None, :] < self.sliding_window
+        if self.attention_chunk_size is not None:
+            chunk = positions // self.attention_chunk_size
+            mask &= chunk[None, :] == chunk[:, None]
         return attend(q, k, v, mask, self.scale, self.logit_softcap)

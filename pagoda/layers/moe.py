@@ -26,16 +26,27 @@ from pagoda.layers.quantization.base import experts_as_layers
 _EXPERT_PARTS = ("gate", "up", "down")
 
 
-def select_experts(
-    router_logits: torch.Tensor, top_k: int, renormalize: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax routing: the `top_k` experts of each token and their weights.
+SCORING_FUNCS = ("softmax", "sigmoid")
 
-    The softmax runs over all experts in float32; with `renormalize` the chosen weights are divided
-    by their sum (Mixtral, Qwen3-MoE), otherwise they stay softmax probabilities (Qwen2-MoE).
+
+def select_experts(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool, scoring_func: str = "softmax"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `top_k` experts of each token and their weights.
+
+    "softmax" scoring runs over all experts in float32; with `renormalize` the chosen weights are
+    divided by their sum (Mixtral, Qwen3-MoE), otherwise they stay softmax probabilities
+    (Qwen2-MoE). "sigmoid" scoring (Llama 4) weighs each chosen expert by the sigmoid of its own
+    logit, independently of the others (the same top-k, since sigmoid is monotonic).
 
     Returns `(weights [T, k] float32, expert_ids [T, k] int64)`.
     """
+    if scoring_func == "sigmoid":
+        logits, expert_ids = torch.topk(router_logits, top_k, dim=-1)  # [T, k], [T, k]
+        weights = torch.sigmoid(logits.float())
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, expert_ids
     probabilities = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
     weights, expert_ids = torch.topk(probabilities, top_k, dim=-1)  # [T, k], [T, k]
     if renormalize:
@@ -93,7 +104,10 @@ class FusedMoE(nn.Module):
     """A bank of `num_experts` gated MLPs and the top-k dispatch over them.
 
     `forward(hidden_states [T, H], router_logits [T, E])` returns `[T, H]`: for each token, the sum
-    over its top-k experts of `weight * down(act(gate(x)) * up(x))`.
+    over its top-k experts of `weight * down(act(gate(x)) * up(x))`, or with
+    `apply_router_weight_on_input` (Llama 4) of `down(act(gate(w * x)) * up(w * x))`, the weight
+    scaling the expert's input instead of its output (vLLM's name). `scoring_func` is
+    `select_experts`'.
 
     With tensor parallelism every rank holds every expert, with its intermediate size split as in a
     dense MLP (gate/up by rows, down by columns); the outputs are partial sums that one all-reduce
@@ -115,8 +129,13 @@ class FusedMoE(nn.Module):
         renormalize: bool = True,
         tp_rank: int = 0,
         tp_size: int = 1,
+        *,
+        scoring_func: str = "softmax",
+        apply_router_weight_on_input: bool = False,
     ) -> None:
         super().__init__()
+        if scoring_func not in SCORING_FUNCS:
+            raise ValueError(f"scoring_func must be one of {SCORING_FUNCS}, got {scoring_func!r}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, {num_experts}] (num_experts), got {top_k}")
         if tp_size < 1 or not 0 <= tp_rank < tp_size:
@@ -130,6 +149,8 @@ class FusedMoE(nn.Module):
         self.num_experts = num_experts
         self.top_k = top_k
         self.renormalize = renormalize
+        self.scoring_func = scoring_func
+        self.apply_router_weight_on_input = apply_router_weight_on_input
         self.tp_rank = tp_rank
         self.tp_size = tp_size
         self.intermediate_size_per_partition = intermediate_size // tp_size
@@ -191,7 +212,9 @@ class FusedMoE(nn.Module):
             raise ValueError(f"shard_id {shard_id!r} does not fit this parameter")
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        weights, expert_ids = select_experts(router_logits, self.top_k, self.renormalize)
+        weights, expert_ids = select_experts(
+            router_logits, self.top_k, self.renormalize, self.scoring_func
+        )
         flat_expert_ids = expert_ids.flatten()  # [T*k]
         # Sort the (token, slot) pairs by expert, so each expert reads one contiguous run of them.
         order = flat_expert_ids.argsort(stable=True)  # [T*k]
@@ -205,14 +228,19 @@ class FusedMoE(nn.Module):
                 continue
             rows = token_rows[start : start + count]  # [n]
             x = hidden_states.index_select(0, rows)  # [n, H]
+            weight = sorted_weights[start : start + count, None]  # [n, 1] float32
+            if self.apply_router_weight_on_input:
+                # In the activations' dtype, as transformers' Llama 4 scales its routed input.
+                x = x * weight.to(x.dtype)
             if self.expert_layers is not None:
                 layer = self.expert_layers[expert]
                 x = layer.down_proj(self.act_fn(layer.gate_up_proj(x)))  # [n, H]
             else:
                 x = self.act_fn(F.linear(x, self.gate_up_proj[expert]))  # [n, 2I] -> [n, I]
                 x = F.linear(x, self.down_proj[expert])  # [n, H]
-            # The routing weight multiplies in float32, as in transformers, before the cast back.
-            x = x * sorted_weights[start : start + count, None]  # [n, H]
+            if not self.apply_router_weight_on_input:
+                # The routing weight multiplies in float32, as in transformers, before the cast.
+                x = x * weight  # [n, H]
             output.index_add_(0, rows, x.to(output.dtype))
             start += count
         # Under tensor parallelism each rank's sum is partial over the intermediate size.
@@ -221,7 +249,8 @@ class FusedMoE(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, top_k={self.top_k}, "
-            f"renormalize={self.renormalize}, tp_rank={self.tp_rank}, tp_size={self.tp_size}"
+            f"renormalize={self.renormalize}, scoring_func={self.scoring_func}, "
+            f"apply_router_weight_on_input={self.apply_router_weight_on_input}, tp_rank={self.tp_rank}, tp_size={self.tp_size}"
         )
 
 

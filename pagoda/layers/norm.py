@@ -92,6 +92,22 @@ class GemmaRMSNorm(RMSNorm):
         return (x * (1.0 + self.weight.to(torch.float32))).to(input_dtype)
 
 
+class WeightlessRMSNorm(nn.Module):
+    """RMS normalisation with no weight, in float32 and cast back: Llama 4's q/k norm
+    (`x / sqrt(mean(x^2) + eps)` over the last dim)."""
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wide = x.float()
+        return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
 class LayerNorm(nn.LayerNorm):
     """`torch.nn.LayerNorm` with the same fused-residual calling convention as `RMSNorm`.
 

@@ -94,6 +94,7 @@ class LlamaAttention(nn.Module):
         qkv_bias / o_bias: Llama's `attention_bias` sets both; Qwen2 has qkv bias only.
         qk_norm: builds the norm applied to each head of q and k before the rotation, given
             head_dim (Qwen3, Gemma 3); None for none.
+        attention_chunk_size: chunked local attention (`pagoda.layers.attention`); None for none.
     """
 
     def __init__(
@@ -112,6 +113,7 @@ class LlamaAttention(nn.Module):
         qk_norm: Callable[[int], nn.Module] | None = None,
         tp_rank: int = 0,
         tp_size: int = 1,
+        attention_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         self.head_dim = head_dim
@@ -130,6 +132,7 @@ class LlamaAttention(nn.Module):
             layer_idx=layer_idx,
             sliding_window=sliding_window,
             logit_softcap=logit_softcap,
+            attention_chunk_size=attention_chunk_size,
         )
         self.split_sizes = [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size]
         self.q_norm = qk_norm(head_dim) if qk_norm is not None else None
@@ -242,8 +245,10 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers sharing one rotary embedding (one per layer type), final norm.
 
-    `layer_options` are passed to every `LlamaDecoderLayer` (its keyword-only arguments); its
-    `norm_class` is the final norm's too. `scale_embeddings` multiplies the embeddings by
+    `layer_options` are passed to every decoder layer (`LlamaDecoderLayer`'s keyword-only
+    arguments, or those of `decoder_layer`, a class with its signature and forward); its
+    `norm_class` is the final norm's too. `rope_is_neox_style=False` rotates interleaved pairs
+    (Llama 4) instead of halves. `scale_embeddings` multiplies the embeddings by
     sqrt(hidden_size), rounded to the model dtype as Hugging Face does (Gemma). Configs whose
     `rope_parameters` are nested by layer type (Gemma 3: local and global bases) get one rotary
     embedding per type.
@@ -258,9 +263,12 @@ class LlamaModel(nn.Module):
         scale_embeddings: bool = False,
         pp_rank: int = 0,
         pp_size: int = 1,
+        decoder_layer: Callable[..., nn.Module] | None = None,
+        rope_is_neox_style: bool = True,
         **layer_options: Any,
     ) -> None:
         super().__init__()
+        make_layer = decoder_layer or LlamaDecoderLayer
         num_layers = hf_config.num_hidden_layers
         # Pipeline parallelism: this stage's layers [start, end); the first stage also embeds,
         # the last one also normalises (and holds the LM head); the others hold neither.
@@ -292,12 +300,13 @@ class LlamaModel(nn.Module):
                 get_rotary_dim(hf_config, head_dim),
                 hf_config.max_position_embeddings,
                 *rope_settings(hf_config, layer_type),
+                is_neox_style=rope_is_neox_style,
             )
             for layer_type in dict.fromkeys(layer_types)
         }
         self.rotary_emb = ropes[layer_types[0]]
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(
+            make_layer(
                 hf_config,
                 index,
                 ropes[layer_types[index]],

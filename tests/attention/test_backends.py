@@ -83,12 +83,18 @@ def _layout(context_lens: list[int], query_lens: list[int], num_blocks: int) -> 
 
 
 @pytest.mark.parametrize(
-    ("window", "softcap"), [(None, None), (6, None), (None, 30.0)], ids=["full", "window", "cap"]
+    ("window", "softcap", "chunk"),
+    [(None, None, None), (6, None, None), (None, 30.0, None), (None, None, 8)],
+    ids=["full", "window", "cap", "chunked"],
 )
 @pytest.mark.parametrize("name", [n for n in ATTENTION_BACKEND_NAMES if n != "TORCH_SDPA"])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_cpu_backends_match_the_reference_on_a_mixed_step(
-    name: str, window: int | None, softcap: float | None, cache_dtype: torch.dtype
+    name: str,
+    window: int | None,
+    softcap: float | None,
+    chunk: int | None,
+    cache_dtype: torch.dtype,
 ) -> None:
     """Also on a bfloat16 cache under float32 queries (`--kv-cache-dtype bfloat16`): both
     backends write the same rounded rows and attend over the same widened values."""
@@ -104,6 +110,8 @@ def test_cpu_backends_match_the_reference_on_a_mixed_step(
         scale=head_dim**-0.5,
         sliding_window=window,
         logit_softcap=softcap,
+        # Chunks of 8 (Llama 4): the decodes at positions 8 and 19 see 1 and 4 keys.
+        attention_chunk_size=chunk,
     )
     cache = torch.randn(2, num_blocks + 1, BLOCK_SIZE, kv_heads, head_dim).to(cache_dtype)
     cache[:, num_blocks] = 0  # the padding block

@@ -18,7 +18,7 @@ import torch
 from pagoda import LLM, SamplingParams
 from tests.models.test_gemma import make_tiny_gemma
 from tests.models.tiny_families_a import make_tiny_checkpoint
-from tests.models.tiny_families_c import make_tiny_gpt2, make_tiny_mixtral
+from tests.models.tiny_families_c import make_tiny_gpt2, make_tiny_llama4, make_tiny_mixtral
 from tests.tiny_llama import make_tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -49,6 +49,7 @@ FAMILIES: dict[str, Builder] = {
     "gpt2_fused_c_attn": lambda p: make_tiny_gpt2(p),
     "mixtral_moe": lambda p: make_tiny_mixtral(p),
     "gemma2_softcap": lambda p: make_tiny_gemma(p, "gemma2"),
+    "llama4_chunked_moe": lambda p: make_tiny_llama4(p),
 }
 
 
@@ -59,7 +60,14 @@ def test_two_ranks_give_the_single_rank_tokens(tmp_path: Path, family: str) -> N
     assert generate(tmp_path, 2) == single
 
 
-PIPELINE_FAMILIES = ["llama_gqa", "llama_tied", "qwen2_bias", "mixtral_moe", "gemma2_softcap"]
+PIPELINE_FAMILIES = [
+    "llama_gqa",
+    "llama_tied",
+    "qwen2_bias",
+    "mixtral_moe",
+    "gemma2_softcap",
+    "llama4_chunked_moe",
+]
 
 
 @pytest.mark.parametrize("family", PIPELINE_FAMILIES)

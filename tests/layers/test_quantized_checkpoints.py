@@ -26,7 +26,13 @@ import transformers
 from pagoda import LLM, SamplingParams
 from pagoda.layers.quantization.checkpoint import CheckpointQuantMethod
 from tests.models.tiny_families_a import make_tiny_checkpoint
-from tests.models.tiny_families_c import make_tiny_mixtral, make_tiny_qwen3_moe
+from tests.models.tiny_families_c import (
+    make_tiny_llama4,
+    make_tiny_mixtral,
+    make_tiny_qwen3_moe,
+    split_llama4_experts,
+    stack_llama4_experts,
+)
 from tests.parity import transformers_greedy
 from tests.quantized_checkpoints import FORMATS, quantize_checkpoint, quantized_bytes
 from tests.tiny_llama import make_tiny_llama
@@ -44,9 +50,10 @@ TOLERANCE = {
     "ct-w4a16-asym": 1e-2,
     "ct-fp8-channel": 0.1,
     "fp8-block": 0.1,
+    "fbgemm-fp8": 0.1,
 }
 EXACT_TOLERANCE = 2e-3
-FP8_FORMATS = ("ct-fp8-channel", "fp8-block")
+FP8_FORMATS = ("ct-fp8-channel", "fp8-block", "fbgemm-fp8")
 
 
 # The quantized layers of each family: qkv, o and gate_up, down in each of 2 layers (Mixtral:
@@ -57,7 +64,12 @@ FAMILIES = {
     "mixtral": 2 * (2 + 2 * 4),
     # Three layers: two sparse (4 experts), one dense.
     "qwen3_moe": 3 * 2 + 2 * 2 * 4 + 2,
+    # Four layers: two dense, two of 4 experts and a shared expert (the routers stay float).
+    "llama4": 4 * 2 + 2 * 2 + 2 * (2 + 2 * 4),
 }
+# Llama 4's formats: the FP8 ones its released checkpoints use (Meta's Maverick FP8 is
+# fbgemm_fp8; RedHat's Scout FP8-dynamic compressed-tensors per channel) and one int4.
+LLAMA4_FORMATS = ("fbgemm-fp8", "ct-fp8-channel", "gptq-int4-sym")
 
 
 @dataclass
@@ -76,6 +88,11 @@ def _float_checkpoint(family: str, path: Path) -> Path:
         return make_tiny_mixtral(path)
     if family == "qwen3_moe":
         return make_tiny_qwen3_moe(path)
+    if family == "llama4":
+        # Quantized Llama 4 checkpoints store one tensor per expert.
+        path = make_tiny_llama4(path)
+        split_llama4_experts(path)
+        return path
     return make_tiny_checkpoint(path, family)
 
 
@@ -88,6 +105,8 @@ def _float_checkpoint(family: str, path: Path) -> Path:
         for f in FAMILIES
         for fmt in FORMATS
         if not (f == "qwen3_moe" and fmt in FP8_FORMATS)
+        if f != "llama4" or fmt in LLAMA4_FORMATS
+        if f == "llama4" or fmt != "fbgemm-fp8"
     ],
     ids=lambda p: f"{p[0]}-{p[1]}",
 )
@@ -99,6 +118,8 @@ def quantized(
     target = tmp_path_factory.mktemp(f"{family}-{fmt}")
     reference_dir = tmp_path_factory.mktemp(f"{family}-{fmt}-reference")
     quantize_checkpoint(source, target, fmt, reference_dir)
+    if family == "llama4":
+        stack_llama4_experts(reference_dir)
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         reference_dir, dtype=torch.float32
     )
@@ -124,7 +145,7 @@ def test_greedy_tokens_equal_the_dequantized_float_model(quantized: Quantized) -
     want = [
         transformers_greedy(quantized.reference, ids, MAX_TOKENS) for ids in quantized.prompt_ids
     ]
-    if quantized.fmt not in FP8_FORMATS and quantized.family != "qwen3_moe":
+    if quantized.fmt not in FP8_FORMATS and quantized.family not in ("qwen3_moe", "llama4"):
         assert ours == want
         return
     # Where the tolerance allows a near-tie to swap (FP8 rounded to Q8_0; three-layer Qwen3-MoE,

@@ -1,4 +1,4 @@
-"""GPT-2, OPT, Mixtral and Qwen3-MoE through the real engine, against transformers on tiny checkpoints.
+"""GPT-2, OPT, Mixtral, Qwen3-MoE and Llama 4 through the real engine, against transformers on tiny checkpoints.
 
 For each family (GPT-2 with its tied head, OPT pre-norm, OPT post-norm with project_in/out as in
 opt-350m, Mixtral with 4 experts and top-2 routing) the engine's greedy tokens equal transformers'
@@ -24,6 +24,7 @@ from pagoda.loader.model_loader import load_model
 from pagoda.models.registry import resolve_model_class
 from tests.models.tiny_families_c import (
     make_tiny_gpt2,
+    make_tiny_llama4,
     make_tiny_mixtral,
     make_tiny_opt,
     make_tiny_qwen3_moe,
@@ -48,6 +49,11 @@ FAMILIES: dict[str, Callable[[Path], Path]] = {
     ),
     "mixtral_4_experts_top_2": make_tiny_mixtral,
     "qwen3_moe_sparse_and_dense_layers": make_tiny_qwen3_moe,
+    # Chunked attention (chunks of 8: every prompt but "a" crosses one), a NoPE layer with
+    # temperature tuning, top-1 sigmoid experts with a shared expert, q/k norms (Scout) or none
+    # (Maverick).
+    "llama4_chunked_nope_moe": make_tiny_llama4,
+    "llama4_no_qk_norm": lambda path: make_tiny_llama4(path, use_qk_norm=False, seed=1),
 }
 
 

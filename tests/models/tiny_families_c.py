@@ -160,3 +160,119 @@ def make_tiny_qwen3_moe(
         **_special_tokens(),
     )
     return _build_and_save(path, transformers.Qwen3MoeForCausalLM, config, seed)
+
+
+def make_tiny_llama4(
+    path: Path,
+    *,
+    num_experts: int = 4,
+    chunk_size: int = 8,
+    use_qk_norm: bool = True,
+    seed: int = 0,
+    multimodal: bool = False,
+) -> Path:
+    """A `Llama4ForCausalLM` of four layers: 0-2 rotary with chunked attention (chunks of
+    `chunk_size`, so test prompts cross several), 3 a NoPE layer with full attention and
+    temperature tuning (floor_scale 4, so the query scale moves within a short prompt); layers 1
+    and 3 are mixtures of `num_experts` experts (top-1, sigmoid-scored inputs) plus a shared
+    expert, 0 and 2 dense MLPs of their own width; weightless q/k norms on rotary layers when
+    `use_qk_norm`; the tiny tokenizer, written to `path`. With `multimodal`, the same text model
+    inside a `Llama4ForConditionalGeneration` with a one-layer vision tower (tensors under
+    `language_model.` and `vision_model.`), as the released Scout and Maverick are."""
+    config = transformers.Llama4TextConfig(
+        vocab_size=len(make_tokenizer()),
+        hidden_size=HIDDEN_SIZE,
+        intermediate_size=HIDDEN_SIZE,
+        intermediate_size_mlp=2 * HIDDEN_SIZE,
+        num_hidden_layers=4,
+        num_attention_heads=NUM_HEADS,
+        num_key_value_heads=NUM_HEADS // 2,
+        head_dim=32,
+        num_local_experts=num_experts,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=2,
+        no_rope_layer_interval=4,
+        attention_chunk_size=chunk_size,
+        use_qk_norm=use_qk_norm,
+        attn_temperature_tuning=True,
+        floor_scale=4,
+        attn_scale=0.5,
+        max_position_embeddings=MAX_POSITIONS,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        rms_norm_eps=1e-5,
+        initializer_range=INIT_STD,
+        tie_word_embeddings=False,
+        architectures=["Llama4ForCausalLM"],
+        dtype="float32",
+        **_special_tokens(),
+    )
+    if not multimodal:
+        return _build_and_save(path, transformers.Llama4ForCausalLM, config, seed)
+    vision = transformers.Llama4VisionConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=28,
+        patch_size=14,
+        vision_output_dim=32,
+        projector_input_dim=32,
+        projector_output_dim=32,
+        pixel_shuffle_ratio=0.5,
+    )
+    outer = transformers.Llama4Config(
+        text_config=config.to_dict(),
+        vision_config=vision.to_dict(),
+        architectures=["Llama4ForConditionalGeneration"],
+        dtype="float32",
+    )
+    return _build_and_save(path, transformers.Llama4ForConditionalGeneration, outer, seed)
+
+
+def split_llama4_experts(path: Path) -> None:
+    """Rewrite a Llama 4 checkpoint's stacked experts (`experts.gate_up_proj [E, H, 2I]`,
+    `experts.down_proj [E, I, H]`) as one tensor per expert and projection
+    (`experts.3.gate_proj.weight [I, H]`), as quantized Llama 4 checkpoints store them."""
+    from safetensors.torch import load_file, save_file
+
+    file = Path(path) / "model.safetensors"
+    state = load_file(file)
+    for name in [n for n in state if n.endswith((".experts.gate_up_proj", ".experts.down_proj"))]:
+        base = name.rsplit(".", 1)[0]
+        stacked = state.pop(name)
+        for expert, matrix in enumerate(stacked):
+            if name.endswith(".gate_up_proj"):
+                gate, up = matrix.t().chunk(2, dim=0)
+                state[f"{base}.{expert}.gate_proj.weight"] = gate.contiguous()
+                state[f"{base}.{expert}.up_proj.weight"] = up.contiguous()
+            else:
+                state[f"{base}.{expert}.down_proj.weight"] = matrix.t().contiguous()
+    save_file(state, file)
+
+
+def stack_llama4_experts(path: Path) -> None:
+    """The inverse of `split_llama4_experts`: the layout `transformers` loads."""
+    from safetensors.torch import load_file, save_file
+
+    file = Path(path) / "model.safetensors"
+    state = load_file(file)
+    bases = sorted({n.split(".experts.")[0] for n in state if ".experts." in n})
+    for base in bases:
+        prefix = f"{base}.experts."
+        count = len([n for n in state if n.startswith(prefix) and n.endswith(".down_proj.weight")])
+        gate_up, down = [], []
+        for expert in range(count):
+            gate = state.pop(f"{prefix}{expert}.gate_proj.weight")
+            up = state.pop(f"{prefix}{expert}.up_proj.weight")
+            gate_up.append(torch.cat((gate, up)).t())
+            down.append(state.pop(f"{prefix}{expert}.down_proj.weight").t())
+        state[f"{prefix}gate_up_proj"] = torch.stack(gate_up).contiguous()
+        state[f"{prefix}down_proj"] = torch.stack(down).contiguous()
+    save_file(state, file)

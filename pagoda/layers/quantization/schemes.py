@@ -27,6 +27,7 @@ QUANTIZATION_METHODS = (
     "awq_marlin",
     "compressed-tensors",
     "fp8",
+    "fbgemm_fp8",
     "gguf",
 )
 _ALIASES = {"gptq_marlin": "gptq", "awq_marlin": "awq"}
@@ -47,7 +48,8 @@ class QuantScheme:
     """How every quantized linear layer of one checkpoint stores its weight.
 
     Attributes:
-        method: vLLM's name of the format ("gptq", "awq", "compressed-tensors", "fp8").
+        method: vLLM's name of the format ("gptq", "awq", "compressed-tensors", "fp8",
+            "fbgemm_fp8").
         layout: which tensors a layer carries (`LAYOUTS`).
         bits: bits per integer weight (4 or 8); 8 for fp8.
         group_size: input features per scale; -1: one scale per output channel (or per tensor).
@@ -85,7 +87,7 @@ class QuantScheme:
         """The log's words for the scheme, e.g. `gptq int4, groups of 128, symmetric`."""
         # "fp8 e4m3", "compressed-tensors fp8 e4m3", "gptq int4", ...
         kind = (
-            ("e4m3" if self.method == "fp8" else "fp8 e4m3")
+            ("e4m3" if self.method in ("fp8", "fbgemm_fp8") else "fp8 e4m3")
             if self.layout == "fp8"
             else (f"int{self.bits}")
         )
@@ -139,10 +141,10 @@ def detect_quantization(hf_config: Any, requested: str | None) -> QuantScheme | 
             "has no quantization_config"
         )
     method = str(config.get("quant_method", "")).lower()
-    if method not in ("gptq", "awq", "compressed-tensors", "fp8"):
+    if method not in ("gptq", "awq", "compressed-tensors", "fp8", "fbgemm_fp8"):
         raise ValueError(
             f"quantization_config.quant_method {method!r} is not supported; Pagoda reads gptq, "
-            "awq, compressed-tensors and fp8 checkpoints"
+            "awq, compressed-tensors, fp8 and fbgemm_fp8 checkpoints"
         )
     if wanted is not None and wanted != method:
         raise ValueError(
@@ -155,6 +157,8 @@ def detect_quantization(hf_config: Any, requested: str | None) -> QuantScheme | 
         return _awq(config)
     if method == "fp8":
         return _fp8(config)
+    if method == "fbgemm_fp8":
+        return _fbgemm_fp8(config)
     return _compressed_tensors(config)
 
 
@@ -228,6 +232,21 @@ def _fp8(config: dict[str, Any]) -> QuantScheme:
         block=(int(block[0]), int(block[1])) if block else None,
         ignore=tuple(config.get("ignored_layers") or config.get("modules_to_not_convert") or ()),
         activations=f"fp8-{scheme}",
+    )
+
+
+def _fbgemm_fp8(config: dict[str, Any]) -> QuantScheme:
+    """FBGEMM's FP8 (Meta's Llama 4 Maverick FP8): e4m3 weights with one `weight_scale` per
+    output channel [out, 1], activations quantized per token at run time (bounded by
+    `activation_scale_ub`), the layers in `modules_to_not_convert` in bfloat16."""
+    return QuantScheme(
+        method="fbgemm_fp8",
+        layout="fp8",
+        bits=8,
+        group_size=-1,
+        symmetric=True,
+        ignore=tuple(config.get("modules_to_not_convert") or ()),
+        activations="fp8-dynamic",
     )
 
 
