@@ -37,6 +37,9 @@ _BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
 _HASH_ALGOS = ("sha256",)
 # vLLM's --kv-cache-dtype names that Pagoda stores (its fp8 formats are not among them), and
 # float32, which vLLM does not name: auto resolves by the device and the weight plan (ModelRunner).
+# Seconds between the engine core's state snapshots in the server (for /stats and the live page):
+# four a second, so that the page's once-a-second view is never more than a quarter second old.
+SERVER_SNAPSHOT_INTERVAL = 0.25
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float32", "fp8", "fp8_e4m3", "fp8_e5m2")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 # --structured-outputs-config: vLLM's keys Pagoda honours, and its backends.
@@ -161,6 +164,9 @@ class EngineConfig:
     structured_outputs_config: dict[str, Any] = field(default_factory=lambda: {"backend": "auto"})
     # --speculative-config, validated; None: no speculative decoding.
     speculative_config: SpeculativeConfig | None = None
+    # Seconds between the core's snapshots of its requests and KV blocks (the server's live
+    # page and /stats); None: none (the offline LLM).
+    snapshot_interval: float | None = None
 
     @property
     def world_size(self) -> int:
@@ -275,6 +281,7 @@ class EngineArgs:
                 if self.speculative_config is None
                 else SpeculativeConfig.from_dict(self.speculative_config)
             ),
+            snapshot_interval=SERVER_SNAPSHOT_INTERVAL if self.usage_context == "server" else None,
         )
 
     def _validate_scalars(self) -> None:
@@ -367,7 +374,6 @@ class EngineArgs:
 
     def _create_model_config(self, device: str) -> ModelConfig:
         from pagoda.loader.resolve import resolve_model
-        from pagoda.models.registry import text_part_config
 
         resolved = resolve_model(self.model, revision=self.revision, download_dir=self.download_dir)
         if resolved.hf_config is not None:
@@ -421,6 +427,32 @@ class EngineArgs:
             device_type=device_type,
             quantization=detect_quantization(hf_config, self.quantization),
         )
+
+
+# Multimodal architectures of which Pagoda runs the text part: the engine's config is their
+# `text_config` (see `text_part_config`), and the model class skips the other towers' tensors
+# (`pagoda.models.llama4`). Here, not in the model registry: the API process never imports torch.
+TEXT_PART_ARCHITECTURES = frozenset({"Llama4ForConditionalGeneration"})
+# Keys of the outer config that describe the whole checkpoint and carry over to the text part.
+_CHECKPOINT_KEYS = ("quantization_config", "dtype", "torch_dtype")
+
+
+def text_part_config(hf_config: Any) -> Any:
+    """The config the engine runs: `hf_config` itself, or for an architecture in
+    `TEXT_PART_ARCHITECTURES` its `text_config`, with the outer `architectures` (so the model
+    class knows the checkpoint's names) and the checkpoint-wide keys it lacks."""
+    architectures = list(getattr(hf_config, "architectures", None) or [])
+    if not TEXT_PART_ARCHITECTURES.intersection(architectures):
+        return hf_config
+    text_config = getattr(hf_config, "text_config", None)
+    if text_config is None:
+        raise ValueError(f"{architectures[0]} config has no text_config")
+    text_config.architectures = architectures
+    for key in _CHECKPOINT_KEYS:
+        value = getattr(hf_config, key, None)
+        if value is not None and getattr(text_config, key, None) is None:
+            setattr(text_config, key, value)
+    return text_config
 
 
 def _require_positive(name: str, value: int) -> None:

@@ -58,11 +58,33 @@ class CompletionOutput:
 
 
 @dataclass(slots=True)
+class RequestMetrics:
+    """When a request reached each stage, in seconds on the monotonic clock (vLLM's
+    `RequestOutput.metrics` names): it arrived, was first scheduled, produced its first and its
+    latest token, and finished (None until it has). With n > 1 the first token is the first of
+    any sample and the request finishes with its last sample."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def time_in_queue(self) -> float | None:
+        """Seconds from arrival to the first scheduling step (None before it)."""
+        if self.first_scheduled_time is None:
+            return None
+        return self.first_scheduled_time - self.arrival_time
+
+
+@dataclass(slots=True)
 class RequestOutput:
     """Everything a request produced so far: its prompt and one CompletionOutput per sample.
 
     `finished` is True once every sample has finished. `num_cached_tokens` counts prompt tokens
-    served from the prefix cache (None until the engine has reported it).
+    served from the prefix cache (None until the engine has reported it). `metrics` is the
+    request's `RequestMetrics` so far.
     """
 
     request_id: str
@@ -71,7 +93,7 @@ class RequestOutput:
     prompt_logprobs: PromptLogprobs | None
     outputs: list[CompletionOutput]
     finished: bool
-    metrics: Any = None
+    metrics: RequestMetrics | None = None
     num_cached_tokens: int | None = None
 
     def __repr__(self) -> str:

@@ -42,6 +42,7 @@ from pagoda.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pagoda.engine.data_parallel import DataParallelCores
+    from pagoda.metrics.live import LiveStats
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class AsyncLLM(EngineFrontend):
         self._shut_down = False
         self.metrics: PrometheusMetrics | None = None
         self._tracker: RequestTracker | None = None
+        self.live_stats: LiveStats | None = None
         # core request id -> [prompt tokens, generated tokens], for per-request metrics.
         self._token_counts: dict[str, list[int]] = {}
 
@@ -118,6 +120,13 @@ class AsyncLLM(EngineFrontend):
         )
         self._tracker = RequestTracker(self.metrics)
         return self.metrics
+
+    def enable_live_stats(self, model_name: str) -> LiveStats:
+        """Keep the live view `/stats` and the web page read (`pagoda.metrics.live`)."""
+        from pagoda.metrics.live import LiveStats
+
+        self.live_stats = LiveStats(model_name, self.config.data_parallel_size)
+        return self.live_stats
 
     def is_alive(self) -> bool:
         """True while the engine can serve: not failed, and its loop thread (once started) runs."""
@@ -355,6 +364,8 @@ class AsyncLLM(EngineFrontend):
                     self._prefill_times.append((now, tokens))
         if self._tracker is not None:
             self._record_metrics(outputs, stats)
+        if self.live_stats is not None:
+            self.live_stats.record(outputs, stats)
         processed = self.output_processor.process_outputs(outputs.outputs)
         for output in processed.request_outputs:
             waiter = self._queues.get(output.request_id)

@@ -30,6 +30,7 @@ from pagoda.engine.plan import ModelRunnerOutput, SchedulerOutput
 from pagoda.engine.request import Request, RequestStatus
 from pagoda.engine.scheduler import Scheduler
 from pagoda.executor.uniproc import UniProcExecutor
+from pagoda.metrics.engine_state import EngineSnapshot, take_snapshot
 from pagoda.metrics.stats import SchedulerStats
 
 if TYPE_CHECKING:
@@ -75,6 +76,8 @@ class EngineCore:
         )
         self.last_stats = SchedulerStats()
         self._grammar_totals = (0.0, 0.0)
+        # When the last state snapshot was taken (monotonic seconds); see `_snapshot`.
+        self._last_snapshot = float("-inf")
         logger.info("Engine core ready in %.2f s", time.perf_counter() - start)
 
     def shutdown(self) -> None:
@@ -149,7 +152,21 @@ class EngineCore:
             num_running_reqs=len(self.scheduler.running),
             num_waiting_reqs=len(self.scheduler.waiting),
             kv_cache_usage=self.scheduler.kv_cache_manager.usage,
+            snapshot=self._snapshot(force=True),
         )
+
+    def _snapshot(self, force: bool = False) -> EngineSnapshot | None:
+        """A snapshot of the requests and blocks when the server wants them and one is due:
+        `snapshot_interval` after the last, or at once (`force`) when the engine falls idle, so
+        that the last one seen never shows requests that have finished."""
+        interval = self.config.snapshot_interval
+        if interval is None:
+            return None
+        now = time.monotonic()
+        if not force and now - self._last_snapshot < interval:
+            return None
+        self._last_snapshot = now
+        return take_snapshot(self.scheduler)
 
     def step(self) -> EngineCoreOutputs:
         """Run one scheduling step; returns the outputs of requests that advanced."""
@@ -218,6 +235,7 @@ class EngineCore:
             grammar_compile_seconds=compile_seconds,
             grammar_mask_seconds=mask_seconds,
             spec_decoding=spec,
+            snapshot=self._snapshot(force=not self.has_unfinished_requests()),
         )
         return EngineCoreOutputs(outputs=outputs, timestamp=time.monotonic())
 
@@ -244,9 +262,12 @@ class EngineCore:
     ) -> None:
         """Step while there is work, taking commands between steps, until `StopCore`.
 
-        `publish` gets every step's outputs with the scheduler's stats, and the idle state after
-        aborts that left nothing to run (no step would follow to refresh the gauges).
+        `publish` gets every step's outputs with the scheduler's stats, and the idle state at
+        start and after aborts that left nothing to run (no step would follow to refresh the
+        gauges, or the live page's first view of the KV blocks).
         """
+        if self.config.snapshot_interval is not None:
+            publish(EngineCoreOutputs(outputs=[], timestamp=time.monotonic()), self.current_stats())
         while True:
             # Block only when there is nothing to run.
             block = not self.has_unfinished_requests()

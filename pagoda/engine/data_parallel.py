@@ -188,6 +188,8 @@ class DataParallelCores:
         index, message = self._messages.get()
         if isinstance(message, BaseException):
             raise message
+        if message.stats.snapshot is not None:
+            message.stats.snapshot.engine_index = index
         with self._lock:
             self._last_stats[index] = message.stats
             for output in message.outputs.outputs:

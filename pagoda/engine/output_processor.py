@@ -10,12 +10,13 @@ sample here, on the API side, so its core id goes back to the core to be aborted
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from pagoda.engine.detokenizer import IncrementalDetokenizer
 from pagoda.engine.messages import EngineCoreOutput, child_request_ids
-from pagoda.outputs import CompletionOutput, Logprob, RequestOutput
+from pagoda.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pagoda.sampling_params import RequestOutputKind, SamplingParams
 
 __all__ = ["OutputProcessor", "ProcessedOutputs"]
@@ -72,6 +73,7 @@ class _RequestState:
     # prefill scores it (from the first sample: the others do not score the prompt again).
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     prompt_logprobs_sent: bool = False
+    metrics: RequestMetrics | None = None
 
 
 class OutputProcessor:
@@ -135,6 +137,7 @@ class OutputProcessor:
             samples=samples,
             num_unfinished=len(samples),
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            metrics=RequestMetrics(time.monotonic() if arrival_time is None else arrival_time),
         )
         self._requests[request_id] = request
         for sample in samples:
@@ -173,11 +176,13 @@ class OutputProcessor:
         """
         result = ProcessedOutputs()
         touched: dict[str, _RequestState] = {}
+        now = time.monotonic()
         for output in outputs:
             entry = self._samples.get(output.request_id)
             if entry is None:
                 continue
             request, sample = entry
+            _time_output(request, output, now)
             if self._update_sample(request, sample, output):
                 result.reqs_to_abort.append(sample.core_request_id)
             if sample.finished:
@@ -186,6 +191,8 @@ class OutputProcessor:
             touched[request.request_id] = request
 
         for request in touched.values():
+            if request.num_unfinished == 0 and request.metrics is not None:
+                request.metrics.finished_time = now
             request_output = self._make_request_output(request)
             for sample in request.samples:
                 sample.updated = False
@@ -327,6 +334,7 @@ class OutputProcessor:
             prompt_logprobs=prompt_logprobs,
             outputs=completions,
             finished=finished,
+            metrics=request.metrics,
             num_cached_tokens=request.num_cached_tokens,
         )
 
@@ -368,3 +376,17 @@ class OutputProcessor:
             finish_reason=sample.finish_reason,
             stop_reason=sample.stop_reason,
         )
+
+
+def _time_output(request: _RequestState, output: EngineCoreOutput, now: float) -> None:
+    """Fold one core output's timing into its request's metrics: the core reports the queue
+    time with a sample's first token; token times are when the API side got them."""
+    metrics = request.metrics
+    if metrics is None:
+        return
+    if output.queue_seconds is not None and metrics.first_scheduled_time is None:
+        metrics.first_scheduled_time = metrics.arrival_time + output.queue_seconds
+    if output.new_token_ids:
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        metrics.last_token_time = now

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pagoda.metrics.engine_state import EngineSnapshot
+
 if TYPE_CHECKING:
     from pagoda.spec_decode.config import SpeculativeConfig
 
@@ -43,6 +45,9 @@ class SchedulerStats:
     grammar_mask_seconds: float = 0.0
     # Speculative decoding in this step; None when it is off.
     spec_decoding: SpecDecodingStats | None = None
+    # The core's requests and KV blocks, a few times a second when the server asks for them
+    # (`EngineConfig.snapshot_interval`), else None.
+    snapshot: EngineSnapshot | None = None
 
 
 @dataclass(slots=True)

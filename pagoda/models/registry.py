@@ -31,31 +31,6 @@ _MODELS: dict[str, str] = {
 }
 
 
-# Multimodal architectures of which Pagoda runs the text part: the engine's config is their
-# `text_config` (see `text_part_config`), and the model class skips the other towers' tensors.
-TEXT_PART_ARCHITECTURES = frozenset({"Llama4ForConditionalGeneration"})
-# Keys of the outer config that describe the whole checkpoint and carry over to the text part.
-_CHECKPOINT_KEYS = ("quantization_config", "dtype", "torch_dtype")
-
-
-def text_part_config(hf_config: Any) -> Any:
-    """The config the engine runs: `hf_config` itself, or for an architecture in
-    `TEXT_PART_ARCHITECTURES` its `text_config`, with the outer `architectures` (so the model
-    class knows the checkpoint's names) and the checkpoint-wide keys it lacks."""
-    architectures = list(getattr(hf_config, "architectures", None) or [])
-    if not TEXT_PART_ARCHITECTURES.intersection(architectures):
-        return hf_config
-    text_config = getattr(hf_config, "text_config", None)
-    if text_config is None:
-        raise ValueError(f"{architectures[0]} config has no text_config")
-    text_config.architectures = architectures
-    for key in _CHECKPOINT_KEYS:
-        value = getattr(hf_config, key, None)
-        if value is not None and getattr(text_config, key, None) is None:
-            setattr(text_config, key, value)
-    return text_config
-
-
 def supported_architectures() -> list[str]:
     """The HF architecture names Pagoda can run, sorted."""
     return sorted(_MODELS)

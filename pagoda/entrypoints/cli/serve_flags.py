@@ -175,6 +175,12 @@ def _add_frontend_args(parser: argparse.ArgumentParser) -> None:
         help="serve no /docs, /redoc or /openapi.json (with --api-key they need the key)",
     )
     group.add_argument(
+        "--disable-ui",
+        action="store_true",
+        help="serve no live engine page and playground at / and no /stats or /stats/stream "
+        "(with --api-key their data needs the key)",
+    )
+    group.add_argument(
         "--graceful-shutdown-timeout",
         type=float,
         default=50.0,

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 _EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Routes that touch the model need the key; operational probes stay open.
-_PROTECTED_PREFIXES = ("/v1", "/tokenize", "/detokenize")
+_PROTECTED_PREFIXES = ("/v1", "/tokenize", "/detokenize", "/stats")
 # With an API key the API's documentation needs it too (it lists every route and field).
 _DOCS_PREFIXES = ("/docs", "/redoc", "/openapi.json")
 
@@ -79,6 +79,10 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     install_error_handlers(app)
     install_openapi(app)
     _add_operational_routes(app)
+    if not getattr(args, "disable_ui", False):
+        from pagoda.entrypoints.ui import install_ui
+
+        install_ui(app)
 
     from pagoda.entrypoints.openai.edge_limits import RefuseWhileDraining
 
@@ -245,6 +249,15 @@ def init_app_state(app: FastAPI, engine: AsyncLLM, args: argparse.Namespace) -> 
     app.state.metrics = engine.enable_metrics(
         served[0], vllm_names=getattr(args, "vllm_metric_names", True)
     )
+    if not getattr(args, "disable_ui", False):
+        engine.enable_live_stats(served[0])
+        host = getattr(args, "host", None)
+        if host not in ("127.0.0.1", "localhost", "::1") and not getattr(args, "api_key", None):
+            logger.warning(
+                "The live engine page (/) and /stats are open to anyone who can reach %s: "
+                "set --api-key to keep them (and the API) behind a key, or --disable-ui",
+                host or "0.0.0.0",
+            )
     engine.max_queued_requests = getattr(args, "max_queued_requests", None)
     engine.max_queued_prompt_tokens = getattr(args, "max_queued_prompt_tokens", None)
     app.state.openai_serving_models = OpenAIServingModels(engine, served)

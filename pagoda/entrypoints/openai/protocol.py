@@ -161,10 +161,40 @@ class ResponseFormat(RequestModel):
         return self
 
 
+class PromptTokenUsageInfo(BaseModel):
+    # Prompt tokens whose KV came from the prefix cache (OpenAI's and vLLM's name).
+    cached_tokens: int | None = None
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     total_tokens: int = 0
     completion_tokens: int = 0
+    prompt_tokens_details: PromptTokenUsageInfo | None = None
+
+
+class ResponseTiming(BaseModel):
+    """Pagoda's per-response timing, with `include_timing: true`: seconds from the request's
+    arrival at the server to its first scheduling step (`queue_time_seconds`), to its first
+    token, and to its end (`inference_time_seconds`); from the first token to the last
+    (`decode_time_seconds`); completion tokens per second of the whole request
+    (`tokens_per_second`) and of its decode (`decode_tokens_per_second`: the tokens after each
+    choice's first, over the decode time); token counts, with the prompt tokens the prefix cache
+    served."""
+
+    queue_time_seconds: float | None = None
+    time_to_first_token_seconds: float | None = None
+    decode_time_seconds: float | None = None
+    inference_time_seconds: float
+    tokens_per_second: float | None = None
+    decode_tokens_per_second: float | None = None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+
+
+def _omit_when_none(value: object) -> bool:
+    return value is None
 
 
 class SamplingRequest(RequestModel):
@@ -176,6 +206,8 @@ class SamplingRequest(RequestModel):
     top_p: float | None = _range(None, exclusiveMinimum=0, maximum=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    # Pagoda's: add `timing` (ResponseTiming) to the response, or to a stream's last chunk.
+    include_timing: bool = False
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=_INT64_MIN, le=_INT64_MAX)
     presence_penalty: float | None = _range(0.0, minimum=-2, maximum=2)
@@ -359,6 +391,8 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionResponseChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
+    # Only with include_timing; absent (not null) otherwise, so the shape stays vLLM's.
+    timing: ResponseTiming | None = Field(default=None, exclude_if=_omit_when_none)
 
 
 class CompletionStreamResponse(BaseModel):
@@ -370,6 +404,8 @@ class CompletionStreamResponse(BaseModel):
     model: str
     choices: list[CompletionResponseChoice]
     usage: UsageInfo | None = None
+    # Only with include_timing; absent (not null) otherwise, so the shape stays vLLM's.
+    timing: ResponseTiming | None = Field(default=None, exclude_if=_omit_when_none)
 
 
 # --- chat completions -----------------------------------------------------------------------
@@ -512,6 +548,8 @@ class ChatCompletionResponse(BaseModel):
     # With prompt_logprobs (vLLM's): of the rendered prompt's tokens, the first None.
     prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
     system_fingerprint: str | None = None
+    # Only with include_timing; absent (not null) otherwise, so the shape stays vLLM's.
+    timing: ResponseTiming | None = Field(default=None, exclude_if=_omit_when_none)
 
 
 class DeltaMessage(BaseModel):
@@ -544,6 +582,8 @@ class ChatCompletionStreamResponse(BaseModel):
     model: str
     choices: list[ChatCompletionStreamChoice]
     usage: UsageInfo | None = None
+    # Only with include_timing; absent (not null) otherwise, so the shape stays vLLM's.
+    timing: ResponseTiming | None = Field(default=None, exclude_if=_omit_when_none)
 
 
 # --- tokenization ---------------------------------------------------------------------------

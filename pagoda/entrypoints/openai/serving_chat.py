@@ -47,7 +47,9 @@ from pagoda.entrypoints.openai.serving_engine import (
     OpenAIServing,
     RequestLogger,
     ServingError,
+    cached_tokens,
     clamp_logprob,
+    response_timing,
     sse_error,
     sse_event,
     usage_info,
@@ -376,8 +378,13 @@ class OpenAIServingChat(OpenAIServing):
             created=created,
             model=self.model_name,
             choices=sorted(choices, key=lambda choice: choice.index),
-            usage=usage_info(num_prompt_tokens, num_generated_tokens),
+            usage=usage_info(num_prompt_tokens, num_generated_tokens, cached_tokens([final])),
             prompt_logprobs=self.prompt_logprobs_field(request, final.prompt_logprobs),
+            timing=(
+                response_timing([final], num_prompt_tokens, num_generated_tokens)
+                if request.include_timing
+                else None
+            ),
         )
 
     async def _stream(
@@ -408,6 +415,7 @@ class OpenAIServingChat(OpenAIServing):
             request.stream_options and request.stream_options.continuous_usage_stats
         )
         num_tokens = [0] * n
+        latest: RequestOutput | None = None
 
         def chunk(choice: ChatCompletionStreamChoice) -> str:
             response = ChatCompletionStreamResponse(
@@ -427,6 +435,7 @@ class OpenAIServingChat(OpenAIServing):
                     delta = DeltaMessage(content=echo_text)
                     yield chunk(ChatCompletionStreamChoice(index=index, delta=delta))
             async for output in generator:
+                latest = output
                 for sample in output.outputs:
                     if not (sample.text or sample.token_ids or sample.finish_reason):
                         continue
@@ -468,15 +477,26 @@ class OpenAIServingChat(OpenAIServing):
                             stop_reason=sample.stop_reason,
                         )
                     )
-            if include_usage:
-                usage_chunk = ChatCompletionStreamResponse(
+            if include_usage or request.include_timing:
+                # The last chunk, with no choices: the usage, and the timing when asked for
+                # (alone, without stream_options.include_usage).
+                last_chunk = ChatCompletionStreamResponse(
                     id=request_id,
                     created=created,
                     model=self.model_name,
                     choices=[],
-                    usage=usage_info(num_prompt_tokens, sum(num_tokens)),
+                    usage=(
+                        usage_info(num_prompt_tokens, sum(num_tokens), cached_tokens([latest]))
+                        if include_usage
+                        else None
+                    ),
+                    timing=(
+                        response_timing([latest], num_prompt_tokens, sum(num_tokens))
+                        if request.include_timing
+                        else None
+                    ),
                 )
-                yield _chunk_json(usage_chunk)
+                yield _chunk_json(last_chunk)
         except Exception as exc:
             yield sse_error(exc)
         finally:

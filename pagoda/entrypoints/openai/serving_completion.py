@@ -30,7 +30,9 @@ from pagoda.entrypoints.openai.serving_engine import (
     SSE_DONE,
     OpenAIServing,
     ServingError,
+    cached_tokens,
     clamp_logprob,
+    response_timing,
     sse_error,
     sse_event,
     usage_info,
@@ -100,6 +102,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 ("best_of", (request.best_of or 1) > 1),
                 ("prompt_logprobs", request.prompt_logprobs is not None),
                 ("temperature", bool(request.temperature)),
+                ("include_timing", request.include_timing),
             ):
                 if unsupported:
                     raise ServingError(
@@ -327,7 +330,12 @@ class OpenAIServingCompletion(OpenAIServing):
             created=created,
             model=self.model_name,
             choices=choices,
-            usage=usage_info(num_prompt_tokens, num_generated_tokens),
+            usage=usage_info(num_prompt_tokens, num_generated_tokens, cached_tokens(finals)),
+            timing=(
+                response_timing(finals, num_prompt_tokens, num_generated_tokens)
+                if request.include_timing
+                else None
+            ),
         )
 
     async def _stream(
@@ -349,9 +357,12 @@ class OpenAIServingCompletion(OpenAIServing):
         echoed = [False] * num_choices
         offsets = [0] * num_choices
         num_tokens = [0] * num_choices
+        # Each prompt's latest output: its prefix-cache hits and timing for the last chunk.
+        latest: list[RequestOutput | None] = [None] * len(prompts)
         merged = merge_async_iterators(*generators)
         try:
             async for prompt_index, output in merged:
+                latest[prompt_index] = output
                 prompt = prompts[prompt_index]
                 for sample in output.outputs:
                     choice_index = prompt_index * n + sample.index
@@ -395,16 +406,27 @@ class OpenAIServingCompletion(OpenAIServing):
                     if continuous_usage:
                         chunk.usage = usage_info(len(prompt.token_ids), num_tokens[choice_index])
                     yield sse_event(chunk.model_dump_json())
-            if include_usage:
+            if include_usage or request.include_timing:
+                # The last chunk, with no choices: the usage, and the timing when asked for
+                # (alone, without stream_options.include_usage).
                 num_prompt_tokens = sum(len(prompt.token_ids) for prompt in prompts)
-                final_usage = CompletionStreamResponse(
+                final_chunk = CompletionStreamResponse(
                     id=request_id,
                     created=created,
                     model=self.model_name,
                     choices=[],
-                    usage=usage_info(num_prompt_tokens, sum(num_tokens)),
+                    usage=(
+                        usage_info(num_prompt_tokens, sum(num_tokens), cached_tokens(latest))
+                        if include_usage
+                        else None
+                    ),
+                    timing=(
+                        response_timing(latest, num_prompt_tokens, sum(num_tokens))
+                        if request.include_timing
+                        else None
+                    ),
                 )
-                yield sse_event(final_usage.model_dump_json())
+                yield sse_event(final_chunk.model_dump_json())
         except Exception as exc:
             yield sse_error(exc)
         finally:

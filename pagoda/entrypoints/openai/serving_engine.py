@@ -27,10 +27,12 @@ from pagoda.entrypoints.openai.protocol import (
     ErrorInfo,
     ErrorResponse,
     PromptLogprob,
+    PromptTokenUsageInfo,
+    ResponseTiming,
     SamplingRequest,
     UsageInfo,
 )
-from pagoda.outputs import Logprob, PromptLogprobs
+from pagoda.outputs import Logprob, PromptLogprobs, RequestOutput
 from pagoda.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 from pagoda.structured_output.validate import check_structured_outputs
 
@@ -123,11 +125,55 @@ def clamp_logprob(value: float) -> float:
     return max(value, LOGPROB_FLOOR)
 
 
-def usage_info(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+def usage_info(
+    prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None
+) -> UsageInfo:
+    """OpenAI's usage; `prompt_tokens_details.cached_tokens` when the prefix-cache hits are
+    known (0 included: OpenAI reports it on every response, vLLM only behind a flag)."""
     return UsageInfo(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=(
+            None if cached_tokens is None else PromptTokenUsageInfo(cached_tokens=cached_tokens)
+        ),
+    )
+
+
+def cached_tokens(outputs: Sequence[RequestOutput | None]) -> int:
+    """Prompt tokens the prefix cache served, over a response's requests."""
+    return sum(output.num_cached_tokens or 0 for output in outputs if output is not None)
+
+
+def response_timing(
+    outputs: Sequence[RequestOutput | None], prompt_tokens: int, completion_tokens: int
+) -> ResponseTiming:
+    """The `timing` of a response made of `outputs` (the latest output of each of its
+    prompts): from the earliest arrival to the first token of any and the end of the last.
+    Decode speed counts the tokens after each choice's first, over the decode time."""
+    metrics = [o.metrics for o in outputs if o is not None and o.metrics is not None]
+    if not metrics:
+        raise RuntimeError("response_timing needs the requests' metrics")
+    arrival = min(m.arrival_time for m in metrics)
+    firsts = [m.first_token_time for m in metrics if m.first_token_time is not None]
+    lasts = [m.last_token_time for m in metrics if m.last_token_time is not None]
+    scheduled = [m.first_scheduled_time for m in metrics if m.first_scheduled_time is not None]
+    ends = [m.finished_time or m.last_token_time or arrival for m in metrics]
+    total = max(ends) - arrival
+    first = min(firsts) if firsts else None
+    decode = (max(lasts) - first) if first is not None and lasts else None
+    num_choices = sum(len(o.outputs) for o in outputs if o is not None)
+    after_first = max(0, completion_tokens - num_choices)
+    return ResponseTiming(
+        queue_time_seconds=(min(scheduled) - arrival) if scheduled else None,
+        time_to_first_token_seconds=None if first is None else first - arrival,
+        decode_time_seconds=decode,
+        inference_time_seconds=total,
+        tokens_per_second=completion_tokens / total if total > 0 else None,
+        decode_tokens_per_second=after_first / decode if decode else None,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        cached_prompt_tokens=cached_tokens(outputs),
     )
 
 
