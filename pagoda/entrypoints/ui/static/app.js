@@ -5,6 +5,7 @@
 
 const KEY_STORAGE = "pagoda-api-key";
 const HISTORY_POINTS = 120; // two minutes at one document a second
+const CHART_HEIGHT = 160; // CSS pixels
 const COLORS = {
   prompt: "#e08a1e", generation: "#2f6fdf", running: "#1f9d61", waiting: "#c2410c",
   free: "#e9ecf1", cached: "#9cc3f5", used: "#2f6fdf", shared: "#7c3aed", grid: "#e3e6eb",
@@ -143,11 +144,12 @@ function render(stats) {
   renderBatch(stats);
 }
 
-function fitCanvas(canvas) {
+// Size a canvas's backing store to its CSS width and `height` CSS pixels at the screen's pixel
+// ratio; drawing then uses CSS pixels.
+function fitCanvas(canvas, height) {
   const ratio = window.devicePixelRatio || 1;
   const width = canvas.clientWidth;
-  const height = Number(canvas.getAttribute("height")) || 160;
-  if (canvas.width !== Math.round(width * ratio)) {
+  if (canvas.width !== Math.round(width * ratio) || canvas.height !== Math.round(height * ratio)) {
     canvas.width = Math.round(width * ratio);
     canvas.height = Math.round(height * ratio);
     canvas.style.height = `${height}px`;
@@ -158,7 +160,7 @@ function fitCanvas(canvas) {
 }
 
 function drawLines(canvas, series) {
-  const { context, width, height } = fitCanvas(canvas);
+  const { context, width, height } = fitCanvas(canvas, CHART_HEIGHT);
   context.clearRect(0, 0, width, height);
   const top = Math.max(1, ...series.flatMap((s) => s.values)) * 1.1;
   const left = 36, bottom = height - 16;
@@ -208,8 +210,7 @@ function drawBlocks(kv) {
   size = Math.max(2, Math.min(14, size));
   const columns = Math.max(1, Math.floor(width / size));
   const rows = Math.ceil(count / columns);
-  canvas.setAttribute("height", String(Math.max(size, rows * size)));
-  const { context } = fitCanvas(canvas);
+  const { context } = fitCanvas(canvas, Math.max(size, rows * size));
   context.clearRect(0, 0, width, rows * size);
   const gap = size > 4 ? 1 : 0;
   for (let index = 0; index < cells.length; index += 1) {
