@@ -95,9 +95,11 @@ def build_parser() -> PagodaArgumentParser:
     complete.set_defaults(func=_client_command(_complete))
 
     from pagoda.benchmarks.cli import add_bench_parser  # flags only: imports nothing heavy
+    from pagoda.benchmarks.tour import add_tour_parser
     from pagoda.entrypoints.cli.env import add_env_parser
 
     add_bench_parser(sub)
+    add_tour_parser(sub)
     add_env_parser(sub)
     return parser
 
