@@ -216,6 +216,9 @@ class EngineArgs:
     device: str = "auto"
     attention_backend: str | None = None
     disable_log_stats: bool = False
+    # The server's live page and /stats read the core's snapshots; `pagoda serve --disable-ui`
+    # turns them off. Only the server takes them (usage_context "server").
+    engine_snapshots: bool = True
     usage_context: Literal["llm", "server"] = "llm"
     structured_outputs_config: dict[str, Any] | None = None
     speculative_config: dict[str, Any] | None = None
@@ -281,7 +284,11 @@ class EngineArgs:
                 if self.speculative_config is None
                 else SpeculativeConfig.from_dict(self.speculative_config)
             ),
-            snapshot_interval=SERVER_SNAPSHOT_INTERVAL if self.usage_context == "server" else None,
+            snapshot_interval=(
+                SERVER_SNAPSHOT_INTERVAL
+                if self.usage_context == "server" and self.engine_snapshots
+                else None
+            ),
         )
 
     def _validate_scalars(self) -> None:

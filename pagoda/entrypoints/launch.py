@@ -46,7 +46,10 @@ def engine_args_from_namespace(args: argparse.Namespace) -> EngineArgs:
         if values.get(name) is not None
     }
     return EngineArgs(
-        model=values.get("model_tag") or values.get("model"), usage_context="server", **kwargs
+        model=values.get("model_tag") or values.get("model"),
+        usage_context="server",
+        engine_snapshots=not values.get("disable_ui"),
+        **kwargs,
     )
 
 

@@ -145,6 +145,7 @@ class LiveStats:
             "maps": [
                 {
                     "engine": s.engine_index,
+                    "num_blocks": s.num_blocks,
                     "blocks_per_cell": s.blocks_per_cell,
                     "block_map": s.block_map,
                 }

@@ -116,6 +116,13 @@ def test_dp2_server_uses_both_engines_and_serves_one_engines_text_with_and_witho
             assert all(b - a >= 2 for a, b in zip(before, after)), (extra, before, after)
             metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
             assert 'pagoda:num_requests_running{model_name="tiny"} 0.0' in metrics
+            # The live view has each engine's KV blocks, and both cached some prompt blocks.
+            kv = httpx.get(f"{server.url}/stats", timeout=30).json()["kv_cache"]
+            assert [m["engine"] for m in kv["maps"]] == [0, 1]
+            assert all("c" in m["block_map"] for m in kv["maps"])
+            assert kv["num_blocks"] == sum(m["num_blocks"] for m in kv["maps"])
+            for m in kv["maps"]:
+                assert len(m["block_map"]) == -(-m["num_blocks"] // m["blocks_per_cell"])
         finally:
             assert server.stop() == 0, server.log_tail()
         time.sleep(1)

@@ -14,7 +14,7 @@ const COLORS = {
 const BLOCK_COLORS = { ".": COLORS.free, c: COLORS.cached, u: COLORS.used, s: COLORS.shared };
 
 const $ = (id) => document.getElementById(id);
-const history = { prompt: [], generation: [], running: [], waiting: [] };
+const trend = { prompt: [], generation: [], running: [], waiting: [] };
 let latest = null;
 let modelName = null;
 let keyPromise = null;
@@ -135,10 +135,10 @@ function render(stats) {
   $("preemptions").textContent = stats.totals.preemptions;
   $("memory").textContent =
     `${formatBytes(stats.memory.engine_rss_bytes)} / ${formatBytes(stats.memory.api_server_rss_bytes)}`;
-  push(history.prompt, stats.throughput.prompt_tokens_per_s);
-  push(history.generation, stats.throughput.generation_tokens_per_s);
-  push(history.running, stats.running);
-  push(history.waiting, stats.waiting);
+  push(trend.prompt, stats.throughput.prompt_tokens_per_s);
+  push(trend.generation, stats.throughput.generation_tokens_per_s);
+  push(trend.running, stats.running);
+  push(trend.waiting, stats.waiting);
   drawCharts();
   drawBlocks(stats.kv_cache);
   renderBatch(stats);
@@ -191,12 +191,12 @@ function drawLines(canvas, series) {
 
 function drawCharts() {
   drawLines($("throughput-chart"), [
-    { values: history.prompt, color: COLORS.prompt },
-    { values: history.generation, color: COLORS.generation },
+    { values: trend.prompt, color: COLORS.prompt },
+    { values: trend.generation, color: COLORS.generation },
   ]);
   drawLines($("requests-chart"), [
-    { values: history.running, color: COLORS.running },
-    { values: history.waiting, color: COLORS.waiting },
+    { values: trend.running, color: COLORS.running },
+    { values: trend.waiting, color: COLORS.waiting },
   ]);
 }
 
