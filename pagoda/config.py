@@ -216,9 +216,9 @@ class EngineArgs:
     device: str = "auto"
     attention_backend: str | None = None
     disable_log_stats: bool = False
-    # The server's live page and /stats read the core's snapshots; `pagoda serve --disable-ui`
-    # turns them off. Only the server takes them (usage_context "server").
-    engine_snapshots: bool = True
+    # `pagoda serve --disable-ui`: no live page or /stats, so the engine core takes no snapshots
+    # of its requests and blocks for them (only a server, usage_context "server", takes any).
+    disable_ui: bool = False
     usage_context: Literal["llm", "server"] = "llm"
     structured_outputs_config: dict[str, Any] | None = None
     speculative_config: dict[str, Any] | None = None
@@ -286,7 +286,7 @@ class EngineArgs:
             ),
             snapshot_interval=(
                 SERVER_SNAPSHOT_INTERVAL
-                if self.usage_context == "server" and self.engine_snapshots
+                if self.usage_context == "server" and not self.disable_ui
                 else None
             ),
         )

@@ -29,8 +29,9 @@ from pagoda.engine.messages import (
 from pagoda.engine.plan import ModelRunnerOutput, SchedulerOutput
 from pagoda.engine.request import Request, RequestStatus
 from pagoda.engine.scheduler import Scheduler
+from pagoda.engine.snapshot import take_snapshot
 from pagoda.executor.uniproc import UniProcExecutor
-from pagoda.metrics.engine_state import EngineSnapshot, take_snapshot
+from pagoda.metrics.engine_state import EngineSnapshot
 from pagoda.metrics.stats import SchedulerStats
 
 if TYPE_CHECKING:

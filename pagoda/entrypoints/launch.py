@@ -48,7 +48,6 @@ def engine_args_from_namespace(args: argparse.Namespace) -> EngineArgs:
     return EngineArgs(
         model=values.get("model_tag") or values.get("model"),
         usage_context="server",
-        engine_snapshots=not values.get("disable_ui"),
         **kwargs,
     )
 

@@ -217,20 +217,7 @@ def _documented(
             f"`stream: false`: a {response_model.__name__}. `stream: true`: server-sent events, "
             f"each `data: <{stream_model.__name__} JSON>`, ending with `data: [DONE]`"
         )
-        # Each event as an SSE parser hands it over (its fields); its data is the chunk's JSON.
-        event = {
-            "type": "object",
-            "properties": {
-                "data": {
-                    "type": "string",
-                    "description": f"a {stream_model.__name__} as JSON, or [DONE] last",
-                },
-                "event": {"type": "string"},
-                "id": {"type": "string"},
-                "retry": {"type": "integer"},
-            },
-            "required": ["data"],
-        }
+        event = sse_event_schema(f"a {stream_model.__name__} as JSON, or [DONE] last")
         ok["content"] = {"text/event-stream": {"schema": event}}
     responses: dict[int | str, dict[str, Any]] = {200: ok}
     for status in errors:
@@ -240,6 +227,21 @@ def _documented(
         ref = {"$ref": f"#/components/schemas/{request_model.__name__}"}
         extra["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref}}}
     return {"response_model": None, "responses": responses, "openapi_extra": extra}
+
+
+def sse_event_schema(data_description: str) -> dict[str, Any]:
+    """The schema of one server-sent event as an SSE parser hands it over (its fields); its
+    `data` is described by `data_description`."""
+    return {
+        "type": "object",
+        "properties": {
+            "data": {"type": "string", "description": data_description},
+            "event": {"type": "string"},
+            "id": {"type": "string"},
+            "retry": {"type": "integer"},
+        },
+        "required": ["data"],
+    }
 
 
 def install_openapi(app: FastAPI) -> None:

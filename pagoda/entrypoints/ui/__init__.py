@@ -22,6 +22,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+from pagoda.entrypoints.openai.protocol import ErrorResponse
+from pagoda.entrypoints.openai.router import sse_event_schema
 from pagoda.entrypoints.openai.serving_engine import error_body, sse_event
 
 logger = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ def install_ui(app: FastAPI) -> None:
 
     @app.get(
         STATS_PREFIX,
-        responses={503: {"description": "The engine keeps no live stats"}},
+        responses={503: {"model": ErrorResponse, "description": "The engine keeps no live stats"}},
     )
     async def stats(raw_request: Request) -> Response:
         """The engine's state now: requests, steps, throughput, KV blocks, prefix cache,
@@ -63,9 +65,16 @@ def install_ui(app: FastAPI) -> None:
 
     @app.get(
         f"{STATS_PREFIX}/stream",
+        response_class=Response,
         responses={
-            200: {"description": "Server-sent events, one JSON document per interval"},
-            400: {"description": "interval out of range"},
+            200: {
+                "description": "Server-sent events: `data: <the /stats document>` per interval",
+                "content": {
+                    "text/event-stream": {"schema": sse_event_schema("the /stats document")}
+                },
+            },
+            400: {"model": ErrorResponse, "description": "interval out of range"},
+            503: {"model": ErrorResponse, "description": "The engine keeps no live stats"},
         },
     )
     async def stats_stream(raw_request: Request, interval: str | None = None) -> Response:

@@ -159,6 +159,9 @@ def test_completion_matches_engine_greedy_output_with_openai_shape(run, app, eng
     final = run(direct())
     assert choice["text"] == final.outputs[0].text
     prompt_tokens = len(final.prompt_token_ids)
+    # Prefix-cache hits come in whole blocks of 16, and never the prompt's last token.
+    cached = body["usage"].pop("prompt_tokens_details")["cached_tokens"]
+    assert 0 <= cached < prompt_tokens and cached % 16 == 0
     assert body["usage"] == {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": 6,
