@@ -39,11 +39,8 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # Request fields vLLM (or OpenAI) defines that would change the output and Pagoda does not
 # implement yet: refused by name (field -> what to say).
 REFUSED_FIELDS = {
-    "use_beam_search": "beam search is supported on /v1/completions only",
     # Declared on /v1/completions; on chat it would be an ignored extra.
     "best_of": "best_of is supported on /v1/completions only (use n on chat)",
-    "length_penalty": "length_penalty applies to beam search, which is supported on "
-    "/v1/completions only",
     "early_stopping": "early_stopping is not supported: beam search runs max_tokens steps or "
     "until every beam has finished",
     "logits_processors": "per-request logits processors are not supported",
@@ -486,6 +483,9 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
     parallel_tool_calls: bool | None = None
     echo: bool = False
     add_special_tokens: bool = False
+    # vLLM's beam search fields, as on /v1/completions: n beams of the rendered prompt.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
     @field_validator("top_logprobs")
     @classmethod

@@ -28,6 +28,7 @@ import jinja2
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from pagoda.beam_search import BeamSearch, BeamSearchParams
 from pagoda.entrypoints.openai.protocol import (
     ChatCompletionLogProb,
     ChatCompletionLogProbs,
@@ -160,11 +161,27 @@ class OpenAIServingChat(OpenAIServing):
                 structured_outputs=tools.constraint,
             )
             self._constrain_after_reasoning(params, prompt_text)
+            if request.use_beam_search:
+                self.check_beam_search(
+                    request,
+                    (
+                        ("logprobs", bool(request.logprobs)),
+                        ("tools", tools.mode != "none"),
+                        ("echo", request.echo),
+                    ),
+                )
         except ServingError as exc:
             return self.error_response_for(exc)
 
         request_id = f"chatcmpl-{self.base_request_id(raw_request, request.request_id)}"
         self.log_request(request_id, prompt_text, token_ids, params)
+        last = request.messages[-1]
+        if request.use_beam_search:
+            role = "assistant" if request.add_generation_prompt else last.role
+            max_beam_tokens = int(params.max_tokens or 1)
+            return await self._beam_search(
+                request, raw_request, request_id, token_ids, role, max_beam_tokens
+            )
         generator = self.engine.generate(
             {"prompt_token_ids": token_ids, "prompt": prompt_text},
             params,
@@ -173,7 +190,6 @@ class OpenAIServingChat(OpenAIServing):
         )
         # With a generation prompt the model answers as the assistant; otherwise it continues
         # the last message, in that message's role.
-        last = request.messages[-1]
         role = "assistant" if request.add_generation_prompt else last.role
         echo_text = last.text() if request.echo and last.role == role else ""
         created = int(time.time())
@@ -191,6 +207,60 @@ class OpenAIServingChat(OpenAIServing):
         if final is None:
             return self.create_error_response("Client disconnected", status_code=499)
         response = self._build_response(request, request_id, created, role, echo_text, final, tools)
+        return JSONResponse(response.model_dump())
+
+    async def _beam_search(
+        self,
+        request: ChatCompletionRequest,
+        raw_request: Request,
+        request_id: str,
+        token_ids: list[int],
+        role: str,
+        max_tokens: int,
+    ) -> Response:
+        """`n` beams of the rendered prompt (`pagoda.beam_search`), as `n` choices."""
+        params = BeamSearchParams(
+            beam_width=request.n or 1,
+            max_tokens=max_tokens,
+            ignore_eos=request.ignore_eos,
+            length_penalty=request.length_penalty,
+            include_stop_str_in_output=request.include_stop_str_in_output,
+        )
+        search = BeamSearch([token_ids], params, self.input_processor.eos_token_id)
+        try:
+            searched = self.run_beam_search(search, request_id, request.priority)
+            if await self.run_until_disconnected(raw_request, searched) is None:
+                return self.create_error_response("Client disconnected", status_code=499)
+        except Exception as exc:
+            return self.error_response_for(exc)
+        (output,) = search.outputs(
+            lambda tokens: str(
+                self.tokenizer.decode(
+                    tokens[len(token_ids) :], skip_special_tokens=request.skip_special_tokens
+                )
+            )
+        )
+        choices = []
+        num_generated_tokens = 0
+        for index, beam in enumerate(output.sequences):
+            num_generated_tokens += len(beam.tokens) - len(token_ids)
+            reasoning, answer = self._split_reasoning(beam.text or "")
+            message = ChatMessage(
+                role=role,
+                content=answer if answer or reasoning is None else None,
+                reasoning_content=reasoning,
+            )
+            choices.append(
+                ChatCompletionResponseChoice(
+                    index=index, message=message, finish_reason=beam.finish_reason
+                )
+            )
+        response = ChatCompletionResponse(
+            id=request_id,
+            model=self.model_name,
+            choices=choices,
+            usage=usage_info(len(token_ids), num_generated_tokens),
+        )
         return JSONResponse(response.model_dump())
 
     def _constrain_after_reasoning(self, params: Any, prompt_text: str) -> None:

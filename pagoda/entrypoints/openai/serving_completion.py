@@ -96,24 +96,13 @@ class OpenAIServingCompletion(OpenAIServing):
     def _check_supported(self, request: CompletionRequest) -> None:
         self.check_prompt_logprobs(request)
         if request.use_beam_search:
-            for name, unsupported in (
-                ("stream", request.stream),
-                ("logprobs", request.logprobs is not None),
-                ("best_of", (request.best_of or 1) > 1),
-                ("prompt_logprobs", request.prompt_logprobs is not None),
-                ("temperature", bool(request.temperature)),
-                ("include_timing", request.include_timing),
-            ):
-                if unsupported:
-                    raise ServingError(
-                        f"{name} is not supported with use_beam_search yet", param=name
-                    )
-            if (request.n or 1) * 2 > self.input_processor.model_config.max_logprobs >= 0:
-                raise ServingError(
-                    "use_beam_search takes 2 * n logprobs a step, more than the server's "
-                    "--max-logprobs allows",
-                    param="n",
-                )
+            self.check_beam_search(
+                request,
+                (
+                    ("logprobs", request.logprobs is not None),
+                    ("best_of", (request.best_of or 1) > 1),
+                ),
+            )
         if request.best_of is not None and request.stream and request.best_of > (request.n or 1):
             raise ServingError("best_of > n is not supported when streaming", param="best_of")
         if request.suffix is not None:
@@ -138,28 +127,9 @@ class OpenAIServingCompletion(OpenAIServing):
         search = BeamSearch(
             [prompt.token_ids for prompt in prompts], params, self.input_processor.eos_token_id
         )
-        step = search.step_params()
-
-        async def run() -> bool:
-            count = 0
-            while beams := search.requests():
-                generators = [
-                    self.engine.generate(
-                        {"prompt_token_ids": beam.tokens},
-                        step,
-                        f"{request_id}-beam-{count + index}",
-                        priority=request.priority,
-                    )
-                    for index, (_, beam) in enumerate(beams)
-                ]
-                count += len(beams)
-                finals = await _collect(generators)
-                logprobs = [final.outputs[0].logprobs for final in finals]
-                search.advance(beams, [cast(SampleLogprobs, entry)[0] for entry in logprobs])
-            return True
-
         try:
-            if await self.run_until_disconnected(raw_request, run()) is None:
+            searched = self.run_beam_search(search, request_id, request.priority)
+            if await self.run_until_disconnected(raw_request, searched) is None:
                 return self.create_error_response("Client disconnected", status_code=499)
         except Exception as exc:
             return self.error_response_for(exc)

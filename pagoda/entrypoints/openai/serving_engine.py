@@ -15,8 +15,8 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -32,9 +32,12 @@ from pagoda.entrypoints.openai.protocol import (
     SamplingRequest,
     UsageInfo,
 )
-from pagoda.outputs import Logprob, PromptLogprobs, RequestOutput
+from pagoda.outputs import Logprob, PromptLogprobs, RequestOutput, SampleLogprobs
 from pagoda.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 from pagoda.structured_output.validate import check_structured_outputs
+
+if TYPE_CHECKING:
+    from pagoda.beam_search import BeamSearch
 
 logger = logging.getLogger(__name__)
 
@@ -507,6 +510,68 @@ class OpenAIServing:
             return logprob.decoded_token
         return str(self.tokenizer.decode([token_id]))
 
+    def check_beam_search(
+        self, request: SamplingRequest, unsupported: Sequence[tuple[str, bool]] = ()
+    ) -> None:
+        """Refuse, naming it, each field set on a `use_beam_search` request that beam search
+        would ignore (its beams are greedy, EOS-only, one-token requests)."""
+        response_format = request.response_format
+        common = (
+            ("stream", bool(request.stream)),
+            ("temperature", bool(request.temperature)),
+            ("top_p", request.top_p not in (None, 1.0)),
+            ("top_k", request.top_k not in (None, 0, -1)),
+            ("min_p", bool(request.min_p)),
+            ("presence_penalty", bool(request.presence_penalty)),
+            ("frequency_penalty", bool(request.frequency_penalty)),
+            ("repetition_penalty", request.repetition_penalty not in (None, 1.0)),
+            ("logit_bias", bool(request.logit_bias)),
+            ("bad_words", bool(request.bad_words)),
+            ("allowed_token_ids", request.allowed_token_ids is not None),
+            ("min_tokens", bool(request.min_tokens)),
+            ("stop", bool(request.stop)),
+            ("stop_token_ids", bool(request.stop_token_ids)),
+            ("prompt_logprobs", request.prompt_logprobs is not None),
+            ("include_timing", request.include_timing),
+            ("response_format", response_format is not None and response_format.type != "text"),
+            ("structured_outputs", request.structured_outputs is not None),
+            *(
+                (name, getattr(request, name) is not None)
+                for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+            ),
+        )
+        for name, is_set in (*common, *unsupported):
+            if is_set:
+                raise ServingError(f"{name} is not supported with use_beam_search yet", param=name)
+        n = getattr(request, "n", None) or 1
+        if n * 2 > self.input_processor.model_config.max_logprobs >= 0:
+            raise ServingError(
+                "use_beam_search takes 2 * n logprobs a step, more than the server's "
+                "--max-logprobs allows",
+                param="n",
+            )
+
+    async def run_beam_search(self, search: BeamSearch, request_id: str, priority: int) -> bool:
+        """Run `search` to its end, each step's beams as one-token engine requests (greedy,
+        2 * beam_width logprobs), all of a step's at once."""
+        step = search.step_params()
+        count = 0
+        while beams := search.requests():
+            generators = [
+                self.engine.generate(
+                    {"prompt_token_ids": beam.tokens},
+                    step,
+                    f"{request_id}-beam-{count + index}",
+                    priority=priority,
+                )
+                for index, (_, beam) in enumerate(beams)
+            ]
+            count += len(beams)
+            finals = await _collect_finals(generators)
+            logprobs = [cast(SampleLogprobs, final.outputs[0].logprobs)[0] for final in finals]
+            search.advance(beams, logprobs)
+        return True
+
     async def run_until_disconnected(self, raw_request: Request, work: Awaitable[T]) -> T | None:
         """Await `work`; if the client disconnects first, cancel it and return None.
 
@@ -550,3 +615,19 @@ async def _wait_for_disconnect(raw_request: Request) -> None:
         message = await raw_request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def _collect_finals(
+    generators: Sequence[AsyncIterator[RequestOutput]],
+) -> list[RequestOutput]:
+    """The last output of each generator, run side by side."""
+
+    async def last(generator: AsyncIterator[RequestOutput]) -> RequestOutput:
+        final: RequestOutput | None = None
+        async for output in generator:
+            final = output
+        if final is None:
+            raise RuntimeError("the engine returned no output")
+        return final
+
+    return list(await asyncio.gather(*(last(g) for g in generators)))

@@ -855,6 +855,35 @@ def test_use_beam_search_returns_transformers_beams_as_n_choices(run, app, engin
     assert response.json()["usage"]["completion_tokens"] == 10
 
 
+def test_chat_use_beam_search_returns_transformers_beams_of_the_rendered_prompt(
+    run, app, engine
+) -> None:
+    import torch
+    import transformers
+
+    body = {"model": NAMES[0], "messages": CHAT, "max_tokens": 5, "n": 2, "ignore_eos": True}
+    response = post(run, app, "/v1/chat/completions", {**body, "use_beam_search": True})
+    assert response.status_code == 200, response.text
+    prompt = post(run, app, "/tokenize", {"messages": CHAT}).json()["tokens"]
+    model_path = engine.model_config.model_path
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    reference.generation_config.eos_token_id = None
+    with torch.no_grad():
+        beams = reference.generate(
+            torch.tensor([prompt]), num_beams=2, num_return_sequences=2, max_new_tokens=5,
+            do_sample=False, early_stopping=False, pad_token_id=0,
+        )  # fmt: skip
+    tokenizer = engine.get_tokenizer()
+    want = [tokenizer.decode(b[len(prompt) :], skip_special_tokens=True) for b in beams]
+    result = response.json()
+    assert [c["message"]["content"] for c in result["choices"]] == want
+    assert [c["message"]["role"] for c in result["choices"]] == ["assistant"] * 2
+    assert [c["index"] for c in result["choices"]] == [0, 1]
+    assert all(c["finish_reason"] == "length" for c in result["choices"])
+    assert result["usage"]["prompt_tokens"] == len(prompt)
+    assert result["usage"]["completion_tokens"] == 10
+
+
 def test_beam_search_refuses_what_it_cannot_do_by_name(run, app) -> None:
     body = {"model": NAMES[0], "prompt": "hi", "max_tokens": 3, "use_beam_search": True}
     assert_error(post(run, app, "/v1/completions", {**body, "stream": True}), 400, "", "stream")
@@ -862,13 +891,31 @@ def test_beam_search_refuses_what_it_cannot_do_by_name(run, app) -> None:
     assert_error(
         post(run, app, "/v1/completions", {**body, "temperature": 0.8}), 400, "", "temperature"
     )
-    chat = {"model": NAMES[0], "messages": [{"role": "user", "content": "hi"}]}
-    assert_error(
-        post(run, app, "/v1/chat/completions", {**chat, "use_beam_search": True}),
-        400,
-        "supported on /v1/completions only",
-        "use_beam_search",
-    )
+    chat = {
+        "model": NAMES[0],
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3,
+        "use_beam_search": True,
+    }
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for field, value in (
+        ("stream", True),
+        ("logprobs", True),
+        ("temperature", 0.7),
+        ("top_p", 0.5),
+        ("presence_penalty", 0.5),
+        ("stop", ["x"]),
+        ("response_format", {"type": "json_object"}),
+        ("include_timing", True),
+        ("echo", True),
+    ):
+        response = post(run, app, "/v1/chat/completions", {**chat, field: value})
+        assert_error(response, 400, "not supported with use_beam_search", field)
+    required = {"tools": [tool], "tool_choice": "required"}
+    response = post(run, app, "/v1/chat/completions", {**chat, **required})
+    assert_error(response, 400, "not supported with use_beam_search", "tools")
+    response = post(run, app, "/v1/completions", {**body, "stop": "x"})
+    assert_error(response, 400, "not supported with use_beam_search", "stop")
     assert_error(
         post(run, app, "/v1/completions", {**body, "early_stopping": True}),
         400,

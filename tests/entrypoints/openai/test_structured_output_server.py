@@ -161,9 +161,9 @@ def test_streamed_json_parses_when_joined(client: openai.OpenAI) -> None:
             "Only one structured output constraint",
         ),
         (
-            {"use_beam_search": True},
-            "use_beam_search",
-            "beam search is supported on /v1/completions",
+            {"use_beam_search": True, "response_format": {"type": "json_object"}},
+            "response_format",
+            "not supported with use_beam_search",
         ),
         ({"best_of": 2}, "best_of", "best_of is supported on /v1/completions only"),
         (
