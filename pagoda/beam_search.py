@@ -61,6 +61,17 @@ class BeamSearchSequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
+    def sample_logprobs(self, num_generated: int, num_top: int) -> list[dict[int, Any]]:
+        """Per token of the last `num_generated`: its own logprob first, then the `num_top`
+        best of its step, the shape sampled requests' logprobs have."""
+        steps = self.logprobs[len(self.logprobs) - num_generated :]
+        tokens = self.tokens[len(self.tokens) - num_generated :]
+        ordered = []
+        for token, step in zip(tokens, steps, strict=True):
+            top = sorted(step.items(), key=lambda item: -item[1].logprob)[:num_top]
+            ordered.append({token: step[token], **{t: lp for t, lp in top if t != token}})
+        return ordered
+
 
 @dataclass
 class BeamSearchOutput:
@@ -89,12 +100,20 @@ class BeamSearch:
     Args:
         prompts: each prompt's token ids.
         eos_token_id: the token that finishes a beam (None: ignore EOS).
+        num_logprobs: also keep this many top logprobs per generated token in each beam's
+            `logprobs` (for a response that asks for them); the search itself always weighs
+            the 2 * beam_width best candidates of each beam, whatever this is.
     """
 
     def __init__(
-        self, prompts: list[list[int]], params: BeamSearchParams, eos_token_id: int | None
+        self,
+        prompts: list[list[int]],
+        params: BeamSearchParams,
+        eos_token_id: int | None,
+        num_logprobs: int = 0,
     ) -> None:
         self.params = params
+        self.num_logprobs = num_logprobs
         self.eos = None if params.ignore_eos else eos_token_id
         self.steps_done = 0
         self.live: list[list[BeamSearchSequence]] = [
@@ -119,7 +138,7 @@ class BeamSearch:
 
         return SamplingParams(
             max_tokens=1,
-            logprobs=2 * self.params.beam_width,
+            logprobs=max(2 * self.params.beam_width, self.num_logprobs),
             temperature=0.0,
             ignore_eos=True,
         )
@@ -130,8 +149,11 @@ class BeamSearch:
         """Extend each requested beam by each of its candidates (`logprobs[i]`: token ->
         Logprob), keep the best `beam_width` per prompt, set finished beams aside."""
         candidates: list[list[BeamSearchSequence]] = [[] for _ in self.live]
+        width = self.params.beam_width
         for (owner, parent), step in zip(requests, logprobs, strict=True):
-            for token, logprob in step.items():
+            # The 2 * width best of the step (more are there only when the response shows them).
+            best = sorted(step.items(), key=lambda item: -item[1].logprob)[: 2 * width]
+            for token, logprob in best:
                 beam = BeamSearchSequence(
                     tokens=[*parent.tokens, token],
                     logprobs=[*parent.logprobs, step],
@@ -142,7 +164,6 @@ class BeamSearch:
                     self.done[owner].append(beam)
                 else:
                     candidates[owner].append(beam)
-        width = self.params.beam_width
         self.live = [sorted(beams, key=self.score, reverse=True)[:width] for beams in candidates]
         self.steps_done += 1
 

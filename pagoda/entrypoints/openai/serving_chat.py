@@ -164,11 +164,8 @@ class OpenAIServingChat(OpenAIServing):
             if request.use_beam_search:
                 self.check_beam_search(
                     request,
-                    (
-                        ("logprobs", bool(request.logprobs)),
-                        ("tools", tools.mode != "none"),
-                        ("echo", request.echo),
-                    ),
+                    (("tools", tools.mode != "none"), ("echo", request.echo)),
+                    num_logprobs=(request.top_logprobs or 0) if request.logprobs else 0,
                 )
         except ServingError as exc:
             return self.error_response_for(exc)
@@ -226,7 +223,10 @@ class OpenAIServingChat(OpenAIServing):
             length_penalty=request.length_penalty,
             include_stop_str_in_output=request.include_stop_str_in_output,
         )
-        search = BeamSearch([token_ids], params, self.input_processor.eos_token_id)
+        num_top = (request.top_logprobs or 0) if request.logprobs else 0
+        search = BeamSearch(
+            [token_ids], params, self.input_processor.eos_token_id, num_logprobs=num_top
+        )
         try:
             searched = self.run_beam_search(search, request_id, request.priority)
             if await self.run_until_disconnected(raw_request, searched) is None:
@@ -243,7 +243,16 @@ class OpenAIServingChat(OpenAIServing):
         choices = []
         num_generated_tokens = 0
         for index, beam in enumerate(output.sequences):
-            num_generated_tokens += len(beam.tokens) - len(token_ids)
+            generated = beam.tokens[len(token_ids) :]
+            num_generated_tokens += len(generated)
+            logprobs = None
+            if request.logprobs:
+                logprobs = self._logprobs(
+                    generated,
+                    beam.sample_logprobs(len(generated), num_top),
+                    num_top,
+                    self.tokens_as_ids(request),
+                )
             reasoning, answer = self._split_reasoning(beam.text or "")
             message = ChatMessage(
                 role=role,
@@ -252,7 +261,10 @@ class OpenAIServingChat(OpenAIServing):
             )
             choices.append(
                 ChatCompletionResponseChoice(
-                    index=index, message=message, finish_reason=beam.finish_reason
+                    index=index,
+                    message=message,
+                    logprobs=logprobs,
+                    finish_reason=beam.finish_reason,
                 )
             )
         response = ChatCompletionResponse(

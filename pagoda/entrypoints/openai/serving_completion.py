@@ -99,9 +99,11 @@ class OpenAIServingCompletion(OpenAIServing):
             self.check_beam_search(
                 request,
                 (
-                    ("logprobs", request.logprobs is not None),
                     ("best_of", (request.best_of or 1) > 1),
+                    # The prompt's logprobs would be needed: its beams do not compute them.
+                    ("echo", bool(request.echo) and request.logprobs is not None),
                 ),
+                num_logprobs=request.logprobs or 0,
             )
         if request.best_of is not None and request.stream and request.best_of > (request.n or 1):
             raise ServingError("best_of > n is not supported when streaming", param="best_of")
@@ -125,7 +127,10 @@ class OpenAIServingCompletion(OpenAIServing):
             length_penalty=request.length_penalty,
         )
         search = BeamSearch(
-            [prompt.token_ids for prompt in prompts], params, self.input_processor.eos_token_id
+            [prompt.token_ids for prompt in prompts],
+            params,
+            self.input_processor.eos_token_id,
+            num_logprobs=request.logprobs or 0,
         )
         try:
             searched = self.run_beam_search(search, request_id, request.priority)
@@ -143,10 +148,20 @@ class OpenAIServingCompletion(OpenAIServing):
                 generated = beam.tokens[len(prompt.token_ids) :]
                 num_generated_tokens += len(generated)
                 text = str(self.tokenizer.decode(generated, skip_special_tokens=True))
+                logprobs = None
+                if request.logprobs is not None:
+                    logprobs, _ = self._logprobs(
+                        generated,
+                        beam.sample_logprobs(len(generated), request.logprobs),
+                        request.logprobs,
+                        0,
+                        self.tokens_as_ids(request),
+                    )
                 choices.append(
                     CompletionResponseChoice(
                         index=prompt_index * n + beam_index,
                         text=(prompt.text if request.echo else "") + text,
+                        logprobs=logprobs,
                         finish_reason=beam.finish_reason,
                     )
                 )

@@ -511,7 +511,10 @@ class OpenAIServing:
         return str(self.tokenizer.decode([token_id]))
 
     def check_beam_search(
-        self, request: SamplingRequest, unsupported: Sequence[tuple[str, bool]] = ()
+        self,
+        request: SamplingRequest,
+        unsupported: Sequence[tuple[str, bool]] = (),
+        num_logprobs: int = 0,
     ) -> None:
         """Refuse, naming it, each field set on a `use_beam_search` request that beam search
         would ignore (its beams are greedy, EOS-only, one-token requests)."""
@@ -544,11 +547,11 @@ class OpenAIServing:
             if is_set:
                 raise ServingError(f"{name} is not supported with use_beam_search yet", param=name)
         n = getattr(request, "n", None) or 1
-        if n * 2 > self.input_processor.model_config.max_logprobs >= 0:
+        if max(n * 2, num_logprobs) > self.input_processor.model_config.max_logprobs >= 0:
             raise ServingError(
-                "use_beam_search takes 2 * n logprobs a step, more than the server's "
-                "--max-logprobs allows",
-                param="n",
+                "use_beam_search takes 2 * n logprobs a step (or the logprobs asked for), "
+                "more than the server's --max-logprobs allows",
+                param="n" if n * 2 >= num_logprobs else "logprobs",
             )
 
     async def run_beam_search(self, search: BeamSearch, request_id: str, priority: int) -> bool:

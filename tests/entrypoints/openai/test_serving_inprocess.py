@@ -884,10 +884,68 @@ def test_chat_use_beam_search_returns_transformers_beams_of_the_rendered_prompt(
     assert result["usage"]["completion_tokens"] == 10
 
 
+def test_beam_search_logprobs_are_each_beams_own_under_transformers(run, app, engine) -> None:
+    import torch
+    import transformers
+
+    prompt = [5, 80, 200, 31, 7]
+    body = {
+        "model": NAMES[0],
+        "prompt": prompt,
+        "max_tokens": 4,
+        "n": 2,
+        "ignore_eos": True,
+        "use_beam_search": True,
+        "logprobs": 5,  # more than the 2 * n candidates the search weighs
+        "return_tokens_as_token_ids": True,
+    }
+    response = post(run, app, "/v1/completions", body)
+    assert response.status_code == 200, response.text
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        engine.model_config.model_path, dtype=torch.float32
+    )
+    plain = post(run, app, "/v1/completions", {**body, "logprobs": None})
+    choices = response.json()["choices"]
+    assert [c["text"] for c in choices] == [c["text"] for c in plain.json()["choices"]]
+    for choice in choices:
+        logprobs = choice["logprobs"]
+        tokens = [int(t.removeprefix("token_id:")) for t in logprobs["tokens"]]
+        with torch.no_grad():
+            logits = reference(torch.tensor([prompt + tokens])).logits[0]
+        want = torch.log_softmax(logits.float(), dim=-1)[len(prompt) - 1 : -1]  # [4, vocab]
+        ours = torch.tensor(logprobs["token_logprobs"])
+        torch.testing.assert_close(ours, want.gather(1, torch.tensor(tokens)[:, None])[:, 0],
+                                   atol=1e-4, rtol=0)  # fmt: skip
+        for position, top in enumerate(logprobs["top_logprobs"]):
+            best = torch.topk(want[position], 5)
+            named = {f"token_id:{i}": v for i, v in zip(best.indices.tolist(), best.values)}
+            assert set(named) <= set(top) and len(top) <= 6
+            for name, value in named.items():
+                assert abs(top[name] - float(value)) < 1e-4
+    chat = {
+        "model": NAMES[0],
+        "messages": CHAT,
+        "max_tokens": 3,
+        "n": 2,
+        "ignore_eos": True,
+        "use_beam_search": True,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    result = post(run, app, "/v1/chat/completions", chat).json()
+    for choice in result["choices"]:
+        content = choice["logprobs"]["content"]
+        assert len(content) == 3 and all(len(entry["top_logprobs"]) == 2 for entry in content)
+        for entry in content:
+            tops = [top["logprob"] for top in entry["top_logprobs"]]
+            assert tops == sorted(tops, reverse=True) and entry["logprob"] <= tops[0] <= 0
+
+
 def test_beam_search_refuses_what_it_cannot_do_by_name(run, app) -> None:
     body = {"model": NAMES[0], "prompt": "hi", "max_tokens": 3, "use_beam_search": True}
     assert_error(post(run, app, "/v1/completions", {**body, "stream": True}), 400, "", "stream")
-    assert_error(post(run, app, "/v1/completions", {**body, "logprobs": 1}), 400, "", "logprobs")
+    echo_logprobs = {**body, "logprobs": 1, "echo": True}
+    assert_error(post(run, app, "/v1/completions", echo_logprobs), 400, "", "echo")
     assert_error(
         post(run, app, "/v1/completions", {**body, "temperature": 0.8}), 400, "", "temperature"
     )
@@ -900,7 +958,6 @@ def test_beam_search_refuses_what_it_cannot_do_by_name(run, app) -> None:
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     for field, value in (
         ("stream", True),
-        ("logprobs", True),
         ("temperature", 0.7),
         ("top_p", 0.5),
         ("presence_penalty", 0.5),
