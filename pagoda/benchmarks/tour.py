@@ -17,7 +17,7 @@ off (or against the naive alternative):
    repeats itself.
 
 It prints one table, saves one PNG per step (matplotlib) and `tour.json` under `--output-dir`.
-`--quick` runs smaller versions of every step (CI runs it). docs/walkthrough.md shows a run.
+`--quick` runs smaller versions of every step (CI runs it; its system prompt is 512 tokens). docs/walkthrough.md shows a run.
 """
 
 from __future__ import annotations
@@ -154,7 +154,8 @@ class Tour:
 
     def paged_kv_cache(self) -> Step:
         count = 8 if self.quick else 48
-        requests = self.dataset(1).sample(count, 256, 32 if self.quick else 128, range_ratio=0.9)
+        prompt_len, output_len = (128, 32) if self.quick else (256, 128)
+        requests = self.dataset(1).sample(count, prompt_len, output_len, range_ratio=0.9)
         engine = self.engine()
         block_size = engine.config.cache_config.block_size
         bytes_per_token = _kv_bytes_per_token(engine)
@@ -199,10 +200,10 @@ class Tour:
         )
 
     def continuous_batching(self) -> list[Step]:
-        count = 12 if self.quick else 40
+        count = 10 if self.quick else 40
         batch = 8
         rate = 3.0  # requests per second, Poisson
-        requests = self.dataset(2).sample(count, 64, 64 if self.quick else 96, range_ratio=0.9)
+        requests = self.dataset(2).sample(count, 64, 48 if self.quick else 96, range_ratio=0.9)
         gaps = RandomDataset(self._tokenizer, seed=3).rng.exponential(1 / rate, count)
         results: dict[str, list[Timed]] = {}
         for mode in ("continuous", "static"):
@@ -302,7 +303,8 @@ class Tour:
     def prefix_caching(self) -> Step:
         questions = 3 if self.quick else 8
         dataset = self.dataset(4)
-        _, system = dataset.exact_text(SYSTEM_PROMPT_TOKENS)
+        system_tokens = SYSTEM_PROMPT_TOKENS // 2 if self.quick else SYSTEM_PROMPT_TOKENS
+        _, system = dataset.exact_text(system_tokens)
         asks = [dataset.exact_text(24)[1] for _ in range(questions)]
         ttfts: dict[str, list[float]] = {}
         for mode, enabled in (("on", True), ("off", False)):
@@ -318,7 +320,7 @@ class Tour:
             ttfts[mode] = self.run(engine, work)
         plot = self.plot_series(
             "3-prefix-caching",
-            f"TTFT of questions after one {SYSTEM_PROMPT_TOKENS}-token system prompt",
+            f"TTFT of questions after one {system_tokens}-token system prompt",
             "request",
             "TTFT, ms",
             {mode: [1000 * t for t in values] for mode, values in ttfts.items()},
@@ -326,7 +328,7 @@ class Tour:
         # The first question computes the system prompt either way.
         return Step(
             "Prefix caching",
-            f"TTFT, shared {SYSTEM_PROMPT_TOKENS}-token system prompt",
+            f"TTFT, shared {system_tokens}-token system prompt",
             "ms",
             1000 * statistics.mean(ttfts["on"][1:]),
             1000 * statistics.mean(ttfts["off"][1:]),
@@ -337,7 +339,7 @@ class Tour:
 
     def chunked_prefill(self) -> Step:
         streams = 4
-        long_len = 512 if self.quick else 1800
+        long_len = 384 if self.quick else 1800
         dataset = self.dataset(5)
         short = [dataset.exact_text(32)[1] for _ in range(streams)]
         _, long_prompt = dataset.exact_text(long_len)
@@ -350,7 +352,7 @@ class Tour:
             async def work(engine: Any = engine, mode: str = mode) -> list[float]:
                 running = [
                     asyncio.ensure_future(
-                        self.timed(engine, s, 80 if self.quick else 200, f"stream-{mode}-{i}")
+                        self.timed(engine, s, 60 if self.quick else 200, f"stream-{mode}-{i}")
                     )
                     for i, s in enumerate(short)
                 ]
