@@ -70,6 +70,23 @@ def expert_layer_mapping(
     return mapping
 
 
+def expert_mapping_for(
+    model: nn.Module, num_experts: int, gate_name: str, up_name: str, down_name: str
+) -> tuple[list[tuple[str, str, str | int | None]], bool]:
+    """The `stacked_params` entries that load `model`'s per-expert checkpoint tensors, and
+    whether its experts are linear layers (a quantized checkpoint's plan: `expert_layer_mapping`)
+    rather than stacked float parameters (`expert_weight_mapping`)."""
+    as_layers = any(
+        isinstance(module, FusedMoE) and module.expert_layers is not None
+        for module in model.modules()
+    )
+    mapping = expert_layer_mapping if as_layers else expert_weight_mapping
+    entries: list[tuple[str, str, str | int | None]] = list(
+        mapping(num_experts, gate_name=gate_name, up_name=up_name, down_name=down_name)
+    )
+    return entries, as_layers
+
+
 class ExpertMLP(nn.Module):
     """One expert as linear layers (gate/up fused, down), for `FusedMoE` with experts_as_layers."""
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from pagoda.layers.linear import ReplicatedLinear
-from pagoda.layers.moe import FusedMoE, expert_layer_mapping, expert_weight_mapping
+from pagoda.layers.moe import FusedMoE, expert_mapping_for
 from pagoda.layers.norm import RMSNorm, WeightlessRMSNorm
 from pagoda.layers.rotary import RotaryEmbedding
 from pagoda.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
@@ -199,16 +199,8 @@ class Llama4ForCausalLM(LlamaForCausalLM):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load Hugging Face-named checkpoint tensors; returns the parameter names loaded."""
         skip = {"lm_head.weight"} if self.tie_word_embeddings else set()
-        as_layers = any(
-            isinstance(module, FusedMoE) and module.expert_layers is not None
-            for module in self.modules()
-        )
-        mapping = expert_layer_mapping if as_layers else expert_weight_mapping
-        experts = mapping(
-            self.config.num_local_experts,
-            gate_name="gate_proj",
-            up_name="up_proj",
-            down_name="down_proj",
+        experts, as_layers = expert_mapping_for(
+            self, self.config.num_local_experts, "gate_proj", "up_proj", "down_proj"
         )
         renamed = self._our_names(weights, split_experts=as_layers)
         # The expert entries come first: the shared expert's `.gate_proj.` would claim theirs.

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from pagoda.layers.moe import FusedMoE, SparseMoeBlock, expert_layer_mapping, expert_weight_mapping
+from pagoda.layers.moe import SparseMoeBlock, expert_mapping_for
 from pagoda.models.llama import LlamaForCausalLM, LlamaMLP
 from pagoda.models.utils import LLAMA_STACKED_PARAMS, load_weights_with_mapping
 
@@ -61,13 +61,8 @@ class Qwen3MoeForCausalLM(LlamaForCausalLM):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load Hugging Face-named checkpoint tensors; returns the parameter names loaded."""
         skip = {"lm_head.weight"} if self.tie_word_embeddings else set()
-        as_layers = any(
-            isinstance(module, FusedMoE) and module.expert_layers is not None
-            for module in self.modules()
-        )
-        mapping = expert_layer_mapping if as_layers else expert_weight_mapping
-        experts = mapping(
-            self.config.num_experts, gate_name="gate_proj", up_name="up_proj", down_name="down_proj"
+        experts, _ = expert_mapping_for(
+            self, self.config.num_experts, "gate_proj", "up_proj", "down_proj"
         )
         # The expert entries come first: the dense MLP's `.gate_proj.` would claim theirs.
         return load_weights_with_mapping(self, weights, [*experts, *LLAMA_STACKED_PARAMS], skip)

@@ -125,6 +125,7 @@ class OpenAIServingChat(OpenAIServing):
             self.check_admission(raw_request=raw_request)
             self.check_priority(request)
             self.check_prompt_logprobs(request)
+            self.check_length_penalty(request)
             tools = self._tool_plan(request)
             prompt_text = render_chat_prompt(
                 self.tokenizer,

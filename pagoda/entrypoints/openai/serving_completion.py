@@ -95,6 +95,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
     def _check_supported(self, request: CompletionRequest) -> None:
         self.check_prompt_logprobs(request)
+        self.check_length_penalty(request)
         if request.use_beam_search:
             self.check_beam_search(
                 request,

@@ -510,6 +510,15 @@ class OpenAIServing:
             return logprob.decoded_token
         return str(self.tokenizer.decode([token_id]))
 
+    def check_length_penalty(self, request: SamplingRequest) -> None:
+        """`length_penalty` ranks beams: without `use_beam_search` it would be ignored."""
+        penalty = getattr(request, "length_penalty", 1.0)
+        if not getattr(request, "use_beam_search", False) and penalty != 1.0:
+            raise ServingError(
+                "length_penalty applies to beam search only (use_beam_search)",
+                param="length_penalty",
+            )
+
     def check_beam_search(
         self,
         request: SamplingRequest,

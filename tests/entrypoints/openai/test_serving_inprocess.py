@@ -830,25 +830,30 @@ def test_return_tokens_as_token_ids_names_logprob_tokens_by_id(run, app) -> None
     assert_error(post(run, app, "/v1/chat/completions", streamed_chat), 400, "prompt_logprobs")
 
 
-def test_use_beam_search_returns_transformers_beams_as_n_choices(run, app, engine) -> None:
+def _transformers_beam_texts(engine, prompt: list[int], beams: int, max_tokens: int) -> list[str]:
+    """transformers' `beams` beams of `prompt` (EOS ignored), decoded, best first."""
     import torch
     import transformers
 
+    model_path = engine.model_config.model_path
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    reference.generation_config.eos_token_id = None
+    with torch.no_grad():
+        sequences = reference.generate(
+            torch.tensor([prompt]), num_beams=beams, num_return_sequences=beams,
+            max_new_tokens=max_tokens, do_sample=False, early_stopping=False, pad_token_id=0,
+        )  # fmt: skip
+    tokenizer = engine.get_tokenizer()
+    return [tokenizer.decode(s[len(prompt) :], skip_special_tokens=True) for s in sequences]
+
+
+def test_use_beam_search_returns_transformers_beams_as_n_choices(run, app, engine) -> None:
     prompt = [5, 80, 200, 31, 7]
     body = {"model": NAMES[0], "prompt": prompt, "max_tokens": 5, "n": 2, "ignore_eos": True}
     response = post(run, app, "/v1/completions", {**body, "use_beam_search": True})
     assert response.status_code == 200, response.text
     choices = response.json()["choices"]
-    model_path = engine.model_config.model_path
-    reference = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    reference.generation_config.eos_token_id = None
-    with torch.no_grad():
-        beams = reference.generate(
-            torch.tensor([prompt]), num_beams=2, num_return_sequences=2, max_new_tokens=5,
-            do_sample=False, early_stopping=False, pad_token_id=0,
-        )  # fmt: skip
-    tokenizer = engine.get_tokenizer()
-    want = [tokenizer.decode(b[len(prompt) :], skip_special_tokens=True) for b in beams]
+    want = _transformers_beam_texts(engine, prompt, beams=2, max_tokens=5)
     assert [c["text"] for c in choices] == want
     assert [c["index"] for c in choices] == [0, 1]
     assert all(c["finish_reason"] == "length" for c in choices)
@@ -858,23 +863,11 @@ def test_use_beam_search_returns_transformers_beams_as_n_choices(run, app, engin
 def test_chat_use_beam_search_returns_transformers_beams_of_the_rendered_prompt(
     run, app, engine
 ) -> None:
-    import torch
-    import transformers
-
     body = {"model": NAMES[0], "messages": CHAT, "max_tokens": 5, "n": 2, "ignore_eos": True}
     response = post(run, app, "/v1/chat/completions", {**body, "use_beam_search": True})
     assert response.status_code == 200, response.text
     prompt = post(run, app, "/tokenize", {"messages": CHAT}).json()["tokens"]
-    model_path = engine.model_config.model_path
-    reference = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    reference.generation_config.eos_token_id = None
-    with torch.no_grad():
-        beams = reference.generate(
-            torch.tensor([prompt]), num_beams=2, num_return_sequences=2, max_new_tokens=5,
-            do_sample=False, early_stopping=False, pad_token_id=0,
-        )  # fmt: skip
-    tokenizer = engine.get_tokenizer()
-    want = [tokenizer.decode(b[len(prompt) :], skip_special_tokens=True) for b in beams]
+    want = _transformers_beam_texts(engine, prompt, beams=2, max_tokens=5)
     result = response.json()
     assert [c["message"]["content"] for c in result["choices"]] == want
     assert [c["message"]["role"] for c in result["choices"]] == ["assistant"] * 2
@@ -968,6 +961,9 @@ def test_beam_search_refuses_what_it_cannot_do_by_name(run, app) -> None:
     ):
         response = post(run, app, "/v1/chat/completions", {**chat, field: value})
         assert_error(response, 400, "not supported with use_beam_search", field)
+    for endpoint, request in (("/v1/chat/completions", chat), ("/v1/completions", body)):
+        no_beams = {**request, "use_beam_search": False, "length_penalty": 2.0}
+        assert_error(post(run, app, endpoint, no_beams), 400, "beam search only", "length_penalty")
     required = {"tools": [tool], "tool_choice": "required"}
     response = post(run, app, "/v1/chat/completions", {**chat, **required})
     assert_error(response, 400, "not supported with use_beam_search", "tools")
