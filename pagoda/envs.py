@@ -96,10 +96,10 @@ ENVIRONMENT_VARIABLES: tuple[EnvVar, ...] = (
         "PAGODA_GGUF_REQUANTIZE",
         "str",
         "none",
-        "What GGUF matrices the CPU kernels cannot read become at load, besides Q4_K (always "
-        "Q4_1, near exact): none keeps them float16 (exact to float16, twice Q8_0's memory); "
-        "q8_0 requantizes Q6_K, Q5_K, Q3_K, Q2_K, Q5_0, ... to Q8_0 (8.5 bits a weight, less "
-        "exact: Gemma 3 270M's logprobs move up to 0.27 nats against 0.08; docs/performance.md).",
+        "What GGUF matrices the CPU kernels cannot read become at load (they read Q8_0, Q4_0, "
+        "Q4_1, Q5_0, Q5_1 and Q6_K as stored, and always rewrite Q4_K as Q4_1, Q5_K as Q5_1 and "
+        "Q3_K as Q6_K, near exact or exact): none keeps the rest (Q2_K, IQ*, ...) float16 "
+        "(exact to float16); q8_0 requantizes them to Q8_0 (8.5 bits a weight, less exact).",
     ),
     EnvVar(
         "PAGODA_ATTENTION_BACKEND",

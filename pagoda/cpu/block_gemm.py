@@ -1,6 +1,7 @@
 """The block GEMM (`csrc/block_gemm.c`): a linear layer's product straight from GGUF blocks.
 
-Prefill and large decode batches multiply Q8_0/Q4_0/Q4_1 weights as stored, widened tile by tile
+Prefill and large decode batches multiply GGUF blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q6_K) as
+stored, widened tile by tile
 to their exact float32 values, so no float copy of the matrix is ever made. The GGUF weight method
 (`pagoda.layers.quantization.gguf`) builds one `BlockWeight` per layer over the matrices it also
 hands to the whole-step decoder: both read the same bytes. Where the weight plan multiplies
@@ -20,7 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pagoda.cpu.matrix import Matrix, block_matrix, i64, ptr, required_library
+from pagoda.cpu.matrix import Q4_0, Q4_1, Q8_0, Matrix, block_matrix, i64, ptr, required_library
+
+# The formats the integer GEMM packs, interleaved (6, 7, 8) or not.
+INT8_FORMATS = frozenset({Q8_0, Q4_0, Q4_1, 6, 7, 8})
 
 
 def bf16_block_gemm_available(library: ctypes.CDLL) -> bool:
@@ -38,7 +42,8 @@ def int8_packed(library: ctypes.CDLL, matrix: Matrix, keep: list[Any]) -> Matrix
     new array kept in `keep`.
 
     Raises:
-        ValueError: a matrix the integer GEMM cannot take (inputs not a multiple of 32).
+        ValueError: a matrix the integer GEMM cannot take (another format, inputs not a multiple
+            of 32).
     """
     library.pagoda_int8_packed_bytes.argtypes = [ctypes.POINTER(Matrix)]
     library.pagoda_int8_packed_bytes.restype = i64
@@ -63,7 +68,8 @@ class BlockWeight:
         bf16: multiply in bfloat16 (`pagoda_block_gemm_bf16`) from 8 tokens on, as the bfloat16
             batched steps do; needs `bf16_block_gemm_available(library)`.
         int8: multiply steps of `INT8_MIN_TOKENS` tokens or more with the integer GEMM, on a
-            packed copy made here; needs `int8_gemm_available(library)`.
+            packed copy made here; needs `int8_gemm_available(library)`. Ignored (`self.int8`
+            False) where a matrix is in a format the integer GEMM does not read (Q5_*, Q6_K).
 
     Raises:
         ValueError: fewer than 1 or more than 8 matrices, bf16 where the build has no
@@ -95,10 +101,10 @@ class BlockWeight:
             *(ctypes.pointer(matrix) for matrix in self._matrices)
         )
         self._keep = keep
-        self.int8 = int8
-        if int8:
-            if not int8_gemm_available(library):
-                raise ValueError("this build of the CPU kernels has no AVX512-VNNI integer GEMM")
+        if int8 and not int8_gemm_available(library):
+            raise ValueError("this build of the CPU kernels has no AVX512-VNNI integer GEMM")
+        self.int8 = int8 and all(matrix.format in INT8_FORMATS for matrix in matrices)
+        if self.int8:
             packed = [int8_packed(library, matrix, keep) for matrix in matrices]
             self._int8_matrices = (Matrix * len(packed))(*packed)
             self._int8_pointers = (ctypes.POINTER(Matrix) * len(packed))(
@@ -144,8 +150,9 @@ def block_linear(
     int8: bool = False,
 ) -> torch.Tensor:
     """`x [T, in] @ [W_0; W_1; ...].T + biases` through the block GEMM (for tests and benchmarks);
-    `weights` are block matrices of Q8_0/Q4_0/Q4_1, interleaved as the weight method does; `bf16`
-    takes the AVX512-BF16 variant, `int8` the integer one (from `INT8_MIN_TOKENS` tokens).
+    `weights` are block matrices in any format `block_matrix` takes, interleaved as the weight
+    method does; `bf16` takes the AVX512-BF16 variant, `int8` the integer one (from
+    `INT8_MIN_TOKENS` tokens).
 
     Raises:
         RuntimeError: the CPU kernels are unavailable here.

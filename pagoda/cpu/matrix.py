@@ -2,7 +2,8 @@
 
 Every kernel that multiplies by a weight (`pagoda_matmul`, the block GEMM, the whole-step decoder)
 takes a `Matrix`: a pointer to rows in one storage format (float32/float16/bfloat16 tensors, or a
-GGUF file's Q8_0/Q4_0/Q4_1 blocks, possibly with four rows interleaved block by block), an
+GGUF file's Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q6_K blocks, all but Q6_K possibly with four rows
+interleaved block by block), an
 optional float32 bias, and the sizes. A `Matrix` only points: whoever builds one keeps the arrays
 it points into alive in a `keep` list for as long as the struct is used.
 
@@ -21,9 +22,12 @@ import torch
 from pagoda.cpu.build import cpu_library
 
 F32, F16, BF16, Q8_0, Q4_0, Q4_1 = range(6)
-# The formats the block GEMM multiplies as stored, and their four-row interleavings (6, 7, 8).
-BLOCK_FORMATS = frozenset({Q8_0, Q4_0, Q4_1})
-BLOCK_FORMATS_ALL = frozenset({*BLOCK_FORMATS, 6, 7, 8})
+Q5_0, Q5_1, Q6_K = 11, 12, 13
+# The formats the block GEMM multiplies as stored; all but Q6_K also have four-row interleavings
+# (Q8_0, Q4_0, Q4_1 -> 6, 7, 8; Q5_0, Q5_1 -> 14, 15), which the decoder's matmul reads faster.
+INTERLEAVED_FORMATS = frozenset({Q8_0, Q4_0, Q4_1, Q5_0, Q5_1})
+BLOCK_FORMATS = frozenset({*INTERLEAVED_FORMATS, Q6_K})
+BLOCK_FORMATS_ALL = frozenset({*BLOCK_FORMATS, 6, 7, 8, 14, 15})
 _TORCH_FORMATS = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
 
 i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -60,7 +64,17 @@ def gguf_format(qtype: Any) -> int | None:
         return None
     from gguf import GGMLQuantizationType as Q
 
-    formats = {Q.F32: F32, Q.F16: F16, Q.BF16: BF16, Q.Q8_0: Q8_0, Q.Q4_0: Q4_0, Q.Q4_1: Q4_1}
+    formats = {
+        Q.F32: F32,
+        Q.F16: F16,
+        Q.BF16: BF16,
+        Q.Q8_0: Q8_0,
+        Q.Q4_0: Q4_0,
+        Q.Q4_1: Q4_1,
+        Q.Q5_0: Q5_0,
+        Q.Q5_1: Q5_1,
+        Q.Q6_K: Q6_K,
+    }
     return formats.get(qtype)
 
 
@@ -117,7 +131,7 @@ def block_matrix(
         code,
     )
     library = cpu_library()
-    if interleave and library is not None and code in BLOCK_FORMATS:
+    if interleave and library is not None and code in INTERLEAVED_FORMATS:
         interleaved = np.empty_like(rows)
         repack = library.pagoda_repack_x4
         repack.argtypes = [ctypes.POINTER(Matrix), ptr]
@@ -132,9 +146,9 @@ def block_matrix(
 
 
 def dequantize(stored: Any) -> torch.Tensor | None:
-    """A block matrix of Q4_0/Q4_1/Q8_0 blocks as a float32 tensor [out, in], widened in C over
-    all cores, bit for bit the loader's PyTorch dequantization; None where the compiled kernels
-    are unavailable or the format is another."""
+    """A block matrix (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or Q6_K) as a float32 tensor [out, in],
+    widened in C over all cores, bit for bit the loader's PyTorch (or gguf's numpy)
+    dequantization; None where the compiled kernels are unavailable or the format is another."""
     library = cpu_library()
     code = gguf_format(stored.qtype)
     if library is None or code not in BLOCK_FORMATS:

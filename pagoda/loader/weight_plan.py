@@ -308,12 +308,15 @@ def decoder_unsupported_reason(hf_config: Any, gguf_file: Path | None) -> str | 
     if reason is None and gguf_file is not None:
         from pagoda import envs
         from pagoda.cpu.matrix import gguf_format
+
+        # Types the kernels cannot read are rewritten for them at load where that is (almost)
+        # free, Q4_K, Q5_K and Q3_K, or asked for (PAGODA_GGUF_REQUANTIZE=q8_0: all); the others
+        # are widened to float16, which the decoder does not read
+        # (`pagoda.layers.quantization.kquants`).
+        from pagoda.layers.quantization.kquants import REWRITTEN_TYPES
         from pagoda.loader.gguf import gguf_matrix_types
 
-        # Types the kernels cannot read are repacked for them at load where that is (almost)
-        # free, Q4_K, or asked for (PAGODA_GGUF_REQUANTIZE=q8_0: all); the others are widened
-        # to float16, which the decoder does not read (`pagoda.layers.quantization.kquants`).
-        repacked = {"Q4_K"} if envs.gguf_requantize() == "none" else None
+        repacked = REWRITTEN_TYPES if envs.gguf_requantize() == "none" else None
         types = gguf_matrix_types(gguf_file)
         if "lm_head.weight" in types:  # untied: the table is looked up, never multiplied
             types.pop("model.embed_tokens.weight", None)

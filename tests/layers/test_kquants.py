@@ -1,11 +1,13 @@
-"""K-quant GGUF matrices repacked for the CPU kernels (`pagoda.layers.quantization.kquants`).
+"""K-quant GGUF matrices rewritten for the CPU kernels (`pagoda.layers.quantization.kquants`).
 
 gguf-py cannot write K-quants, so the blocks here are random but well-formed (small positive
 float16 super-block scales, random 6-bit scales, mins and quants), and gguf's own dequantization is
-the reference: Q4_K -> Q4_1 within float16 rounding of each sub-block's scale and minimum; every
-other type -> Q8_0 within half a step of 1/127 of each 32-weight block's largest magnitude. A
-Q4_K_M-style file (Q4_K layers, Q6_K down projections and output) then runs through `LLM` against
-transformers' GGUF reader on the same file, and its layers hold the repacked blocks, not floats.
+the reference: Q4_K -> Q4_1 and Q5_K -> Q5_1 within float16 rounding of each sub-block's scale and
+minimum; Q3_K -> Q6_K exactly; other types -> Q8_0 (asked for) within half a step of 1/127 of
+each 32-weight block's largest magnitude. K-quant files (Q4_K_M-like: Q4_K layers, Q6_K down
+projections and output; and one of Q5_K, Q3_K and Q2_K layers) then run through `LLM` against
+transformers' GGUF reader on the same file, and their layers hold blocks, not floats, except
+Q2_K's, which are widened.
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ def random_blocks(qtype: Q, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     return data.reshape(rows, -1)
 
 
+# Below float16's normal range (6.1e-5) its rounding is absolute: 2^-25 at most.
+def _float16_rounding(x: torch.Tensor) -> torch.Tensor:
+    return torch.maximum(x.abs() * 2.0**-11 * (1 + 2.0**-10), torch.tensor(2.0**-25))
+
+
 @pytest.mark.parametrize("qtype", K_TYPES, ids=[t.name for t in K_TYPES])
 def test_repacked_matrix_holds_the_same_weights_within_its_stated_bound(qtype: Q) -> None:
     rows, cols = 8, 512
@@ -61,24 +68,22 @@ def test_repacked_matrix_holds_the_same_weights_within_its_stated_bound(qtype: Q
     repacked = repack_for_kernels(matrix, requantize="q8_0")
     assert repacked is not None
     got = repacked.dequantize()
-    if qtype == Q.Q4_K:
-        assert repacked.qtype == Q.Q4_1
-        # Scale d and minimum m each rounded to float16 (half an ulp, 2^-11 of each): at most
-        # 2^-11 * (15 |d| + |m|) per weight, read back from the Q4_1 blocks themselves.
-        q4_1 = repacked.rows.reshape(rows, -1, 20)
-        d = torch.from_numpy(q4_1[:, :, 0:2].copy().view(np.float16).astype(np.float32))
-        m = torch.from_numpy(q4_1[:, :, 2:4].copy().view(np.float16).astype(np.float32))
-
-        # Below float16's normal range (6.1e-5) its rounding is absolute: 2^-25 at most.
-        def rounding(x: torch.Tensor) -> torch.Tensor:
-            return torch.maximum(x.abs() * 2.0**-11 * (1 + 2.0**-10), torch.tensor(2.0**-25))
-
-        bound = (15 * rounding(d) + rounding(m)).expand(rows, -1, 32)
-        blocks = want.view(rows, -1, 32)
+    blocks = want.view(rows, -1, 32)
+    if qtype in (Q.Q4_K, Q.Q5_K):
+        # Scale d and minimum m each rounded to float16: at most rounding(d) times the largest
+        # quant (15 or 31) plus rounding(m) per weight, read back from the blocks themselves.
+        target, size, largest = (Q.Q4_1, 20, 15) if qtype == Q.Q4_K else (Q.Q5_1, 24, 31)
+        assert repacked.qtype == target
+        packed = repacked.rows.reshape(rows, -1, size)
+        d = torch.from_numpy(packed[:, :, 0:2].copy().view(np.float16).astype(np.float32))
+        m = torch.from_numpy(packed[:, :, 2:4].copy().view(np.float16).astype(np.float32))
+        bound = (largest * _float16_rounding(d) + _float16_rounding(m)).expand(rows, -1, 32)
         assert bool(((got.view_as(blocks) - blocks).abs() <= bound + 1e-7).all())
+    elif qtype == Q.Q3_K:
+        assert repacked.qtype == Q.Q6_K
+        assert torch.equal(got, want)  # the same float32 values, bit for bit
     else:
         assert repacked.qtype == Q.Q8_0
-        blocks = want.view(rows, -1, 32)
         # Half a step of max/127, and 127 times the step's own float16 rounding (relative 2^-11,
         # or absolute 2^-25 below float16's normal range).
         step = blocks.abs().amax(-1, keepdim=True) / 127
@@ -87,30 +92,38 @@ def test_repacked_matrix_holds_the_same_weights_within_its_stated_bound(qtype: Q
         assert bool(((got.view_as(blocks) - blocks).abs() <= bound + 1e-7).all())
 
 
-def test_repacked_q4_k_takes_five_bits_a_weight() -> None:
-    matrix = GGUFMatrix(Q.Q4_K, random_blocks(Q.Q4_K, 4, 256), 256)
+@pytest.mark.parametrize(
+    ("qtype", "bits"),
+    [(Q.Q4_K, 5.0), (Q.Q5_K, 6.0), (Q.Q3_K, 6.5625)],
+    ids=["Q4_K", "Q5_K", "Q3_K"],
+)
+def test_rewritten_k_quants_take_their_targets_bits_a_weight(qtype: Q, bits: float) -> None:
+    matrix = GGUFMatrix(qtype, random_blocks(qtype, 4, 256), 256)
     repacked = repack_for_kernels(matrix)
-    assert repacked is not None and repacked.rows.nbytes == 4 * 256 // 32 * 20
+    assert repacked is not None and repacked.rows.nbytes == 4 * 256 * bits / 8
 
 
-@pytest.mark.parametrize("qtype", [Q.Q6_K, Q.Q5_K], ids=["Q6_K", "Q5_K"])
+@pytest.mark.parametrize("qtype", [Q.Q6_K, Q.Q2_K], ids=["Q6_K", "Q2_K"])
 def test_other_types_stay_as_they_are_unless_requantizing_is_asked(qtype: Q) -> None:
+    # Q6_K because the kernels read it as stored; Q2_K because nothing reads it (widened).
     assert repack_for_kernels(GGUFMatrix(qtype, random_blocks(qtype, 4, 256), 256)) is None
 
 
-def _q4_k_m(model_dir: Path, path: Path) -> Path:
-    """The tiny model as a Q4_K_M-like file: Q4_K matrices, Q6_K down projections and output."""
+def _k_quant_file(model_dir: Path, path: Path, layer_type: Q, down_type: Q, output_type: Q) -> Path:
+    """The tiny model with random blocks: its layers' matrices in `layer_type`, the down
+    projections in `down_type`, the output matrix in `output_type`."""
     plain = hf_to_gguf(model_dir, path.with_suffix(".f16.gguf"), "llama", "tiny-llama")
     reader = gguf.GGUFReader(plain)
     tensors: list[tuple[str, np.ndarray, Any]] = []
     for index, tensor in enumerate(reader.tensors):
         if tensor.name.startswith("blk.") and len(tensor.shape) == 2:
-            qtype = Q.Q6_K if "ffn_down" in tensor.name else Q.Q4_K
+            qtype = down_type if "ffn_down" in tensor.name else layer_type
             cols, rows = (int(v) for v in tensor.shape)
             tensors.append((tensor.name, random_blocks(qtype, rows, cols, seed=index), qtype))
         elif tensor.name == "output.weight":
             cols, rows = (int(v) for v in tensor.shape)
-            tensors.append((tensor.name, random_blocks(Q.Q6_K, rows, cols, seed=index), Q.Q6_K))
+            blocks = random_blocks(output_type, rows, cols, seed=index)
+            tensors.append((tensor.name, blocks, output_type))
         else:
             qtype = tensor.tensor_type
             tensors.append(
@@ -126,26 +139,33 @@ def _q4_k_m(model_dir: Path, path: Path) -> Path:
     return write_gguf(path, "llama", metadata, tensors)
 
 
-@pytest.fixture(scope="module")
-def q4_k_m(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LLM, Any]]:
-    """The file under PAGODA_GGUF_REQUANTIZE=q8_0: every matrix repacked (Q6_K as Q8_0)."""
-    directory = tmp_path_factory.mktemp("q4_k_m")
+# Q4_K_M-like (Q4_K layers, Q6_K down projections and output), and the other K-quants: Q5_K
+# layers, Q3_K down projections, a Q2_K output matrix.
+FILES = {"q4_k_m": (Q.Q4_K, Q.Q6_K, Q.Q6_K), "q5_k_q3_k_q2_k": (Q.Q5_K, Q.Q3_K, Q.Q2_K)}
+
+
+@pytest.fixture(scope="module", params=list(FILES))
+def k_quant_llm(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, LLM, Any]]:
+    directory = tmp_path_factory.mktemp(request.param)
     model_dir = make_tiny_llama(directory / "hf", hidden_size=256, intermediate_size=512)
-    path = _q4_k_m(model_dir, directory / "tiny-q4_k_m.gguf")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PAGODA_GGUF_REQUANTIZE", "q8_0")
-        llm = LLM(str(path), max_logprobs=-1)
-    yield llm, transformers_from_gguf(path)
+    path = _k_quant_file(model_dir, directory / f"tiny-{request.param}.gguf", *FILES[request.param])
+    llm = LLM(str(path), max_logprobs=-1)
+    yield request.param, llm, transformers_from_gguf(path)
     del llm
 
 
 PROMPTS = [[5, 80, 200, 31, 7], [300, 12, 44, 45, 46, 100, 101, 3, 9, 250, 17]]
-# Nats: Q6_K -> Q8_0 adds its rounding to every down projection and the output matrix.
-TOLERANCE = 0.05
+# Nats: the float16 rounding of Q4_K's and Q5_K's sub-block scales and minimums, and the C
+# decoder's int16 activations; Q6_K, Q3_K (as Q6_K) and the widened Q2_K are exact.
+TOLERANCE = 0.02
 
 
-def test_a_q4_k_m_file_runs_within_the_repacking_tolerance(q4_k_m: tuple[LLM, Any]) -> None:
-    llm, reference = q4_k_m
+def test_k_quant_files_run_within_the_rewriting_tolerance(
+    k_quant_llm: tuple[str, LLM, Any],
+) -> None:
+    _, llm, reference = k_quant_llm
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=-1)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
     for prompt, output in zip(PROMPTS, outputs):
@@ -162,23 +182,23 @@ def test_a_q4_k_m_file_runs_within_the_repacking_tolerance(q4_k_m: tuple[LLM, An
         assert bool((chosen >= logprobs.max(dim=1).values - 2 * TOLERANCE).all())
 
 
-def test_by_default_q6_k_layers_are_widened_and_q4_k_ones_repacked(tmp_path: Path) -> None:
-    model_dir = make_tiny_llama(tmp_path / "hf", hidden_size=256, intermediate_size=512)
-    llm = LLM(str(_q4_k_m(model_dir, tmp_path / "tiny-q4_k_m.gguf")))
-    model: Any = llm.llm_engine.engine_core.executor.worker.model_runner.model
-    layer = model.model.layers[0]
-    assert layer.self_attn.qkv_proj.method.kind == "gguf-blocks"
-    assert layer.mlp.down_proj.method.kind == "float16"  # Q6_K, widened
-    assert layer.mlp.down_proj.method.repacked == set()
-
-
-def test_a_q4_k_m_files_layers_hold_repacked_blocks(q4_k_m: tuple[LLM, Any]) -> None:
-    llm, _ = q4_k_m
-    model: Any = llm.llm_engine.engine_core.executor.worker.model_runner.model
-    layer = model.model.layers[0]
-    assert layer.self_attn.qkv_proj.method.kind == "gguf-blocks"
-    assert layer.self_attn.qkv_proj.method.repacked == {"Q4_K"}
-    assert layer.mlp.down_proj.method.repacked == {"Q6_K"}
-    assert layer.self_attn.qkv_proj.weight.numel() == 0
-    # The C decoder runs the decode steps on the same repacked blocks.
-    assert llm.llm_engine.engine_core.executor.worker.model_runner.cpu_decoder is not None
+def test_k_quant_layers_hold_blocks_and_only_q2_k_is_widened(
+    k_quant_llm: tuple[str, LLM, Any],
+) -> None:
+    name, llm, _ = k_quant_llm
+    runner: Any = llm.llm_engine.engine_core.executor.worker.model_runner
+    layer = runner.model.model.layers[0]
+    qkv, down, head = layer.self_attn.qkv_proj, layer.mlp.down_proj, runner.model.lm_head
+    assert qkv.method.kind == down.method.kind == "gguf-blocks"
+    assert qkv.weight.numel() == down.weight.numel() == 0  # no float copy
+    if name == "q4_k_m":
+        assert qkv.method.repacked == {"Q4_K"}
+        assert down.method.repacked == set()  # Q6_K, read as stored
+        assert head.method.kind == "gguf-blocks"
+        # The C decoder runs the decode steps on the same blocks.
+        assert runner.cpu_decoder is not None
+    else:
+        assert qkv.method.repacked == {"Q5_K"}
+        assert down.method.repacked == {"Q3_K"}
+        assert head.method.kind == "float16"  # Q2_K: widened
+        assert runner.cpu_decoder is None  # which the decoder does not read

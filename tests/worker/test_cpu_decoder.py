@@ -228,12 +228,14 @@ def test_gguf_files_with_other_block_types_keep_pytorch(tmp_path: Path) -> None:
     import transformers
 
     from pagoda.loader.weight_plan import decoder_unsupported_reason
+    from tests.layers.test_kquants import random_blocks
     from tests.loader.test_gguf import write_gguf
 
-    blocks = gguf.quants.quantize(np.ones((4, 64), dtype=np.float32), Q.Q5_0)
-    path = write_gguf(tmp_path / "q5.gguf", "llama", {}, [("blk.0.attn_q.weight", blocks, Q.Q5_0)])
+    # Q2_K: the one common type the kernels neither read nor rewrite (it is widened).
+    blocks = random_blocks(Q.Q2_K, 4, 256)
+    path = write_gguf(tmp_path / "q2.gguf", "llama", {}, [("blk.0.attn_q.weight", blocks, Q.Q2_K)])
     config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
         num_attention_heads=4, num_key_value_heads=2, architectures=["LlamaForCausalLM"],
     )  # fmt: skip
-    assert decoder_unsupported_reason(config, path) == "GGUF matrices stored as Q5_0"
+    assert decoder_unsupported_reason(config, path) == "GGUF matrices stored as Q2_K"

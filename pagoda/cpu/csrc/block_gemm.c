@@ -43,7 +43,8 @@ static int plan_tiles(const pg_matrix *const *mats, int count, int64_t tiles[9],
     if (count < 1 || count > 8) return -1;
     const int64_t cols = mats[0]->cols;
     for (int m = 0; m < count; ++m) {
-        if (!is_block_format(mats[m]->format) || mats[m]->cols != cols || cols % 32 != 0)
+        if (!is_block_format(mats[m]->format) || mats[m]->cols != cols || cols % 32 != 0 ||
+            (mats[m]->format == PG_Q6_K && cols % 256 != 0))
             return -1;
         tiles[m + 1] = tiles[m] + (mats[m]->rows + PG_NR - 1) / PG_NR;
         columns[m + 1] = columns[m] + mats[m]->rows;
@@ -128,7 +129,7 @@ static inline __attribute__((always_inline)) void widen_tile_as(const pg_matrix 
                                                                 int64_t k0, int64_t kc,
                                                                 float *w_tile) {
     const int64_t b0 = k0 / 32, b1 = (k0 + kc) / 32;
-    const int64_t span = (block_header(format) + block_payload(format)) * (b1 - b0) * (x4 ? 4 : 1);
+    const int64_t span = blocks_bytes(format, b1 - b0) * (x4 ? 4 : 1);
     for (int64_t i = rows; i < PG_NR; ++i) memset(w_tile + i * PG_KC, 0, (size_t)kc * sizeof(float));
     for (int64_t i = 0; i < rows; i += x4 ? 4 : 1) {
         if (i + 8 < rows) {
@@ -147,13 +148,15 @@ static inline __attribute__((always_inline)) void widen_tile_as(const pg_matrix 
             const uint8_t *group = block_address_as(w, format, 1, n0 + i, b);
             float d[4], m[4] = {0.f, 0.f, 0.f, 0.f};
             _mm_storeu_ps(d, _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)group)));
-            if (format == PG_Q4_1)
+            if (format == PG_Q4_1 || format == PG_Q5_1)
                 _mm_storeu_ps(m, _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(group + 8))));
             for (int lane = 0; lane < 4; ++lane) {
                 const uint8_t *qs = group + 4 * header + lane * payload;
                 float *out = w_tile + (i + lane) * PG_KC + (b - b0) * 32;
                 if (format == PG_Q8_0)
                     widen_q8_0(d[lane], (const int8_t *)qs, out);
+                else if (format == PG_Q5_0 || format == PG_Q5_1)
+                    widen_q5(d[lane], m[lane], format == PG_Q5_1, qs, out);
                 else
                     widen_q4(d[lane], m[lane], format == PG_Q4_1, qs, out);
             }
@@ -169,7 +172,12 @@ static void widen_tile(const pg_matrix *w, int64_t n0, int64_t rows, int64_t k0,
     case PG_Q4_1: widen_tile_as(w, PG_Q4_1, 0, n0, rows, k0, kc, w_tile); break;
     case PG_Q8_0_X4: widen_tile_as(w, PG_Q8_0, 1, n0, rows, k0, kc, w_tile); break;
     case PG_Q4_0_X4: widen_tile_as(w, PG_Q4_0, 1, n0, rows, k0, kc, w_tile); break;
-    default: widen_tile_as(w, PG_Q4_1, 1, n0, rows, k0, kc, w_tile); break;
+    case PG_Q4_1_X4: widen_tile_as(w, PG_Q4_1, 1, n0, rows, k0, kc, w_tile); break;
+    case PG_Q5_0: widen_tile_as(w, PG_Q5_0, 0, n0, rows, k0, kc, w_tile); break;
+    case PG_Q5_1: widen_tile_as(w, PG_Q5_1, 0, n0, rows, k0, kc, w_tile); break;
+    case PG_Q5_0_X4: widen_tile_as(w, PG_Q5_0, 1, n0, rows, k0, kc, w_tile); break;
+    case PG_Q5_1_X4: widen_tile_as(w, PG_Q5_1, 1, n0, rows, k0, kc, w_tile); break;
+    default: widen_tile_as(w, PG_Q6_K, 0, n0, rows, k0, kc, w_tile); break;
     }
 }
 
@@ -278,8 +286,7 @@ static inline __attribute__((always_inline)) void widen_tile_bf16_as(const pg_ma
                                                                      int64_t k0, int64_t kc,
                                                                      uint32_t *wp) {
     const int64_t b0 = k0 / 32, b1 = (k0 + kc) / 32;
-    const int64_t header = block_header(format), payload = block_payload(format);
-    const int64_t span = (header + payload) * (b1 - b0) * (x4 ? 4 : 1);
+    const int64_t span = blocks_bytes(format, b1 - b0) * (x4 ? 4 : 1);
     for (int64_t i = rows; i < PG_NR; ++i)
         memset(wp + i * (PG_KC / 2), 0, (size_t)(kc / 2) * sizeof(uint32_t));
     for (int64_t i = 0; i < rows; ++i) {
@@ -289,9 +296,17 @@ static inline __attribute__((always_inline)) void widen_tile_bf16_as(const pg_ma
         }
         const int64_t n = n0 + i;
         for (int64_t b = b0; b < b1; ++b) {
+            void *out = wp + i * (PG_KC / 2) + (b - b0) * 16;
+            if (format == PG_Q5_0 || format == PG_Q5_1 || format == PG_Q6_K) {
+                /* Widened to float32 first (bits of them are scattered), then rounded. */
+                float values[32];
+                widen_block_as(w, format, x4, n, b, values);
+                _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(values + 16),
+                                                                     _mm512_loadu_ps(values)));
+                continue;
+            }
             const uint8_t *scale, *minimum, *qs;
             block_parts_as(w, format, x4, n, b, &scale, &minimum, &qs);
-            void *out = wp + i * (PG_KC / 2) + (b - b0) * 16;
             if (format == PG_Q8_0)
                 widen_q8_0_bf16(read_half(scale), (const int8_t *)qs, out);
             else if (format == PG_Q4_0)
@@ -310,7 +325,12 @@ static void widen_tile_bf16(const pg_matrix *w, int64_t n0, int64_t rows, int64_
     case PG_Q4_1: widen_tile_bf16_as(w, PG_Q4_1, 0, n0, rows, k0, kc, wp); break;
     case PG_Q8_0_X4: widen_tile_bf16_as(w, PG_Q8_0, 1, n0, rows, k0, kc, wp); break;
     case PG_Q4_0_X4: widen_tile_bf16_as(w, PG_Q4_0, 1, n0, rows, k0, kc, wp); break;
-    default: widen_tile_bf16_as(w, PG_Q4_1, 1, n0, rows, k0, kc, wp); break;
+    case PG_Q4_1_X4: widen_tile_bf16_as(w, PG_Q4_1, 1, n0, rows, k0, kc, wp); break;
+    case PG_Q5_0: widen_tile_bf16_as(w, PG_Q5_0, 0, n0, rows, k0, kc, wp); break;
+    case PG_Q5_1: widen_tile_bf16_as(w, PG_Q5_1, 0, n0, rows, k0, kc, wp); break;
+    case PG_Q5_0_X4: widen_tile_bf16_as(w, PG_Q5_0, 1, n0, rows, k0, kc, wp); break;
+    case PG_Q5_1_X4: widen_tile_bf16_as(w, PG_Q5_1, 1, n0, rows, k0, kc, wp); break;
+    default: widen_tile_bf16_as(w, PG_Q6_K, 0, n0, rows, k0, kc, wp); break;
     }
 }
 

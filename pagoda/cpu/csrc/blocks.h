@@ -6,9 +6,17 @@
  *   Q8_0   34-byte blocks of 32 weights: float16 scale d, 32 int8 q          (w = d * q)
  *   Q4_0   18-byte blocks: float16 scale d, 16 bytes of nibbles (low: j, high: j + 16; w = (q - 8) * d)
  *   Q4_1   20-byte blocks: float16 scale d, float16 minimum m, 16 bytes of nibbles (w = d * q + m)
- *   *_X4   the same blocks with four rows interleaved by pagoda_repack_x4: for each group of four
- *          rows and each block column, the four scales, then (Q4_1) the four minimums, then the
- *          four payloads. A group of four rows takes 4 * row_bytes bytes.
+ *   Q5_0   22-byte blocks: float16 d, 4 bytes qh, 16 bytes of nibbles as Q4's; bit j of qh (little
+ *          endian) is weight j's fifth bit (w = d * (q - 16))
+ *   Q5_1   24-byte blocks: float16 d, float16 m, qh, nibbles (w = d * q + m)
+ *   Q6_K   210-byte super-blocks of 256 weights: ql [128] (low four bits), qh [64] (top two), 16
+ *          int8 scales (one per 16 weights), float16 d (w = (d * scale) * (q - 32)); q6_k_parts
+ *          says where each 32-weight sub-block's bits are. Read as eight blocks of 32, each
+ *          with two scales.
+ *   *_X4   the same blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) with four rows interleaved by
+ *          pagoda_repack_x4: for each group of four rows and each block column, the four scales,
+ *          then (Q4_1, Q5_1) the four minimums, then the four payloads. A group of four rows
+ *          takes 4 * row_bytes bytes.
  */
 #ifndef PAGODA_BLOCKS_H
 #define PAGODA_BLOCKS_H
@@ -26,6 +34,9 @@ enum { PG_F32 = 0, PG_F16 = 1, PG_BF16 = 2, PG_Q8_0 = 3, PG_Q4_0 = 4, PG_Q4_1 = 
 enum { PG_Q8_0_X4 = 6, PG_Q4_0_X4 = 7, PG_Q4_1_X4 = 8 };
 /* Block matrices packed for the integer GEMM (int8_gemm.c): 16-row groups, nibbles or bytes. */
 enum { PG_I8_NIBBLES = 9, PG_I8_BYTES = 10 };
+/* More GGUF block formats, read as stored; Q5_0 and Q5_1 also interleaved (14, 15). */
+enum { PG_Q5_0 = 11, PG_Q5_1 = 12, PG_Q6_K = 13, PG_Q5_0_X4 = 14, PG_Q5_1_X4 = 15 };
+#define PG_Q6_K_BYTES 210
 
 typedef struct {
     const uint8_t *data;
@@ -108,25 +119,154 @@ static inline void widen_q4(float d, float m, int with_min, const uint8_t *qs, f
 #endif
 }
 
-static inline int is_block_format(int64_t format) {
-    return format >= PG_Q8_0 && format <= PG_Q4_1_X4;
+#ifdef PG_AVX2
+/* A Q5 block's 32 values (0-31), in weight order, as bytes. */
+static inline __m256i q5_values(const uint8_t *qh_qs) {
+    uint32_t qh;
+    memcpy(&qh, qh_qs, sizeof qh);
+    const __m128i qs = _mm_loadu_si128((const __m128i *)(qh_qs + 4));
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    const __m256i low = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), mask),
+                                         _mm_and_si128(qs, mask));
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    /* qh is a byte mask as it stands: 16 where its bit is set. */
+    return _mm256_mask_add_epi8(low, (__mmask32)qh, low, _mm256_set1_epi8(0x10));
+#else
+    /* Byte j of `spread` is byte j / 8 of qh (each 128-bit lane holds qh four times), and `bit`
+     * picks its bit j % 8. */
+    const __m256i spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32((int)qh),
+        _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3,
+                         3, 3, 3, 3, 3, 3, 3));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+    return _mm256_or_si256(low, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+#endif
 }
 
-static inline int is_x4_format(int64_t format) { return format >= PG_Q8_0_X4; }
+/* A Q6_K sub-block's 32 values q - 32 (-32 to 31), in weight order, as signed bytes. */
+static inline __m256i q6_k_values(const uint8_t *ql, int high, const uint8_t *qh, int shift) {
+    const __m256i nibble_mask = _mm256_set1_epi8(0x0f);
+    __m256i low = _mm256_loadu_si256((const __m256i *)ql);
+    if (high) low = _mm256_srli_epi16(low, 4);
+    low = _mm256_and_si256(low, nibble_mask);
+    __m256i top = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)qh), _mm_cvtsi32_si128(shift));
+    top = _mm256_slli_epi16(_mm256_and_si256(top, _mm256_set1_epi8(3)), 4);
+    return _mm256_sub_epi8(_mm256_or_si256(low, top), _mm256_set1_epi8(32));
+}
+#endif
 
-/* Q8_0, Q4_0 or Q4_1, interleaved or not. */
+/* Q5_0 (with_min 0: w = d * (q - 16)) and Q5_1 (w = d * q + m) from the block's qh and nibbles. */
+static inline void widen_q5(float d, float m, int with_min, const uint8_t *qh_qs, float *out) {
+#ifdef PG_AVX2
+    const __m256i q = q5_values(qh_qs);
+    const __m256 scale = _mm256_set1_ps(d), minimum = _mm256_set1_ps(m);
+    const __m256i sixteen = _mm256_set1_epi32(16);
+    uint8_t bytes[32];
+    _mm256_storeu_si256((__m256i *)bytes, q);
+    for (int i = 0; i < 4; ++i) {
+        const __m256i qi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(bytes + 8 * i)));
+        const __m256 value =
+            with_min ? _mm256_add_ps(_mm256_mul_ps(scale, _mm256_cvtepi32_ps(qi)), minimum)
+                     : _mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_sub_epi32(qi, sixteen)));
+        _mm256_storeu_ps(out + 8 * i, value);
+    }
+#else
+    uint32_t qh;
+    memcpy(&qh, qh_qs, sizeof qh);
+    const uint8_t *qs = qh_qs + 4;
+    for (int j = 0; j < 16; ++j) {
+        const int q0 = (qs[j] & 0x0f) | (int)(((qh >> j) & 1u) << 4);
+        const int q1 = (qs[j] >> 4) | (int)(((qh >> (j + 16)) & 1u) << 4);
+        out[j] = with_min ? d * (float)q0 + m : d * (float)(q0 - 16);
+        out[j + 16] = with_min ? d * (float)q1 + m : d * (float)(q1 - 16);
+    }
+#endif
+}
+
+/* Where sub-block j (0-7: weights 32j .. 32j + 31) of the Q6_K super-block at `super` keeps its
+ * bits: in each half of 128 weights (ql += 64, qh += 32, scales += 8 per half), sub-block k (0-3)
+ * takes the low (k < 2) or high nibbles of ql bytes 32 (k & 1) .. + 31, bits 2k and 2k + 1 of the
+ * half's 32 qh bytes, and scales 2k (its first 16 weights) and 2k + 1. d0 and d1 are d * scale,
+ * exact in float32 (11 by 8 significant bits), as gguf computes them. */
+static inline void q6_k_parts(const uint8_t *super, int j, const uint8_t **ql, int *high,
+                              const uint8_t **qh, int *shift, float *d0, float *d1) {
+    const int half = j / 4, k = j % 4;
+    *ql = super + 64 * half + 32 * (k & 1);
+    *high = k >> 1;
+    *qh = super + 128 + 32 * half;
+    *shift = 2 * k;
+    const int8_t *scales = (const int8_t *)(super + 192) + 8 * half + 2 * k;
+    const float d = read_half(super + 208);
+    *d0 = d * (float)scales[0];
+    *d1 = d * (float)scales[1];
+}
+
+static inline void widen_q6_k(const uint8_t *super, int j, float *out) {
+    const uint8_t *ql, *qh;
+    int high, shift;
+    float d0, d1;
+    q6_k_parts(super, j, &ql, &high, &qh, &shift, &d0, &d1);
+#ifdef PG_AVX2
+    const __m256i q = q6_k_values(ql, high, qh, shift);
+    int8_t bytes[32];
+    _mm256_storeu_si256((__m256i *)bytes, q);
+    for (int i = 0; i < 4; ++i) {
+        const __m256i qi = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(bytes + 8 * i)));
+        _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(_mm256_set1_ps(i < 2 ? d0 : d1),
+                                                    _mm256_cvtepi32_ps(qi)));
+    }
+#else
+    for (int l = 0; l < 32; ++l) {
+        const int q = ((ql[l] >> (4 * high)) & 0x0f) | (((qh[l] >> shift) & 3) << 4);
+        out[l] = (l < 16 ? d0 : d1) * (float)(q - 32);
+    }
+#endif
+}
+
+static inline int is_block_format(int64_t format) {
+    return (format >= PG_Q8_0 && format <= PG_Q4_1_X4) ||
+           (format >= PG_Q5_0 && format <= PG_Q5_1_X4);
+}
+
+static inline int is_x4_format(int64_t format) {
+    return (format >= PG_Q8_0_X4 && format <= PG_Q4_1_X4) || format == PG_Q5_0_X4 ||
+           format == PG_Q5_1_X4;
+}
+
+/* The format of an interleaved one's blocks; any other format itself. */
 static inline int64_t base_format(int64_t format) {
+    if (format == PG_Q5_0_X4 || format == PG_Q5_1_X4) return format - (PG_Q5_0_X4 - PG_Q5_0);
     return is_x4_format(format) ? format - (PG_Q8_0_X4 - PG_Q8_0) : format;
 }
 
-/* Bytes of one GGUF block: its float16 header (scale, and Q4_1's minimum) and its payload. */
-static inline int64_t block_header(int64_t format) { return format == PG_Q4_1 ? 4 : 2; }
-static inline int64_t block_payload(int64_t format) { return format == PG_Q8_0 ? 32 : 16; }
+/* The interleaved format of a block format, -1 for one that has none (Q6_K). */
+static inline int64_t x4_format(int64_t format) {
+    if (format == PG_Q5_0 || format == PG_Q5_1) return format + (PG_Q5_0_X4 - PG_Q5_0);
+    if (format >= PG_Q8_0 && format <= PG_Q4_1) return format + (PG_Q8_0_X4 - PG_Q8_0);
+    return -1;
+}
+
+/* Bytes of one 32-weight GGUF block: its float16 header (scale, and Q4_1's or Q5_1's minimum) and
+ * its payload (Q5's qh and nibbles). Not for Q6_K, whose blocks share a super-block. */
+static inline int64_t block_header(int64_t format) {
+    return format == PG_Q4_1 || format == PG_Q5_1 ? 4 : 2;
+}
+static inline int64_t block_payload(int64_t format) {
+    return format == PG_Q8_0 ? 32 : (format == PG_Q5_0 || format == PG_Q5_1 ? 20 : 16);
+}
+
+/* Bytes of `count` consecutive blocks of one row (Q6_K: the super-blocks they fall in). */
+static inline int64_t blocks_bytes(int64_t format, int64_t count) {
+    if (format == PG_Q6_K) return (count + 7) / 8 * PG_Q6_K_BYTES;
+    return (block_header(format) + block_payload(format)) * count;
+}
 
 /* Where block b of row n of a matrix in `format` (interleaved if `x4`) starts: the block itself,
  * or its group's block, which holds the four rows' scales, minimums and payloads. */
 static inline const uint8_t *block_address_as(const pg_matrix *w, int64_t format, int x4,
                                               int64_t n, int64_t b) {
+    if (format == PG_Q6_K) return w->data + n * w->row_bytes + b / 8 * PG_Q6_K_BYTES;
     const int64_t block = block_header(format) + block_payload(format);
     if (x4) return w->data + (n - n % 4) * w->row_bytes + b * 4 * block;
     return w->data + n * w->row_bytes + b * block;
@@ -150,20 +290,27 @@ static inline __attribute__((always_inline)) void block_parts_as(
     }
 }
 
-/* Block b of row n of a matrix in `format` (Q8_0, Q4_0 or Q4_1; interleaved if `x4`), widened to
+/* Block b of row n of a matrix in `format` (any block format; interleaved if `x4`), widened to
  * 32 floats. Inlined with constant format and x4 where speed matters. */
 static inline __attribute__((always_inline)) void widen_block_as(const pg_matrix *w,
                                                                  int64_t format, int x4,
                                                                  int64_t n, int64_t b,
                                                                  float *out) {
+    if (format == PG_Q6_K) {
+        widen_q6_k(block_address_as(w, format, 0, n, b), (int)(b % 8), out);
+        return;
+    }
     const uint8_t *scale, *minimum, *qs;
     block_parts_as(w, format, x4, n, b, &scale, &minimum, &qs);
     if (format == PG_Q8_0)
         widen_q8_0(read_half(scale), (const int8_t *)qs, out);
     else if (format == PG_Q4_0)
         widen_q4(read_half(scale), 0.f, 0, qs, out);
-    else
+    else if (format == PG_Q4_1)
         widen_q4(read_half(scale), read_half(minimum), 1, qs, out);
+    else
+        widen_q5(read_half(scale), format == PG_Q5_1 ? read_half(minimum) : 0.f,
+                 format == PG_Q5_1, qs, out);
 }
 
 /* Block b of row n of a block-format matrix (plain or interleaved), widened to 32 floats. */

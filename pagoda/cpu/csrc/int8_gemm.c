@@ -41,10 +41,11 @@ static int64_t packed_block_bytes(int64_t packed_format) {
 }
 
 /* The packed format of a GGUF block format (nibbles for Q4_0/Q4_1, bytes for Q8_0), -1 for
- * another format or inputs not a multiple of 32. */
+ * another format (Q5_*, Q6_K) or inputs not a multiple of 32. */
 int64_t pagoda_int8_packed_format(const pg_matrix *w) {
-    if (!is_block_format(w->format) || w->cols % 32 != 0) return -1;
-    return base_format(w->format) == PG_Q8_0 ? PG_I8_BYTES : PG_I8_NIBBLES;
+    const int64_t base = base_format(w->format);
+    if (!(base == PG_Q8_0 || base == PG_Q4_0 || base == PG_Q4_1) || w->cols % 32 != 0) return -1;
+    return base == PG_Q8_0 ? PG_I8_BYTES : PG_I8_NIBBLES;
 }
 
 int64_t pagoda_int8_packed_bytes(const pg_matrix *w) {

@@ -129,19 +129,17 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return sum;
 }
 
-/* Rewrites a Q8_0/Q4_0/Q4_1 matrix (rows divisible by 4) into `out` (as many bytes) with four
- * rows interleaved: for each group of four rows and each block column, the four rows' scales
- * (float16), then for Q4_1 their four minimums, then their four payloads. A dot product then reads
- * the four headers with one load and converts them with one instruction, and the weights of a
- * group stream from one place. Returns the interleaved format, or -1 if `w` cannot be. */
+/* Rewrites a Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 matrix (rows divisible by 4) into `out` (as many bytes)
+ * with four rows interleaved: for each group of four rows and each block column, the four rows'
+ * scales (float16), then for Q4_1 and Q5_1 their four minimums, then their four payloads. A dot
+ * product then reads the four headers with one load and converts them with one instruction, and
+ * the weights of a group stream from one place. Returns the interleaved format, or -1 if `w` cannot be. */
 int64_t pagoda_repack_x4(const pg_matrix *w, uint8_t *out) {
 #ifndef PG_AVX2
     (void)out;
     return -1; /* only the AVX2 kernels read interleaved blocks */
 #endif
-    if (w->rows % 4 != 0 || w->cols % 32 != 0 ||
-        !(w->format == PG_Q8_0 || w->format == PG_Q4_0 || w->format == PG_Q4_1))
-        return -1;
+    if (w->rows % 4 != 0 || w->cols % 32 != 0 || x4_format(w->format) < 0) return -1;
     const int64_t header = block_header(w->format), payload = block_payload(w->format);
     const int64_t block = header + payload, nblocks = w->cols / 32;
     for (int64_t g = 0; g < w->rows / 4; ++g) {
@@ -155,7 +153,7 @@ int64_t pagoda_repack_x4(const pg_matrix *w, uint8_t *out) {
             }
         }
     }
-    return w->format + (PG_Q8_0_X4 - PG_Q8_0);
+    return x4_format(w->format);
 }
 
 #ifdef PG_AVX2
@@ -216,7 +214,39 @@ static inline __attribute__((always_inline)) void dot_blocks_tile(
     for (int64_t b = 0; b < nblocks; ++b) {
         __m256i w0, w1;
         float d, m = 0.f;
-        if (w->format == PG_Q8_0) {
+        if (w->format == PG_Q6_K) {
+            /* Signed values, two scales: each half of the block is its own product. */
+            const uint8_t *ql, *qh;
+            int high, shift;
+            float d0, d1;
+            q6_k_parts(row + b / 8 * PG_Q6_K_BYTES, (int)(b % 8), &ql, &high, &qh, &shift, &d0,
+                       &d1);
+            const __m256i q = q6_k_values(ql, high, qh, shift);
+            w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
+            w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1));
+            for (int t = 0; t < tile; ++t) {
+                const int64_t xb = (t0 + t) * x_blocks + b;
+                const int16_t *xq = x->values + 32 * xb;
+                const __m256i p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xq));
+                const __m256i p1 =
+                    _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xq + 16)));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * x->scales[xb]),
+                                         acc[t]);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d1 * x->scales[xb]),
+                                         acc[t]);
+            }
+            continue;
+        }
+        if (w->format == PG_Q5_0 || w->format == PG_Q5_1) {
+            const int with_min = w->format == PG_Q5_1;
+            const uint8_t *block = row + b * (with_min ? 24 : 22);
+            d = read_half(block);
+            /* Q5_0 stores q + 16: d * sum((q - 16) x) = d * sum(q x) - 16 d * sum(x). */
+            m = with_min ? read_half(block + 2) : -16.f * d;
+            const __m256i q = q5_values(block + (with_min ? 4 : 2));
+            w0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q));
+            w1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1));
+        } else if (w->format == PG_Q8_0) {
             const uint8_t *block = row + b * 34;
             d = read_half(block);
             const __m256i q = _mm256_loadu_si256((const __m256i *)(block + 2));
@@ -277,7 +307,7 @@ static void dot_blocks(const pg_matrix *w, const uint8_t *row, const pg_blocks *
 #endif
 
 /* Four rows (one interleaved group) times tokens t0 .. t0 + tile - 1 of x: result[t][i] = row i .
- * x[t0 + t]. `format` is the group's base format (Q8_0, Q4_0 or Q4_1) and `tile` a constant where
+ * x[t0 + t]. `format` is the group's base format (Q8_0, Q4_*, Q5_*) and `tile` a constant where
  * this is inlined. Each token's sums run in the same order whatever the tile, so a token's result
  * does not depend on the tokens beside it. */
 static inline __attribute__((always_inline)) void dot_x4_tile(int64_t format, const uint8_t *group,
@@ -302,11 +332,13 @@ static inline __attribute__((always_inline)) void dot_x4_tile(int64_t format, co
         for (int t = 0; t < tile; ++t) {
             const int64_t xb = (t0 + t) * nblocks + b;
             const __m128 sum = _mm_set1_ps(x->sums[xb]);
-            if (format == PG_Q4_1)
+            if (format == PG_Q4_1 || format == PG_Q5_1)
                 offset[t] = _mm_fmadd_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(p + 8))),
                                          sum, offset[t]);
             else if (format == PG_Q4_0) /* stored q + 8 */
                 offset[t] = _mm_fmadd_ps(_mm_mul_ps(d, _mm_set1_ps(-8.f)), sum, offset[t]);
+            else if (format == PG_Q5_0) /* stored q + 16 */
+                offset[t] = _mm_fmadd_ps(_mm_mul_ps(d, _mm_set1_ps(-16.f)), sum, offset[t]);
             const __m128 scale4 = _mm_mul_ps(d, _mm_set1_ps(x->scales[xb]));
             scale[t] = _mm256_set_m128(scale4, scale4);
         }
@@ -316,6 +348,10 @@ static inline __attribute__((always_inline)) void dot_x4_tile(int64_t format, co
                 const __m256i q = _mm256_loadu_si256((const __m256i *)(p + header + 32 * i));
                 w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
                 w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1));
+            } else if (format == PG_Q5_0 || format == PG_Q5_1) {
+                const __m256i q = q5_values(p + header + 20 * i);
+                w0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q));
+                w1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1));
             } else {
                 const __m128i q = _mm_loadu_si128((const __m128i *)(p + header + 16 * i));
                 w0 = _mm256_cvtepu8_epi16(_mm_and_si128(q, mask));
@@ -373,6 +409,12 @@ static void dot_group_x4(const pg_matrix *w, int64_t g, const pg_blocks *x, int6
             break;
         case PG_Q4_0_X4:
             dot_x4_tiles(PG_Q4_0, group, nblocks, x, t0, tile, r);
+            break;
+        case PG_Q5_0_X4:
+            dot_x4_tiles(PG_Q5_0, group, nblocks, x, t0, tile, r);
+            break;
+        case PG_Q5_1_X4:
+            dot_x4_tiles(PG_Q5_1, group, nblocks, x, t0, tile, r);
             break;
         default:
             dot_x4_tiles(PG_Q4_1, group, nblocks, x, t0, tile, r);

@@ -1,4 +1,4 @@
-"""GGUF weights kept as stored: the block GEMM multiplies Q8_0/Q4_0/Q4_1 blocks in place.
+"""GGUF weights kept as stored: the block GEMM multiplies Q8_0/Q4_*/Q5_*/Q6_K blocks in place.
 
 The GGUF loader hands a linear layer each of its checkpoint matrices undecoded (one per output
 shard: q/k/v, gate/up). After loading, the method rewrites block matrices four rows at a time
@@ -115,8 +115,8 @@ class GGUFLinearMethod(LinearMethod):
         biases = split_bias(layer, sizes)
         library = cpu_library()
         if self.block_gemm and library is not None:
-            # Types the kernels cannot read (K-quants, Q5_0, ...) are rewritten into ones they do
-            # where that costs (almost) nothing, or where PAGODA_GGUF_REQUANTIZE asks.
+            # Types the kernels cannot read (Q4_K, Q5_K, Q3_K, Q2_K, ...) are rewritten into ones
+            # they do where that costs (almost) nothing, or where PAGODA_GGUF_REQUANTIZE asks.
             from pagoda import envs
             from pagoda.layers.quantization.kquants import repack_for_kernels
 
