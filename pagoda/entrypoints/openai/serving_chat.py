@@ -228,12 +228,47 @@ class OpenAIServingChat(OpenAIServing):
         search = BeamSearch(
             [token_ids], params, self.input_processor.eos_token_id, num_logprobs=num_top
         )
+        created = int(time.time())
+        if request.stream:
+            return StreamingResponse(
+                self._stream_beams(request, request_id, created, role, token_ids, search),
+                media_type="text/event-stream",
+            )
         try:
             searched = self.run_beam_search(search, request_id, request.priority)
             if await self.run_until_disconnected(raw_request, searched) is None:
                 return self.create_error_response("Client disconnected", status_code=499)
         except Exception as exc:
             return self.error_response_for(exc)
+        beams = self._finished_beams(request, token_ids, search)
+        choices = [
+            ChatCompletionResponseChoice(
+                index=index,
+                message=ChatMessage(
+                    role=role,
+                    content=answer if answer or reasoning is None else None,
+                    reasoning_content=reasoning,
+                ),
+                logprobs=logprobs,
+                finish_reason=finish_reason,
+            )
+            for index, (reasoning, answer, logprobs, finish_reason, _) in enumerate(beams)
+        ]
+        response = ChatCompletionResponse(
+            id=request_id,
+            created=created,
+            model=self.model_name,
+            choices=choices,
+            usage=usage_info(len(token_ids), sum(beam[4] for beam in beams)),
+        )
+        return JSONResponse(response.model_dump())
+
+    def _finished_beams(
+        self, request: ChatCompletionRequest, token_ids: list[int], search: BeamSearch
+    ) -> list[tuple[str | None, str, ChatCompletionLogProbs | None, str | None, int]]:
+        """A finished search's beams, best first: each one's (reasoning, answer) under the
+        reasoning parser, logprobs, finish reason and token count."""
+        num_top = (request.top_logprobs or 0) if request.logprobs else 0
         (output,) = search.outputs(
             lambda tokens: str(
                 self.tokenizer.decode(
@@ -241,11 +276,9 @@ class OpenAIServingChat(OpenAIServing):
                 )
             )
         )
-        choices = []
-        num_generated_tokens = 0
-        for index, beam in enumerate(output.sequences):
+        beams = []
+        for beam in output.sequences:
             generated = beam.tokens[len(token_ids) :]
-            num_generated_tokens += len(generated)
             logprobs = None
             if request.logprobs:
                 logprobs = self._logprobs(
@@ -255,26 +288,63 @@ class OpenAIServingChat(OpenAIServing):
                     self.tokens_as_ids(request),
                 )
             reasoning, answer = self._split_reasoning(beam.text or "")
-            message = ChatMessage(
-                role=role,
-                content=answer if answer or reasoning is None else None,
-                reasoning_content=reasoning,
-            )
-            choices.append(
-                ChatCompletionResponseChoice(
-                    index=index,
-                    message=message,
-                    logprobs=logprobs,
-                    finish_reason=beam.finish_reason,
-                )
-            )
-        response = ChatCompletionResponse(
-            id=request_id,
-            model=self.model_name,
-            choices=choices,
-            usage=usage_info(len(token_ids), num_generated_tokens),
+            beams.append((reasoning, answer, logprobs, beam.finish_reason, len(generated)))
+        return beams
+
+    async def _stream_beams(
+        self,
+        request: ChatCompletionRequest,
+        request_id: str,
+        created: int,
+        role: str,
+        token_ids: list[int],
+        search: BeamSearch,
+    ) -> AsyncIterator[str]:
+        """A beam search as a stream: each choice's role at once, then, when the search ends
+        (until then no text is known to survive), each beam whole in one chunk (its reasoning
+        in one before it, under a reasoning parser), then the usage when asked for. A client
+        that goes away cancels the search with the stream."""
+        n = request.n or 1
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        continuous_usage = include_usage and bool(
+            request.stream_options and request.stream_options.continuous_usage_stats
         )
-        return JSONResponse(response.model_dump())
+
+        def chunk(choice: ChatCompletionStreamChoice, num_tokens: int = 0) -> str:
+            response = ChatCompletionStreamResponse(
+                id=request_id, created=created, model=self.model_name, choices=[choice]
+            )
+            if continuous_usage:
+                response.usage = usage_info(len(token_ids), num_tokens)
+            return _chunk_json(response)
+
+        try:
+            for index in range(n):
+                delta = DeltaMessage(role=role, content="")
+                yield chunk(ChatCompletionStreamChoice(index=index, delta=delta))
+            await self.run_beam_search(search, request_id, request.priority)
+            beams = self._finished_beams(request, token_ids, search)
+            for index, (reasoning, answer, logprobs, finish_reason, num_tokens) in enumerate(beams):
+                if reasoning:
+                    delta = DeltaMessage(reasoning_content=reasoning)
+                    yield chunk(ChatCompletionStreamChoice(index=index, delta=delta), num_tokens)
+                delta = DeltaMessage(content=answer) if answer else DeltaMessage()
+                choice = ChatCompletionStreamChoice(
+                    index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason
+                )
+                yield chunk(choice, num_tokens)
+            if include_usage:
+                last = ChatCompletionStreamResponse(
+                    id=request_id,
+                    created=created,
+                    model=self.model_name,
+                    choices=[],
+                    usage=usage_info(len(token_ids), sum(beam[4] for beam in beams)),
+                )
+                yield _chunk_json(last)
+        except Exception as exc:
+            yield sse_error(exc)
+        yield SSE_DONE
 
     def _constrain_after_reasoning(self, params: Any, prompt_text: str) -> None:
         """With a reasoning parser, a constraint starts after `</think>` (when the prompt has not

@@ -133,21 +133,42 @@ class OpenAIServingCompletion(OpenAIServing):
             self.input_processor.eos_token_id,
             num_logprobs=request.logprobs or 0,
         )
+        created = int(time.time())
+        if request.stream:
+            return StreamingResponse(
+                self._stream_beams(request, request_id, created, prompts, search),
+                media_type="text/event-stream",
+            )
         try:
             searched = self.run_beam_search(search, request_id, request.priority)
             if await self.run_until_disconnected(raw_request, searched) is None:
                 return self.create_error_response("Client disconnected", status_code=499)
         except Exception as exc:
             return self.error_response_for(exc)
-        choices = []
-        num_prompt_tokens = num_generated_tokens = 0
+        beams = self._beam_choices(request, prompts, search)
+        response = CompletionResponse(
+            id=request_id,
+            created=created,
+            model=self.model_name,
+            choices=[choice for choice, _, _ in beams],
+            usage=usage_info(
+                sum(len(prompt.token_ids) for prompt in prompts),
+                sum(generated for _, _, generated in beams),
+            ),
+        )
+        return JSONResponse(response.model_dump())
+
+    def _beam_choices(
+        self, request: CompletionRequest, prompts: list[_Prompt], search: BeamSearch
+    ) -> list[tuple[CompletionResponseChoice, int, int]]:
+        """A finished search's beams as choices, each with its prompt's and its own token count."""
+        n = request.n or 1
+        beams = []
         for prompt_index, (prompt, output) in enumerate(
             zip(prompts, search.outputs(lambda tokens: ""), strict=True)
         ):
-            num_prompt_tokens += len(prompt.token_ids)
             for beam_index, beam in enumerate(output.sequences):
                 generated = beam.tokens[len(prompt.token_ids) :]
-                num_generated_tokens += len(generated)
                 text = str(self.tokenizer.decode(generated, skip_special_tokens=True))
                 logprobs = None
                 if request.logprobs is not None:
@@ -158,22 +179,52 @@ class OpenAIServingCompletion(OpenAIServing):
                         0,
                         self.tokens_as_ids(request),
                     )
-                choices.append(
-                    CompletionResponseChoice(
-                        index=prompt_index * n + beam_index,
-                        text=(prompt.text if request.echo else "") + text,
-                        logprobs=logprobs,
-                        finish_reason=beam.finish_reason,
-                    )
+                choice = CompletionResponseChoice(
+                    index=prompt_index * n + beam_index,
+                    text=(prompt.text if request.echo else "") + text,
+                    logprobs=logprobs,
+                    finish_reason=beam.finish_reason,
                 )
-        response = CompletionResponse(
-            id=request_id,
-            created=int(time.time()),
-            model=self.model_name,
-            choices=choices,
-            usage=usage_info(num_prompt_tokens, num_generated_tokens),
+                beams.append((choice, len(prompt.token_ids), len(generated)))
+        return beams
+
+    async def _stream_beams(
+        self,
+        request: CompletionRequest,
+        request_id: str,
+        created: int,
+        prompts: list[_Prompt],
+        search: BeamSearch,
+    ) -> AsyncIterator[str]:
+        """A beam search as a stream: each beam whole, in one chunk, once the search ends (until
+        then no text is known to survive), then the usage when asked for. A client that goes
+        away cancels the search with the stream."""
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        continuous_usage = include_usage and bool(
+            request.stream_options and request.stream_options.continuous_usage_stats
         )
-        return JSONResponse(response.model_dump())
+        try:
+            await self.run_beam_search(search, request_id, request.priority)
+            beams = self._beam_choices(request, prompts, search)
+            for choice, num_prompt_tokens, num_tokens in beams:
+                chunk = CompletionStreamResponse(
+                    id=request_id, created=created, model=self.model_name, choices=[choice]
+                )
+                if continuous_usage:
+                    chunk.usage = usage_info(num_prompt_tokens, num_tokens)
+                yield sse_event(chunk.model_dump_json())
+            if include_usage:
+                usage = usage_info(
+                    sum(len(prompt.token_ids) for prompt in prompts),
+                    sum(num_tokens for _, _, num_tokens in beams),
+                )
+                last = CompletionStreamResponse(
+                    id=request_id, created=created, model=self.model_name, choices=[], usage=usage
+                )
+                yield sse_event(last.model_dump_json())
+        except Exception as exc:
+            yield sse_error(exc)
+        yield SSE_DONE
 
     def _prepare_prompts(
         self, request: CompletionRequest, kind: RequestOutputKind

@@ -529,7 +529,6 @@ class OpenAIServing:
         would ignore (its beams are greedy, EOS-only, one-token requests)."""
         response_format = request.response_format
         common = (
-            ("stream", bool(request.stream)),
             ("temperature", bool(request.temperature)),
             ("top_p", request.top_p not in (None, 1.0)),
             ("top_k", request.top_k not in (None, 0, -1)),

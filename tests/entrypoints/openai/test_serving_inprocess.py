@@ -934,9 +934,41 @@ def test_beam_search_logprobs_are_each_beams_own_under_transformers(run, app, en
             assert tops == sorted(tops, reverse=True) and entry["logprob"] <= tops[0] <= 0
 
 
+def test_beam_search_streams_each_beam_whole_once_the_search_ends(run, app) -> None:
+    prompt = [5, 80, 200, 31, 7]
+    body = {"model": NAMES[0], "prompt": prompt, "max_tokens": 5, "n": 2, "ignore_eos": True}
+    body |= {"use_beam_search": True, "logprobs": 2}
+    whole = post(run, app, "/v1/completions", body).json()
+    usage = {"include_usage": True, "continuous_usage_stats": True}
+    events = sse_events(post(run, app, "/v1/completions", {**body, "stream": True,
+                                                            "stream_options": usage}))  # fmt: skip
+    assert events[-1] == "[DONE]"
+    *beams, last = events[:-1]
+    assert [event["choices"][0] for event in beams] == whole["choices"]
+    assert [event["usage"]["completion_tokens"] for event in beams] == [5, 5]
+    assert last["choices"] == [] and last["usage"] == whole["usage"]
+    chat = {"model": NAMES[0], "messages": CHAT, "max_tokens": 4, "n": 2, "ignore_eos": True}
+    chat |= {"use_beam_search": True, "logprobs": True, "top_logprobs": 1}
+    whole = post(run, app, "/v1/chat/completions", chat).json()
+    stream_options = {"include_usage": True}
+    events = sse_events(post(run, app, "/v1/chat/completions", {**chat, "stream": True,
+                                                                 "stream_options": stream_options}))  # fmt: skip
+    assert events[-1] == "[DONE]"
+    *choices, last = events[:-1]
+    # Each choice's role first, then its whole beam with its finish reason and logprobs.
+    roles = [event["choices"][0] for event in choices[:2]]
+    assert [(c["index"], c["delta"]["role"]) for c in roles] == [(0, "assistant"), (1, "assistant")]
+    for want, event in zip(whole["choices"], choices[2:], strict=True):
+        (got,) = event["choices"]
+        assert got["index"] == want["index"]
+        assert got["delta"]["content"] == want["message"]["content"]
+        assert got["finish_reason"] == want["finish_reason"] == "length"
+        assert got["logprobs"] == want["logprobs"]
+    assert last["usage"] == whole["usage"]
+
+
 def test_beam_search_refuses_what_it_cannot_do_by_name(run, app) -> None:
     body = {"model": NAMES[0], "prompt": "hi", "max_tokens": 3, "use_beam_search": True}
-    assert_error(post(run, app, "/v1/completions", {**body, "stream": True}), 400, "", "stream")
     echo_logprobs = {**body, "logprobs": 1, "echo": True}
     assert_error(post(run, app, "/v1/completions", echo_logprobs), 400, "", "echo")
     assert_error(
@@ -950,7 +982,6 @@ def test_beam_search_refuses_what_it_cannot_do_by_name(run, app) -> None:
     }
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     for field, value in (
-        ("stream", True),
         ("temperature", 0.7),
         ("top_p", 0.5),
         ("presence_penalty", 0.5),
