@@ -83,14 +83,14 @@ class WeightPlan:
             if not self.block_gemm:  # off the CPU kernels: the model's dtype throughout
                 return UnquantizedLinearMethod()
             decoder_dtype = self.decoder_dtype if self.uses_cpu_decoder else None
-            return HalfLinearMethod(decoder_dtype, self.batched_dtype)
+            return HalfLinearMethod(decoder_dtype, self.batched_dtype, self.bf16_blocks)
         if self.linear_method == "gguf":
             return GGUFLinearMethod(
                 self.block_gemm, self.batched_dtype, self.bf16_blocks, self.int8_blocks
             )
         if self.linear_method == "float16":
             decoder_dtype = self.decoder_dtype if self.uses_cpu_decoder else None
-            return HalfLinearMethod(decoder_dtype, self.batched_dtype)
+            return HalfLinearMethod(decoder_dtype, self.batched_dtype, self.bf16_blocks)
         return UnquantizedLinearMethod()
 
     @contextmanager
@@ -114,7 +114,12 @@ class WeightPlan:
         if "gguf-blocks" in kinds:
             parts.append("as GGUF blocks")
         if "float16" in kinds:
-            parts.append("float16 in fbgemm")
+            on_kernels = any(
+                getattr(layer.method, "on_block_gemm", False)
+                for layer in _linear_layers(model)
+                if layer.method.kind == "float16"
+            )
+            parts.append("16-bit on the block kernels" if on_kernels else "float16 in fbgemm")
         if not parts:
             return ""
         repacked = sorted(
@@ -183,6 +188,8 @@ def decide_weight_plan(
             bf16_blocks=block_gemm and batched_dtype == torch.bfloat16 and bf16_blocks_pay(),
             int8_blocks=block_gemm and int8_blocks_requested(),
         )
+    from pagoda.cpu.matrix import block_gemm_available
+
     bfloat16 = _config_dtype(model_config.hf_config) == "bfloat16"
     return WeightPlan(
         "float16",
@@ -190,6 +197,9 @@ def decide_weight_plan(
         decoder_reason=decoder_reason,
         decoder_dtype=torch.bfloat16 if bfloat16 else torch.float16,
         batched_dtype=batched_dtype,
+        bf16_blocks=(
+            batched_dtype == torch.bfloat16 and block_gemm_available() and bf16_blocks_pay()
+        ),
     )
 
 

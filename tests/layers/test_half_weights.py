@@ -76,3 +76,34 @@ def test_weight_dtype_follows_the_checkpoint_and_an_explicit_dtype(tmp_path) -> 
     explicit = EngineArgs(model=str(bf16_dir), device="cpu", dtype="float32")
     explicit_plan = decide_weight_plan(explicit.create_engine_config().model_config, cpu)
     assert explicit_plan.linear_method == "float"
+
+
+class _Joined(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = MergedColumnParallelLinear(64, [40, 24], bias=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_a_decoder_copy_on_the_block_gemm_is_the_only_copy_and_exact(dtype: torch.dtype) -> None:
+    """With the C kernels, the decoder's 16-bit copy serves every step (the decoder's matmul for
+    a few tokens, the float32 block GEMM for more): fbgemm keeps none, and the products are
+    float32 ones on the copy's exact values, summed in another order."""
+    from pagoda.cpu.matrix import block_gemm_available
+
+    if not block_gemm_available():
+        pytest.skip("needs the compiled block GEMM (AVX2 and FMA)")
+    torch.manual_seed(1)
+    with linear_methods(lambda layer: HalfLinearMethod(decoder_dtype=dtype)):
+        model = _Joined()
+    for param in model.parameters():
+        param.data.normal_()
+    weight, bias = model.up.weight.detach().to(dtype).double(), model.up.bias.detach().double()
+    process_weights(model)
+    method = model.up.method
+    assert method.kind == "float16" and method.on_block_gemm and method._batched is None
+    assert method.held_bytes(model.up) == 64 * 64 * 2  # the one 16-bit copy
+    for tokens in (1, 5, 8, 40):  # the decoder's matmul below 8 tokens, the block GEMM from 8
+        x = torch.randn(tokens, 64)
+        want = (x.double() @ weight.T + bias).float()
+        torch.testing.assert_close(model.up(x), want, rtol=1e-5, atol=1e-5)

@@ -35,16 +35,18 @@ void pagoda_matmul_joined(const pg_matrix *const *mats, int count, const float *
 #define PG_CHUNK 24  /* tokens per chunk: three vectors */
 #define PG_FEW_TOKENS 8 /* below this many tokens, the decoder's matmul is faster */
 
-/* The PG_NR-row tiles of `count` (1 to 8) block matrices sharing their inputs: matrix m's tiles
- * are [tiles[m], tiles[m + 1]) and its outputs the columns [columns[m], columns[m + 1]). Returns
- * -1 unless every matrix is in a block format with the same multiple of 32 inputs. */
+/* The PG_NR-row tiles of `count` (1 to 8) matrices sharing their inputs: matrix m's tiles are
+ * [tiles[m], tiles[m + 1]) and its outputs the columns [columns[m], columns[m + 1]). Returns -1
+ * unless every matrix is in a block format, float16 or bfloat16, with the same multiple of 32
+ * inputs. */
 static int plan_tiles(const pg_matrix *const *mats, int count, int64_t tiles[9],
                       int64_t columns[9]) {
     if (count < 1 || count > 8) return -1;
     const int64_t cols = mats[0]->cols;
     for (int m = 0; m < count; ++m) {
-        if (!is_block_format(mats[m]->format) || mats[m]->cols != cols || cols % 32 != 0 ||
-            (mats[m]->format == PG_Q6_K && cols % 256 != 0))
+        const int64_t format = mats[m]->format;
+        if (!(is_block_format(format) || format == PG_F16 || format == PG_BF16) ||
+            mats[m]->cols != cols || cols % 32 != 0 || (format == PG_Q6_K && cols % 256 != 0))
             return -1;
         tiles[m + 1] = tiles[m] + (mats[m]->rows + PG_NR - 1) / PG_NR;
         columns[m + 1] = columns[m] + mats[m]->rows;
@@ -164,9 +166,34 @@ static inline __attribute__((always_inline)) void widen_tile_as(const pg_matrix 
     }
 }
 
+/* Rows n0 .. n0 + rows - 1 of a float16 or bfloat16 matrix (the rest of the tile zero), inputs
+ * k0 .. k0 + kc - 1, as float32 (exact) into w_tile [PG_NR][PG_KC]. */
+static void widen_tile_half(const pg_matrix *w, int64_t n0, int64_t rows, int64_t k0, int64_t kc,
+                            float *w_tile) {
+    for (int64_t i = rows; i < PG_NR; ++i) memset(w_tile + i * PG_KC, 0, (size_t)kc * sizeof(float));
+    for (int64_t i = 0; i < rows; ++i) {
+        if (i + 8 < rows) {
+            const char *ahead = (const char *)(w->data + (n0 + i + 8) * w->row_bytes + 2 * k0);
+            for (int64_t byte = 0; byte < 2 * kc; byte += 64) _mm_prefetch(ahead + byte, _MM_HINT_T0);
+        }
+        const uint16_t *src = (const uint16_t *)(w->data + (n0 + i) * w->row_bytes) + k0;
+        float *out = w_tile + i * PG_KC;
+        for (int64_t k = 0; k < kc; k += 8) {
+            const __m128i h = _mm_loadu_si128((const __m128i *)(src + k));
+            const __m256 value =
+                w->format == PG_F16
+                    ? _mm256_cvtph_ps(h)
+                    : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+            _mm256_storeu_ps(out + k, value);
+        }
+    }
+}
+
 static void widen_tile(const pg_matrix *w, int64_t n0, int64_t rows, int64_t k0, int64_t kc,
                        float *w_tile) {
     switch (w->format) {
+    case PG_F16:
+    case PG_BF16: widen_tile_half(w, n0, rows, k0, kc, w_tile); break;
     case PG_Q8_0: widen_tile_as(w, PG_Q8_0, 0, n0, rows, k0, kc, w_tile); break;
     case PG_Q4_0: widen_tile_as(w, PG_Q4_0, 0, n0, rows, k0, kc, w_tile); break;
     case PG_Q4_1: widen_tile_as(w, PG_Q4_1, 0, n0, rows, k0, kc, w_tile); break;
@@ -317,9 +344,36 @@ static inline __attribute__((always_inline)) void widen_tile_bf16_as(const pg_ma
     }
 }
 
+/* Rows of a float16 or bfloat16 matrix as bfloat16 pairs wp [PG_NR][PG_KC / 2]: bfloat16 as
+ * stored, float16 rounded to nearest even (what torch's .to(bfloat16) gives). */
+static void widen_tile_half_bf16(const pg_matrix *w, int64_t n0, int64_t rows, int64_t k0,
+                                 int64_t kc, uint32_t *wp) {
+    for (int64_t i = rows; i < PG_NR; ++i)
+        memset(wp + i * (PG_KC / 2), 0, (size_t)(kc / 2) * sizeof(uint32_t));
+    for (int64_t i = 0; i < rows; ++i) {
+        if (i + 8 < rows) {
+            const char *ahead = (const char *)(w->data + (n0 + i + 8) * w->row_bytes + 2 * k0);
+            for (int64_t byte = 0; byte < 2 * kc; byte += 64) _mm_prefetch(ahead + byte, _MM_HINT_T0);
+        }
+        const uint16_t *src = (const uint16_t *)(w->data + (n0 + i) * w->row_bytes) + k0;
+        uint32_t *out = wp + i * (PG_KC / 2);
+        if (w->format == PG_BF16) {
+            memcpy(out, src, (size_t)kc * sizeof(uint16_t));
+            continue;
+        }
+        for (int64_t k = 0; k < kc; k += 32) {
+            const __m512 lo = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + k)));
+            const __m512 hi = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + k + 16)));
+            _mm512_storeu_si512(out + k / 2, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+    }
+}
+
 static void widen_tile_bf16(const pg_matrix *w, int64_t n0, int64_t rows, int64_t k0, int64_t kc,
                             uint32_t *wp) {
     switch (w->format) {
+    case PG_F16:
+    case PG_BF16: widen_tile_half_bf16(w, n0, rows, k0, kc, wp); break;
     case PG_Q8_0: widen_tile_bf16_as(w, PG_Q8_0, 0, n0, rows, k0, kc, wp); break;
     case PG_Q4_0: widen_tile_bf16_as(w, PG_Q4_0, 0, n0, rows, k0, kc, wp); break;
     case PG_Q4_1: widen_tile_bf16_as(w, PG_Q4_1, 0, n0, rows, k0, kc, wp); break;

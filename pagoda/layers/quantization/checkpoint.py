@@ -154,7 +154,7 @@ class CheckpointQuantMethod(LinearMethod):
         if not self._parts:
             decoder_dtype = self.plan.decoder_dtype if self.plan.uses_cpu_decoder else None
             self._inner = (
-                HalfLinearMethod(decoder_dtype, self.plan.batched_dtype)
+                HalfLinearMethod(decoder_dtype, self.plan.batched_dtype, self.plan.bf16_blocks)
                 if self.plan.block_gemm
                 else UnquantizedLinearMethod()
             )
