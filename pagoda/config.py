@@ -164,6 +164,9 @@ class EngineConfig:
     structured_outputs_config: dict[str, Any] = field(default_factory=lambda: {"backend": "auto"})
     # --speculative-config, validated; None: no speculative decoding.
     speculative_config: SpeculativeConfig | None = None
+    # The draft model of speculative_config's method "draft_model" (same vocabulary, the
+    # target's max_model_len and dtype rules); None otherwise.
+    draft_model_config: ModelConfig | None = None
     # Seconds between the core's snapshots of its requests and KV blocks (the server's live
     # page and /stats); None: none (the offline LLM).
     snapshot_interval: float | None = None
@@ -265,6 +268,16 @@ class EngineArgs:
             max_model_len=max_model_len,
             policy=self.scheduling_policy,
         )
+        speculative_config = (
+            None
+            if self.speculative_config is None
+            else SpeculativeConfig.from_dict(self.speculative_config)
+        )
+        draft_model_config = None
+        if speculative_config is not None and speculative_config.model is not None:
+            draft_model_config = self._draft_model_config(
+                speculative_config.model, model_config, device
+            )
         return EngineConfig(
             model_config=model_config,
             cache_config=cache_config,
@@ -279,11 +292,8 @@ class EngineArgs:
             data_parallel_size=self.data_parallel_size,
             distributed_executor_backend=self.distributed_executor_backend or "mp",
             structured_outputs_config={"backend": "auto", **(self.structured_outputs_config or {})},
-            speculative_config=(
-                None
-                if self.speculative_config is None
-                else SpeculativeConfig.from_dict(self.speculative_config)
-            ),
+            speculative_config=speculative_config,
+            draft_model_config=draft_model_config,
             snapshot_interval=(
                 SERVER_SNAPSHOT_INTERVAL
                 if self.usage_context == "server" and not self.disable_ui
@@ -378,6 +388,31 @@ class EngineArgs:
             )
         if self.usage_context not in ("llm", "server"):
             raise ValueError(f"usage_context must be 'llm' or 'server', got {self.usage_context!r}")
+
+    def _draft_model_config(self, draft: str, target: ModelConfig, device: str) -> ModelConfig:
+        """The draft model's config: resolved like --model, at the target's max_model_len and
+        with the target's dtype choice. Raises ValueError naming speculative_config.model when it
+        cannot draft for the target (another vocabulary, a shorter context)."""
+        fields = dataclasses.replace(
+            self,
+            model=draft,
+            tokenizer=None,
+            revision=None,
+            quantization=None,
+            max_model_len=target.max_model_len,
+            speculative_config=None,
+        )
+        try:
+            config = fields._create_model_config(device)
+        except (ValueError, OSError) as error:  # OSError: no such model
+            raise ValueError(f"speculative_config.model {draft!r}: {error}") from error
+        if config.vocab_size != target.vocab_size:
+            raise ValueError(
+                f"speculative_config.model {draft!r} has a vocabulary of {config.vocab_size} "
+                f"tokens, the target {target.vocab_size}: a draft model must share the "
+                "target's vocabulary"
+            )
+        return config
 
     def _create_model_config(self, device: str) -> ModelConfig:
         from pagoda.loader.resolve import resolve_model

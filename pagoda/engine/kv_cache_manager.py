@@ -111,8 +111,11 @@ class KVCacheManager:
         num_new_tokens: int,
         new_computed_blocks: list[KVCacheBlock] | None = None,
         num_new_computed_tokens: int = 0,
+        num_lookahead_tokens: int = 0,
     ) -> list[KVCacheBlock] | None:
-        """Make `request` hold enough blocks for its computed, newly hit and new tokens.
+        """Make `request` hold enough blocks for its computed, newly hit and new tokens, and
+        `num_lookahead_tokens` slots after them (a draft model's own K/V for its drafts, which
+        are never cached: only blocks full of the request's tokens are).
 
         `new_computed_blocks`/`num_new_computed_tokens` are a prefix hit from
         `get_computed_blocks`. Returns the newly allocated blocks (not the hit ones), or None,
@@ -121,7 +124,7 @@ class KVCacheManager:
         computed_blocks = new_computed_blocks or []
         req_blocks = self.req_to_blocks.get(request.request_id, [])
         num_total_tokens = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
-        num_required_blocks = -(-num_total_tokens // self.block_size)
+        num_required_blocks = -(-(num_total_tokens + num_lookahead_tokens) // self.block_size)
         num_new_blocks = max(0, num_required_blocks - len(req_blocks) - len(computed_blocks))
         # A hit block with no reference sits in the free queue; touching it takes it out, so it
         # costs a free block just like a new one.

@@ -137,7 +137,8 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             drafts = self._drafts_to_verify(request, num_new, budget)
             scheduled = True
-            while kv.allocate_slots(request, num_new + len(drafts)) is None:
+            lookahead = self._lookahead(request.num_computed_tokens + num_new + len(drafts))
+            while kv.allocate_slots(request, num_new + len(drafts), None, 0, lookahead) is None:
                 victim = self._preemption_victim(index, busy)
                 self._preempt(victim)
                 plan.preempted_request_ids.append(victim.request_id)
@@ -178,7 +179,11 @@ class Scheduler:
                 if not self.config.enable_chunked_prefill:
                     break
                 num_new = budget
-            if kv.allocate_slots(request, num_new, computed_blocks, num_computed) is None:
+            lookahead = self._lookahead(num_computed + num_new)
+            if (
+                kv.allocate_slots(request, num_new, computed_blocks, num_computed, lookahead)
+                is None
+            ):
                 break
             self.waiting.popleft()
             self.running.append(request)
@@ -240,6 +245,14 @@ class Scheduler:
         if rows:
             plan.grammar_rows = rows
             plan.grammar_bitmask = manager.bitmask([sampling[i] for i in rows])
+
+    def _lookahead(self, num_tokens: int) -> int:
+        """Slots a request of `num_tokens` (computed and scheduled) needs beyond them for a draft
+        model's own drafts, within the model's length."""
+        config = self.speculative_config
+        if config is None:
+            return 0
+        return max(0, min(config.num_lookahead_tokens, self.max_model_len - num_tokens))
 
     def _drafts_to_verify(self, request: Request, num_new: int, budget: int) -> list[int]:
         """The drafts `request` verifies this step: its proposal when it is decoding (one new

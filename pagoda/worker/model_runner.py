@@ -112,8 +112,11 @@ class ModelRunner:
         self.proposer: NgramProposer | None = None
         self.token_history = TokenHistory()
         spec = config.speculative_config
-        if spec is not None and self.is_last_stage and self.tp_rank == 0:
+        if spec is not None and spec.method == "ngram" and self.is_last_stage and self.tp_rank == 0:
             self.proposer = NgramProposer(spec)
+        # A draft model's proposer (`pagoda.worker.draft_proposer`), set by the worker: it
+        # follows every step's tokens into its own KV cache and drafts after sampling.
+        self.draft_proposer: Any = None
 
     def load_model(self) -> None:
         """Build the model under the weight plan, load the checkpoint's weights, process them,
@@ -200,12 +203,13 @@ class ModelRunner:
         per_token = sum(2 * layer.num_kv_heads * layer.head_dim for layer in self.attention_layers)
         return per_token * element_size * self.block_size
 
-    def determine_num_blocks(self) -> int:
-        """KV cache blocks that fit the memory budget, measured after the model is loaded."""
+    def determine_num_blocks(self, extra_bytes_per_block: int = 0) -> int:
+        """KV cache blocks that fit the memory budget, measured after the model is loaded; each
+        block also costs `extra_bytes_per_block` (a draft model's K/V for the same tokens)."""
         override = self.cache_config.num_gpu_blocks_override
         if override is not None:
             return override
-        bytes_per_block = self.kv_bytes_per_block()
+        bytes_per_block = self.kv_bytes_per_block() + extra_bytes_per_block
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             free, total = torch.cuda.mem_get_info(self.device)
@@ -268,13 +272,22 @@ class ModelRunner:
             )
 
     def _build_layout(self, plan: SchedulerOutput) -> StepLayout:
-        query_len = np.fromiter((len(s.token_ids) for s in plan.scheduled), dtype=np.int64)
+        return self.build_layout(
+            [len(s.token_ids) for s in plan.scheduled],
+            [s.num_computed_tokens for s in plan.scheduled],
+            [s.block_ids for s in plan.scheduled],
+        )
+
+    def build_layout(
+        self, query_lens: list[int], starts: list[int], block_ids: list[list[int]]
+    ) -> StepLayout:
+        """The step layout of requests computing `query_lens[i]` tokens from position
+        `starts[i]`, their K/V in the blocks `block_ids[i]`."""
+        query_len = np.asarray(query_lens, dtype=np.int64)
         query_start = np.zeros(len(query_len) + 1, dtype=np.int64)
         np.cumsum(query_len, out=query_start[1:])
-        context_len = np.fromiter(
-            (s.num_computed_tokens + len(s.token_ids) for s in plan.scheduled), dtype=np.int64
-        )
-        block_tables = [np.asarray(s.block_ids, dtype=np.int64) for s in plan.scheduled]
+        context_len = np.asarray(starts, dtype=np.int64) + query_len
+        block_tables = [np.asarray(ids, dtype=np.int64) for ids in block_ids]
         positions = np.concatenate(
             [np.arange(c - q, c, dtype=np.int64) for c, q in zip(context_len, query_len)]
         )
@@ -294,6 +307,39 @@ class ModelRunner:
             block_size=self.block_size,
             padding_slot=self.num_blocks * self.block_size,
         )
+
+    def forward_logits(
+        self, token_ids: list[int], layout: StepLayout, rows: np.ndarray
+    ) -> torch.Tensor:
+        """The logits [R, V] (float32) at token rows `rows` of one forward pass of `token_ids`
+        laid out by `layout`, writing their K/V into this runner's cache: on the C decoder when
+        every token is a row and the step fits it, else in PyTorch (one stage only)."""
+        assert self.model is not None, "load_model() first"
+        decoder = self.cpu_decoder
+        num_tokens = len(token_ids)
+        if (
+            decoder is not None
+            and decoder.bound
+            and num_tokens <= decoder.max_tokens
+            and len(rows) == num_tokens
+        ):
+            owner = np.repeat(np.arange(len(layout.query_len)), layout.query_len)  # [T]
+            logits = decoder.decode(
+                np.asarray(token_ids, dtype=np.int64),
+                layout.positions,
+                layout.slot_mapping,
+                layout.padded_block_table(owner),
+                layout.positions + 1,
+            )  # [T, V]
+            return logits if np.array_equal(rows, np.arange(num_tokens)) else logits[rows]
+        input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        positions = torch.from_numpy(layout.positions).to(self.device)
+        metadata = self.backend.build_metadata(layout, self.device)
+        context = ForwardContext(self.backend, metadata, self.kv_caches)
+        with set_forward_context(context):
+            hidden_states = self.model(input_ids, positions)  # [T, hidden]
+        index = torch.from_numpy(rows).to(self.device)
+        return self.model.compute_logits(hidden_states[index]).float()
 
     def _runs_on_cpu_decoder(
         self, plan: SchedulerOutput, layout: StepLayout, sampling: list[int], num_rows: int
@@ -357,7 +403,10 @@ class ModelRunner:
                 return ModelRunnerOutput(sampled_token_ids={})
             prompt_logprobs = self._prompt_logprobs(plan, layout, hidden_states)
             if not sampling:
-                return ModelRunnerOutput(sampled_token_ids={}, prompt_logprobs=prompt_logprobs)
+                output = ModelRunnerOutput(sampled_token_ids={}, prompt_logprobs=prompt_logprobs)
+                if self.draft_proposer is not None:  # the draft follows the prompt's chunk
+                    self.draft_proposer.propose(plan, {}, set())
+                return output
             ends = layout.query_start[1:][sampling]  # [S]
             rows = np.concatenate([np.arange(e - c, e) for e, c in zip(ends, row_counts)])
             last_rows = torch.from_numpy(rows).to(self.device)
@@ -384,6 +433,17 @@ class ModelRunner:
         output = ModelRunnerOutput(dict(zip(request_ids, tokens)), logprobs, prompt_logprobs)
         if self.proposer is not None:
             output.spec_token_ids = self._propose(request_ids, states)
+        elif self.draft_proposer is not None:
+            # Constrained requests draft nothing (their matcher would have to judge tokens it
+            # has not accepted); the draft still follows their tokens.
+            wanted = {
+                r
+                for r, state in zip(request_ids, states)
+                if state.params.structured_outputs is None
+            }
+            output.spec_token_ids = self.draft_proposer.propose(
+                plan, output.sampled_token_ids, wanted
+            )
         return output
 
     def _sample(

@@ -13,6 +13,7 @@ import torch
 
 from pagoda.config import EngineConfig
 from pagoda.engine.plan import ModelRunnerOutput, SchedulerOutput
+from pagoda.worker.draft_proposer import DraftModelProposer
 from pagoda.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -47,15 +48,26 @@ class Worker:
         # reproducible for a given engine seed, as with vLLM's --seed.
         torch.manual_seed(config.model_config.seed)
         self.model_runner = ModelRunner(config, rank=rank)
+        # Speculative decoding with a draft model: a second runner beside the target's, its KV
+        # cache in the same blocks (`pagoda.worker.draft_proposer`).
+        self.draft: DraftModelProposer | None = None
+        if config.draft_model_config is not None:
+            self.draft = DraftModelProposer(config, self.model_runner.backend)
+            self.model_runner.draft_proposer = self.draft
 
     def load_model(self) -> None:
         self.model_runner.load_model()
+        if self.draft is not None:
+            self.draft.load_model()
 
     def determine_num_blocks(self) -> int:
-        return self.model_runner.determine_num_blocks()
+        extra = self.draft.kv_bytes_per_block() if self.draft is not None else 0
+        return self.model_runner.determine_num_blocks(extra)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.model_runner.initialize_kv_cache(num_blocks)
+        if self.draft is not None:
+            self.draft.initialize_kv_cache(num_blocks)
 
     def execute_model(self, plan: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(plan)

@@ -32,8 +32,8 @@ def test_ngram_defaults_follow_vllm() -> None:
         ({"method": "ngram"}, "num_speculative_tokens is required"),
         ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be"),
         ({"method": "ngram", "num_speculative_tokens": True}, "num_speculative_tokens must be"),
-        ({"method": "nope", "num_speculative_tokens": 2}, "method must be 'ngram'"),
-        ({"num_speculative_tokens": 2}, "method must be 'ngram'"),
+        ({"method": "nope", "num_speculative_tokens": 2}, "method must be 'ngram' or"),
+        ({"num_speculative_tokens": 2}, "method must be 'ngram' or"),
         (
             {
                 "method": "ngram",
@@ -44,7 +44,8 @@ def test_ngram_defaults_follow_vllm() -> None:
             "prompt_lookup_min (4) must be <= prompt_lookup_max (2)",
         ),
         ({"method": "ngram", "num_speculative_tokens": 2, "typo": 1}, "unsupported keys ['typo']"),
-        ({"model": "tiny-draft", "num_speculative_tokens": 2}, "a draft model (`model`)"),
+        ({"model": "", "num_speculative_tokens": 2}, "speculative_config.model must name"),
+        ({"model": "tiny-draft"}, "num_speculative_tokens is required"),
         ({"method": "eagle", "num_speculative_tokens": 2}, "method 'eagle' is not supported"),
         ("ngram", "must be a dict"),
     ],

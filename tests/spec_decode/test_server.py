@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -82,3 +83,44 @@ def test_a_bad_config_stops_the_server_naming_the_key() -> None:
     )
     assert result.returncode != 0
     assert "speculative_config.num_speculative_tokens must be a positive integer" in result.stderr
+
+
+def test_a_draft_model_serves_the_targets_tokens_through_the_client(
+    server: RemoteServer, tmp_path: Path
+) -> None:
+    """The default model drafting for itself (its own GGUF file as the draft model): every
+    greedy draft is accepted, and the text is the n-gram server's, streamed or whole."""
+    config = {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "num_speculative_tokens": 3}
+    drafted = RemoteServer(
+        ["--max-model-len", "1024", "--speculative-config", json.dumps(config)],
+        log_path=tmp_path / "draft.log",
+    )
+    try:
+        messages = [{"role": "user", "content": f"Repeat exactly: {PASSAGE}"}]
+        answers = []
+        for remote in (server, drafted):
+            client = openai.OpenAI(base_url=f"{remote.url}/v1", api_key="unused", max_retries=0)
+            answers.append(
+                client.chat.completions.create(
+                    model="",
+                    messages=messages,
+                    max_tokens=24,
+                    temperature=0,  # type: ignore[arg-type]
+                )
+                .choices[0]
+                .message.content
+            )
+            if remote is drafted:
+                stream = client.chat.completions.create(
+                    model="", messages=messages, max_tokens=24, temperature=0, stream=True,  # type: ignore[arg-type]
+                )  # fmt: skip
+                text = "".join(
+                    chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices
+                )
+                assert text == answers[-1]
+        assert answers[0] == answers[1]
+        found = samples(drafted)
+        drafts = found[("vllm:spec_decode_num_draft_tokens_total", ())]
+        assert drafts > 0 and found[("vllm:spec_decode_num_accepted_tokens_total", ())] == drafts
+    finally:
+        assert drafted.stop() == 0, drafted.log_tail()
