@@ -437,7 +437,7 @@ def _add_scheduler_parallel_device_args(parser: argparse.ArgumentParser) -> None
         help='speculative decoding, vLLM\'s JSON: \'{"method": "ngram", '
         '"num_speculative_tokens": 4, "prompt_lookup_max": 5, "prompt_lookup_min": 2}\' '
         "drafts tokens by prompt lookup and verifies them in one pass (exact: greedy output "
-        "unchanged, sampling keeps its distribution); '{\"model\": PATH, "
+        'unchanged, sampling keeps its distribution); \'{"model": PATH, '
         '"num_speculative_tokens": 3}\' drafts with a smaller model of the same vocabulary; '
         "disable_by_batch_size: no drafts above that many running requests",
     )
