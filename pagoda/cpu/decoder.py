@@ -164,7 +164,7 @@ class CPUDecoder:
             layers[index].window = attention.attn.sliding_window or 0
             layers[index].scale = attention.attn.scale
         self._layers = layers
-        embedding = inner.embed_tokens.weight
+        embedding = inner.embed_tokens.weight  # empty once dropped for its stored blocks
         stored_embedding = getattr(embedding, "stored_matrix", None)
         embed = (
             block_matrix(stored_embedding, None, keep, interleave=False)
@@ -177,7 +177,7 @@ class CPUDecoder:
         qkv = first.self_attn.qkv_proj
         self._model = _Model(
             num_layers=self.num_layers,
-            hidden=embedding.shape[1],
+            hidden=inner.embed_tokens.embedding_dim,
             num_heads=qkv.num_heads,
             num_kv_heads=qkv.num_kv_heads,
             head_dim=first.self_attn.head_dim,

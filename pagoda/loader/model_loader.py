@@ -18,6 +18,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from pagoda.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagoda.loader.safetensors import iterate_safetensors
 from pagoda.models.registry import resolve_model_class
 from pagoda.models.utils import CausalLM, set_default_torch_dtype
@@ -133,3 +134,7 @@ def process_weights(model: nn.Module) -> None:
 
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
         list(pool.map(process, layers))
+    # Then the tables whose float copies no layer needs any more.
+    for module in model.modules():
+        if isinstance(module, VocabParallelEmbedding) and not isinstance(module, ParallelLMHead):
+            module.drop_float_table(model)

@@ -797,3 +797,27 @@ def test_llama3_rope_frequency_factors_become_the_configs_rope_parameters(
     assert parameters["factors"] == pytest.approx(factors.tolist())
     # Not a weight: the tensor is read into the config only.
     assert "rope_freqs.weight" not in dict(iterate_gguf_weights(with_factors))
+
+
+def test_a_stored_embedding_table_keeps_no_float_copy_and_looks_up_its_blocks(
+    real_gguf: Path,
+) -> None:
+    """The default model's tied Q8_0 table: after loading, lookups widen only the rows asked for
+    (the file's values exactly) and the tied head multiplies the blocks; no float table stays."""
+    from pagoda import LLM, SamplingParams
+
+    llm = LLM(str(real_gguf), max_model_len=256)
+    model: Any = llm.llm_engine.engine_core.executor.worker.model_runner.model
+    embed_tokens = model.model.embed_tokens
+    assert embed_tokens.weight.numel() == 0
+    reader = gguf.GGUFReader(real_gguf)
+    (table,) = [t for t in reader.tensors if t.name == "token_embd.weight"]
+    want = torch.from_numpy(gguf.quants.dequantize(np.array(table.data), table.tensor_type))
+    ids = torch.tensor([[0, 1, 49151], [17, 17, 300]])
+    with torch.no_grad():
+        got = embed_tokens(ids)
+    assert got.shape == (2, 3, 576) and torch.equal(got, want[ids])
+    (output,) = llm.generate(
+        ["The capital of France is"], SamplingParams(temperature=0, max_tokens=4)
+    )
+    assert "Paris" in output.outputs[0].text
