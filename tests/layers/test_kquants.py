@@ -109,9 +109,12 @@ def test_other_types_stay_as_they_are_unless_requantizing_is_asked(qtype: Q) -> 
     assert repack_for_kernels(GGUFMatrix(qtype, random_blocks(qtype, 4, 256), 256)) is None
 
 
-def _k_quant_file(model_dir: Path, path: Path, layer_type: Q, down_type: Q, output_type: Q) -> Path:
+def _k_quant_file(
+    model_dir: Path, path: Path, layer_type: Q, down_type: Q, output_type: Q, embed_type: Q | None
+) -> Path:
     """The tiny model with random blocks: its layers' matrices in `layer_type`, the down
-    projections in `down_type`, the output matrix in `output_type`."""
+    projections in `down_type`, the output matrix in `output_type`, the embedding table in
+    `embed_type` (None: as converted)."""
     plain = hf_to_gguf(model_dir, path.with_suffix(".f16.gguf"), "llama", "tiny-llama")
     reader = gguf.GGUFReader(plain)
     tensors: list[tuple[str, np.ndarray, Any]] = []
@@ -120,10 +123,13 @@ def _k_quant_file(model_dir: Path, path: Path, layer_type: Q, down_type: Q, outp
             qtype = down_type if "ffn_down" in tensor.name else layer_type
             cols, rows = (int(v) for v in tensor.shape)
             tensors.append((tensor.name, random_blocks(qtype, rows, cols, seed=index), qtype))
-        elif tensor.name == "output.weight":
+        elif tensor.name == "output.weight" or (
+            tensor.name == "token_embd.weight" and embed_type is not None
+        ):
+            qtype = output_type if tensor.name == "output.weight" else embed_type
+            assert qtype is not None
             cols, rows = (int(v) for v in tensor.shape)
-            blocks = random_blocks(output_type, rows, cols, seed=index)
-            tensors.append((tensor.name, blocks, output_type))
+            tensors.append((tensor.name, random_blocks(qtype, rows, cols, seed=index), qtype))
         else:
             qtype = tensor.tensor_type
             tensors.append(
@@ -139,9 +145,12 @@ def _k_quant_file(model_dir: Path, path: Path, layer_type: Q, down_type: Q, outp
     return write_gguf(path, "llama", metadata, tensors)
 
 
-# Q4_K_M-like (Q4_K layers, Q6_K down projections and output), and the other K-quants: Q5_K
-# layers, Q3_K down projections, a Q2_K output matrix.
-FILES = {"q4_k_m": (Q.Q4_K, Q.Q6_K, Q.Q6_K), "q5_k_q3_k_q2_k": (Q.Q5_K, Q.Q3_K, Q.Q2_K)}
+# Q4_K_M-like (Q4_K layers and embedding table, Q6_K down projections and output), and the other
+# K-quants: Q5_K layers, Q3_K down projections, a Q2_K output matrix (the table as converted).
+FILES = {
+    "q4_k_m": (Q.Q4_K, Q.Q6_K, Q.Q6_K, Q.Q4_K),
+    "q5_k_q3_k_q2_k": (Q.Q5_K, Q.Q3_K, Q.Q2_K, None),
+}
 
 
 @pytest.fixture(scope="module", params=list(FILES))
@@ -191,10 +200,13 @@ def test_k_quant_layers_hold_blocks_and_only_q2_k_is_widened(
     qkv, down, head = layer.self_attn.qkv_proj, layer.mlp.down_proj, runner.model.lm_head
     assert qkv.method.kind == down.method.kind == "gguf-blocks"
     assert qkv.weight.numel() == down.weight.numel() == 0  # no float copy
+    embed_tokens = runner.model.model.embed_tokens
+    assert embed_tokens.weight.numel() == 0  # looked up from blocks: no float table
     if name == "q4_k_m":
         assert qkv.method.repacked == {"Q4_K"}
         assert down.method.repacked == set()  # Q6_K, read as stored
         assert head.method.kind == "gguf-blocks"
+        assert embed_tokens.weight.stored_matrix.qtype == Q.Q4_1  # the Q4_K table, rewritten
         # The C decoder runs the decode steps on the same blocks.
         assert runner.cpu_decoder is not None
     else:
