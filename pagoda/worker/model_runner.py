@@ -321,7 +321,7 @@ class ModelRunner:
             decoder is not None
             and decoder.bound
             and num_tokens <= decoder.max_tokens
-            and len(rows) == num_tokens
+            and np.array_equal(rows, np.arange(num_tokens))
         ):
             owner = np.repeat(np.arange(len(layout.query_len)), layout.query_len)  # [T]
             logits = decoder.decode(
@@ -330,8 +330,8 @@ class ModelRunner:
                 layout.slot_mapping,
                 layout.padded_block_table(owner),
                 layout.positions + 1,
-            )  # [T, V]
-            return logits if np.array_equal(rows, np.arange(num_tokens)) else logits[rows]
+            )  # [T, V]: every token is a row, in order
+            return logits
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         positions = torch.from_numpy(layout.positions).to(self.device)
         metadata = self.backend.build_metadata(layout, self.device)

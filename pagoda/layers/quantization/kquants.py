@@ -48,50 +48,42 @@ def _q4_k_scales_and_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scales, mins
 
 
-def _q4_k_as_q4_1(matrix: GGUFMatrix) -> GGUFMatrix:
-    out_features, in_features = matrix.rows.shape[0], matrix.in_features
-    blocks = np.ascontiguousarray(matrix.rows).reshape(-1, _Q4_K_BYTES)  # [N, 144]
+def _sub_block_scales_and_minimums(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K super-blocks [N, bytes] -> each 32-weight sub-block's scale `d * sc` and minimum
+    `-dmin * m`, rounded to float16, as the uint8 pairs of Q4_1/Q5_1 headers: [N, 8, 2] each."""
     d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # [N, 1]
     dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)  # [N, 1]
     scales, mins = _q4_k_scales_and_mins(blocks[:, 4:16])  # [N, 8] each
+    scale = (d * scales).astype(np.float16).view(np.uint8).reshape(-1, 8, 2)
+    minimum = (-dmin * mins).astype(np.float16).view(np.uint8).reshape(-1, 8, 2)
+    return scale, minimum
+
+
+def _q4_k_as_q4_1(matrix: GGUFMatrix) -> GGUFMatrix:
+    out_features, in_features = matrix.rows.shape[0], matrix.in_features
+    blocks = np.ascontiguousarray(matrix.rows).reshape(-1, _Q4_K_BYTES)  # [N, 144]
+    scale, minimum = _sub_block_scales_and_minimums(blocks)  # [N, 8, 2] each
     qs = blocks[:, 16:].reshape(-1, 4, 32)  # [N, 4, 32]: 64 weights per 32 bytes
     # Sub-block 2i is chunk i's low nibbles, 2i + 1 its high ones.
     q = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 8, 32)  # [N, 8, 32]
-    scale = (d * scales).astype(np.float16)  # [N, 8]
-    minimum = (-dmin * mins).astype(np.float16)  # [N, 8]
     nibbles = q[:, :, :16] | (q[:, :, 16:] << 4)  # [N, 8, 16]: Q4_1 keeps j and j + 16 in a byte
-    q4_1 = np.concatenate(
-        [scale.view(np.uint8).reshape(-1, 8, 2), minimum.view(np.uint8).reshape(-1, 8, 2), nibbles],
-        axis=2,
-    )  # [N, 8, 20]
+    q4_1 = np.concatenate([scale, minimum, nibbles], axis=2)  # [N, 8, 20]
     return GGUFMatrix(Q.Q4_1, q4_1.reshape(out_features, -1), in_features)
 
 
 def _q5_k_as_q5_1(matrix: GGUFMatrix) -> GGUFMatrix:
     out_features, in_features = matrix.rows.shape[0], matrix.in_features
     blocks = np.ascontiguousarray(matrix.rows).reshape(-1, _Q5_K_BYTES)  # [N, 176]
-    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # [N, 1]
-    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)  # [N, 1]
-    scales, mins = _q4_k_scales_and_mins(blocks[:, 4:16])  # [N, 8] each
+    scale, minimum = _sub_block_scales_and_minimums(blocks)  # [N, 8, 2] each
     qh = blocks[:, 16:48]  # [N, 32]: bit j of byte l is the fifth bit of sub-block j's weight l
     qs = blocks[:, 48:].reshape(-1, 4, 32)  # [N, 4, 32]: sub-block 2i low nibbles, 2i + 1 high
     low = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 8, 32)  # [N, 8, 32]
     fifth = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # [N, 8, 32]
-    scale = (d * scales).astype(np.float16)  # [N, 8]
-    minimum = (-dmin * mins).astype(np.float16)  # [N, 8]
     # Q5_1: bit l of a little-endian uint32 is weight l's fifth bit; byte j holds weights j
     # (low nibble) and j + 16 (high).
     bits = np.packbits(fifth, axis=2, bitorder="little")  # [N, 8, 4]
     nibbles = low[:, :, :16] | (low[:, :, 16:] << 4)  # [N, 8, 16]
-    q5_1 = np.concatenate(
-        [
-            scale.view(np.uint8).reshape(-1, 8, 2),
-            minimum.view(np.uint8).reshape(-1, 8, 2),
-            bits,
-            nibbles,
-        ],
-        axis=2,
-    )  # [N, 8, 24]
+    q5_1 = np.concatenate([scale, minimum, bits, nibbles], axis=2)  # [N, 8, 24]
     return GGUFMatrix(Q.Q5_1, q5_1.reshape(out_features, -1), in_features)
 
 
