@@ -253,6 +253,12 @@ class SamplingParams:
             raise ValueError(
                 f"stop_token_ids must contain only integers, got {self.stop_token_ids}."
             )
+        # Token ids are non-negative and travel to the engine core as 64-bit integers.
+        if not all(0 <= t < 2**63 for t in self.stop_token_ids):
+            raise ValueError(
+                f"stop_token_ids must be token ids (integers in [0, 2**63)), got "
+                f"{self.stop_token_ids}."
+            )
         assert isinstance(self.stop, list)
         if any(s == "" for s in self.stop):
             raise ValueError("stop cannot contain an empty string.")

@@ -28,6 +28,10 @@ from pagoda.sampling_params import SamplingParams, SamplingType
         ({"logprobs": -2}, "logprobs must be non-negative or -1, got -2."),
         ({"stop": ["ok", ""]}, "stop cannot contain an empty string."),
         ({"stop_token_ids": [1, "x"]}, "stop_token_ids must contain only integers, got [1, 'x']."),
+        (
+            {"stop_token_ids": [-1]},
+            "stop_token_ids must be token ids (integers in [0, 2**63)), got [-1].",
+        ),
         ({"n": 2, "temperature": 0.0}, "n must be 1 when using greedy sampling, got 2."),
         (
             {"stop": "x", "detokenize": False},

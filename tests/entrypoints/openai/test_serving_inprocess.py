@@ -602,6 +602,11 @@ def test_context_overflow_message_counts_prompt_and_completion(run, app) -> None
             "presence_penalty must be in [-2, 2], got 3.0.",
             "presence_penalty",
         ),
+        (  # found by the fuzz test: beyond 64 bits it could not reach the engine core (500)
+            {"stop_token_ids": [2**70]},
+            "stop_token_ids must be token ids (integers in [0, 2**63))",
+            "stop_token_ids",
+        ),
     ],
 )
 def test_chat_refuses_invalid_requests_with_400(run, app, body, message, param) -> None:
