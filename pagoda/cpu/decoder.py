@@ -1,5 +1,10 @@
 """Whole-step CPU decoder for Llama-shaped models: one C call per decode step.
 
+Llama-shaped means `LlamaForCausalLM` with its own decoder layers: Llama, Mistral, Qwen2, Qwen3
+(q/k norms), Phi-3 (partial rotary), Gemma 1/2/3 (Gemma's norms, their sandwich placement, the
+GELU MLP, soft-capping, the embedding scale, Gemma 3's rotary bases per layer type). Not
+Llama 4 (chunked attention, NoPE layers, experts) or the mixtures of experts.
+
 A decode step on CPU computes a handful of tokens, so it is bound by reading the weights and by
 Python dispatching some 30 small operators per layer, each paying OpenMP's fork-join. The C kernel
 (`csrc/llama_decode.c`) runs every layer of the step in one call and reads the weights in their
@@ -53,14 +58,25 @@ BATCHED_BF16 = 2
 _PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
+# The gated MLP's activations (llama_decode.c's enum).
+_ACTIVATIONS = {("silu", None): 0, ("gelu", "tanh"): 1, ("gelu", "none"): 2}
+
+
 class _Layer(ctypes.Structure):
     _fields_ = [
         *((name, Matrix) for name in _PROJECTIONS),
         ("attn_norm", ptr),
         ("ffn_norm", ptr),
+        ("post_attn_norm", ptr),
+        ("post_ffn_norm", ptr),
+        ("q_norm", ptr),
+        ("k_norm", ptr),
+        ("cos", ptr),
+        ("sin", ptr),
         ("kv_cache", ptr),
         ("window", i64),
         ("scale", ctypes.c_float),
+        ("softcap", ctypes.c_float),
     ]
 
 
@@ -81,11 +97,12 @@ class _Model(ctypes.Structure):
                 "block_size",
                 "kv_bf16",
                 "batched",
+                "activation",
             )
         ),
         ("eps", ctypes.c_float),
-        ("cos", ptr),
-        ("sin", ptr),
+        ("embed_scale", ctypes.c_float),
+        ("final_softcap", ctypes.c_float),
         ("final_norm", ptr),
         ("embed", Matrix),
         ("lm_head", Matrix),
@@ -94,40 +111,68 @@ class _Model(ctypes.Structure):
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
-    """Why the C decoder cannot run `model` (None: it can): Llama-shaped only, one rank, RMSNorm,
-    SiLU-gated MLP, Neox rotary from one table, no soft-capping, q/k norms or embedding scale
-    (not Llama 4: chunked attention, NoPE layers, its experts)."""
-    from pagoda.layers.activation import SiluAndMul
-    from pagoda.layers.norm import RMSNorm
+    """Why the C decoder cannot run `model` (None: it can): a `LlamaForCausalLM` on one rank
+    with `LlamaDecoderLayer`s, RMSNorm or Gemma's norms, a SiLU- or GELU-gated MLP, Neox rotary
+    (a table per layer), no chunked attention (not Llama 4)."""
+    from pagoda.layers.norm import GemmaRMSNorm, RMSNorm
     from pagoda.layers.rotary import RotaryEmbedding
     from pagoda.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
 
     if not isinstance(model, LlamaForCausalLM):
         return f"{type(model).__name__} is not a Llama-shaped model"
     inner = model.model
-    rotary = inner.rotary_emb
-    if model.final_logit_softcap is not None or inner.embed_scale is not None:
-        return "logit soft-capping or embedding scale"
     if model.lm_head.tp_size != 1:
         return "tensor parallelism"
-    if type(rotary) is not RotaryEmbedding or not rotary.is_neox_style:
-        return "rotary embedding other than Neox style"
-    if type(inner.norm) is not RMSNorm:
+    if model.pp_size != 1:
+        return "pipeline parallelism"
+    norm_types = (RMSNorm, GemmaRMSNorm)
+    if type(inner.norm) not in norm_types:
         return f"{type(inner.norm).__name__}"
     for layer in inner.layers:
         if type(layer) is not LlamaDecoderLayer:
             return f"decoder layers of another shape ({type(layer).__name__})"
         attention = layer.self_attn
-        norms = (layer.input_layernorm, layer.post_attention_layernorm)
-        if layer.sandwich_norms or any(type(norm) is not RMSNorm for norm in norms):
-            return "norms other than pre-norm RMSNorm"
-        if not isinstance(layer.mlp, LlamaMLP) or not isinstance(layer.mlp.act_fn, SiluAndMul):
-            return "feed-forward other than a SiLU-gated MLP"
-        if attention.q_norm is not None or attention.attn.logit_softcap is not None:
-            return "q/k norms or attention soft-capping"
-        if attention.rotary_emb is not rotary:
-            return "rotary tables that differ by layer"
+        norms: list[Any] = [layer.input_layernorm, layer.post_attention_layernorm]
+        if layer.sandwich_norms:
+            norms += [layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm]
+        if attention.q_norm is not None:
+            norms += [attention.q_norm, attention.k_norm]
+        if any(type(norm) not in norm_types for norm in norms):
+            return "norms other than RMSNorm"
+        if any(norm.variance_epsilon != inner.norm.variance_epsilon for norm in norms):
+            return "norms with different epsilons"
+        if not isinstance(layer.mlp, LlamaMLP) or _activation(layer.mlp.act_fn) is None:
+            return "feed-forward other than a SiLU- or GELU-gated MLP"
+        if attention.attn.attention_chunk_size is not None:
+            return "chunked local attention"
+        rotary = attention.rotary_emb
+        if type(rotary) is not RotaryEmbedding or not rotary.is_neox_style:
+            return "rotary embedding other than Neox style"
     return None
+
+
+def _activation(act_fn: nn.Module) -> int | None:
+    """The C enum of a gated activation module, None for one the decoder does not compute."""
+    from pagoda.layers.activation import GeluAndMul, SiluAndMul
+
+    if type(act_fn) is SiluAndMul:
+        return _ACTIVATIONS["silu", None]
+    if type(act_fn) is GeluAndMul:
+        return _ACTIVATIONS["gelu", act_fn.approximate]
+    return None
+
+
+def _norm_weight(norm: nn.Module, keep: list[Any]) -> int:
+    """The pointer to `norm`'s float32 weight as the decoder multiplies by it: Gemma's norms
+    scale by `1 + w` (computed here once, in float32 as theirs is)."""
+    from pagoda.layers.norm import GemmaRMSNorm
+
+    weight: torch.Tensor = norm.weight  # type: ignore[assignment]
+    if type(norm) is GemmaRMSNorm:
+        weight = 1.0 + weight.detach().to(torch.float32)
+    pointer = float_pointer(weight, keep)
+    assert pointer is not None
+    return pointer
 
 
 class CPUDecoder:
@@ -159,10 +204,23 @@ class CPUDecoder:
             ]
             for name, matrix in zip(_PROJECTIONS, matrices, strict=True):
                 setattr(layers[index], name, matrix)
-            layers[index].attn_norm = float_pointer(layer.input_layernorm.weight, keep)
-            layers[index].ffn_norm = float_pointer(layer.post_attention_layernorm.weight, keep)
-            layers[index].window = attention.attn.sliding_window or 0
-            layers[index].scale = attention.attn.scale
+            target = layers[index]
+            target.attn_norm = _norm_weight(layer.input_layernorm, keep)
+            if layer.sandwich_norms:  # Gemma 2/3
+                target.post_attn_norm = _norm_weight(layer.post_attention_layernorm, keep)
+                target.ffn_norm = _norm_weight(layer.pre_feedforward_layernorm, keep)
+                target.post_ffn_norm = _norm_weight(layer.post_feedforward_layernorm, keep)
+            else:
+                target.ffn_norm = _norm_weight(layer.post_attention_layernorm, keep)
+            if attention.q_norm is not None:
+                target.q_norm = _norm_weight(attention.q_norm, keep)
+                target.k_norm = _norm_weight(attention.k_norm, keep)
+            rotary = attention.rotary_emb
+            target.cos = float_pointer(rotary.cos_cache, keep)
+            target.sin = float_pointer(rotary.sin_cache, keep)
+            target.window = attention.attn.sliding_window or 0
+            target.scale = attention.attn.scale
+            target.softcap = attention.attn.logit_softcap or 0.0
         self._layers = layers
         embedding = inner.embed_tokens.weight  # empty once dropped for its stored blocks
         stored_embedding = getattr(embedding, "stored_matrix", None)
@@ -173,7 +231,6 @@ class CPUDecoder:
         )
         (lm_head,) = _matrices_of(causal_lm.lm_head, keep)
         lm_head.rows = self.vocab
-        rotary = inner.rotary_emb
         qkv = first.self_attn.qkv_proj
         self._model = _Model(
             num_layers=self.num_layers,
@@ -181,13 +238,14 @@ class CPUDecoder:
             num_heads=qkv.num_heads,
             num_kv_heads=qkv.num_kv_heads,
             head_dim=first.self_attn.head_dim,
-            rotary_dim=rotary.rotary_dim,
+            rotary_dim=first.self_attn.rotary_emb.rotary_dim,
             intermediate=first.mlp.down_proj.input_size_per_partition,
             vocab=self.vocab,
+            activation=_activation(first.mlp.act_fn),
             eps=inner.norm.variance_epsilon,
-            cos=float_pointer(rotary.cos_cache, keep),
-            sin=float_pointer(rotary.sin_cache, keep),
-            final_norm=float_pointer(inner.norm.weight, keep),
+            embed_scale=float(inner.embed_scale) if inner.embed_scale is not None else 0.0,
+            final_softcap=causal_lm.final_logit_softcap or 0.0,
+            final_norm=_norm_weight(inner.norm, keep),
             embed=embed,
             lm_head=lm_head,
             layers=layers,

@@ -174,8 +174,8 @@ def decide_weight_plan(
     decoder_reason = decoder_unsupported_reason(model_config.hf_config, gguf_file)
     batched_dtype = batched_matmul_dtype()
     if gguf_file is not None:
-        # Block layers multiply as stored whether or not the C decoder runs the model (Qwen3's
-        # q/k norms, Gemma's soft-capping keep decode steps in PyTorch, on the same blocks).
+        # Block layers multiply as stored whether or not the C decoder runs the model (a mixture
+        # of experts keeps decode steps in PyTorch, on the same blocks).
         from pagoda.cpu.matrix import block_gemm_available
 
         block_gemm = block_gemm_available()

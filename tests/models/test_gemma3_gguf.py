@@ -124,6 +124,10 @@ def test_norm_weights_equal_transformers_after_removing_the_folded_one(
 def test_greedy_tokens_match_transformers_on_the_same_gguf(
     llm: LLM, hf_model: Any, hf_tokenizer: Any
 ) -> None:
+    # Every block type of this file is read as stored, so the C decoder runs the decode steps
+    # (Gemma 3's norms, GELU MLP, local and global rotary bases, embedding scale).
+    runner = llm.llm_engine.engine_core.executor.worker.model_runner
+    assert runner.weight_plan.decoder_reason is None and runner.cpu_decoder is not None
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
     for prompt, output in zip(PROMPTS, outputs, strict=True):

@@ -7,6 +7,7 @@ path is within ~0.2 of float32 there), not bit for bit."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +17,9 @@ from pagoda import LLM, SamplingParams
 from pagoda.cpu.block_gemm import bf16_block_gemm_available
 from pagoda.cpu.build import cpu_library
 from pagoda.cpu.decoder import MAX_DECODE_TOKENS
+from tests.models.test_gemma import make_tiny_gemma
 from tests.parity import PARITY_PROMPTS, assert_same_tokens_and_logprobs_within
+from tests.worker.test_cpu_decoder import _round_to_bfloat16
 
 library = cpu_library()
 pytestmark = pytest.mark.skipif(
@@ -37,11 +40,18 @@ PROMPTS = [
 ]
 
 
+# The default model (GGUF blocks), and a tiny bfloat16 Gemma 3 (its GELU MLP, sandwich and q/k
+# norms on the batched path's vectorized loops) and Gemma 2 (soft-capping).
+@pytest.mark.parametrize("model", ["default", "gemma3", "gemma2"])
 def test_batched_decode_steps_on_the_c_decoder_match_the_pytorch_path(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, model: str
 ) -> None:
     monkeypatch.setenv("PAGODA_CPU_BF16_MATMUL", "1")
-    llm = LLM()
+    if model == "default":
+        llm = LLM()
+    else:
+        model_dir = _round_to_bfloat16(make_tiny_gemma(tmp_path / model, model))
+        llm = LLM(str(model_dir), max_model_len=256)
     runner = llm.llm_engine.engine_core.executor.worker.model_runner
     assert runner.weight_plan.bf16_blocks
     decoder = runner.cpu_decoder

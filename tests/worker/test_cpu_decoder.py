@@ -26,7 +26,9 @@ from pagoda.cpu.decoder import MAX_DECODE_TOKENS, unsupported_reason
 from pagoda.cpu.matrix import linear
 from pagoda.layers.quantization.half import half_weight_matmul_available
 from pagoda.loader.gguf import GGUFMatrix
+from tests.models.test_gemma import make_tiny_gemma
 from tests.models.tiny_families_a import make_tiny_checkpoint
+from tests.models.tiny_families_c import make_tiny_mixtral
 from tests.tiny_llama import make_tiny_llama
 
 pytestmark = pytest.mark.skipif(
@@ -155,6 +157,8 @@ def _make(family: str, path: Path) -> Path:
         return make_tiny_llama(path)
     if family == "llama-tied":
         return make_tiny_llama(path, tie_word_embeddings=True)
+    if family.startswith("gemma"):
+        return make_tiny_gemma(path, family)
     return make_tiny_checkpoint(path, family)
 
 
@@ -170,6 +174,14 @@ def _generate(llm: LLM, prompts: list[str]) -> list[Any]:
         ("llama-tied", "auto"),
         ("qwen2", "auto"),
         ("mistral", "auto"),
+        ("qwen3", "auto"),  # per-head q/k norms
+        ("phi3", "auto"),
+        # Gemma's (1 + w) norms, GELU MLP, embedding scale, attention biases; Gemma 2's
+        # sandwich norms, attention and final soft-capping, a window of 8 that the decode steps
+        # pass; Gemma 3's q/k norms and rotary bases per layer type (one linearly scaled).
+        ("gemma", "auto"),
+        ("gemma2", "auto"),
+        ("gemma3", "auto"),
         # Both paths round the new K/V rows to bfloat16 the same way (to nearest even) and widen
         # them back exactly; a float32 sum that differs in its last bit can still round to the
         # neighbouring bfloat16, so logprobs are compared to 1e-3 there, tokens still exactly.
@@ -213,12 +225,13 @@ def test_decode_steps_on_the_c_decoder_match_pytorch_float32(
 
 
 def test_models_the_decoder_cannot_run_keep_pytorch(tmp_path: Path) -> None:
-    model_dir = _round_to_bfloat16(make_tiny_checkpoint(tmp_path / "qwen3", "qwen3"))
+    model_dir = _round_to_bfloat16(make_tiny_mixtral(tmp_path / "mixtral"))
     llm = LLM(str(model_dir), max_model_len=256)
     runner = llm.llm_engine.engine_core.executor.worker.model_runner
     assert runner.model is not None
     assert (
-        unsupported_reason(cast(nn.Module, runner.model)) == "q/k norms or attention soft-capping"
+        unsupported_reason(cast(nn.Module, runner.model))
+        == "feed-forward other than a SiLU- or GELU-gated MLP"
     )
     assert runner.cpu_decoder is None
     assert len(_generate(llm, PROMPTS[:1])[0].token_ids) == 12

@@ -4,7 +4,13 @@
  * requests (often one), so the step is bound by reading the weights and, when run op by op from
  * Python, by dispatching some 30 small operators per layer. This file runs the whole step:
  * embedding, then per layer RMSNorm, q/k/v, rotary, the KV cache write, paged attention, the
- * output projection, RMSNorm and the SiLU-gated MLP, then the final norm and the LM head.
+ * output projection, RMSNorm and the gated MLP, then the final norm and the LM head.
+ *
+ * The options of the families built on Llama's layer (pagoda.models.llama) are per layer or per
+ * model: per-head q/k norms (Qwen3, Gemma 3), Gemma 2/3's norms after attention and after the MLP,
+ * rotary tables per layer (Gemma 3's local and global bases), sliding windows, attention and
+ * final logit soft-capping, an embedding scale, and a GELU-gated MLP (Gemma). Gemma's norms
+ * multiply by 1 + w: the caller passes that sum as the weight.
  *
  * Weights stay in their checkpoint encoding (float32, float16, bfloat16, or GGUF's Q8_0, Q4_0 and
  * Q4_1 blocks along each row, or those blocks interleaved four rows at a time). Float formats are
@@ -16,7 +22,8 @@
  *   matrix    rows x row_bytes: output feature n is row n, input features along the row
  *   kv_cache  [2, cache_blocks, block_size, Hkv, D], as pagoda.attention.torch_backend: float32,
  *             or bfloat16 when kv_bf16 (new rows rounded to nearest even, as torch rounds)
- *   cos, sin  [max_position, rotary_dim / 2], Neox-style rotary over the first rotary_dim dims
+ *   cos, sin  [max_position, rotary_dim / 2] per layer, Neox-style rotary over the first
+ *             rotary_dim dims
  *   tables    [T, max_blocks] block ids; ctx_lens [T] context length including the new token
  *   logits    [T, vocab]
  */
@@ -25,10 +32,19 @@
 typedef struct {
     pg_matrix q, k, v, o, gate, up, down;
     const float *attn_norm, *ffn_norm;
+    /* Gemma 2/3: normalize the attention output and the MLP output before each residual add;
+     * NULL for none. */
+    const float *post_attn_norm, *post_ffn_norm;
+    const float *q_norm, *k_norm; /* [D] per-head norms before the rotation; NULL for none */
+    const float *cos, *sin;
     void *kv_cache;
     int64_t window; /* 0: the whole context */
     float scale;
+    float softcap; /* attention logits: softcap * tanh(s / softcap); 0 for none */
 } pg_layer;
+
+/* The gated MLP's activation of the gate half. */
+enum { PG_SILU = 0, PG_GELU_TANH = 1, PG_GELU = 2 };
 
 typedef struct {
     int64_t num_layers, hidden, num_heads, num_kv_heads, head_dim, rotary_dim, intermediate;
@@ -37,8 +53,10 @@ typedef struct {
     /* Steps of PG_BATCHED_TOKENS or more: 0 keep the decoder's matmul; 1 multiply with the block
      * GEMM (float32 products); 2 with its bfloat16 variant, as the PyTorch path's layers would. */
     int64_t batched;
+    int64_t activation; /* PG_SILU, PG_GELU_TANH or PG_GELU */
     float eps;
-    const float *cos, *sin;
+    float embed_scale;   /* the embeddings times this (Gemma: sqrt(hidden)); 0 for none */
+    float final_softcap; /* logits: final_softcap * tanh(logit / final_softcap); 0 for none */
     const float *final_norm;
     pg_matrix embed, lm_head;
     const pg_layer *layers;
@@ -539,20 +557,52 @@ static void rms_norm(float *out, const float *x, const float *weight, int64_t T,
     }
 }
 
-/* gate = silu(gate) * up over T rows of I: expf for a few tokens (the decoder's numerics since it
- * was written), the vectorized pg_exp split over the threads for a batch. */
-static void silu_and_mul_rows(float *gate, const float *up, int64_t T, int64_t I) {
+/* gate = act(gate) * up over T rows of I: libm's expf/tanhf/erff for a few tokens (the
+ * decoder's numerics since it was written), the vectorized pg_exp split over the threads for a
+ * batch (tanh(u) = 1 - 2 / (1 + e^(2u)); the exact GELU keeps erff). */
+static inline float gelu_tanh(float x) {
+    return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
+static inline float gelu_tanh_fast(float x) {
+    const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    return 0.5f * x * (2.f - 2.f / (1.f + pg_exp(2.f * u)));
+}
+
+static inline float gelu(float x) { return 0.5f * x * (1.f + erff(x * 0.7071067811865476f)); }
+
+static void activate_and_mul_rows(float *gate, const float *up, int64_t T, int64_t I,
+                                  int64_t activation) {
     if (T < PG_BATCHED_TOKENS) {
-        for (int64_t i = 0; i < T * I; ++i) gate[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+        for (int64_t i = 0; i < T * I; ++i) {
+            const float g = gate[i];
+            const float a = activation == PG_SILU        ? g / (1.f + expf(-g))
+                            : activation == PG_GELU_TANH ? gelu_tanh(g)
+                                                         : gelu(g);
+            gate[i] = a * up[i];
+        }
         return;
     }
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < T; ++t) {
         float *g = gate + t * I;
         const float *u = up + t * I;
+        if (activation == PG_SILU) {
 #pragma omp simd
-        for (int64_t i = 0; i < I; ++i) g[i] = g[i] / (1.f + pg_exp(-g[i])) * u[i];
+            for (int64_t i = 0; i < I; ++i) g[i] = g[i] / (1.f + pg_exp(-g[i])) * u[i];
+        } else if (activation == PG_GELU_TANH) {
+#pragma omp simd
+            for (int64_t i = 0; i < I; ++i) g[i] = gelu_tanh_fast(g[i]) * u[i];
+        } else {
+            for (int64_t i = 0; i < I; ++i) g[i] = gelu(g[i]) * u[i];
+        }
     }
+}
+
+/* x = cap * tanh(x / cap) over n values. */
+static void soft_cap(float *x, int64_t n, float cap) {
+#pragma omp parallel for schedule(static) if (n >= (1 << 16))
+    for (int64_t i = 0; i < n; ++i) x[i] = cap * tanhf(x[i] / cap);
 }
 
 /* Neox-style rotary on the first rotary_dim dims of each of `heads` heads of one token. */
@@ -594,6 +644,8 @@ int pagoda_llama_decode_step(const pg_model *model, int64_t T, const int64_t *to
     for (int64_t t = 0; t < T; ++t) {
         const float *row = matrix_row(&model->embed, token_ids[t], x + t * E);
         if (row != x + t * E) memcpy(x + t * E, row, (size_t)E * sizeof(float));
+        if (model->embed_scale != 0.f)
+            for (int64_t i = 0; i < E; ++i) x[t * E + i] *= model->embed_scale;
     }
 
     for (int64_t l = 0; l < model->num_layers; ++l) {
@@ -602,11 +654,15 @@ int pagoda_llama_decode_step(const pg_model *model, int64_t T, const int64_t *to
         const pg_matrix *qkv[3] = {&layer->q, &layer->k, &layer->v};
         float *qkv_out[3] = {q, k, v};
         step_matmul(model, qkv, qkv_out, 3, normed, T);
+        if (layer->q_norm != NULL) { /* each head of each token is a row of D */
+            rms_norm(q, q, layer->q_norm, T * H, D, model->eps);
+            rms_norm(k, k, layer->k_norm, T * Hkv, D, model->eps);
+        }
 
         const int64_t cache_rows = model->cache_blocks * model->block_size;
         for (int64_t t = 0; t < T; ++t) {
-            const float *cos = model->cos + positions[t] * half;
-            const float *sin = model->sin + positions[t] * half;
+            const float *cos = layer->cos + positions[t] * half;
+            const float *sin = layer->sin + positions[t] * half;
             rotate(q + t * H * D, H, D, model->rotary_dim, cos, sin);
             rotate(k + t * kv_row, Hkv, D, model->rotary_dim, cos, sin);
             if (model->kv_bf16) {
@@ -624,14 +680,16 @@ int pagoda_llama_decode_step(const pg_model *model, int64_t T, const int64_t *to
             pagoda_paged_decode_attention_bf16(attended, q, (const uint16_t *)layer->kv_cache,
                                                model->cache_blocks, tables, max_blocks, ctx_lens,
                                                T, H, Hkv, D, model->block_size, layer->scale,
-                                               layer->window, 0.f);
+                                               layer->window, layer->softcap);
         else
             pagoda_paged_decode_attention_f32(attended, q, (const float *)layer->kv_cache,
                                               model->cache_blocks, tables, max_blocks, ctx_lens,
                                               T, H, Hkv, D, model->block_size, layer->scale,
-                                              layer->window, 0.f);
+                                              layer->window, layer->softcap);
         const pg_matrix *o[1] = {&layer->o};
         step_matmul(model, o, &projected, 1, attended, T);
+        if (layer->post_attn_norm != NULL)
+            rms_norm(projected, projected, layer->post_attn_norm, T, E, model->eps);
 #pragma omp simd
         for (int64_t i = 0; i < T * E; ++i) x[i] += projected[i];
 
@@ -639,15 +697,18 @@ int pagoda_llama_decode_step(const pg_model *model, int64_t T, const int64_t *to
         const pg_matrix *gate_up[2] = {&layer->gate, &layer->up};
         float *gate_up_out[2] = {gate, up};
         step_matmul(model, gate_up, gate_up_out, 2, normed, T);
-        silu_and_mul_rows(gate, up, T, I);
+        activate_and_mul_rows(gate, up, T, I, model->activation);
         const pg_matrix *down[1] = {&layer->down};
         step_matmul(model, down, &projected, 1, gate, T);
+        if (layer->post_ffn_norm != NULL)
+            rms_norm(projected, projected, layer->post_ffn_norm, T, E, model->eps);
 #pragma omp simd
         for (int64_t i = 0; i < T * E; ++i) x[i] += projected[i];
     }
     rms_norm(normed, x, model->final_norm, T, E, model->eps);
     const pg_matrix *head[1] = {&model->lm_head};
     step_matmul(model, head, &logits, 1, normed, T);
+    if (model->final_softcap != 0.f) soft_cap(logits, T * model->vocab, model->final_softcap);
     return 0;
 }
 
