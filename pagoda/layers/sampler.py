@@ -7,8 +7,8 @@ logits. Everything is vectorised over the batch, in float32:
   1. logits processors: allowed_token_ids, min_tokens (mask EOS and stop ids), bad_words,
      logit_bias, repetition / frequency / presence penalties;
   2. greedy rows take the argmax;
-  3. random rows: temperature, min_p, top-k, top-p, then an exponential-race draw
-     (argmax of probs / q with q ~ Exp(1)), seeded rows using their own generator.
+  3. random rows: temperature, min_p, top-k, top-p, then one uniform draw per row through the
+     row's cumulative distribution (float64), seeded rows using their own generator.
 
 Per-token features are stored sparsely as flat (row, token id) pairs, so a batch where one request
 biases three tokens costs three writes, not a [B, V] tensor; a feature nobody uses is None and
@@ -26,10 +26,6 @@ from torch import nn
 
 from pagoda.layers.sampling_state import RequestSamplingState
 from pagoda.sampling_params import SamplingType
-
-# exponential_() may return exactly 0; probs / 0 would turn a masked token (prob 0) into NaN and
-# an allowed one into inf, so q is clamped to the smallest normal float.
-_MIN_EXPONENTIAL = torch.finfo(torch.float32).tiny
 
 
 class TokenIndex(NamedTuple):
@@ -333,16 +329,29 @@ def apply_temperature_and_truncation(
 
 def random_sample(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
     """One draw per row from softmax(logits) ([B, V], processed and truncated), seeded rows
-    from their generator: the exponential race argmax(p / q), q ~ Exp(1)."""
-    probs = logits.softmax(dim=-1)  # [B, V]
-    q = torch.empty_like(probs)
-    if len(metadata.generators) < metadata.num_rows:
-        q.exponential_()  # every unseeded row from the default RNG in one call
-    # Seeded rows overwrite their row from their own generator: one row of V draws per step.
+    from their generator: a uniform u per row, and the first token whose cumulative probability
+    exceeds u times the row's total.
+
+    The sum runs in float64, so each token keeps its probability to ~1e-16 (float32 sums would
+    round the tail tokens of a 262k vocabulary by up to 6e-8 each). One random number per row,
+    where the exponential race (argmax of p / q, q ~ Exp(1) per token) drew one per token: on
+    CPU those draws cost 20 ns each, 5 ms a row for Gemma's vocabulary (docs/performance.md,
+    item 31). A token of probability 0 is never drawn: u < 1, and the search takes the first
+    cumulative sum strictly above u * total.
+    """
+    cumulative = logits.softmax(dim=-1).to(torch.float64).cumsum_(dim=-1)  # [B, V]
+    uniform = torch.rand(
+        (cumulative.shape[0], 1), dtype=torch.float64, device=cumulative.device
+    )  # [B, 1]
+    # Seeded rows overwrite their draw from their own generator: one number per step.
     for row, generator in metadata.generators.items():
-        q[row].exponential_(generator=generator)
-    q.clamp_min_(_MIN_EXPONENTIAL)
-    return probs.div_(q).argmax(dim=-1)  # [B]
+        uniform[row] = torch.rand(
+            (), generator=generator, dtype=torch.float64, device=cumulative.device
+        )
+    thresholds = uniform * cumulative[:, -1:]  # [B, 1]
+    sampled = torch.searchsorted(cumulative, thresholds, right=True).squeeze(1)  # [B]
+    # A row whose every token is masked (all NaN) finds no sum above its threshold.
+    return sampled.clamp_(max=cumulative.shape[1] - 1)
 
 
 def gather_logprobs(

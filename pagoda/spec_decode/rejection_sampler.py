@@ -58,7 +58,7 @@ def verify_drafts(
             uniform[row] = torch.rand((), generator=generator, device=processed.device)
     accepted = has_draft & (uniform < draft_probs)  # [R]
     # The residual of a point-mass draft is p without the draft, which the draw renormalises.
-    # NOTE: a row whose draft held all the mass becomes all -inf (its draw is NaN's index), but
+    # NOTE: a row whose draft held all the mass becomes all -inf (its draw is meaningless), but
     # that row is always accepted (uniform < 1.0), so its draw is never used.
     residual = torch.where(has_draft.unsqueeze(1), float("-inf"), processed.gather(1, drafts))
     processed.scatter_(1, drafts, residual)

@@ -112,6 +112,26 @@ def test_random_draws_follow_the_tempered_distribution(temperature: float):
     assert torch.allclose(frequencies, expected, atol=0.015)
 
 
+def test_masked_tokens_around_the_support_are_never_drawn():
+    # Zero-probability tokens before, between and after the two allowed ones (a uniform of 0
+    # lands on the first token whose cumulative sum exceeds it, never on a masked one).
+    row = [-math.inf, -math.inf, 0.0, -math.inf, 1.0, -math.inf]
+    assert support_over_many_draws(row, SamplingParams()) == {2, 4}
+
+
+def test_a_large_vocabulary_reaches_its_tail():
+    # One token holds half the mass, 65,535 others share the rest evenly: draws land on them
+    # about half the time (150 of 300, sd 8.7), across the whole range.
+    torch.manual_seed(1)
+    vocab = 65536
+    logits = torch.zeros(300, vocab)
+    logits[:, 0] = math.log(vocab - 1.0)
+    drawn = sample(logits, [make_state(SamplingParams()) for _ in range(300)])
+    others = drawn[drawn != 0]
+    assert 110 < len(others) < 190
+    assert int(others.min()) < vocab // 10 and int(others.max()) > vocab * 9 // 10
+
+
 def test_truncation_applies_per_row():
     logits = torch.tensor([HAND_BUILT, HAND_BUILT])
     states = [make_state(SamplingParams(top_k=1)), make_state(SamplingParams())]
