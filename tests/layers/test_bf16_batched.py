@@ -158,11 +158,29 @@ bf16_gemm = pytest.mark.skipif(
 
 
 @bf16_gemm
+@pytest.mark.parametrize("tokens", [8, 9])
+def test_steps_of_8_and_9_tokens_on_blocks_take_the_int16_matmul(tokens: int) -> None:
+    """Below 10 tokens the decoder's int16 matmul outruns the bfloat16 GEMM on block formats
+    (docs/performance.md, item 31): such steps get its products, within int16 rounding of the
+    float32 product (bfloat16 would be ~100x further off)."""
+    generator = np.random.default_rng(3)
+    weights = generator.standard_normal((100, 320)).astype(np.float32)
+    blocks = gguf.quants.quantize(weights, Q.Q8_0)
+    dequantized = torch.from_numpy(gguf.quants.dequantize(blocks, Q.Q8_0))
+    x = torch.randn(tokens, 320)
+    got = block_linear([GGUFMatrix(Q.Q8_0, blocks, 320)], x, bf16=True)
+    exact = (x.double() @ dequantized.double().T).float()
+    torch.testing.assert_close(got, exact, rtol=1e-4, atol=2e-3)
+    assert (got - exact).abs().max() < 1e-4 * exact.abs().max()
+
+
+@bf16_gemm
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
-# 8 tokens: one partial vector of 16; 16: one full; 17 and 41: several, the last partial. 100 rows
+# 10 tokens (the fewest it takes for block formats; below, the int16 matmul): one partial vector
+# of 16; 16: one full; 17 and 41: several, the last partial. 100 rows
 # take a 96-row tile and a partial one; 42 rows are read row by row (not interleaved); 320 inputs
 # take a 256-input panel and a 64-input one.
-@pytest.mark.parametrize("tokens", [8, 16, 17, 41])
+@pytest.mark.parametrize("tokens", [10, 16, 17, 41])
 @pytest.mark.parametrize(("rows", "cols"), [(100, 96), (42, 320)])
 def test_the_bf16_block_gemm_is_exact_on_the_bf16_rounded_values(
     qtype: Q, tokens: int, rows: int, cols: int

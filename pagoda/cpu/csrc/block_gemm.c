@@ -442,7 +442,7 @@ int pagoda_block_gemm_bf16(const pg_matrix *const *mats, int count, const float 
     int64_t tiles[9] = {0}, columns[9] = {0};
     if (plan_tiles(mats, count, tiles, columns) != 0) return -1;
     const int64_t cols = mats[0]->cols;
-    if (T < PG_FEW_TOKENS) {
+    if (T < pg_bf16_gemm_min_tokens(mats, count)) {
         pagoda_matmul_joined(mats, count, x, T, out);
         return 0;
     }

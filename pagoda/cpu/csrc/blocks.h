@@ -229,6 +229,17 @@ static inline int is_block_format(int64_t format) {
            (format >= PG_Q5_0 && format <= PG_Q5_1_X4);
 }
 
+/* The fewest tokens the bfloat16 block GEMM multiplies: below that the decoder's int16 matmul
+ * (llama_decode.c) is faster. For block formats that holds up to 9 tokens (the GEMM widens every
+ * weight, a cost only many tokens amortize: at 8 tokens the int16 matmul took 0.7-0.8x its time
+ * on the default model's matrices, Gemma 3's 262k-row head 17.5 ms against 25.4 on a Zen 4); a
+ * 16-bit row has nothing to widen for the GEMM, and it takes steps from 8 tokens. */
+static inline int64_t pg_bf16_gemm_min_tokens(const pg_matrix *const *mats, int count) {
+    for (int m = 0; m < count; ++m)
+        if (!is_block_format(mats[m]->format)) return 8;
+    return 10;
+}
+
 static inline int is_x4_format(int64_t format) {
     return (format >= PG_Q8_0_X4 && format <= PG_Q4_1_X4) || format == PG_Q5_0_X4 ||
            format == PG_Q5_1_X4;

@@ -29,6 +29,8 @@
  */
 #include "blocks.h"
 
+#include <omp.h>
+
 typedef struct {
     pg_matrix q, k, v, o, gate, up, down;
     const float *attn_norm, *ffn_norm;
@@ -471,13 +473,18 @@ static void matmul_group(const pg_matrix *const *mats, float *const *outs, int c
         quantize_blocks(x, nblocks, &blocks);
     }
 #endif
+    /* Dynamic chunks: in a server the HTTP thread and the client preempt one of the two threads
+     * now and then, and the other should take its rows rather than wait for them. Each thread
+     * gets about eight chunks, at least 16 units: a thread's reads stay sequential over a chunk,
+     * and the hardware prefetcher loses its stream at every jump to the next one (a 262k-row
+     * LM head read in chunks of 16 units came at 22 GB/s, in eighths of its share at 33). */
+    const int64_t chunk = total / (8 * (int64_t)omp_get_max_threads()) > 16
+                              ? total / (8 * (int64_t)omp_get_max_threads())
+                              : 16;
 #pragma omp parallel
     {
         float *buf = (float *)malloc((size_t)cols * sizeof(float));
-        /* Dynamic chunks: in a server the HTTP thread and the client preempt one of the two
-         * threads now and then, and the other should take its rows rather than wait for them.
-         * Chunks of 16 units keep each thread's reads sequential for the prefetcher. */
-#pragma omp for schedule(dynamic, 16)
+#pragma omp for schedule(dynamic, chunk)
         for (int64_t unit = 0; unit < total; ++unit) {
             int m = 0;
             while (m + 1 < count && unit >= offsets[m + 1]) ++m;
@@ -514,10 +521,13 @@ static void matmul(const pg_matrix *w, float *out, const float *x, int64_t T) {
 }
 
 /* matmul_group with each matrix's rows in outs[m] [T, rows_m], through the block GEMM for a step
- * of PG_BATCHED_TOKENS or more when the model says so (its joined output split afterwards). */
+ * of PG_BATCHED_TOKENS or more when the model says so (its joined output split afterwards); the
+ * bfloat16 GEMM from its own threshold (pg_bf16_gemm_min_tokens). */
 static void step_matmul(const pg_model *model, const pg_matrix *const *mats, float *const *outs,
                         int count, const float *x, int64_t T) {
-    if (model->batched && T >= PG_BATCHED_TOKENS) {
+    const int64_t fewest =
+        model->batched == 2 ? pg_bf16_gemm_min_tokens(mats, count) : PG_BATCHED_TOKENS;
+    if (model->batched && T >= fewest) {
         int64_t total = 0;
         for (int m = 0; m < count; ++m) total += mats[m]->rows;
         /* One matrix: its joined output is its own. */
