@@ -2,7 +2,7 @@
 
 Every kernel that multiplies by a weight (`pagoda_matmul`, the block GEMM, the whole-step decoder)
 takes a `Matrix`: a pointer to rows in one storage format (float32/float16/bfloat16 tensors, or a
-GGUF file's Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q6_K blocks, all but Q6_K possibly with four rows
+GGUF file's Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q6_K/Q2_K blocks, all but the K-quants possibly with four rows
 interleaved block by block), an
 optional float32 bias, and the sizes. A `Matrix` only points: whoever builds one keeps the arrays
 it points into alive in a `keep` list for as long as the struct is used.
@@ -23,10 +23,12 @@ from pagoda.cpu.build import cpu_library
 
 F32, F16, BF16, Q8_0, Q4_0, Q4_1 = range(6)
 Q5_0, Q5_1, Q6_K = 11, 12, 13
-# The formats the block GEMM multiplies as stored; all but Q6_K also have four-row interleavings
-# (Q8_0, Q4_0, Q4_1 -> 6, 7, 8; Q5_0, Q5_1 -> 14, 15), which the decoder's matmul reads faster.
+Q2_K = 16
+# The formats the block GEMM multiplies as stored; all but Q6_K and Q2_K also have four-row
+# interleavings (Q8_0, Q4_0, Q4_1 -> 6, 7, 8; Q5_0, Q5_1 -> 14, 15), which the decoder's matmul
+# reads faster.
 INTERLEAVED_FORMATS = frozenset({Q8_0, Q4_0, Q4_1, Q5_0, Q5_1})
-BLOCK_FORMATS = frozenset({*INTERLEAVED_FORMATS, Q6_K})
+BLOCK_FORMATS = frozenset({*INTERLEAVED_FORMATS, Q6_K, Q2_K})
 BLOCK_FORMATS_ALL = frozenset({*BLOCK_FORMATS, 6, 7, 8, 14, 15})
 _TORCH_FORMATS = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
 
@@ -74,6 +76,7 @@ def gguf_format(qtype: Any) -> int | None:
         Q.Q5_0: Q5_0,
         Q.Q5_1: Q5_1,
         Q.Q6_K: Q6_K,
+        Q.Q2_K: Q2_K,
     }
     return formats.get(qtype)
 
@@ -146,7 +149,7 @@ def block_matrix(
 
 
 def dequantize(stored: Any) -> torch.Tensor | None:
-    """A block matrix (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or Q6_K) as a float32 tensor [out, in],
+    """A block matrix (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q6_K or Q2_K) as a float32 tensor [out, in],
     widened in C over all cores, bit for bit the loader's PyTorch (or gguf's numpy)
     dequantization; None where the compiled kernels are unavailable or the format is another."""
     library = cpu_library()

@@ -691,6 +691,7 @@ _COMPILED_DEQUANTIZE = {
     GGMLQuantizationType.Q5_0,
     GGMLQuantizationType.Q5_1,
     GGMLQuantizationType.Q6_K,
+    GGMLQuantizationType.Q2_K,
 }
 
 

@@ -1,7 +1,8 @@
-"""Q5_0, Q5_1 and Q6_K blocks read as stored by every CPU kernel that multiplies by a weight.
+"""Q5_0, Q5_1, Q6_K and Q2_K blocks read as stored by every CPU kernel that multiplies by a weight.
 
-gguf-py writes Q5_0 and Q5_1 (from random float weights); Q6_K blocks are random but well-formed
-(`tests.layers.test_kquants.random_blocks`). gguf's own dequantization is the reference each time:
+gguf-py writes Q5_0 and Q5_1 (from random float weights); Q6_K and Q2_K blocks are random but
+well-formed (`tests.layers.test_kquants.random_blocks`). gguf's own dequantization is the
+reference each time:
 the kernels' widening must give its float32 values bit for bit, the decoder's matmul (int16
 activations, a few tokens) must match the product on them within its rounding, the block GEMM
 (float32, from 8 tokens) within float32 summation, its bfloat16 variant exactly on the
@@ -29,13 +30,13 @@ pytestmark = pytest.mark.skipif(
     reason="needs the compiled CPU kernels with the block GEMM (AVX2 and FMA)",
 )
 
-TYPES = [Q.Q5_0, Q.Q5_1, Q.Q6_K]
+TYPES = [Q.Q5_0, Q.Q5_1, Q.Q6_K, Q.Q2_K]
 IDS = [t.name for t in TYPES]
 
 
 def blocks_of(qtype: Q, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     """[rows, bytes per row] blocks of `qtype` holding `rows` x `cols` weights."""
-    if qtype == Q.Q6_K:
+    if qtype in (Q.Q6_K, Q.Q2_K):
         return random_blocks(qtype, rows, cols, seed=seed)
     weights = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
     return gguf.quants.quantize(weights, qtype)

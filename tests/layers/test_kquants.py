@@ -6,8 +6,8 @@ the reference: Q4_K -> Q4_1 and Q5_K -> Q5_1 within float16 rounding of each sub
 minimum; Q3_K -> Q6_K exactly; other types -> Q8_0 (asked for) within half a step of 1/127 of
 each 32-weight block's largest magnitude. K-quant files (Q4_K_M-like: Q4_K layers, Q6_K down
 projections and output; and one of Q5_K, Q3_K and Q2_K layers) then run through `LLM` against
-transformers' GGUF reader on the same file, and their layers hold blocks, not floats, except
-Q2_K's, which are widened.
+transformers' GGUF reader on the same file, and their layers hold blocks, not floats (Q6_K and
+Q2_K as stored).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def test_rewritten_k_quants_take_their_targets_bits_a_weight(qtype: Q, bits: flo
 
 @pytest.mark.parametrize("qtype", [Q.Q6_K, Q.Q2_K], ids=["Q6_K", "Q2_K"])
 def test_other_types_stay_as_they_are_unless_requantizing_is_asked(qtype: Q) -> None:
-    # Q6_K because the kernels read it as stored; Q2_K because nothing reads it (widened).
+    # The kernels read both as stored: nothing to rewrite.
     assert repack_for_kernels(GGUFMatrix(qtype, random_blocks(qtype, 4, 256), 256)) is None
 
 
@@ -146,10 +146,10 @@ def _k_quant_file(
 
 
 # Q4_K_M-like (Q4_K layers and embedding table, Q6_K down projections and output), and the other
-# K-quants: Q5_K layers, Q3_K down projections, a Q2_K output matrix (the table as converted).
+# K-quants: Q5_K layers, Q3_K down projections, a Q2_K output matrix and embedding table.
 FILES = {
     "q4_k_m": (Q.Q4_K, Q.Q6_K, Q.Q6_K, Q.Q4_K),
-    "q5_k_q3_k_q2_k": (Q.Q5_K, Q.Q3_K, Q.Q2_K, None),
+    "q5_k_q3_k_q2_k": (Q.Q5_K, Q.Q3_K, Q.Q2_K, Q.Q2_K),
 }
 
 
@@ -167,7 +167,7 @@ def k_quant_llm(
 
 PROMPTS = [[5, 80, 200, 31, 7], [300, 12, 44, 45, 46, 100, 101, 3, 9, 250, 17]]
 # Nats: the float16 rounding of Q4_K's and Q5_K's sub-block scales and minimums, and the C
-# decoder's int16 activations; Q6_K, Q3_K (as Q6_K) and the widened Q2_K are exact.
+# decoder's int16 activations; Q6_K, Q3_K (as Q6_K) and Q2_K are the file's values exactly.
 TOLERANCE = 0.02
 
 
@@ -191,7 +191,7 @@ def test_k_quant_files_run_within_the_rewriting_tolerance(
         assert bool((chosen >= logprobs.max(dim=1).values - 2 * TOLERANCE).all())
 
 
-def test_k_quant_layers_hold_blocks_and_only_q2_k_is_widened(
+def test_k_quant_layers_hold_blocks_and_the_decoder_reads_them(
     k_quant_llm: tuple[str, LLM, Any],
 ) -> None:
     name, llm, _ = k_quant_llm
@@ -212,5 +212,7 @@ def test_k_quant_layers_hold_blocks_and_only_q2_k_is_widened(
     else:
         assert qkv.method.repacked == {"Q5_K"}
         assert down.method.repacked == {"Q3_K"}
-        assert head.method.kind == "float16"  # Q2_K: widened
-        assert runner.cpu_decoder is None  # which the decoder does not read
+        assert head.method.kind == "gguf-blocks" and head.method.repacked == set()  # Q2_K
+        assert head.weight.numel() == 0  # as stored, no float copy
+        assert embed_tokens.weight.stored_matrix.qtype == Q.Q2_K  # looked up as stored
+        assert runner.cpu_decoder is not None

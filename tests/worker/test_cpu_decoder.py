@@ -241,14 +241,16 @@ def test_gguf_files_with_other_block_types_keep_pytorch(tmp_path: Path) -> None:
     import transformers
 
     from pagoda.loader.weight_plan import decoder_unsupported_reason
-    from tests.layers.test_kquants import random_blocks
     from tests.loader.test_gguf import write_gguf
 
-    # Q2_K: the one common type the kernels neither read nor rewrite (it is widened).
-    blocks = random_blocks(Q.Q2_K, 4, 256)
-    path = write_gguf(tmp_path / "q2.gguf", "llama", {}, [("blk.0.attn_q.weight", blocks, Q.Q2_K)])
+    # IQ4_NL: a type the kernels neither read nor rewrite (it is widened). 18-byte blocks of
+    # 32 weights (a float16 scale, 16 bytes of indices into a fixed table).
+    blocks = np.zeros((4, 256 // 32 * 18), dtype=np.uint8)
+    path = write_gguf(
+        tmp_path / "iq4.gguf", "llama", {}, [("blk.0.attn_q.weight", blocks, Q.IQ4_NL)]
+    )
     config = transformers.LlamaConfig(
         vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
         num_attention_heads=4, num_key_value_heads=2, architectures=["LlamaForCausalLM"],
     )  # fmt: skip
-    assert decoder_unsupported_reason(config, path) == "GGUF matrices stored as Q2_K"
+    assert decoder_unsupported_reason(config, path) == "GGUF matrices stored as IQ4_NL"

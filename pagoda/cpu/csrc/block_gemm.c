@@ -46,7 +46,8 @@ static int plan_tiles(const pg_matrix *const *mats, int count, int64_t tiles[9],
     for (int m = 0; m < count; ++m) {
         const int64_t format = mats[m]->format;
         if (!(is_block_format(format) || format == PG_F16 || format == PG_BF16) ||
-            mats[m]->cols != cols || cols % 32 != 0 || (format == PG_Q6_K && cols % 256 != 0))
+            mats[m]->cols != cols || cols % 32 != 0 ||
+            (is_super_block_format(format) && cols % 256 != 0))
             return -1;
         tiles[m + 1] = tiles[m] + (mats[m]->rows + PG_NR - 1) / PG_NR;
         columns[m + 1] = columns[m] + mats[m]->rows;
@@ -204,6 +205,7 @@ static void widen_tile(const pg_matrix *w, int64_t n0, int64_t rows, int64_t k0,
     case PG_Q5_1: widen_tile_as(w, PG_Q5_1, 0, n0, rows, k0, kc, w_tile); break;
     case PG_Q5_0_X4: widen_tile_as(w, PG_Q5_0, 1, n0, rows, k0, kc, w_tile); break;
     case PG_Q5_1_X4: widen_tile_as(w, PG_Q5_1, 1, n0, rows, k0, kc, w_tile); break;
+    case PG_Q2_K: widen_tile_as(w, PG_Q2_K, 0, n0, rows, k0, kc, w_tile); break;
     default: widen_tile_as(w, PG_Q6_K, 0, n0, rows, k0, kc, w_tile); break;
     }
 }
@@ -324,7 +326,7 @@ static inline __attribute__((always_inline)) void widen_tile_bf16_as(const pg_ma
         const int64_t n = n0 + i;
         for (int64_t b = b0; b < b1; ++b) {
             void *out = wp + i * (PG_KC / 2) + (b - b0) * 16;
-            if (format == PG_Q5_0 || format == PG_Q5_1 || format == PG_Q6_K) {
+            if (format == PG_Q5_0 || format == PG_Q5_1 || is_super_block_format(format)) {
                 /* Widened to float32 first (bits of them are scattered), then rounded. */
                 float values[32];
                 widen_block_as(w, format, x4, n, b, values);
@@ -384,6 +386,7 @@ static void widen_tile_bf16(const pg_matrix *w, int64_t n0, int64_t rows, int64_
     case PG_Q5_1: widen_tile_bf16_as(w, PG_Q5_1, 0, n0, rows, k0, kc, wp); break;
     case PG_Q5_0_X4: widen_tile_bf16_as(w, PG_Q5_0, 1, n0, rows, k0, kc, wp); break;
     case PG_Q5_1_X4: widen_tile_bf16_as(w, PG_Q5_1, 1, n0, rows, k0, kc, wp); break;
+    case PG_Q2_K: widen_tile_bf16_as(w, PG_Q2_K, 0, n0, rows, k0, kc, wp); break;
     default: widen_tile_bf16_as(w, PG_Q6_K, 0, n0, rows, k0, kc, wp); break;
     }
 }

@@ -13,6 +13,10 @@
  *          int8 scales (one per 16 weights), float16 d (w = (d * scale) * (q - 32)); q6_k_parts
  *          says where each 32-weight sub-block's bits are. Read as eight blocks of 32, each
  *          with two scales.
+ *   Q2_K   84-byte super-blocks of 256 weights: 16 bytes of scales (low nibble: a scale, high:
+ *          a minimum, one pair per 16 weights), qs [64] (2-bit q, four per byte), float16 d and
+ *          dmin (w = (d * scale) * q - dmin * minimum); q2_k_parts says where each 32-weight
+ *          sub-block's bits are. Read as eight blocks of 32, each with two scales and minimums.
  *   *_X4   the same blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) with four rows interleaved by
  *          pagoda_repack_x4: for each group of four rows and each block column, the four scales,
  *          then (Q4_1, Q5_1) the four minimums, then the four payloads. A group of four rows
@@ -36,7 +40,9 @@ enum { PG_Q8_0_X4 = 6, PG_Q4_0_X4 = 7, PG_Q4_1_X4 = 8 };
 enum { PG_I8_NIBBLES = 9, PG_I8_BYTES = 10 };
 /* More GGUF block formats, read as stored; Q5_0 and Q5_1 also interleaved (14, 15). */
 enum { PG_Q5_0 = 11, PG_Q5_1 = 12, PG_Q6_K = 13, PG_Q5_0_X4 = 14, PG_Q5_1_X4 = 15 };
+enum { PG_Q2_K = 16 };
 #define PG_Q6_K_BYTES 210
+#define PG_Q2_K_BYTES 84
 
 typedef struct {
     const uint8_t *data;
@@ -224,9 +230,52 @@ static inline void widen_q6_k(const uint8_t *super, int j, float *out) {
 #endif
 }
 
+/* Where sub-block j (0-7: weights 32j .. 32j + 31) of the Q2_K super-block at `super` keeps its
+ * bits: in each half of 128 weights (qs += 32, scales += 8 per half), sub-block k (0-3) takes bits
+ * 2k and 2k + 1 of the half's 32 qs bytes, and the scale / minimum pairs 2k (its first 16 weights,
+ * from qs bytes 0-15) and 2k + 1 (bytes 16-31). d0, d1 are d * scale and m0, m1 dmin * minimum,
+ * exact in float32 (11 by 4 significant bits), as gguf computes them; sc0, sc1, mi0, mi1 the
+ * 4-bit scales and minimums themselves. */
+typedef struct {
+    const uint8_t *qs;
+    int shift, sc0, sc1, mi0, mi1;
+    float d, dmin;
+} pg_q2_k_part;
+
+static inline pg_q2_k_part q2_k_parts(const uint8_t *super, int j) {
+    const int half = j / 4, k = j % 4;
+    const uint8_t *scales = super + 8 * half + 2 * k;
+    pg_q2_k_part part;
+    part.qs = super + 16 + 32 * half;
+    part.shift = 2 * k;
+    part.sc0 = scales[0] & 0x0f;
+    part.mi0 = scales[0] >> 4;
+    part.sc1 = scales[1] & 0x0f;
+    part.mi1 = scales[1] >> 4;
+    part.d = read_half(super + 80);
+    part.dmin = read_half(super + 82);
+    return part;
+}
+
+static inline void widen_q2_k(const uint8_t *super, int j, float *out) {
+    const pg_q2_k_part part = q2_k_parts(super, j);
+    const float d0 = part.d * (float)part.sc0, d1 = part.d * (float)part.sc1;
+    const float m0 = part.dmin * (float)part.mi0, m1 = part.dmin * (float)part.mi1;
+    /* (d * scale) * q is exact (q < 4), so one rounding: the subtraction's, as gguf's. */
+    for (int l = 0; l < 32; ++l) {
+        const int q = (part.qs[l] >> part.shift) & 3;
+        out[l] = l < 16 ? d0 * (float)q - m0 : d1 * (float)q - m1;
+    }
+}
+
+/* Formats whose blocks of 32 share 256-weight super-blocks (rows a multiple of 256 inputs). */
+static inline int is_super_block_format(int64_t format) {
+    return format == PG_Q6_K || format == PG_Q2_K;
+}
+
 static inline int is_block_format(int64_t format) {
     return (format >= PG_Q8_0 && format <= PG_Q4_1_X4) ||
-           (format >= PG_Q5_0 && format <= PG_Q5_1_X4);
+           (format >= PG_Q5_0 && format <= PG_Q5_1_X4) || format == PG_Q2_K;
 }
 
 /* The fewest tokens the bfloat16 block GEMM multiplies: below that the decoder's int16 matmul
@@ -251,7 +300,7 @@ static inline int64_t base_format(int64_t format) {
     return is_x4_format(format) ? format - (PG_Q8_0_X4 - PG_Q8_0) : format;
 }
 
-/* The interleaved format of a block format, -1 for one that has none (Q6_K). */
+/* The interleaved format of a block format, -1 for one that has none (Q6_K, Q2_K). */
 static inline int64_t x4_format(int64_t format) {
     if (format == PG_Q5_0 || format == PG_Q5_1) return format + (PG_Q5_0_X4 - PG_Q5_0);
     if (format >= PG_Q8_0 && format <= PG_Q4_1) return format + (PG_Q8_0_X4 - PG_Q8_0);
@@ -259,7 +308,7 @@ static inline int64_t x4_format(int64_t format) {
 }
 
 /* Bytes of one 32-weight GGUF block: its float16 header (scale, and Q4_1's or Q5_1's minimum) and
- * its payload (Q5's qh and nibbles). Not for Q6_K, whose blocks share a super-block. */
+ * its payload (Q5's qh and nibbles). Not for Q6_K or Q2_K, whose blocks share a super-block. */
 static inline int64_t block_header(int64_t format) {
     return format == PG_Q4_1 || format == PG_Q5_1 ? 4 : 2;
 }
@@ -267,9 +316,10 @@ static inline int64_t block_payload(int64_t format) {
     return format == PG_Q8_0 ? 32 : (format == PG_Q5_0 || format == PG_Q5_1 ? 20 : 16);
 }
 
-/* Bytes of `count` consecutive blocks of one row (Q6_K: the super-blocks they fall in). */
+/* Bytes of `count` consecutive blocks of one row (Q6_K, Q2_K: the super-blocks they fall in). */
 static inline int64_t blocks_bytes(int64_t format, int64_t count) {
     if (format == PG_Q6_K) return (count + 7) / 8 * PG_Q6_K_BYTES;
+    if (format == PG_Q2_K) return (count + 7) / 8 * PG_Q2_K_BYTES;
     return (block_header(format) + block_payload(format)) * count;
 }
 
@@ -278,6 +328,7 @@ static inline int64_t blocks_bytes(int64_t format, int64_t count) {
 static inline const uint8_t *block_address_as(const pg_matrix *w, int64_t format, int x4,
                                               int64_t n, int64_t b) {
     if (format == PG_Q6_K) return w->data + n * w->row_bytes + b / 8 * PG_Q6_K_BYTES;
+    if (format == PG_Q2_K) return w->data + n * w->row_bytes + b / 8 * PG_Q2_K_BYTES;
     const int64_t block = block_header(format) + block_payload(format);
     if (x4) return w->data + (n - n % 4) * w->row_bytes + b * 4 * block;
     return w->data + n * w->row_bytes + b * block;
@@ -309,6 +360,10 @@ static inline __attribute__((always_inline)) void widen_block_as(const pg_matrix
                                                                  float *out) {
     if (format == PG_Q6_K) {
         widen_q6_k(block_address_as(w, format, 0, n, b), (int)(b % 8), out);
+        return;
+    }
+    if (format == PG_Q2_K) {
+        widen_q2_k(block_address_as(w, format, 0, n, b), (int)(b % 8), out);
         return;
     }
     const uint8_t *scale, *minimum, *qs;

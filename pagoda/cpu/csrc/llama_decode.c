@@ -257,6 +257,37 @@ static inline __attribute__((always_inline)) void dot_blocks_tile(
             }
             continue;
         }
+        if (w->format == PG_Q2_K) {
+            /* sum((d sc q - dmin mi) x) = d sum(sc q x) - dmin sum(mi x), both integer dot
+             * products against the int16 tokens: the scales and minimums are 4-bit, so sc * q
+             * (under 46) and mi fit the int16 lanes of vpmaddwd and each sum an int32. */
+            const pg_q2_k_part part = q2_k_parts(row + b / 8 * PG_Q2_K_BYTES, (int)(b % 8));
+            const __m256i q = _mm256_and_si256(
+                _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)part.qs),
+                                 _mm_cvtsi32_si128(part.shift)),
+                _mm256_set1_epi8(3));
+            const __m256i a0 = _mm256_mullo_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)),
+                                                  _mm256_set1_epi16((short)part.sc0));
+            const __m256i a1 = _mm256_mullo_epi16(
+                _mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1)), _mm256_set1_epi16((short)part.sc1));
+            const __m256i m0 = _mm256_set1_epi16((short)part.mi0);
+            const __m256i m1 = _mm256_set1_epi16((short)part.mi1);
+            for (int t = 0; t < tile; ++t) {
+                const int64_t xb = (t0 + t) * x_blocks + b;
+                const int16_t *xq = x->values + 32 * xb;
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)xq);
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 16));
+                const __m256i p =
+                    _mm256_add_epi32(_mm256_madd_epi16(a0, x0), _mm256_madd_epi16(a1, x1));
+                const __m256i pm =
+                    _mm256_add_epi32(_mm256_madd_epi16(m0, x0), _mm256_madd_epi16(m1, x1));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
+                                         _mm256_set1_ps(part.d * x->scales[xb]), acc[t]);
+                acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(pm),
+                                          _mm256_set1_ps(part.dmin * x->scales[xb]), acc[t]);
+            }
+            continue;
+        }
         if (w->format == PG_Q5_0 || w->format == PG_Q5_1) {
             const int with_min = w->format == PG_Q5_1;
             const uint8_t *block = row + b * (with_min ? 24 : 22);

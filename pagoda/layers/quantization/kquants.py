@@ -2,8 +2,8 @@
 they do, so that a K-quant file's layers are multiplied by the block GEMM and the C decoder
 instead of being widened to float16.
 
-The kernels read Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and Q6_K blocks as they are in the file. Of the
-others:
+The kernels read Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q6_K and Q2_K blocks as they are in the file. Of
+the others:
 - Q4_K -> Q4_1 and Q5_K -> Q5_1, always: a super-block of 256 weights is eight 32-weight
   sub-blocks, each `d * sc * q - dmin * m` with 6-bit `sc`, `m`; each sub-block becomes one
   Q4_1 / Q5_1 block with scale `d * sc` and minimum `-dmin * m`, both rounded to float16 (a
@@ -12,13 +12,13 @@ others:
 - Q3_K -> Q6_K, always, exactly: a Q3_K weight is `(d * (sc - 32)) * q` with a 6-bit `sc` per 16
   weights and `q` in -4..3; Q6_K's is `(d * s) * (q6 - 32)` with an int8 `s` per 16 weights, so
   `s = sc - 32`, `q6 = q + 32` give the same float32 values, bit for bit. 6.6 bits for 3.4.
-- every other type (Q2_K, IQ*, ...) -> Q8_0 from its exact float32 values (one scale per 32
-  weights, round to nearest), only with PAGODA_GGUF_REQUANTIZE=q8_0: at most half a step of 1/127
-  of each block's largest magnitude added to the type's own rounding; 8.5 bits a weight (Q2_K:
-  2.6). Without it they are widened to float16 (exact to float16).
+- every other type (IQ*, ...) -> Q8_0 from its exact float32 values (one scale per 32 weights,
+  round to nearest), only with PAGODA_GGUF_REQUANTIZE=q8_0: at most half a step of 1/127 of each
+  block's largest magnitude added to the type's own rounding; 8.5 bits a weight. Without it they
+  are widened to float16 (exact to float16).
 
 Kernels that read every K-quant as stored would keep their exact bytes and are the better end
-state; Q2_K's 16-weight groups with minimums are the one common type still without one.
+state; Q4_K, Q5_K and Q3_K still go through these rewrites.
 """
 
 from __future__ import annotations
