@@ -217,12 +217,80 @@ static void quantize_blocks(const float *x, int64_t count, pg_blocks *out) {
     }
 }
 
+/* dot_blocks_tile for the super-block formats, a super-block of 256 weights at a time: its
+ * float16 scales are read once, and each 16-weight group's integer scale is multiplied into the
+ * weights (int16), so a token's two halves of a 32-weight block make one integer sum, one
+ * conversion and one multiply-add (Q6_K: |q * scale| <= 32 * 128, each int32 lane of vpmaddwd
+ * under 2^28; Q2_K: q * scale <= 45). */
+static inline __attribute__((always_inline)) void dot_super_blocks_tile(
+    const pg_matrix *w, const uint8_t *row, const pg_blocks *x, int64_t t0, const int tile,
+    int64_t x_blocks, float bias, float *out, int64_t out_stride) {
+    const int64_t supers = w->cols / 256;
+    const int q2_k = w->format == PG_Q2_K;
+    __m256 acc[PG_TOKEN_TILE];
+    for (int t = 0; t < tile; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < supers; ++s) {
+        const uint8_t *super = row + s * (q2_k ? PG_Q2_K_BYTES : PG_Q6_K_BYTES);
+        const float d = read_half(super + (q2_k ? 80 : 208));
+        const float dmin = q2_k ? read_half(super + 82) : 0.f;
+        for (int j = 0; j < 8; ++j) {
+            const int half = j / 4, k = j % 4;
+            const int64_t b = 8 * s + j;
+            __m256i w0, w1, m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
+            if (q2_k) {
+                /* sum((d sc q - dmin mi) x) = d sum(sc q x) - dmin sum(mi x). */
+                const uint8_t *scales = super + 8 * half + 2 * k;
+                const __m256i q = _mm256_and_si256(
+                    _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(super + 16 + 32 * half)),
+                                     _mm_cvtsi32_si128(2 * k)),
+                    _mm256_set1_epi8(3));
+                w0 = _mm256_mullo_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)),
+                                        _mm256_set1_epi16((short)(scales[0] & 0x0f)));
+                w1 = _mm256_mullo_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1)),
+                                        _mm256_set1_epi16((short)(scales[1] & 0x0f)));
+                m0 = _mm256_set1_epi16((short)(scales[0] >> 4));
+                m1 = _mm256_set1_epi16((short)(scales[1] >> 4));
+            } else {
+                /* Where sub-block j keeps its bits: see q6_k_parts. */
+                const int8_t *scales = (const int8_t *)(super + 192) + 8 * half + 2 * k;
+                const __m256i q = q6_k_values(super + 64 * half + 32 * (k & 1), k >> 1,
+                                              super + 128 + 32 * half, 2 * k);
+                w0 = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
+                                        _mm256_set1_epi16(scales[0]));
+                w1 = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1)),
+                                        _mm256_set1_epi16(scales[1]));
+            }
+            for (int t = 0; t < tile; ++t) {
+                const int64_t xb = (t0 + t) * x_blocks + b;
+                const int16_t *xq = x->values + 32 * xb;
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)xq);
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 16));
+                const __m256i p =
+                    _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x->scales[xb]),
+                                         acc[t]);
+                if (q2_k) {
+                    const __m256i pm =
+                        _mm256_add_epi32(_mm256_madd_epi16(m0, x0), _mm256_madd_epi16(m1, x1));
+                    acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(pm),
+                                              _mm256_set1_ps(dmin * x->scales[xb]), acc[t]);
+                }
+            }
+        }
+    }
+    for (int t = 0; t < tile; ++t) out[(t0 + t) * out_stride] = hsum(acc[t]) + bias;
+}
+
 /* out[t * out_stride] = row . x[t0 + t] + bias for `tile` tokens of x (quantized by
  * quantize_blocks, `x_blocks` blocks per token), for one GGUF block row: each block's weights are
  * widened once for all of them. Called with a constant tile, so the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void dot_blocks_tile(
     const pg_matrix *w, const uint8_t *row, const pg_blocks *x, int64_t t0, const int tile,
     int64_t x_blocks, float bias, float *out, int64_t out_stride) {
+    if (is_super_block_format(w->format)) {
+        dot_super_blocks_tile(w, row, x, t0, tile, x_blocks, bias, out, out_stride);
+        return;
+    }
     const int64_t nblocks = w->cols / 32;
     const __m128i mask = _mm_set1_epi8(0x0f);
     __m256 acc[PG_TOKEN_TILE];
@@ -234,60 +302,6 @@ static inline __attribute__((always_inline)) void dot_blocks_tile(
     for (int64_t b = 0; b < nblocks; ++b) {
         __m256i w0, w1;
         float d, m = 0.f;
-        if (w->format == PG_Q6_K) {
-            /* Signed values, two scales: each half of the block is its own product. */
-            const uint8_t *ql, *qh;
-            int high, shift;
-            float d0, d1;
-            q6_k_parts(row + b / 8 * PG_Q6_K_BYTES, (int)(b % 8), &ql, &high, &qh, &shift, &d0,
-                       &d1);
-            const __m256i q = q6_k_values(ql, high, qh, shift);
-            w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
-            w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1));
-            for (int t = 0; t < tile; ++t) {
-                const int64_t xb = (t0 + t) * x_blocks + b;
-                const int16_t *xq = x->values + 32 * xb;
-                const __m256i p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xq));
-                const __m256i p1 =
-                    _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xq + 16)));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * x->scales[xb]),
-                                         acc[t]);
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d1 * x->scales[xb]),
-                                         acc[t]);
-            }
-            continue;
-        }
-        if (w->format == PG_Q2_K) {
-            /* sum((d sc q - dmin mi) x) = d sum(sc q x) - dmin sum(mi x), both integer dot
-             * products against the int16 tokens: the scales and minimums are 4-bit, so sc * q
-             * (under 46) and mi fit the int16 lanes of vpmaddwd and each sum an int32. */
-            const pg_q2_k_part part = q2_k_parts(row + b / 8 * PG_Q2_K_BYTES, (int)(b % 8));
-            const __m256i q = _mm256_and_si256(
-                _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)part.qs),
-                                 _mm_cvtsi32_si128(part.shift)),
-                _mm256_set1_epi8(3));
-            const __m256i a0 = _mm256_mullo_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)),
-                                                  _mm256_set1_epi16((short)part.sc0));
-            const __m256i a1 = _mm256_mullo_epi16(
-                _mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1)), _mm256_set1_epi16((short)part.sc1));
-            const __m256i m0 = _mm256_set1_epi16((short)part.mi0);
-            const __m256i m1 = _mm256_set1_epi16((short)part.mi1);
-            for (int t = 0; t < tile; ++t) {
-                const int64_t xb = (t0 + t) * x_blocks + b;
-                const int16_t *xq = x->values + 32 * xb;
-                const __m256i x0 = _mm256_loadu_si256((const __m256i *)xq);
-                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 16));
-                const __m256i p =
-                    _mm256_add_epi32(_mm256_madd_epi16(a0, x0), _mm256_madd_epi16(a1, x1));
-                const __m256i pm =
-                    _mm256_add_epi32(_mm256_madd_epi16(m0, x0), _mm256_madd_epi16(m1, x1));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
-                                         _mm256_set1_ps(part.d * x->scales[xb]), acc[t]);
-                acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(pm),
-                                          _mm256_set1_ps(part.dmin * x->scales[xb]), acc[t]);
-            }
-            continue;
-        }
         if (w->format == PG_Q5_0 || w->format == PG_Q5_1) {
             const int with_min = w->format == PG_Q5_1;
             const uint8_t *block = row + b * (with_min ? 24 : 22);
