@@ -1,8 +1,8 @@
 """The block GEMM (`csrc/block_gemm.c`): a linear layer's product straight from GGUF blocks.
 
-Prefill and large decode batches multiply GGUF blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q6_K) as
-stored, widened tile by tile
-to their exact float32 values, so no float copy of the matrix is ever made. The GGUF weight method
+Prefill and large decode batches multiply GGUF blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, and the
+K-quants Q2_K, Q4_K, Q5_K, Q6_K) as stored, widened tile by tile to their exact float32 values,
+so no float copy of the matrix is ever made. The GGUF weight method
 (`pagoda.layers.quantization.gguf`) builds one `BlockWeight` per layer over the matrices it also
 hands to the whole-step decoder: both read the same bytes. Where the weight plan multiplies
 batched steps in bfloat16 and this build has AVX512-BF16, the product is `pagoda_block_gemm_bf16`:
@@ -21,10 +21,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from pagoda.cpu.matrix import Q4_0, Q4_1, Q8_0, Matrix, block_matrix, i64, ptr, required_library
+from pagoda.cpu.matrix import (
+    Q4_0,
+    Q4_1,
+    Q4_K,
+    Q8_0,
+    Matrix,
+    block_matrix,
+    i64,
+    ptr,
+    required_library,
+)
 
-# The formats the integer GEMM packs, interleaved (6, 7, 8) or not.
-INT8_FORMATS = frozenset({Q8_0, Q4_0, Q4_1, 6, 7, 8})
+# The formats the integer GEMM packs, interleaved (6, 7, 8, 19) or not.
+INT8_FORMATS = frozenset({Q8_0, Q4_0, Q4_1, Q4_K, 6, 7, 8, 19})
 
 
 def bf16_block_gemm_available(library: ctypes.CDLL) -> bool:
@@ -38,7 +48,7 @@ def int8_gemm_available(library: ctypes.CDLL) -> bool:
 
 
 def int8_packed(library: ctypes.CDLL, matrix: Matrix, keep: list[Any]) -> Matrix:
-    """`matrix` (Q8_0/Q4_0/Q4_1 blocks, interleaved or not) packed for `pagoda_int8_gemm`, the
+    """`matrix` (Q8_0/Q4_0/Q4_1/Q4_K blocks, interleaved or not) packed for `pagoda_int8_gemm`, the
     new array kept in `keep`.
 
     Raises:
@@ -69,7 +79,8 @@ class BlockWeight:
             batched steps do; needs `bf16_block_gemm_available(library)`.
         int8: multiply steps of `INT8_MIN_TOKENS` tokens or more with the integer GEMM, on a
             packed copy made here; needs `int8_gemm_available(library)`. Ignored (`self.int8`
-            False) where a matrix is in a format the integer GEMM does not read (Q5_*, Q6_K).
+            False) where a matrix is in a format the integer GEMM does not read (Q5_*, Q6_K,
+            ...).
 
     Raises:
         ValueError: fewer than 1 or more than 8 matrices, bf16 where the build has no

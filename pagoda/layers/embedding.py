@@ -75,7 +75,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def drop_float_table(self, model: nn.Module) -> bool:
         """Free the float copy of a table kept as stored blocks that the CPU kernels widen, or
-        that they rewrite into such blocks (Q4_K, Q5_K, Q3_K: `kquants`); one rank, and a head
+        that they rewrite into such blocks (Q3_K: `kquants`); one rank, and a head
         tied to it must multiply the blocks, not the float table. Returns whether it did;
         lookups then widen the rows they need from the blocks."""
         from pagoda.cpu.build import cpu_library
@@ -94,8 +94,8 @@ class VocabParallelEmbedding(nn.Module):
             if module.method.kind != "gguf-blocks":  # a tied head that multiplies the floats
                 return False
         if not readable:
-            # Q4_K, Q5_K, Q3_K: rewritten as the layers' are (a tied head holds its own copy,
-            # interleaved for its product), and the rows looked up from that.
+            # Q3_K: rewritten as the layers' are (a tied head holds its own copy, interleaved
+            # for its product), and the rows looked up from that.
             self.weight.stored_matrix = repack_for_kernels(stored)  # type: ignore[attr-defined]
         self.weight.data = torch.empty(0, self.embedding_dim)
         return True

@@ -319,8 +319,8 @@ def decoder_unsupported_reason(hf_config: Any, gguf_file: Path | None) -> str | 
         from pagoda import envs
         from pagoda.cpu.matrix import gguf_format
 
-        # Types the kernels cannot read are rewritten for them at load where that is (almost)
-        # free, Q4_K, Q5_K and Q3_K, or asked for (PAGODA_GGUF_REQUANTIZE=q8_0: all); the others
+        # Types the kernels cannot read are rewritten for them at load where that is free
+        # (Q3_K), or asked for (PAGODA_GGUF_REQUANTIZE=q8_0: all); the others
         # are widened to float16, which the decoder does not read
         # (`pagoda.layers.quantization.kquants`).
         from pagoda.layers.quantization.kquants import REWRITTEN_TYPES

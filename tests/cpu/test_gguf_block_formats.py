@@ -1,13 +1,14 @@
-"""Q5_0, Q5_1, Q6_K and Q2_K blocks read as stored by every CPU kernel that multiplies by a weight.
+"""Q5_0, Q5_1, Q2_K, Q4_K, Q5_K and Q6_K blocks read as stored by every CPU kernel that multiplies
+by a weight.
 
-gguf-py writes Q5_0 and Q5_1 (from random float weights); Q6_K and Q2_K blocks are random but
-well-formed (`tests.layers.test_kquants.random_blocks`). gguf's own dequantization is the
-reference each time:
-the kernels' widening must give its float32 values bit for bit, the decoder's matmul (int16
-activations, a few tokens) must match the product on them within its rounding, the block GEMM
-(float32, from 8 tokens) within float32 summation, its bfloat16 variant exactly on the
-bfloat16-rounded values, and the integer GEMM, which does not read these formats, must leave them
-to the float path.
+gguf-py writes Q5_0 and Q5_1 (from random float weights); the K-quant blocks are random but
+well-formed (`tests.layers.test_kquants.random_blocks`: gguf-py cannot write them). gguf's own
+dequantization is the reference each time: the kernels' widening must give its float32 values
+bit for bit, the decoder's matmul (int16 activations, a few tokens) must match the product on
+them within its rounding, as stored and interleaved four rows at a time, the block GEMM (float32,
+from 8 tokens) within float32 summation, its bfloat16 variant exactly on the bfloat16-rounded
+values, and the integer GEMM, which reads none of these formats but Q4_K, must leave them to the
+float path.
 """
 
 from __future__ import annotations
@@ -30,13 +31,16 @@ pytestmark = pytest.mark.skipif(
     reason="needs the compiled CPU kernels with the block GEMM (AVX2 and FMA)",
 )
 
-TYPES = [Q.Q5_0, Q.Q5_1, Q.Q6_K, Q.Q2_K]
+TYPES = [Q.Q5_0, Q.Q5_1, Q.Q6_K, Q.Q2_K, Q.Q4_K, Q.Q5_K]
+K_QUANTS = (Q.Q6_K, Q.Q2_K, Q.Q4_K, Q.Q5_K)
+# The formats whose matrices the kernels interleave four rows at a time (rows divisible by 4).
+INTERLEAVED = (Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K)
 IDS = [t.name for t in TYPES]
 
 
 def blocks_of(qtype: Q, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     """[rows, bytes per row] blocks of `qtype` holding `rows` x `cols` weights."""
-    if qtype in (Q.Q6_K, Q.Q2_K):
+    if qtype in K_QUANTS:
         return random_blocks(qtype, rows, cols, seed=seed)
     weights = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
     return gguf.quants.quantize(weights, qtype)
@@ -58,15 +62,39 @@ def test_the_kernels_widen_the_blocks_to_ggufs_float32_values_bit_for_bit(qtype:
     assert torch.equal(dequantize_tensor(blocks.reshape(-1), info), want)
 
 
-# 40 rows, 42 rows: no four-row interleaving for these formats either way; 1 to 11 tokens take
-# the decoder's matmul (int16 activations), one token tile or two.
+@pytest.mark.parametrize("qtype", TYPES, ids=IDS)
+def test_matrices_of_four_row_groups_are_interleaved_in_as_many_bytes(qtype: Q) -> None:
+    for rows in (40, 42):
+        blocks = blocks_of(qtype, rows, 512)
+        keep: list[object] = []
+        matrix = block_matrix(GGUFMatrix(qtype, blocks, 512), None, keep)
+        interleaved = qtype in INTERLEAVED and rows % 4 == 0
+        assert (matrix.format != blocks_format(qtype)) == interleaved
+        held = [array for array in keep if isinstance(array, np.ndarray)]
+        assert [array.nbytes for array in held] == [blocks.nbytes]  # no other copy
+
+
+def blocks_format(qtype: Q) -> int:
+    from pagoda.cpu.matrix import gguf_format
+
+    code = gguf_format(qtype)
+    assert code is not None
+    return code
+
+
+# 40 rows (four-row groups: interleaved where the format has it) and 42 (a last group of two,
+# read as stored); 1 to 11 tokens take the decoder's matmul (int16 activations), one token tile
+# or several.
+@pytest.mark.parametrize("rows", [40, 42])
 @pytest.mark.parametrize("tokens", [1, 3, 11])
 @pytest.mark.parametrize("qtype", TYPES, ids=IDS)
-def test_the_decoder_matmul_matches_the_dequantized_weights(qtype: Q, tokens: int) -> None:
-    blocks = blocks_of(qtype, 42, 512, seed=1)
+def test_the_decoder_matmul_matches_the_dequantized_weights(
+    qtype: Q, tokens: int, rows: int
+) -> None:
+    blocks = blocks_of(qtype, rows, 512, seed=1)
     want_weights = reference(qtype, blocks)
     x = torch.randn(tokens, 512)
-    bias = torch.randn(42)
+    bias = torch.randn(rows)
     got = linear(GGUFMatrix(qtype, blocks, 512), x, bias)
     want = (x.double() @ want_weights.double().T + bias.double()).float()
     # Activations rounded to int16 per 32-value block: about 2e-5 of each block's largest.
@@ -74,9 +102,10 @@ def test_the_decoder_matmul_matches_the_dequantized_weights(qtype: Q, tokens: in
     torch.testing.assert_close(got / scale, want / scale, rtol=0, atol=2e-4)
 
 
+@pytest.mark.parametrize("rows", [40, 42])
 @pytest.mark.parametrize("qtype", TYPES, ids=IDS)
-def test_a_tokens_row_does_not_depend_on_the_other_tokens(qtype: Q) -> None:
-    matrix = GGUFMatrix(qtype, blocks_of(qtype, 40, 512, seed=2), 512)
+def test_a_tokens_row_does_not_depend_on_the_other_tokens(qtype: Q, rows: int) -> None:
+    matrix = GGUFMatrix(qtype, blocks_of(qtype, rows, 512, seed=2), 512)
     x = torch.randn(7, 512)
     together = linear(matrix, x, None)
     for t in range(7):
@@ -123,7 +152,9 @@ def test_the_bf16_block_gemm_is_exact_on_the_bf16_rounded_values(qtype: Q, token
     torch.testing.assert_close(got.double() / scale, want / scale, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("qtype", TYPES, ids=IDS)
+@pytest.mark.parametrize(
+    "qtype", [t for t in TYPES if t != Q.Q4_K], ids=[n for n in IDS if n != "Q4_K"]
+)
 def test_the_integer_gemm_leaves_these_formats_to_the_float_path(qtype: Q) -> None:
     from pagoda.cpu.block_gemm import int8_gemm_available
 

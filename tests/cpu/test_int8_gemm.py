@@ -1,4 +1,4 @@
-"""The integer block GEMM (`csrc/int8_gemm.c`, AVX512-VNNI): GGUF Q4_0/Q4_1/Q8_0 weights as
+"""The integer block GEMM (`csrc/int8_gemm.c`, AVX512-VNNI): GGUF Q4_0/Q4_1/Q8_0/Q4_K weights as
 stored times tokens quantized to int8 per 32-input block. Against the same product computed in
 float64 from the same quantized tokens (so only float32's summation error is left), against the
 float32 product (the quantization's own error, which it states), and joined matrices and biases
@@ -40,6 +40,14 @@ def quantized_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def split_weights(qtype: Q, blocks: np.ndarray, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
     """(d * q, m) of every weight in float64: the two terms the kernel scales apart."""
     dequantized = torch.from_numpy(gguf.quants.dequantize(blocks, qtype)).double()
+    if qtype == Q.Q4_K:
+        # Each 32-weight sub-block's minimum -(dmin * m), m its 6-bit minimum.
+        supers = blocks.reshape(rows, cols // 256, 144)
+        dmin = torch.from_numpy(supers[..., 2:4].copy().view(np.float16).astype(np.float64))
+        _, mins = gguf.quants.Q4_K.get_scale_min(supers[..., 4:16].reshape(-1, 12))
+        minimum = -dmin * torch.from_numpy(mins.astype(np.float64)).view(rows, -1, 8)
+        m = minimum.reshape(rows, cols // 32, 1).expand(rows, cols // 32, 32).reshape(rows, cols)
+        return dequantized - m, m
     raw = blocks.reshape(rows, cols // 32, -1)
     d = torch.from_numpy(raw[..., :2].copy().view(np.float16).astype(np.float64))  # [rows, nb, 1]
     if qtype == Q.Q4_1:
@@ -52,17 +60,24 @@ def split_weights(qtype: Q, blocks: np.ndarray, rows: int, cols: int) -> tuple[t
     return dequantized - m, m
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K])
 # 8, 13 and 41 tokens: one tile of 8, and the 4/2/1 tails; 100 rows: six groups of 16 and a
-# partial one; 42 rows read from a matrix the weight method did not interleave.
+# partial one; 42 rows read from a matrix the weight method did not interleave. Q4_K rows take
+# whole 256-weight super-blocks (gguf cannot write them: random well-formed ones).
 @pytest.mark.parametrize("tokens", [8, 13, 41])
 @pytest.mark.parametrize(("rows", "cols"), [(100, 96), (42, 320)])
 def test_the_integer_gemm_is_exact_on_the_quantized_tokens(
     qtype: Q, tokens: int, rows: int, cols: int
 ) -> None:
     generator = np.random.default_rng(0)
-    weights = generator.standard_normal((rows, cols)).astype(np.float32)
-    blocks = gguf.quants.quantize(weights, qtype)
+    if qtype == Q.Q4_K:
+        from tests.layers.test_kquants import random_blocks
+
+        cols = 256 * (cols // 96)  # 256 and 768
+        blocks = random_blocks(qtype, rows, cols, seed=rows)
+    else:
+        weights = generator.standard_normal((rows, cols)).astype(np.float32)
+        blocks = gguf.quants.quantize(weights, qtype)
     torch.manual_seed(tokens + rows)
     x = torch.randn(tokens, cols) * 3
     x[0, :32] = 0.0  # a block of zeros: scale 0, no division by it

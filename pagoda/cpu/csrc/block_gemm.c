@@ -139,9 +139,11 @@ static inline __attribute__((always_inline)) void widen_tile_as(const pg_matrix 
             const char *ahead = (const char *)block_address_as(w, format, x4, n0 + i + 8, b0);
             for (int64_t byte = 0; byte < span; byte += 64) _mm_prefetch(ahead + byte, _MM_HINT_T0);
         }
-        if (!x4) {
-            for (int64_t b = b0; b < b1; ++b)
-                widen_block_as(w, format, 0, n0 + i, b, w_tile + i * PG_KC + (b - b0) * 32);
+        if (!x4 || is_super_block_format(format)) {
+            /* One row, or a group's four rows one at a time (K-quant super-blocks). */
+            for (int64_t r = i; r < i + (x4 ? 4 : 1); ++r)
+                for (int64_t b = b0; b < b1; ++b)
+                    widen_block_as(w, format, x4, n0 + r, b, w_tile + r * PG_KC + (b - b0) * 32);
             continue;
         }
         /* A group of four interleaved rows (tiles start on a group, and such matrices have rows
@@ -206,6 +208,10 @@ static void widen_tile(const pg_matrix *w, int64_t n0, int64_t rows, int64_t k0,
     case PG_Q5_0_X4: widen_tile_as(w, PG_Q5_0, 1, n0, rows, k0, kc, w_tile); break;
     case PG_Q5_1_X4: widen_tile_as(w, PG_Q5_1, 1, n0, rows, k0, kc, w_tile); break;
     case PG_Q2_K: widen_tile_as(w, PG_Q2_K, 0, n0, rows, k0, kc, w_tile); break;
+    case PG_Q4_K: widen_tile_as(w, PG_Q4_K, 0, n0, rows, k0, kc, w_tile); break;
+    case PG_Q5_K: widen_tile_as(w, PG_Q5_K, 0, n0, rows, k0, kc, w_tile); break;
+    case PG_Q4_K_X4: widen_tile_as(w, PG_Q4_K, 1, n0, rows, k0, kc, w_tile); break;
+    case PG_Q5_K_X4: widen_tile_as(w, PG_Q5_K, 1, n0, rows, k0, kc, w_tile); break;
     default: widen_tile_as(w, PG_Q6_K, 0, n0, rows, k0, kc, w_tile); break;
     }
 }
@@ -387,6 +393,10 @@ static void widen_tile_bf16(const pg_matrix *w, int64_t n0, int64_t rows, int64_
     case PG_Q5_0_X4: widen_tile_bf16_as(w, PG_Q5_0, 1, n0, rows, k0, kc, wp); break;
     case PG_Q5_1_X4: widen_tile_bf16_as(w, PG_Q5_1, 1, n0, rows, k0, kc, wp); break;
     case PG_Q2_K: widen_tile_bf16_as(w, PG_Q2_K, 0, n0, rows, k0, kc, wp); break;
+    case PG_Q4_K: widen_tile_bf16_as(w, PG_Q4_K, 0, n0, rows, k0, kc, wp); break;
+    case PG_Q5_K: widen_tile_bf16_as(w, PG_Q5_K, 0, n0, rows, k0, kc, wp); break;
+    case PG_Q4_K_X4: widen_tile_bf16_as(w, PG_Q4_K, 1, n0, rows, k0, kc, wp); break;
+    case PG_Q5_K_X4: widen_tile_bf16_as(w, PG_Q5_K, 1, n0, rows, k0, kc, wp); break;
     default: widen_tile_bf16_as(w, PG_Q6_K, 0, n0, rows, k0, kc, wp); break;
     }
 }

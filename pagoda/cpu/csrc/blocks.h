@@ -17,10 +17,18 @@
  *          a minimum, one pair per 16 weights), qs [64] (2-bit q, four per byte), float16 d and
  *          dmin (w = (d * scale) * q - dmin * minimum); q2_k_parts says where each 32-weight
  *          sub-block's bits are. Read as eight blocks of 32, each with two scales and minimums.
+ *   Q4_K   144-byte super-blocks of 256 weights: float16 d and dmin, 12 bytes of 6-bit scales
+ *          and minimums (one pair per 32 weights, packed as k_scales_mins reads them), qs [128]
+ *          (32-byte chunk i: sub-block 2i in the low nibbles, 2i + 1 in the high ones; w =
+ *          (d * scale) * q - dmin * minimum)
+ *   Q5_K   176-byte super-blocks: d, dmin, the 12 scale bytes, qh [32] (bit j of byte l: weight l
+ *          of sub-block j's fifth bit), then qs [128] as Q4_K's
  *   *_X4   the same blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) with four rows interleaved by
  *          pagoda_repack_x4: for each group of four rows and each block column, the four scales,
  *          then (Q4_1, Q5_1) the four minimums, then the four payloads. A group of four rows
- *          takes 4 * row_bytes bytes.
+ *          takes 4 * row_bytes bytes. Q4_K and Q5_K too, a super-block column at a time: the
+ *          four rows' 16-byte headers (d, dmin, scale bytes), Q5_K's four qh [32], then for
+ *          each 32-byte chunk of qs the four rows' chunks (k_parts_as).
  */
 #ifndef PAGODA_BLOCKS_H
 #define PAGODA_BLOCKS_H
@@ -40,9 +48,11 @@ enum { PG_Q8_0_X4 = 6, PG_Q4_0_X4 = 7, PG_Q4_1_X4 = 8 };
 enum { PG_I8_NIBBLES = 9, PG_I8_BYTES = 10 };
 /* More GGUF block formats, read as stored; Q5_0 and Q5_1 also interleaved (14, 15). */
 enum { PG_Q5_0 = 11, PG_Q5_1 = 12, PG_Q6_K = 13, PG_Q5_0_X4 = 14, PG_Q5_1_X4 = 15 };
-enum { PG_Q2_K = 16 };
+enum { PG_Q2_K = 16, PG_Q4_K = 17, PG_Q5_K = 18, PG_Q4_K_X4 = 19, PG_Q5_K_X4 = 20 };
 #define PG_Q6_K_BYTES 210
 #define PG_Q2_K_BYTES 84
+#define PG_Q4_K_BYTES 144
+#define PG_Q5_K_BYTES 176
 
 typedef struct {
     const uint8_t *data;
@@ -268,14 +278,105 @@ static inline void widen_q2_k(const uint8_t *super, int j, float *out) {
     }
 }
 
+/* The eight 6-bit scales (*scales) and minimums (*minimums) of a Q4_K or Q5_K super-block, one
+ * byte each, sub-block j in byte j (little endian), from its 12 packed bytes: bytes 0-3 hold
+ * scales 0-3 in their low six bits and bytes 4-7 minimums 0-3; scales and minimums 4-7 take their
+ * low four bits from bytes 8-11 (low and high nibbles) and their top two from the top two bits
+ * of bytes 0-3 (scales) and 4-7 (minimums). Four sub-blocks per 32-bit word operation. */
+static inline void k_scales_mins(const uint8_t *packed, uint64_t *scales, uint64_t *minimums) {
+    uint32_t a, b, c;
+    memcpy(&a, packed, 4);
+    memcpy(&b, packed + 4, 4);
+    memcpy(&c, packed + 8, 4);
+    const uint32_t six = 0x3f3f3f3fu, four = 0x0f0f0f0fu, top = 0x30303030u;
+    *scales = (uint64_t)(a & six) | (uint64_t)((c & four) | ((a >> 2) & top)) << 32;
+    *minimums = (uint64_t)(b & six) | (uint64_t)(((c >> 4) & four) | ((b >> 2) & top)) << 32;
+}
+
+/* Where super-block s of row n of a Q4_K (q5 0) or Q5_K (q5 1) matrix keeps its 16-byte header
+ * (float16 d and dmin, the 12 scale bytes), Q5_K's 32 qh bytes, and its four 32-byte chunks of
+ * qs (chunk c at qs + c * chunk): as stored, or in the row's group of four (x4). */
+typedef struct {
+    const uint8_t *header, *qh, *qs;
+    int64_t chunk;
+} pg_k_part;
+
+static inline pg_k_part k_parts_as(const pg_matrix *w, int q5, int x4, int64_t n, int64_t s) {
+    const int64_t bytes = q5 ? PG_Q5_K_BYTES : PG_Q4_K_BYTES;
+    pg_k_part part;
+    if (x4) {
+        const uint8_t *group = w->data + (n - n % 4) * w->row_bytes + s * 4 * bytes;
+        const int64_t lane = n % 4;
+        part.header = group + 16 * lane;
+        part.qh = group + 64 + 32 * lane;
+        part.qs = group + (q5 ? 192 : 64) + 32 * lane;
+        part.chunk = 128;
+    } else {
+        const uint8_t *super = w->data + n * w->row_bytes + s * bytes;
+        part.header = super;
+        part.qh = super + 16;
+        part.qs = super + (q5 ? 48 : 16);
+        part.chunk = 32;
+    }
+    return part;
+}
+
+/* Sub-block j (0-7) of a Q4_K (q5 0) or Q5_K (q5 1) super-block widened to 32 floats, as gguf
+ * computes them: (d * scale) * q, exact in float32 (11 by 6 by 5 significant bits), minus
+ * dmin * minimum (exact too), so one rounding, the subtraction's (no fused multiply-add under
+ * -std=c11). Weight l is the low (j even) or high nibble of byte l of chunk j / 2. */
+static inline void widen_k(pg_k_part part, int q5, int j, float *out) {
+    uint64_t scales, minimums;
+    k_scales_mins(part.header + 4, &scales, &minimums);
+    const float d = read_half(part.header) * (float)((scales >> (8 * j)) & 0xff);
+    const float m = read_half(part.header + 2) * (float)((minimums >> (8 * j)) & 0xff);
+    const uint8_t *qs = part.qs + part.chunk * (j / 2), *qh = part.qh;
+    const int shift = 4 * (j & 1);
+#ifdef PG_AVX2
+    __m256i q = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)qs),
+                                                  _mm_cvtsi32_si128(shift)),
+                                 _mm256_set1_epi8(0x0f));
+    if (q5) {
+        const __m256i fifth = _mm256_and_si256(
+            _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)qh), _mm_cvtsi32_si128(j)),
+            _mm256_set1_epi8(1));
+        q = _mm256_or_si256(q, _mm256_slli_epi16(fifth, 4));
+    }
+    uint8_t bytes[32];
+    _mm256_storeu_si256((__m256i *)bytes, q);
+    const __m256 scale = _mm256_set1_ps(d), minimum = _mm256_set1_ps(m);
+    for (int i = 0; i < 4; ++i) {
+        const __m256i qi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(bytes + 8 * i)));
+        _mm256_storeu_ps(out + 8 * i,
+                         _mm256_sub_ps(_mm256_mul_ps(scale, _mm256_cvtepi32_ps(qi)), minimum));
+    }
+#else
+    for (int l = 0; l < 32; ++l) {
+        int q = (qs[l] >> shift) & 0x0f;
+        if (q5) q |= ((qh[l] >> j) & 1) << 4;
+        out[l] = d * (float)q - m;
+    }
+#endif
+}
+
 /* Formats whose blocks of 32 share 256-weight super-blocks (rows a multiple of 256 inputs). */
 static inline int is_super_block_format(int64_t format) {
-    return format == PG_Q6_K || format == PG_Q2_K;
+    return format == PG_Q6_K || (format >= PG_Q2_K && format <= PG_Q5_K_X4);
+}
+
+/* The bytes of one super-block of a (plain) super-block format. */
+static inline int64_t super_block_bytes(int64_t format) {
+    switch (format) {
+    case PG_Q6_K: return PG_Q6_K_BYTES;
+    case PG_Q2_K: return PG_Q2_K_BYTES;
+    case PG_Q4_K: return PG_Q4_K_BYTES;
+    default: return PG_Q5_K_BYTES;
+    }
 }
 
 static inline int is_block_format(int64_t format) {
     return (format >= PG_Q8_0 && format <= PG_Q4_1_X4) ||
-           (format >= PG_Q5_0 && format <= PG_Q5_1_X4) || format == PG_Q2_K;
+           (format >= PG_Q5_0 && format <= PG_Q5_1_X4) || (format >= PG_Q2_K && format <= PG_Q5_K_X4);
 }
 
 /* The fewest tokens the bfloat16 block GEMM multiplies: below that the decoder's int16 matmul
@@ -291,24 +392,26 @@ static inline int64_t pg_bf16_gemm_min_tokens(const pg_matrix *const *mats, int 
 
 static inline int is_x4_format(int64_t format) {
     return (format >= PG_Q8_0_X4 && format <= PG_Q4_1_X4) || format == PG_Q5_0_X4 ||
-           format == PG_Q5_1_X4;
+           format == PG_Q5_1_X4 || format == PG_Q4_K_X4 || format == PG_Q5_K_X4;
 }
 
 /* The format of an interleaved one's blocks; any other format itself. */
 static inline int64_t base_format(int64_t format) {
     if (format == PG_Q5_0_X4 || format == PG_Q5_1_X4) return format - (PG_Q5_0_X4 - PG_Q5_0);
+    if (format == PG_Q4_K_X4 || format == PG_Q5_K_X4) return format - (PG_Q4_K_X4 - PG_Q4_K);
     return is_x4_format(format) ? format - (PG_Q8_0_X4 - PG_Q8_0) : format;
 }
 
-/* The interleaved format of a block format, -1 for one that has none (Q6_K, Q2_K). */
+/* The interleaved format of a block format, -1 for one that has none (Q2_K, Q6_K). */
 static inline int64_t x4_format(int64_t format) {
+    if (format == PG_Q4_K || format == PG_Q5_K) return format + (PG_Q4_K_X4 - PG_Q4_K);
     if (format == PG_Q5_0 || format == PG_Q5_1) return format + (PG_Q5_0_X4 - PG_Q5_0);
     if (format >= PG_Q8_0 && format <= PG_Q4_1) return format + (PG_Q8_0_X4 - PG_Q8_0);
     return -1;
 }
 
 /* Bytes of one 32-weight GGUF block: its float16 header (scale, and Q4_1's or Q5_1's minimum) and
- * its payload (Q5's qh and nibbles). Not for Q6_K or Q2_K, whose blocks share a super-block. */
+ * its payload (Q5's qh and nibbles). Not for the K-quants, whose blocks share a super-block. */
 static inline int64_t block_header(int64_t format) {
     return format == PG_Q4_1 || format == PG_Q5_1 ? 4 : 2;
 }
@@ -316,10 +419,9 @@ static inline int64_t block_payload(int64_t format) {
     return format == PG_Q8_0 ? 32 : (format == PG_Q5_0 || format == PG_Q5_1 ? 20 : 16);
 }
 
-/* Bytes of `count` consecutive blocks of one row (Q6_K, Q2_K: the super-blocks they fall in). */
+/* Bytes of `count` consecutive blocks of one row (K-quants: the super-blocks they fall in). */
 static inline int64_t blocks_bytes(int64_t format, int64_t count) {
-    if (format == PG_Q6_K) return (count + 7) / 8 * PG_Q6_K_BYTES;
-    if (format == PG_Q2_K) return (count + 7) / 8 * PG_Q2_K_BYTES;
+    if (is_super_block_format(format)) return (count + 7) / 8 * super_block_bytes(format);
     return (block_header(format) + block_payload(format)) * count;
 }
 
@@ -327,8 +429,11 @@ static inline int64_t blocks_bytes(int64_t format, int64_t count) {
  * or its group's block, which holds the four rows' scales, minimums and payloads. */
 static inline const uint8_t *block_address_as(const pg_matrix *w, int64_t format, int x4,
                                               int64_t n, int64_t b) {
-    if (format == PG_Q6_K) return w->data + n * w->row_bytes + b / 8 * PG_Q6_K_BYTES;
-    if (format == PG_Q2_K) return w->data + n * w->row_bytes + b / 8 * PG_Q2_K_BYTES;
+    if (is_super_block_format(format)) {
+        const int64_t bytes = super_block_bytes(format);
+        if (x4) return w->data + (n - n % 4) * w->row_bytes + b / 8 * 4 * bytes;
+        return w->data + n * w->row_bytes + b / 8 * bytes;
+    }
     const int64_t block = block_header(format) + block_payload(format);
     if (x4) return w->data + (n - n % 4) * w->row_bytes + b * 4 * block;
     return w->data + n * w->row_bytes + b * block;
@@ -364,6 +469,11 @@ static inline __attribute__((always_inline)) void widen_block_as(const pg_matrix
     }
     if (format == PG_Q2_K) {
         widen_q2_k(block_address_as(w, format, 0, n, b), (int)(b % 8), out);
+        return;
+    }
+    if (format == PG_Q4_K || format == PG_Q5_K) {
+        const int q5 = format == PG_Q5_K;
+        widen_k(k_parts_as(w, q5, x4, n, b / 8), q5, (int)(b % 8), out);
         return;
     }
     const uint8_t *scale, *minimum, *qs;

@@ -6,13 +6,14 @@
  * vpdpbusd multiplies 64 byte pairs per instruction with int32 sums, and each block's sum is
  * scaled once: sum_k w_k x_k = d * dx * sum_k q_k qx_k + m * sum_k x_k for a weight block
  * w = d * q + m (q unsigned: Q4_1 as stored; Q4_0 with m = -8 d; Q8_0 shifted by 128 with
- * m = -128 d) and the exact float sum of the block's inputs for the offset term.
+ * m = -128 d; a Q4_K sub-block with d * scale and m = -(dmin * minimum)) and the exact float sum
+ * of the block's inputs for the offset term.
  *
  * The weights are packed once (pagoda_int8_pack) in groups of 16 rows: for each 32-input block,
  * the 16 scales d and offsets m as float32, then the 16 rows' integers arranged so that one
  * 64-byte vector holds four consecutive inputs of each of the 16 rows (vpdpbusd's layout):
- * eight such vectors per block, stored as bytes (Q8_0) or two to a vector as nibbles (Q4_0/Q4_1,
- * 256 bytes a block, the GGUF payload's size). A micro-kernel multiplies one group by up to eight
+ * eight such vectors per block, stored as bytes (Q8_0) or two to a vector as nibbles (Q4_0/Q4_1/
+ * Q4_K, 256 bytes a block). A micro-kernel multiplies one group by up to eight
  * tokens, a float32 accumulator of 16 rows per token, each token's four int8 inputs broadcast.
  *
  * Several packed matrices sharing the input (q/k/v, gate/up) are one call, their row groups split
@@ -40,11 +41,13 @@ static int64_t packed_block_bytes(int64_t packed_format) {
     return 2 * PG_GROUP * 4 + (packed_format == PG_I8_NIBBLES ? 256 : 512);
 }
 
-/* The packed format of a GGUF block format (nibbles for Q4_0/Q4_1, bytes for Q8_0), -1 for
- * another format (Q5_*, Q6_K) or inputs not a multiple of 32. */
+/* The packed format of a GGUF block format (nibbles for Q4_0/Q4_1/Q4_K, bytes for Q8_0), -1 for
+ * another format (Q5_*, Q6_K, ...) or inputs not a multiple of 32. */
 int64_t pagoda_int8_packed_format(const pg_matrix *w) {
     const int64_t base = base_format(w->format);
-    if (!(base == PG_Q8_0 || base == PG_Q4_0 || base == PG_Q4_1) || w->cols % 32 != 0) return -1;
+    if (!(base == PG_Q8_0 || base == PG_Q4_0 || base == PG_Q4_1 || base == PG_Q4_K) ||
+        w->cols % 32 != 0)
+        return -1;
     return base == PG_Q8_0 ? PG_I8_BYTES : PG_I8_NIBBLES;
 }
 
@@ -74,6 +77,19 @@ int64_t pagoda_int8_pack(const pg_matrix *w, uint8_t *dst) {
                 d[r] = m[r] = 0.f;
                 memset(q[r], 0, 32);
                 if (n >= w->rows) continue;
+                if (base == PG_Q4_K) {
+                    /* Sub-block b % 8: scale d * sc, minimum -(dmin * m), weight l the nibble
+                     * of byte l of its chunk. */
+                    const pg_k_part part = k_parts_as(w, 0, (int)x4, n, b / 8);
+                    const int j = (int)(b % 8);
+                    uint64_t scales, minimums;
+                    k_scales_mins(part.header + 4, &scales, &minimums);
+                    d[r] = read_half(part.header) * (float)((scales >> (8 * j)) & 0xff);
+                    m[r] = -(read_half(part.header + 2) * (float)((minimums >> (8 * j)) & 0xff));
+                    const uint8_t *chunk = part.qs + part.chunk * (j / 2);
+                    for (int k = 0; k < 32; ++k) q[r][k] = (chunk[k] >> (4 * (j & 1))) & 0x0f;
+                    continue;
+                }
                 const uint8_t *scale, *minimum, *qs;
                 block_parts_as(w, base, (int)x4, n, b, &scale, &minimum, &qs);
                 d[r] = read_half(scale);

@@ -151,7 +151,8 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 
 /* Rewrites a Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 matrix (rows divisible by 4) into `out` (as many bytes)
  * with four rows interleaved: for each group of four rows and each block column, the four rows'
- * scales (float16), then for Q4_1 and Q5_1 their four minimums, then their four payloads. A dot
+ * scales (float16), then for Q4_1 and Q5_1 their four minimums, then their four payloads; a
+ * Q4_K/Q5_K one by super-block columns (blocks.h). A dot
  * product then reads the four headers with one load and converts them with one instruction, and
  * the weights of a group stream from one place. Returns the interleaved format, or -1 if `w` cannot be. */
 int64_t pagoda_repack_x4(const pg_matrix *w, uint8_t *out) {
@@ -160,6 +161,23 @@ int64_t pagoda_repack_x4(const pg_matrix *w, uint8_t *out) {
     return -1; /* only the AVX2 kernels read interleaved blocks */
 #endif
     if (w->rows % 4 != 0 || w->cols % 32 != 0 || x4_format(w->format) < 0) return -1;
+    if (w->format == PG_Q4_K || w->format == PG_Q5_K) {
+        if (w->cols % 256 != 0) return -1;
+        const int q5 = w->format == PG_Q5_K;
+        const int64_t bytes = q5 ? PG_Q5_K_BYTES : PG_Q4_K_BYTES, supers = w->cols / 256;
+        const pg_matrix grouped = {out, NULL, w->rows, w->cols, w->row_bytes, x4_format(w->format)};
+        for (int64_t n = 0; n < w->rows; ++n) {
+            for (int64_t s = 0; s < supers; ++s) {
+                const pg_k_part from = k_parts_as(w, q5, 0, n, s);
+                const pg_k_part to = k_parts_as(&grouped, q5, 1, n, s);
+                memcpy((uint8_t *)to.header, from.header, 16);
+                if (q5) memcpy((uint8_t *)to.qh, from.qh, 32);
+                for (int c = 0; c < 4; ++c)
+                    memcpy((uint8_t *)to.qs + c * to.chunk, from.qs + c * from.chunk, 32);
+            }
+        }
+        return grouped.format;
+    }
     const int64_t header = block_header(w->format), payload = block_payload(w->format);
     const int64_t block = header + payload, nblocks = w->cols / 32;
     for (int64_t g = 0; g < w->rows / 4; ++g) {
@@ -491,7 +509,193 @@ static void dot_group_x4(const pg_matrix *w, int64_t g, const pg_blocks *x, int6
         }
     }
 }
+
+/* Rows 4g .. 4g + 3 (`rows`; past the matrix's end, its last row again) of a Q4_K (q5 0) or
+ * Q5_K (q5 1) matrix times tokens t0 .. t0 + tile - 1 of x: result[t] lane i = rows[i] .
+ * x[t0 + t]. Four rows at a time as the interleaved formats are read, though the super-blocks stay
+ * as stored: each token's activations are loaded once for the four rows, and the four sums
+ * reduced together. Per super-block, a row's eight 32-weight scales d * scale and minimums dmin *
+ * minimum are one vector each (k_scales_mins), multiplied by a token's eight block scales and
+ * sums in one instruction each; the minimums' term -sum(dmin * minimum * sum(x)) goes into the
+ * row's accumulator as eight lanes. A token's sums run in the same order whatever the tile. */
+static inline __attribute__((always_inline)) void dot_k_tile(const pg_matrix *w,
+                                                             const int64_t rows[4], const int q5,
+                                                             const int x4, const pg_blocks *x,
+                                                             int64_t t0, const int tile,
+                                                             __m128 *result) {
+    const int64_t supers = w->cols / 256, x_blocks = w->cols / 32;
+    const __m256i nibble = _mm256_set1_epi16(0x0f), fifth = _mm256_set1_epi16(0x10);
+    __m256 acc[4][PG_X4_TILE];
+    for (int t = 0; t < tile; ++t)
+        for (int i = 0; i < 4; ++i) acc[i][t] = _mm256_setzero_ps();
+    pg_k_part first[4];
+    for (int i = 0; i < 4; ++i) first[i] = k_parts_as(w, q5, x4, rows[i], 0);
+    const int64_t stride = (x4 ? 4 : 1) * (q5 ? PG_Q5_K_BYTES : PG_Q4_K_BYTES);
+    for (int64_t s = 0; s < supers; ++s) {
+        pg_k_part part[4];
+        for (int i = 0; i < 4; ++i) {
+            part[i].header = first[i].header + s * stride;
+            part[i].qh = first[i].qh + s * stride;
+            part[i].qs = first[i].qs + s * stride;
+            part[i].chunk = x4 ? 128 : 32;
+        }
+        if (x4) {
+            /* The group's super-blocks stream from one place: the prefetcher restarts on each
+             * group; the next super-block column ahead keeps DRAM busy. */
+            const int64_t span = 4 * (q5 ? PG_Q5_K_BYTES : PG_Q4_K_BYTES);
+            _mm_prefetch((const char *)part[0].header + 2 * span, _MM_HINT_T0);
+            _mm_prefetch((const char *)part[0].header + 2 * span + span / 2, _MM_HINT_T0);
+        }
+        /* The four headers as 32-bit words [d | dmin, a, b, c] (a, b, c those of
+         * k_scales_mins), transposed to one vector per word, lane i row i; then the scales'
+         * and minimums' bytes, four sub-blocks a vector: lane i of lo holds row i's sub-blocks
+         * 0-3, of hi its 4-7. */
+        __m128 h0 = _mm_castsi128_ps(_mm_loadu_si128((const __m128i *)part[0].header));
+        __m128 h1 = _mm_castsi128_ps(_mm_loadu_si128((const __m128i *)part[1].header));
+        __m128 h2 = _mm_castsi128_ps(_mm_loadu_si128((const __m128i *)part[2].header));
+        __m128 h3 = _mm_castsi128_ps(_mm_loadu_si128((const __m128i *)part[3].header));
+        _MM_TRANSPOSE4_PS(h0, h1, h2, h3);
+        const __m128i dd = _mm_castps_si128(h0), a = _mm_castps_si128(h1);
+        const __m128i b = _mm_castps_si128(h2), c = _mm_castps_si128(h3);
+        const __m128i six = _mm_set1_epi8(0x3f), four = _mm_set1_epi8(0x0f);
+        const __m128i top = _mm_set1_epi8(0x30);
+        const __m128i sc_lo = _mm_and_si128(a, six);
+        const __m128i sc_hi =
+            _mm_or_si128(_mm_and_si128(c, four), _mm_and_si128(_mm_srli_epi32(a, 2), top));
+        const __m128i mn_lo = _mm_and_si128(b, six);
+        const __m128i mn_hi = _mm_or_si128(_mm_and_si128(_mm_srli_epi32(c, 4), four),
+                                           _mm_and_si128(_mm_srli_epi32(b, 2), top));
+        const __m128 d4 = _mm_cvtph_ps(
+            _mm_shuffle_epi8(dd, _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1,
+                                               -1, -1)));
+        const __m256 dmin4 = _mm256_castps128_ps256(_mm_cvtph_ps(
+            _mm_shuffle_epi8(dd, _mm_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1,
+                                               -1, -1, -1))));
+        /* The minimums' term, row by row: row i's eight minimums (bytes 8 (i % 2) of
+         * m01 / m23) times dmin, against each token's eight block sums. */
+        const __m128i m01 = _mm_unpacklo_epi32(mn_lo, mn_hi), m23 = _mm_unpackhi_epi32(mn_lo, mn_hi);
+        for (int i = 0; i < 4; ++i) {
+            const __m128i pair = i < 2 ? m01 : m23;
+            const __m128i bytes = (i & 1) ? _mm_srli_si128(pair, 8) : pair;
+            const __m256 dmn =
+                _mm256_mul_ps(_mm256_permutevar8x32_ps(dmin4, _mm256_set1_epi32(i)),
+                              _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)));
+            for (int t = 0; t < tile; ++t)
+                acc[i][t] = _mm256_fnmadd_ps(
+                    dmn, _mm256_loadu_ps(x->sums + (t0 + t) * x_blocks + 8 * s), acc[i][t]);
+        }
+        /* The scales by sub-block: byte 4j + i of by_block_lo is row i's scale of sub-block j
+         * (0-3), of by_block_hi of sub-block 4 + j. */
+        const __m128i order = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        const __m128i by_block_lo = _mm_shuffle_epi8(sc_lo, order);
+        const __m128i by_block_hi = _mm_shuffle_epi8(sc_hi, order);
+        const __m256 d44 = _mm256_set_m128(d4, d4);
+        __m256 pair_scales = _mm256_setzero_ps();
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) {
+            if (j % 2 == 0) {
+                /* Sub-blocks j and j + 1: d * scale for the four rows, in the low and high half. */
+                __m128i bytes = j < 4 ? by_block_lo : by_block_hi;
+                if (j % 4 == 2) bytes = _mm_srli_si128(bytes, 8);
+                pair_scales = _mm256_mul_ps(d44, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)));
+            }
+            const __m128 d4j = (j & 1) ? _mm256_extractf128_ps(pair_scales, 1)
+                                       : _mm256_castps256_ps128(pair_scales);
+            const __m256 dj = _mm256_set_m128(d4j, d4j);
+            __m256i x0[PG_X4_TILE], x1[PG_X4_TILE];
+            __m256 scale[PG_X4_TILE];
+            for (int t = 0; t < tile; ++t) {
+                const int64_t xb = (t0 + t) * x_blocks + 8 * s + j;
+                const int16_t *xq = x->values + 32 * xb;
+                x0[t] = _mm256_loadu_si256((const __m256i *)xq);
+                x1[t] = _mm256_loadu_si256((const __m256i *)(xq + 16));
+                scale[t] = _mm256_mul_ps(dj, _mm256_broadcast_ss(x->scales + xb));
+            }
+            for (int i = 0; i < 4; ++i) {
+                /* Sub-block j: the low (j even) or high nibbles of the 32 bytes of chunk j / 2,
+                 * widened to int16 as they are loaded (one shuffle per 16 weights), then masked
+                 * or shifted; Q5_K's fifth bits are bit j of its 32 qh bytes. */
+                const uint8_t *chunk = part[i].qs + part[i].chunk * (j / 2);
+                __m256i w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)chunk));
+                __m256i w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(chunk + 16)));
+                if (j & 1) {
+                    w0 = _mm256_srli_epi16(w0, 4);
+                    w1 = _mm256_srli_epi16(w1, 4);
+                } else {
+                    w0 = _mm256_and_si256(w0, nibble);
+                    w1 = _mm256_and_si256(w1, nibble);
+                }
+                if (q5) {
+                    const __m128i shift = _mm_cvtsi32_si128(j);
+                    const __m256i h0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)part[i].qh));
+                    const __m256i h1 =
+                        _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(part[i].qh + 16)));
+                    w0 = _mm256_or_si256(w0, _mm256_and_si256(_mm256_srl_epi16(_mm256_slli_epi16(h0, 4), shift), fifth));
+                    w1 = _mm256_or_si256(w1, _mm256_and_si256(_mm256_srl_epi16(_mm256_slli_epi16(h1, 4), shift), fifth));
+                }
+                for (int t = 0; t < tile; ++t) {
+                    const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0[t]),
+                                                       _mm256_madd_epi16(w1, x1[t]));
+                    const __m256 lane = _mm256_permutevar_ps(scale[t], _mm256_set1_epi32(i));
+                    acc[i][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), lane, acc[i][t]);
+                }
+            }
+        }
+    }
+    for (int t = 0; t < tile; ++t) {
+        const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(acc[0][t], acc[1][t]),
+                                            _mm256_hadd_ps(acc[2][t], acc[3][t]));
+        result[t] = _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1));
+    }
+}
+
+/* Rows 4g .. 4g + 3 of a Q4_K or Q5_K matrix, as stored (those of them it has) or interleaved,
+ * times every token of x: out[t * out_stride + 4g + i]. */
+static void dot_k_group(const pg_matrix *w, int64_t g, const pg_blocks *x, int64_t T, float *out,
+                        int64_t out_stride) {
+    int64_t rows[4];
+    for (int i = 0; i < 4; ++i) rows[i] = 4 * g + i < w->rows ? 4 * g + i : w->rows - 1;
+    const int64_t count = w->rows - 4 * g < 4 ? w->rows - 4 * g : 4;
+    const int64_t base = base_format(w->format);
+    const int kind = 2 * (base == PG_Q5_K) + is_x4_format(w->format);
+    for (int64_t t0 = 0; t0 < T; t0 += PG_X4_TILE) {
+        const int64_t tile = T - t0 < PG_X4_TILE ? T - t0 : PG_X4_TILE;
+        __m128 r[PG_X4_TILE];
+        switch (8 * kind + tile) {
+#define PG_K_CASE(n, q5, x4)                                                                      \
+    case 8 * (2 * q5 + x4) + n:                                                                   \
+        dot_k_tile(w, rows, q5, x4, x, t0, n, r);                                                 \
+        break;
+#define PG_K_CASES(n) PG_K_CASE(n, 0, 0) PG_K_CASE(n, 0, 1) PG_K_CASE(n, 1, 0) PG_K_CASE(n, 1, 1)
+            PG_K_CASES(1)
+            PG_K_CASES(2)
+#if PG_X4_TILE == 4
+            PG_K_CASES(3)
+            PG_K_CASES(4)
 #endif
+#undef PG_K_CASES
+#undef PG_K_CASE
+        }
+        for (int64_t t = 0; t < tile; ++t) {
+            float values[4];
+            _mm_storeu_ps(values, r[t]);
+            for (int64_t i = 0; i < count; ++i)
+                out[(t0 + t) * out_stride + 4 * g + i] =
+                    values[i] + (w->bias != NULL ? w->bias[4 * g + i] : 0.f);
+        }
+    }
+}
+#endif
+
+/* Formats whose unit of work in matmul_group is four rows read as stored (dot_k_group). */
+static inline int is_k_group_format(int64_t format) {
+#ifdef PG_AVX2
+    return base_format(format) == PG_Q4_K || base_format(format) == PG_Q5_K;
+#else
+    (void)format;
+    return 0;
+#endif
+}
 
 /* out[m][t * stride + n] = x[t] . W_m[n] + b_m[n] for every matrix m of a group sharing the input
  * x [T, cols], stride `out_stride`, or each matrix's rows where it is 0:
@@ -503,7 +707,9 @@ static void matmul_group(const pg_matrix *const *mats, float *const *outs, int c
     int64_t total = 0;
     for (int m = 0; m < count; ++m) {
         offsets[m] = total;
-        total += is_x4_format(mats[m]->format) ? mats[m]->rows / 4 : mats[m]->rows;
+        total += is_k_group_format(mats[m]->format) ? (mats[m]->rows + 3) / 4
+                 : is_x4_format(mats[m]->format)    ? mats[m]->rows / 4
+                                                    : mats[m]->rows;
     }
     const int64_t cols = mats[0]->cols;
 #ifdef PG_AVX2
@@ -536,6 +742,10 @@ static void matmul_group(const pg_matrix *const *mats, float *const *outs, int c
             const pg_matrix *w = mats[m];
             const int64_t n = unit - offsets[m];
 #ifdef PG_AVX2
+            if (is_k_group_format(w->format)) {
+                dot_k_group(w, n, &blocks, T, outs[m], out_stride ? out_stride : w->rows);
+                continue;
+            }
             if (is_x4_format(w->format)) {
                 dot_group_x4(w, n, &blocks, T, outs[m], out_stride ? out_stride : w->rows);
                 continue;
