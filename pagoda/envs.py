@@ -97,8 +97,8 @@ ENVIRONMENT_VARIABLES: tuple[EnvVar, ...] = (
         "str",
         "none",
         "What GGUF matrices the CPU kernels cannot read become at load (they read Q8_0, Q4_0, "
-        "Q4_1, Q5_0, Q5_1, Q2_K, Q4_K, Q5_K and Q6_K as stored, and always rewrite Q3_K as "
-        "Q6_K, exactly): none keeps the rest (IQ*, ...) float16 (exact to float16); q8_0 "
+        "Q4_1, Q5_0, Q5_1 and every K-quant, Q2_K to Q6_K, as stored): none keeps the rest "
+        "(IQ*, ...) float16 (exact to float16); q8_0 "
         "requantizes them to Q8_0 (8.5 bits a weight, less exact).",
     ),
     EnvVar(

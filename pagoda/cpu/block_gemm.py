@@ -1,7 +1,7 @@
 """The block GEMM (`csrc/block_gemm.c`): a linear layer's product straight from GGUF blocks.
 
 Prefill and large decode batches multiply GGUF blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, and the
-K-quants Q2_K, Q4_K, Q5_K, Q6_K) as stored, widened tile by tile to their exact float32 values,
+K-quants Q2_K to Q6_K) as stored, widened tile by tile to their exact float32 values,
 so no float copy of the matrix is ever made. The GGUF weight method
 (`pagoda.layers.quantization.gguf`) builds one `BlockWeight` per layer over the matrices it also
 hands to the whole-step decoder: both read the same bytes. Where the weight plan multiplies

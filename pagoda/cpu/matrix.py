@@ -2,8 +2,9 @@
 
 Every kernel that multiplies by a weight (`pagoda_matmul`, the block GEMM, the whole-step decoder)
 takes a `Matrix`: a pointer to rows in one storage format (float32/float16/bfloat16 tensors, or a
-GGUF file's Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 blocks or Q2_K/Q4_K/Q5_K/Q6_K super-blocks, all but Q2_K and
-Q6_K possibly with four rows interleaved block by block), an optional float32 bias, and the sizes.
+GGUF file's Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 blocks or Q2_K/Q3_K/Q4_K/Q5_K/Q6_K super-blocks, Q4_K, Q5_K
+and the 32-weight blocks possibly with four rows interleaved block by block), an optional float32
+bias, and the sizes.
 A `Matrix` only points: whoever builds one keeps the arrays it points into alive in a `keep` list
 for as long as the struct is used.
 
@@ -23,12 +24,12 @@ from pagoda.cpu.build import cpu_library
 
 F32, F16, BF16, Q8_0, Q4_0, Q4_1 = range(6)
 Q5_0, Q5_1, Q6_K = 11, 12, 13
-Q2_K, Q4_K, Q5_K = 16, 17, 18
-# The formats the block GEMM multiplies as stored; all but Q6_K and Q2_K also have four-row
+Q2_K, Q4_K, Q5_K, Q3_K = 16, 17, 18, 21
+# The formats the block GEMM multiplies as stored; all but Q6_K, Q2_K and Q3_K also have four-row
 # interleavings (Q8_0, Q4_0, Q4_1 -> 6, 7, 8; Q5_0, Q5_1 -> 14, 15; Q4_K, Q5_K -> 19, 20), which
 # the decoder's matmul reads faster.
 INTERLEAVED_FORMATS = frozenset({Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K})
-BLOCK_FORMATS = frozenset({*INTERLEAVED_FORMATS, Q6_K, Q2_K, Q4_K, Q5_K})
+BLOCK_FORMATS = frozenset({*INTERLEAVED_FORMATS, Q6_K, Q2_K, Q3_K})
 BLOCK_FORMATS_ALL = frozenset({*BLOCK_FORMATS, 6, 7, 8, 14, 15, 19, 20})
 _TORCH_FORMATS = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
 
@@ -77,6 +78,7 @@ def gguf_format(qtype: Any) -> int | None:
         Q.Q5_1: Q5_1,
         Q.Q6_K: Q6_K,
         Q.Q2_K: Q2_K,
+        Q.Q3_K: Q3_K,
         Q.Q4_K: Q4_K,
         Q.Q5_K: Q5_K,
     }
@@ -151,7 +153,7 @@ def block_matrix(
 
 
 def dequantize(stored: Any) -> torch.Tensor | None:
-    """A block matrix (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or a K-quant but Q3_K) as a float32 tensor
+    """A block matrix (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or a K-quant) as a float32 tensor
     [out, in], widened in C over all cores, bit for bit the loader's PyTorch (or gguf's numpy)
     dequantization; None where the compiled kernels are unavailable or the format is another."""
     library = cpu_library()

@@ -74,29 +74,22 @@ class VocabParallelEmbedding(nn.Module):
         param.data[num_rows:].zero_()
 
     def drop_float_table(self, model: nn.Module) -> bool:
-        """Free the float copy of a table kept as stored blocks that the CPU kernels widen, or
-        that they rewrite into such blocks (Q3_K: `kquants`); one rank, and a head
-        tied to it must multiply the blocks, not the float table. Returns whether it did;
-        lookups then widen the rows they need from the blocks."""
+        """Free the float copy of a table kept as stored blocks that the CPU kernels read; one
+        rank, and a head tied to it must multiply the blocks, not the float table. Returns
+        whether it did; lookups then widen the rows they need from the blocks."""
         from pagoda.cpu.build import cpu_library
         from pagoda.cpu.matrix import gguf_format
-        from pagoda.layers.quantization.kquants import REWRITTEN_TYPES, repack_for_kernels
 
         stored = getattr(self.weight, "stored_matrix", None)
         if stored is None or self.tp_size != 1 or cpu_library() is None or stored.in_features % 32:
             return False
-        readable = gguf_format(stored.qtype) is not None
-        if not readable and stored.qtype.name not in REWRITTEN_TYPES:
-            return False  # other K-quants widen slowly in numpy: their float copy stays
+        if gguf_format(stored.qtype) is None:
+            return False  # other types (IQ*) widen slowly in numpy: their float copy stays
         for module in model.modules():
             if not isinstance(module, ParallelLMHead) or module.weight is not self.weight:
                 continue
             if module.method.kind != "gguf-blocks":  # a tied head that multiplies the floats
                 return False
-        if not readable:
-            # Q3_K: rewritten as the layers' are (a tied head holds its own copy, interleaved
-            # for its product), and the rows looked up from that.
-            self.weight.stored_matrix = repack_for_kernels(stored)  # type: ignore[attr-defined]
         self.weight.data = torch.empty(0, self.embedding_dim)
         return True
 

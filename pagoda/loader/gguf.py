@@ -692,6 +692,7 @@ _COMPILED_DEQUANTIZE = {
     GGMLQuantizationType.Q5_1,
     GGMLQuantizationType.Q6_K,
     GGMLQuantizationType.Q2_K,
+    GGMLQuantizationType.Q3_K,
     GGMLQuantizationType.Q4_K,
     GGMLQuantizationType.Q5_K,
 }

@@ -319,21 +319,18 @@ def decoder_unsupported_reason(hf_config: Any, gguf_file: Path | None) -> str | 
         from pagoda import envs
         from pagoda.cpu.matrix import gguf_format
 
-        # Types the kernels cannot read are rewritten for them at load where that is free
-        # (Q3_K), or asked for (PAGODA_GGUF_REQUANTIZE=q8_0: all); the others
-        # are widened to float16, which the decoder does not read
+        # Types the kernels cannot read are widened to float16, which the decoder does not
+        # read, unless PAGODA_GGUF_REQUANTIZE=q8_0 rewrites them all as Q8_0
         # (`pagoda.layers.quantization.kquants`).
-        from pagoda.layers.quantization.kquants import REWRITTEN_TYPES
         from pagoda.loader.gguf import gguf_matrix_types
 
-        repacked = REWRITTEN_TYPES if envs.gguf_requantize() == "none" else None
         types = gguf_matrix_types(gguf_file)
         if "lm_head.weight" in types:  # untied: the table is looked up, never multiplied
             types.pop("model.embed_tokens.weight", None)
         other = {
             qtype.name
             for qtype in types.values()
-            if gguf_format(qtype) is None and (repacked is not None and qtype.name not in repacked)
+            if gguf_format(qtype) is None and envs.gguf_requantize() == "none"
         }
         if other:
             reason = f"GGUF matrices stored as {', '.join(sorted(other))}"

@@ -1,5 +1,5 @@
-"""Q5_0, Q5_1, Q2_K, Q4_K, Q5_K and Q6_K blocks read as stored by every CPU kernel that multiplies
-by a weight.
+"""Q5_0, Q5_1 and every K-quant (Q2_K to Q6_K) read as stored by every CPU kernel that multiplies by
+a weight.
 
 gguf-py writes Q5_0 and Q5_1 (from random float weights); the K-quant blocks are random but
 well-formed (`tests.layers.test_kquants.random_blocks`: gguf-py cannot write them). gguf's own
@@ -31,8 +31,8 @@ pytestmark = pytest.mark.skipif(
     reason="needs the compiled CPU kernels with the block GEMM (AVX2 and FMA)",
 )
 
-TYPES = [Q.Q5_0, Q.Q5_1, Q.Q6_K, Q.Q2_K, Q.Q4_K, Q.Q5_K]
-K_QUANTS = (Q.Q6_K, Q.Q2_K, Q.Q4_K, Q.Q5_K)
+TYPES = [Q.Q5_0, Q.Q5_1, Q.Q6_K, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K]
+K_QUANTS = (Q.Q6_K, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K)
 # The formats whose matrices the kernels interleave four rows at a time (rows divisible by 4).
 INTERLEAVED = (Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K)
 IDS = [t.name for t in TYPES]

@@ -1,13 +1,12 @@
-"""K-quant GGUF matrices for the CPU kernels: Q3_K rewritten (`pagoda.layers.quantization.kquants`),
-the others read as stored.
+"""K-quant GGUF matrices for the CPU kernels: every K-quant read as stored, Q8_0 when asked
+(`pagoda.layers.quantization.kquants`).
 
 gguf-py cannot write K-quants, so the blocks here are random but well-formed (small positive
 float16 super-block scales, random 6-bit scales, mins and quants), and gguf's own dequantization is
-the reference: Q3_K -> Q6_K exactly; other types -> Q8_0 (asked for) within half a step of 1/127
-of each 32-weight block's largest magnitude. K-quant files (Q4_K_M-like: Q4_K layers, Q6_K down
-projections and output; and one of Q5_K, Q3_K and Q2_K layers) then run through `LLM` against
-transformers' GGUF reader on the same file, and their layers hold blocks, not floats (all but
-Q3_K as stored).
+the reference: requantized to Q8_0 (asked for) within half a step of 1/127 of each 32-weight
+block's largest magnitude. K-quant files (Q4_K_M-like: Q4_K layers, Q6_K down projections and
+output; and one of Q5_K, Q3_K and Q2_K layers) then run through `LLM` against transformers' GGUF
+reader on the same file, and their layers hold the file's blocks as stored, not floats.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from pagoda import LLM, SamplingParams
+from pagoda.cpu.matrix import Q3_K as Q3_K_FORMAT
 from pagoda.layers.quantization.kquants import repack_for_kernels
 from pagoda.loader.gguf import GGUFMatrix
 from tests.models.test_gguf_architectures import hf_to_gguf, transformers_from_gguf
@@ -69,27 +69,17 @@ def test_repacked_matrix_holds_the_same_weights_within_its_stated_bound(qtype: Q
     assert repacked is not None
     got = repacked.dequantize()
     blocks = want.view(rows, -1, 32)
-    if qtype == Q.Q3_K:
-        assert repacked.qtype == Q.Q6_K
-        assert torch.equal(got, want)  # the same float32 values, bit for bit
-    else:
-        assert repacked.qtype == Q.Q8_0
-        # Half a step of max/127, and 127 times the step's own float16 rounding (relative 2^-11,
-        # or absolute 2^-25 below float16's normal range).
-        step = blocks.abs().amax(-1, keepdim=True) / 127
-        rounding = torch.maximum(step * 2.0**-11, torch.tensor(2.0**-25))
-        bound = (0.5 * step * (1 + 2.0**-10) + 127 * rounding).expand_as(blocks)
-        assert bool(((got.view_as(blocks) - blocks).abs() <= bound + 1e-7).all())
+    assert repacked.qtype == Q.Q8_0
+    # Half a step of max/127, and 127 times the step's own float16 rounding (relative 2^-11, or
+    # absolute 2^-25 below float16's normal range).
+    step = blocks.abs().amax(-1, keepdim=True) / 127
+    rounding = torch.maximum(step * 2.0**-11, torch.tensor(2.0**-25))
+    bound = (0.5 * step * (1 + 2.0**-10) + 127 * rounding).expand_as(blocks)
+    assert bool(((got.view_as(blocks) - blocks).abs() <= bound + 1e-7).all())
 
 
-def test_q3_k_is_rewritten_as_q6_k_at_its_bits_a_weight() -> None:
-    matrix = GGUFMatrix(Q.Q3_K, random_blocks(Q.Q3_K, 4, 256), 256)
-    repacked = repack_for_kernels(matrix)
-    assert repacked is not None and repacked.rows.nbytes == 4 * 256 * 6.5625 / 8
-
-
-@pytest.mark.parametrize("qtype", [Q.Q6_K, Q.Q2_K, Q.Q4_K, Q.Q5_K], ids=lambda t: t.name)
-def test_other_types_stay_as_they_are_unless_requantizing_is_asked(qtype: Q) -> None:
+@pytest.mark.parametrize("qtype", K_TYPES, ids=[t.name for t in K_TYPES])
+def test_k_quants_stay_as_they_are_unless_requantizing_is_asked(qtype: Q) -> None:
     # The kernels read them as stored: nothing to rewrite.
     assert repack_for_kernels(GGUFMatrix(qtype, random_blocks(qtype, 4, 256), 256)) is None
 
@@ -151,8 +141,8 @@ def k_quant_llm(
 
 
 PROMPTS = [[5, 80, 200, 31, 7], [300, 12, 44, 45, 46, 100, 101, 3, 9, 250, 17]]
-# Nats: the C decoder's int16 activations; every type's weights are the file's values exactly
-# (Q3_K as Q6_K). The rewrite of Q4_K / Q5_K to Q4_1 / Q5_1 with float16-rounded sub-block scales
+# Nats: the C decoder's int16 activations; every type's weights are the file's values exactly.
+# The rewrite of Q4_K / Q5_K to Q4_1 / Q5_1 with float16-rounded sub-block scales
 # this replaced needed the same 0.02.
 TOLERANCE = 0.02
 
@@ -196,7 +186,8 @@ def test_k_quant_layers_hold_blocks_and_the_decoder_reads_them(
         assert runner.cpu_decoder is not None
     else:
         assert qkv.method.repacked == set()  # Q5_K as stored
-        assert down.method.repacked == {"Q3_K"}
+        assert down.method.repacked == set()  # Q3_K as stored
+        assert [m.format for m in down.method.decoder_matrices(down, [])] == [Q3_K_FORMAT]
         assert head.method.kind == "gguf-blocks" and head.method.repacked == set()  # Q2_K
         assert head.weight.numel() == 0  # as stored, no float copy
         assert embed_tokens.weight.stored_matrix.qtype == Q.Q2_K  # looked up as stored

@@ -208,6 +208,7 @@ static void widen_tile(const pg_matrix *w, int64_t n0, int64_t rows, int64_t k0,
     case PG_Q5_0_X4: widen_tile_as(w, PG_Q5_0, 1, n0, rows, k0, kc, w_tile); break;
     case PG_Q5_1_X4: widen_tile_as(w, PG_Q5_1, 1, n0, rows, k0, kc, w_tile); break;
     case PG_Q2_K: widen_tile_as(w, PG_Q2_K, 0, n0, rows, k0, kc, w_tile); break;
+    case PG_Q3_K: widen_tile_as(w, PG_Q3_K, 0, n0, rows, k0, kc, w_tile); break;
     case PG_Q4_K: widen_tile_as(w, PG_Q4_K, 0, n0, rows, k0, kc, w_tile); break;
     case PG_Q5_K: widen_tile_as(w, PG_Q5_K, 0, n0, rows, k0, kc, w_tile); break;
     case PG_Q4_K_X4: widen_tile_as(w, PG_Q4_K, 1, n0, rows, k0, kc, w_tile); break;
@@ -393,6 +394,7 @@ static void widen_tile_bf16(const pg_matrix *w, int64_t n0, int64_t rows, int64_
     case PG_Q5_0_X4: widen_tile_bf16_as(w, PG_Q5_0, 1, n0, rows, k0, kc, wp); break;
     case PG_Q5_1_X4: widen_tile_bf16_as(w, PG_Q5_1, 1, n0, rows, k0, kc, wp); break;
     case PG_Q2_K: widen_tile_bf16_as(w, PG_Q2_K, 0, n0, rows, k0, kc, wp); break;
+    case PG_Q3_K: widen_tile_bf16_as(w, PG_Q3_K, 0, n0, rows, k0, kc, wp); break;
     case PG_Q4_K: widen_tile_bf16_as(w, PG_Q4_K, 0, n0, rows, k0, kc, wp); break;
     case PG_Q5_K: widen_tile_bf16_as(w, PG_Q5_K, 0, n0, rows, k0, kc, wp); break;
     case PG_Q4_K_X4: widen_tile_bf16_as(w, PG_Q4_K, 1, n0, rows, k0, kc, wp); break;

@@ -17,6 +17,10 @@
  *          a minimum, one pair per 16 weights), qs [64] (2-bit q, four per byte), float16 d and
  *          dmin (w = (d * scale) * q - dmin * minimum); q2_k_parts says where each 32-weight
  *          sub-block's bits are. Read as eight blocks of 32, each with two scales and minimums.
+ *   Q3_K   110-byte super-blocks of 256 weights: hmask [32] (bit b of byte l: weight 32b + l's
+ *          third bit), qs [64] (the low two bits, laid out as Q2_K's), 12 bytes of 6-bit scales
+ *          (one per 16 weights, packed as q3_k_scales reads them), float16 d (w = (d * (scale -
+ *          32)) * (q - 4), q the three bits). Read as eight blocks of 32, each with two scales.
  *   Q4_K   144-byte super-blocks of 256 weights: float16 d and dmin, 12 bytes of 6-bit scales
  *          and minimums (one pair per 32 weights, packed as k_scales_mins reads them), qs [128]
  *          (32-byte chunk i: sub-block 2i in the low nibbles, 2i + 1 in the high ones; w =
@@ -48,8 +52,9 @@ enum { PG_Q8_0_X4 = 6, PG_Q4_0_X4 = 7, PG_Q4_1_X4 = 8 };
 enum { PG_I8_NIBBLES = 9, PG_I8_BYTES = 10 };
 /* More GGUF block formats, read as stored; Q5_0 and Q5_1 also interleaved (14, 15). */
 enum { PG_Q5_0 = 11, PG_Q5_1 = 12, PG_Q6_K = 13, PG_Q5_0_X4 = 14, PG_Q5_1_X4 = 15 };
-enum { PG_Q2_K = 16, PG_Q4_K = 17, PG_Q5_K = 18, PG_Q4_K_X4 = 19, PG_Q5_K_X4 = 20 };
+enum { PG_Q2_K = 16, PG_Q4_K = 17, PG_Q5_K = 18, PG_Q4_K_X4 = 19, PG_Q5_K_X4 = 20, PG_Q3_K = 21 };
 #define PG_Q6_K_BYTES 210
+#define PG_Q3_K_BYTES 110
 #define PG_Q2_K_BYTES 84
 #define PG_Q4_K_BYTES 144
 #define PG_Q5_K_BYTES 176
@@ -278,6 +283,68 @@ static inline void widen_q2_k(const uint8_t *super, int j, float *out) {
     }
 }
 
+/* The sixteen 6-bit scales of a Q3_K super-block minus 32 (-32 to 31), scale i (weights 16i ..
+ * 16i + 15) in byte i, from its 12 packed bytes: the low four bits of scale i are the low (i < 8)
+ * or high nibble of byte i % 8, its top two bits are bits 2 (i / 4) and 2 (i / 4) + 1 of byte
+ * 8 + i % 4. Four scales per 32-bit word operation. */
+static inline void q3_k_scales(const uint8_t *packed, int8_t scales[16]) {
+    uint32_t a, b, c, words[4];
+    memcpy(&a, packed, 4);
+    memcpy(&b, packed + 4, 4);
+    memcpy(&c, packed + 8, 4);
+    const uint32_t four = 0x0f0f0f0fu, two = 0x03030303u;
+    words[0] = (a & four) | ((c & two) << 4);
+    words[1] = (b & four) | (((c >> 2) & two) << 4);
+    words[2] = ((a >> 4) & four) | (((c >> 4) & two) << 4);
+    words[3] = ((b >> 4) & four) | (((c >> 6) & two) << 4);
+    uint8_t bytes[16];
+    memcpy(bytes, words, sizeof bytes);
+    for (int i = 0; i < 16; ++i) scales[i] = (int8_t)(bytes[i] - 32);
+}
+
+#ifdef PG_AVX2
+/* A Q3_K sub-block's 32 values q - 4 (-4 to 3), in weight order, as signed bytes: two bits at
+ * `shift` of its qs bytes, and bit `bit` of the super-block's 32 hmask bytes (set: no offset). */
+static inline __m256i q3_k_values(const uint8_t *qs, int shift, const uint8_t *hmask, int bit) {
+    const __m256i low = _mm256_and_si256(
+        _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)qs), _mm_cvtsi32_si128(shift)),
+        _mm256_set1_epi8(3));
+    const __m256i high = _mm256_and_si256(
+        _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)hmask), _mm_cvtsi32_si128(bit)),
+        _mm256_set1_epi8(1));
+    return _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 2)), _mm256_set1_epi8(4));
+}
+#endif
+
+/* Sub-block j (0-7: weights 32j .. 32j + 31) of the Q3_K super-block at `super`, widened: in
+ * each half of 128 weights (qs += 32 per half), sub-block k (0-3) takes bits 2k and 2k + 1 of the
+ * half's 32 qs bytes, bit 4 half + k of the 32 hmask bytes, and scales 8 half + 2k (its first 16
+ * weights) and 8 half + 2k + 1. (d * scale) * q is exact in float32 (11 by 6 by 3 significant
+ * bits), as gguf computes it. */
+static inline void widen_q3_k(const uint8_t *super, int j, float *out) {
+    const int half = j / 4, k = j % 4;
+    int8_t scales[16];
+    q3_k_scales(super + 96, scales);
+    const float d = read_half(super + 108);
+    const float d0 = d * (float)scales[8 * half + 2 * k], d1 = d * (float)scales[8 * half + 2 * k + 1];
+    const uint8_t *qs = super + 32 + 32 * half;
+#ifdef PG_AVX2
+    const __m256i q = q3_k_values(qs, 2 * k, super, 4 * half + k);
+    int8_t bytes[32];
+    _mm256_storeu_si256((__m256i *)bytes, q);
+    for (int i = 0; i < 4; ++i) {
+        const __m256i qi = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(bytes + 8 * i)));
+        _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(_mm256_set1_ps(i < 2 ? d0 : d1),
+                                                    _mm256_cvtepi32_ps(qi)));
+    }
+#else
+    for (int l = 0; l < 32; ++l) {
+        const int q = (((qs[l] >> (2 * k)) & 3) | (((super[l] >> (4 * half + k)) & 1) << 2)) - 4;
+        out[l] = (l < 16 ? d0 : d1) * (float)q;
+    }
+#endif
+}
+
 /* The eight 6-bit scales (*scales) and minimums (*minimums) of a Q4_K or Q5_K super-block, one
  * byte each, sub-block j in byte j (little endian), from its 12 packed bytes: bytes 0-3 hold
  * scales 0-3 in their low six bits and bytes 4-7 minimums 0-3; scales and minimums 4-7 take their
@@ -361,7 +428,7 @@ static inline void widen_k(pg_k_part part, int q5, int j, float *out) {
 
 /* Formats whose blocks of 32 share 256-weight super-blocks (rows a multiple of 256 inputs). */
 static inline int is_super_block_format(int64_t format) {
-    return format == PG_Q6_K || (format >= PG_Q2_K && format <= PG_Q5_K_X4);
+    return format == PG_Q6_K || (format >= PG_Q2_K && format <= PG_Q3_K);
 }
 
 /* The bytes of one super-block of a (plain) super-block format. */
@@ -369,6 +436,7 @@ static inline int64_t super_block_bytes(int64_t format) {
     switch (format) {
     case PG_Q6_K: return PG_Q6_K_BYTES;
     case PG_Q2_K: return PG_Q2_K_BYTES;
+    case PG_Q3_K: return PG_Q3_K_BYTES;
     case PG_Q4_K: return PG_Q4_K_BYTES;
     default: return PG_Q5_K_BYTES;
     }
@@ -376,7 +444,7 @@ static inline int64_t super_block_bytes(int64_t format) {
 
 static inline int is_block_format(int64_t format) {
     return (format >= PG_Q8_0 && format <= PG_Q4_1_X4) ||
-           (format >= PG_Q5_0 && format <= PG_Q5_1_X4) || (format >= PG_Q2_K && format <= PG_Q5_K_X4);
+           (format >= PG_Q5_0 && format <= PG_Q5_1_X4) || (format >= PG_Q2_K && format <= PG_Q3_K);
 }
 
 /* The fewest tokens the bfloat16 block GEMM multiplies: below that the decoder's int16 matmul
@@ -402,7 +470,7 @@ static inline int64_t base_format(int64_t format) {
     return is_x4_format(format) ? format - (PG_Q8_0_X4 - PG_Q8_0) : format;
 }
 
-/* The interleaved format of a block format, -1 for one that has none (Q2_K, Q6_K). */
+/* The interleaved format of a block format, -1 for one that has none (Q2_K, Q3_K, Q6_K). */
 static inline int64_t x4_format(int64_t format) {
     if (format == PG_Q4_K || format == PG_Q5_K) return format + (PG_Q4_K_X4 - PG_Q4_K);
     if (format == PG_Q5_0 || format == PG_Q5_1) return format + (PG_Q5_0_X4 - PG_Q5_0);
@@ -469,6 +537,10 @@ static inline __attribute__((always_inline)) void widen_block_as(const pg_matrix
     }
     if (format == PG_Q2_K) {
         widen_q2_k(block_address_as(w, format, 0, n, b), (int)(b % 8), out);
+        return;
+    }
+    if (format == PG_Q3_K) {
+        widen_q3_k(block_address_as(w, format, 0, n, b), (int)(b % 8), out);
         return;
     }
     if (format == PG_Q4_K || format == PG_Q5_K) {

@@ -239,18 +239,20 @@ static void quantize_blocks(const float *x, int64_t count, pg_blocks *out) {
  * float16 scales are read once, and each 16-weight group's integer scale is multiplied into the
  * weights (int16), so a token's two halves of a 32-weight block make one integer sum, one
  * conversion and one multiply-add (Q6_K: |q * scale| <= 32 * 128, each int32 lane of vpmaddwd
- * under 2^28; Q2_K: q * scale <= 45). */
+ * under 2^28; Q2_K: q * scale <= 45; Q3_K: |q * scale| <= 4 * 32). */
 static inline __attribute__((always_inline)) void dot_super_blocks_tile(
     const pg_matrix *w, const uint8_t *row, const pg_blocks *x, int64_t t0, const int tile,
     int64_t x_blocks, float bias, float *out, int64_t out_stride) {
     const int64_t supers = w->cols / 256;
-    const int q2_k = w->format == PG_Q2_K;
+    const int q2_k = w->format == PG_Q2_K, q3_k = w->format == PG_Q3_K;
     __m256 acc[PG_TOKEN_TILE];
     for (int t = 0; t < tile; ++t) acc[t] = _mm256_setzero_ps();
     for (int64_t s = 0; s < supers; ++s) {
-        const uint8_t *super = row + s * (q2_k ? PG_Q2_K_BYTES : PG_Q6_K_BYTES);
-        const float d = read_half(super + (q2_k ? 80 : 208));
+        const uint8_t *super = row + s * super_block_bytes(w->format);
+        const float d = read_half(super + (q2_k ? 80 : (q3_k ? 108 : 208)));
         const float dmin = q2_k ? read_half(super + 82) : 0.f;
+        int8_t q3_scales[16];
+        if (q3_k) q3_k_scales(super + 96, q3_scales);
         for (int j = 0; j < 8; ++j) {
             const int half = j / 4, k = j % 4;
             const int64_t b = 8 * s + j;
@@ -268,6 +270,13 @@ static inline __attribute__((always_inline)) void dot_super_blocks_tile(
                                         _mm256_set1_epi16((short)(scales[1] & 0x0f)));
                 m0 = _mm256_set1_epi16((short)(scales[0] >> 4));
                 m1 = _mm256_set1_epi16((short)(scales[1] >> 4));
+            } else if (q3_k) {
+                /* Where sub-block j keeps its bits: see widen_q3_k. */
+                const __m256i q = q3_k_values(super + 32 + 32 * half, 2 * k, super, 4 * half + k);
+                w0 = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
+                                        _mm256_set1_epi16(q3_scales[8 * half + 2 * k]));
+                w1 = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1)),
+                                        _mm256_set1_epi16(q3_scales[8 * half + 2 * k + 1]));
             } else {
                 /* Where sub-block j keeps its bits: see q6_k_parts. */
                 const int8_t *scales = (const int8_t *)(super + 192) + 8 * half + 2 * k;

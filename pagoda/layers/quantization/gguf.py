@@ -115,8 +115,8 @@ class GGUFLinearMethod(LinearMethod):
         biases = split_bias(layer, sizes)
         library = cpu_library()
         if self.block_gemm and library is not None:
-            # Types the kernels cannot read (Q3_K, IQ*, ...) are rewritten into ones they do where
-            # that costs nothing (Q3_K), or where PAGODA_GGUF_REQUANTIZE asks.
+            # Types the kernels cannot read (IQ*, ...) are rewritten as Q8_0 where
+            # PAGODA_GGUF_REQUANTIZE asks.
             from pagoda import envs
             from pagoda.layers.quantization.kquants import repack_for_kernels
 
